@@ -1,0 +1,53 @@
+"""The one hierarchy of errors raised by nsq-pipeline.
+
+Every class says when it is raised. Errors that carry a user's input keep it
+as an attribute, so a caller can report or dead-letter the exact payload.
+"""
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class for every error raised by nsq-pipeline."""
+
+
+class TopologyError(PipelineError):
+    """Raised when a topology file cannot be read or breaks the schema.
+
+    ``str(error)`` reads ``PATH:LINE:COL: dotted.field: reason``, the form
+    editors and CI annotations understand.
+    """
+
+    def __init__(self, path: str, line: int, col: int, field: str, reason: str):
+        self.path, self.line, self.col = path, line, col
+        self.field, self.reason = field, reason
+        where = f"{field}: " if field else ""
+        super().__init__(f"{path}:{line}:{col}: {where}{reason}")
+
+
+class DecodeError(PipelineError):
+    """Raised when a message body is neither a JSON object nor a msgpack map."""
+
+    def __init__(self, reason: str, body: bytes):
+        super().__init__(reason)
+        self.reason = reason
+        self.body = body
+
+
+class InstallError(PipelineError):
+    """Raised when the NSQ binaries can be neither found, built nor downloaded."""
+
+
+class ProcessError(PipelineError):
+    """Raised when a local NSQ process fails to start or to answer /ping in time."""
+
+
+class PublishError(PipelineError):
+    """Raised when nsqd refuses a publish, the connection drops, or no OK arrives in time."""
+
+
+class HandlerLoadError(PipelineError):
+    """Raised when a stage's ``handler`` import path does not name a callable."""
+
+
+class StageOutputError(PipelineError):
+    """Raised when a stage emits to a topic that is not among its declared outputs."""
