@@ -1,0 +1,630 @@
+"""The topology schema and its loader: one ``topology.yaml`` describes the pipeline.
+
+Each option is declared once below, as a pydantic field with its type, default,
+bounds and description; ``pipeline.topology_docs`` renders the reference docs
+from the same declaration. The loader rejects unknown keys and reports every
+problem as a :class:`~pipeline.errors.TopologyError` pointing at the offending
+line and column::
+
+    from pipeline.topology import load_topology
+
+    topology = load_topology("topology.yaml")
+    stage = topology.stage("primes")
+    print(stage.input, stage.channel, topology.dead_letter_topic("primes"))
+
+A broken file raises, for example::
+
+    topology.yaml:12:15: stages.primes.replicas: must be >= 1
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from .errors import TopologyError
+
+__all__ = [
+    "BatchSpec", "LookupdSpec", "NsqSpec", "NsqdSpec", "ProducerSpec", "StageSpec", "TopicSpec", "Topology",
+    "TypeDoc", "load_topology", "split_address", "validate_topology",
+]
+
+NSQ_NAME_MAX = 64
+DEAD_LETTER_SUFFIX = ".dead"
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+_ADDRESS = re.compile(r"(\[[^\]]*\]|[^:\[\]]*):(\d+)")
+
+# A rule broken: (location inside the model, reason, offending value).
+Problems = list[tuple[tuple[Any, ...], str, Any]]
+
+
+@dataclass(frozen=True)
+class TypeDoc:
+    """How the reference docs name a constrained string type and state its rule."""
+
+    name: str
+    rule: str
+
+
+def _problem(reason: str) -> PydanticCustomError:
+    # One error type for every rule of ours, so the loader reports ``reason`` verbatim.
+    return PydanticCustomError("topology", "{reason}", {"reason": reason})
+
+
+def _raise_problems(title: str, problems: Problems) -> None:
+    """Raise one ValidationError holding each (loc, reason, input), so each lands on its own field."""
+    if problems:
+        details = [InitErrorDetails(type=_problem(r), loc=loc, input=v) for loc, r, v in problems]
+        raise ValidationError.from_exception_data(title, details)
+
+
+def _matching(kind: str, pattern: str, rule: str, must: str = "be") -> Any:
+    """Return a str type that must fully match ``pattern``; errors and docs state ``rule``."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise _problem(f"{kind} {value!r} must {must} {rule}")
+        return value
+
+    return Annotated[str, AfterValidator(check), TypeDoc(kind, rule)]
+
+
+def _not_a_dot_dir(value: str) -> str:
+    # An nsqd name is a directory under var/nsqd/; these two would escape it.
+    if value in (".", ".."):
+        raise _problem(f"nsqd name {value!r} must not be '.' or '..'")
+    return value
+
+
+# nsqd's own rules (protocol.IsValidTopicName / IsValidChannelName): at most 64 characters.
+_NAME_RULE = "1..64 characters of a-z A-Z 0-9 . _ -"
+_NSQ_NAME = r"(?=.{1,64}\Z)[.a-zA-Z0-9_-]+"
+TopicName = _matching("topic name", _NSQ_NAME, _NAME_RULE)
+ChannelName = _matching(
+    "channel name", _NSQ_NAME + "(#ephemeral)?", _NAME_RULE + ", optionally ending in #ephemeral"
+)
+NsqdName = Annotated[_matching("nsqd name", _NSQ_NAME, _NAME_RULE), AfterValidator(_not_a_dot_dir)]
+# Stage and producer names become supervisord program names and CLI arguments.
+LocalName = _matching("name", r"[a-zA-Z0-9_-]{1,64}", "1..64 characters of a-z A-Z 0-9 _ -")
+HandlerPath = _matching("handler", rf"{_IDENT}(\.{_IDENT})*:{_IDENT}", "'package.module:function'", "look like")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """Split ``host:port`` (host an IPv4 address, a name, or ``[v6]``) into host and port.
+
+    The brackets of an IPv6 host are kept, so ``f"{host}:{port}"`` rebuilds it.
+
+    Raises:
+        ValueError: the address is malformed; the message says why.
+    """
+    match = _ADDRESS.fullmatch(address)
+    if match is None:
+        raise ValueError(f"address {address!r} must be host:port, e.g. 127.0.0.1:4150")
+    host, port = match.group(1), int(match.group(2))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} in {address!r} must be 1..65535")
+    if not host:
+        raise ValueError(f"address {address!r} has an empty host")
+    if not _valid_host(host):
+        raise ValueError(f"host {host!r} in {address!r} is not an IPv4 address, host name or [IPv6]")
+    return host, port
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        if host.startswith("["):
+            ipaddress.IPv6Address(host[1:-1])
+        elif re.fullmatch(r"[0-9.]+", host):
+            ipaddress.IPv4Address(host)
+        elif not _HOSTNAME.fullmatch(host):
+            return False
+    except ValueError:
+        return False
+    return True
+
+
+def _address(value: str) -> str:
+    try:
+        split_address(value)
+    except ValueError as e:
+        raise _problem(str(e)) from e
+    return value
+
+
+Address = Annotated[str, AfterValidator(_address), TypeDoc("address", "host:port, port 1..65535")]
+
+
+class _Spec(BaseModel):
+    """Base of every topology model: unknown keys are errors, values are immutable."""
+
+    # strict: YAML already types its scalars, so "5" for an int or `yes` for a number is a mistake.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class NsqdSpec(_Spec):
+    """One nsqd broker: its name and the addresses it listens on."""
+
+    name: NsqdName = Field(description="Name of this nsqd; its data lives in `<var_dir>/nsqd/<name>/`.")
+    tcp: Address = Field(description="TCP address for producers and consumers (nsqd `--tcp-address`).")
+    http: Address = Field(description="HTTP address for /pub, /stats and /ping (nsqd `--http-address`).")
+
+
+class LookupdSpec(_Spec):
+    """One nsqlookupd: workers and nsqadmin find the nsqd nodes through it."""
+
+    tcp: Address = Field(description="TCP address nsqd registers with (nsqlookupd `--tcp-address`).")
+    http: Address = Field(description="HTTP address consumers query (nsqlookupd `--http-address`).")
+
+
+class NsqSpec(_Spec):
+    """Where the NSQ cluster is; `pipeline up` starts these processes locally.
+
+    Rules: nsqd names are unique, and no address appears twice in the whole section.
+    """
+
+    nsqd: list[NsqdSpec] = Field(min_length=1, description="The nsqd brokers; producers publish to them.")
+    lookupd: list[LookupdSpec] = Field(
+        default_factory=list, description="The nsqlookupd nodes; without any, consumers connect to nsqd directly."
+    )
+    admin: Address | None = Field(None, description="HTTP address of nsqadmin (`--http-address`); null: no nsqadmin.")
+    var_dir: str = Field(
+        "var", min_length=1,
+        description="Directory for all state (NSQ data, logs, health.db), relative to the topology file.",
+    )
+
+    @model_validator(mode="after")
+    def _check_unique(self) -> NsqSpec:
+        problems: Problems = []
+        names: dict[str, int] = {}
+        for i, nsqd in enumerate(self.nsqd):
+            if nsqd.name in names:
+                reason = f"nsqd name {nsqd.name!r} is already used by nsq.nsqd.{names[nsqd.name]}"
+                problems.append((("nsqd", i, "name"), reason, nsqd.name))
+            names.setdefault(nsqd.name, i)
+        seen: dict[str, str] = {}
+        for loc, address in self._addresses():
+            where = ".".join(str(p) for p in ("nsq", *loc))
+            if address.lower() in seen:
+                problems.append((loc, f"address {address} is already used by {seen[address.lower()]}", address))
+            seen.setdefault(address.lower(), where)
+        _raise_problems("NsqSpec", problems)
+        return self
+
+    def _addresses(self) -> list[tuple[tuple[Any, ...], str]]:
+        found: list[tuple[tuple[Any, ...], str]] = []
+        for section, nodes in (("nsqd", self.nsqd), ("lookupd", self.lookupd)):
+            for i, node in enumerate(nodes):
+                found += [((section, i, "tcp"), node.tcp), ((section, i, "http"), node.http)]
+        if self.admin is not None:
+            found.append((("admin",), self.admin))
+        return found
+
+
+class TopicSpec(_Spec):
+    """One NSQ topic the pipeline uses; every stage input and output must be declared here."""
+
+    codec: Literal["json", "msgpack"] = Field(
+        "json", description="Encoding of records published to this topic; decoding detects either."
+    )
+
+
+class BatchSpec(_Spec):
+    """How a stage groups messages: up to `size` messages or `wait_ms`, whichever comes first."""
+
+    size: int = Field(256, ge=1, le=10000, description="Most messages handed to the handler in one call.")
+    wait_ms: int = Field(5, ge=0, le=60000, description="Longest wait, in milliseconds, for a batch to fill.")
+
+
+class StageSpec(_Spec):
+    """One stage: a batch function reading one topic through one channel and publishing to its outputs.
+
+    Rules: input and outputs are declared topics; outputs do not include the input;
+    `batch.size <= max_in_flight`; `publish_timeout < msg_timeout`; two stages on the
+    same input use different channels; `<input>.dead` is a valid topic name.
+    """
+
+    handler: HandlerPath = Field(description="Import path of the batch function; imported by the worker, not here.")
+    input: TopicName = Field(description="Topic the stage consumes; failures go to `<input>.dead`.")
+    channel: ChannelName = Field(description="NSQ channel all replicas share, so NSQ balances messages across them.")
+    outputs: list[TopicName] | dict[LocalName, TopicName] = Field(
+        default_factory=list,
+        description="Topics the handler may emit to: a list of topics, or a mapping from the names the"
+                    " handler emits to (its output names) to topics, so one handler serves any topic names.",
+    )
+    replicas: int = Field(1, ge=1, le=64, description="Worker processes of this stage (supervisord `numprocs`).")
+    max_in_flight: int = Field(500, ge=1, le=2500, description="Messages a replica holds unfinished at once (RDY).")
+    batch: BatchSpec = Field(default_factory=BatchSpec, description="How messages are grouped into handler calls.")
+    max_tries: int = Field(5, ge=1, le=65535, description="Attempts before a message is dead-lettered, never dropped.")
+    msg_timeout: float = Field(60.0, ge=1, le=900, description="Seconds nsqd waits for FIN before redelivering.")
+    requeue_delay: float = Field(
+        1.0, ge=0, le=3600,
+        description="Seconds before a message requeued after a handler error returns; doubles per attempt.",
+    )
+    max_backoff_duration: float = Field(
+        10.0, ge=0.1, le=3600, description="Longest pause, in seconds, of the consumer's backoff after failures."
+    )
+    publish_timeout: float = Field(
+        10.0, ge=0.1, le=600,
+        description="Seconds to wait for nsqd's OK to the outputs' publish before requeueing the inputs.",
+    )
+
+    @property
+    def output_topics(self) -> dict[str, str]:
+        """The handler's output names mapped to topics (a list of topics maps each to itself)."""
+        if isinstance(self.outputs, dict):
+            return dict(self.outputs)
+        return {topic: topic for topic in self.outputs}
+
+    @model_validator(mode="after")
+    def _check_timing(self) -> StageSpec:
+        problems: Problems = []
+        if len(self.input) + len(DEAD_LETTER_SUFFIX) > NSQ_NAME_MAX:
+            dead = self.input + DEAD_LETTER_SUFFIX
+            reason = f"dead-letter topic {dead!r} would be longer than {NSQ_NAME_MAX} characters"
+            problems.append((("input",), reason, self.input))
+        if self.batch.size > self.max_in_flight:
+            reason = (f"batch.size {self.batch.size} is larger than max_in_flight {self.max_in_flight},"
+                      " so a batch can never fill")
+            problems.append((("batch", "size"), reason, self.batch.size))
+        if self.publish_timeout >= self.msg_timeout:
+            reason = (f"publish_timeout {_num(self.publish_timeout)} must be less than"
+                      f" msg_timeout {_num(self.msg_timeout)}")
+            problems.append((("publish_timeout",), reason, self.publish_timeout))
+        _raise_problems("StageSpec", problems)
+        return self
+
+
+class ProducerSpec(_Spec):
+    """One producer (`pipeline produce NAME`): where it publishes and how fast."""
+
+    topic: TopicName = Field(description="Declared topic the producer publishes to.")
+    chunk: int = Field(500, ge=1, le=10000, description="Messages per MPUB.")
+    rate: float = Field(0.0, ge=0, description="Messages per second; 0 means as fast as nsqd accepts them.")
+
+
+class Topology(_Spec):
+    """The whole pipeline: the NSQ cluster, its topics, the stages and the producers.
+
+    Load it with :func:`load_topology`; the helpers answer what the runtime asks::
+
+        topology = load_topology("topology.yaml")
+        topology.codec_for("prime")            # "json"
+        topology.dead_letter_topic("primes")   # "numbers.dead"
+
+    Rules: a producer's topic is declared.
+    """
+
+    nsq: NsqSpec = Field(description="Where the NSQ cluster is.")
+    topics: dict[TopicName, TopicSpec] = Field(default_factory=dict, description="The topics, by name.")
+    stages: dict[LocalName, StageSpec] = Field(default_factory=dict, description="The stages, by name.")
+    producers: dict[LocalName, ProducerSpec] = Field(default_factory=dict, description="The producers, by name.")
+    _path: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Topology:
+        problems: Problems = []
+        channels: dict[tuple[str, str], str] = {}
+        for name, stage in self.stages.items():
+            problems += self._undeclared(("stages", name, "input"), stage.input)
+            outputs: set[str] = set()
+            keys = stage.outputs if isinstance(stage.outputs, dict) else range(len(stage.outputs))
+            for key, output in zip(keys, stage.output_topics.values()):
+                loc = ("stages", name, "outputs", key)
+                if output == stage.input:
+                    reason = f"output {output!r} is the stage's own input; it would consume its own output"
+                    problems.append((loc, reason, output))
+                elif output in outputs and not isinstance(stage.outputs, dict):
+                    problems.append((loc, f"output {output!r} is listed twice", output))
+                else:
+                    problems += self._undeclared(loc, output)
+                outputs.add(output)
+            owner = channels.setdefault((stage.input, stage.channel), name)
+            if owner != name:
+                reason = (f"channel {stage.channel!r} on topic {stage.input!r} is already used by stage {owner!r};"
+                          " the two stages would steal each other's messages")
+                problems.append((("stages", name, "channel"), reason, stage.channel))
+        for name, producer in self.producers.items():
+            problems += self._undeclared(("producers", name, "topic"), producer.topic)
+        _raise_problems("Topology", problems)
+        return self
+
+    def _undeclared(self, loc: tuple[Any, ...], topic: str) -> Problems:
+        if topic in self.topics:
+            return []
+        known = ", ".join(self.topics) or "none"
+        return [(loc, f"topic {topic!r} is not declared under topics (declared: {known})", topic)]
+
+    @property
+    def path(self) -> Path | None:
+        """The file this topology was loaded from; None when built in code."""
+        return self._path
+
+    @property
+    def var_dir(self) -> Path:
+        """The absolute state directory: ``nsq.var_dir`` relative to the topology file's directory."""
+        base = self._path.parent if self._path is not None else Path.cwd()
+        return Path(os.path.abspath(base / self.nsq.var_dir))
+
+    def stage(self, name: str) -> StageSpec:
+        """Return the stage called ``name``.
+
+        Raises:
+            KeyError: no such stage; the message lists the known ones.
+        """
+        try:
+            return self.stages[name]
+        except KeyError:
+            known = ", ".join(self.stages) or "none"
+            raise KeyError(f"unknown stage {name!r}; known stages: {known}") from None
+
+    def codec_for(self, topic: str) -> str:
+        """Return the codec of records on ``topic``; "json" for undeclared topics such as dead letters."""
+        spec = self.topics.get(topic)
+        return spec.codec if spec is not None else "json"
+
+    def dead_letter_topic(self, stage_name: str) -> str:
+        """Return the topic where ``stage_name`` sends records it cannot process: ``<input>.dead``."""
+        return self.stage(stage_name).input + DEAD_LETTER_SUFFIX
+
+    def nsqd_tcp_addresses(self) -> list[str]:
+        """Return the TCP addresses of every nsqd, in file order."""
+        return [nsqd.tcp for nsqd in self.nsq.nsqd]
+
+    def nsqd_http_addresses(self) -> list[str]:
+        """Return the HTTP addresses of every nsqd, in file order."""
+        return [nsqd.http for nsqd in self.nsq.nsqd]
+
+    def lookupd_tcp_addresses(self) -> list[str]:
+        """Return the TCP addresses of every nsqlookupd (what nsqd registers with)."""
+        return [lookupd.tcp for lookupd in self.nsq.lookupd]
+
+    def lookupd_http_addresses(self) -> list[str]:
+        """Return the HTTP addresses of every nsqlookupd (what consumers query)."""
+        return [lookupd.http for lookupd in self.nsq.lookupd]
+
+
+def _num(value: float) -> str:
+    """Format a number the way the user most likely wrote it: 60.0 as 60, 0.5 as 0.5."""
+    return format(value, "g")
+
+
+# --- loading: YAML with positions, pydantic errors as TopologyError ---------------------------
+
+Loc = tuple[str, ...]
+
+
+@dataclass
+class _Positions:
+    """Where each key and value of a YAML document starts (1-based line, col), by field path."""
+
+    root: tuple[int, int] = (1, 1)
+    keys: dict[Loc, tuple[int, int]] = field(default_factory=dict)
+    values: dict[Loc, tuple[int, int]] = field(default_factory=dict)
+    duplicates: list[tuple[Loc, str]] = field(default_factory=list)
+
+    def locate(self, loc: Loc, *, at_key: bool = False) -> tuple[int, int]:
+        """Return the position of ``loc``, else of the key of its nearest ancestor in the file."""
+        table = self.keys if at_key else self.values
+        if loc in table:
+            return table[loc]
+        for end in range(len(loc) - 1, 0, -1):
+            if loc[:end] in self.keys:
+                return self.keys[loc[:end]]
+        return self.root
+
+
+def _mark(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _walk(node: yaml.Node, path: Loc, positions: _Positions, stack: tuple[int, ...] = ()) -> None:
+    """Record the position of every key and value under ``node`` and note duplicate keys."""
+    if id(node) in stack:  # a recursive alias; the validator reports it
+        return
+    stack = (*stack, id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            loc = (*path, str(i))
+            positions.keys[loc] = positions.values[loc] = _mark(item)
+            _walk(item, loc, positions, stack)
+    elif isinstance(node, yaml.MappingNode):
+        first_seen: dict[str, int] = {}
+        for key, value in node.value:
+            # Merge keys (<<) splice in another mapping; its keys are reported at the parent.
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            loc = (*path, key.value)
+            if key.value in first_seen:
+                reason = f"duplicate key {key.value!r} (first defined at line {first_seen[key.value]})"
+                positions.duplicates.append((loc, reason))
+            else:
+                first_seen[key.value] = _mark(key)[0]
+            positions.keys[loc], positions.values[loc] = _mark(key), _mark(value)
+            _walk(value, loc, positions, stack)
+
+
+def _parse(text: str) -> tuple[Any, _Positions]:
+    """Parse one YAML document into plain data and the positions of its nodes."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        positions = _Positions()
+        if node is not None:
+            positions.root = _mark(node)
+            # Walk before constructing: construction flattens merge keys in place.
+            _walk(node, (), positions)
+        return (loader.construct_document(node) if node is not None else None), positions
+    finally:
+        loader.dispose()
+
+
+_REASONS = {
+    "greater_than_equal": "must be >= {ge}",
+    "less_than_equal": "must be <= {le}",
+    "greater_than": "must be > {gt}",
+    "less_than": "must be < {lt}",
+    **dict.fromkeys(("int_type", "int_parsing", "int_from_float"), "must be an integer"),
+    **dict.fromkeys(("float_type", "float_parsing"), "must be a number"),
+    **dict.fromkeys(("bool_type", "bool_parsing"), "must be true or false"),
+    **dict.fromkeys(("dict_type", "model_type", "model_attributes_type"), "must be a mapping"),
+    "finite_number": "must be a finite number",
+    "string_type": "must be a string",
+    "missing": "required field is missing",
+    "list_type": "must be a list",
+    "string_too_short": "must not be empty",
+    "string_too_long": "must be at most {max_length} characters",
+    "too_short": "must have at least {min_length} item(s)",
+    "too_long": "must have at most {max_length} item(s)",
+    "recursion_loop": "must not contain itself",
+}
+
+
+def _reason(error: dict[str, Any]) -> str:
+    """Turn one pydantic error into a short, human-readable reason."""
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind == "extra_forbidden":
+        model = _model_at(error["loc"][:-1])
+        allowed = ", ".join(model.model_fields) if model is not None else "?"
+        return f"unknown field; expected one of: {allowed}"
+    if kind == "literal_error":
+        return "must be one of: " + ", ".join(re.findall(r"'([^']*)'", ctx.get("expected", "")))
+    if kind in _REASONS:
+        return _REASONS[kind].format(**ctx)
+    msg = error["msg"]
+    return msg if kind == "topology" else msg[:1].lower() + msg[1:]
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip ``Annotated`` and ``| None`` from a type annotation."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin is Union or type(annotation).__name__ == "UnionType":
+            annotation = next(a for a in get_args(annotation) if a is not type(None))
+        else:
+            return annotation
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """Return the model class that validates the value at ``loc`` in a topology, if any."""
+    annotation: Any = Topology
+    for part in loc:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model_field = annotation.model_fields.get(str(part))
+            if model_field is None:
+                return None
+            annotation = model_field.annotation
+        else:  # list[X] or dict[str, X]: the part is an index or a key
+            args = get_args(annotation)
+            annotation = args[-1] if args else None
+    annotation = _unwrap(annotation)
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _to_topology_error(shown: str, positions: _Positions, error: dict[str, Any]) -> TopologyError:
+    loc = tuple(str(part) for part in error["loc"])
+    on_key = error["type"] == "extra_forbidden" or loc[-1:] == ("[key]",)
+    if loc[-1:] == ("[key]",):
+        loc = loc[:-1]
+    line, col = positions.locate(loc, at_key=on_key)
+    return TopologyError(shown, line, col, ".".join(loc), _reason(error))
+
+
+@dataclass
+class _Outcome:
+    """What loading a file gave: a topology, or else the problems (at least one) and their cause."""
+
+    topology: Topology | None
+    problems: list[TopologyError]
+    cause: BaseException | None = None
+
+
+def _read(shown: str) -> tuple[dict[str, Any], _Positions]:
+    """Read and parse the file into a mapping and its positions.
+
+    Raises:
+        TopologyError: the file cannot be read, is not YAML, or is not a mapping.
+    """
+    try:
+        data, positions = _parse(Path(shown).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise TopologyError(shown, 0, 0, "", f"cannot read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise TopologyError(shown, 0, 0, "", "cannot read: not UTF-8 text") from e
+    except yaml.YAMLError as e:
+        raise _yaml_error(shown, e) from e
+    if not isinstance(data, dict):
+        what = "the file is empty" if data is None else f"got {type(data).__name__}"
+        reason = f"top level must be a mapping with sections nsq, topics, stages, producers; {what}"
+        raise TopologyError(shown, *positions.root, "", reason)
+    return data, positions
+
+
+def _yaml_error(shown: str, error: yaml.YAMLError) -> TopologyError:
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    line, col = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
+    problem = getattr(error, "problem", None)
+    context = getattr(error, "context", None)
+    if problem:
+        reason = f"{problem} ({context})" if context else problem
+    else:
+        reason = str(error).replace("\n", " ")
+    return TopologyError(shown, line, col, "", f"invalid YAML: {reason}")
+
+
+def _load(path: str | os.PathLike[str]) -> _Outcome:
+    """Read, parse and validate a topology file, collecting every problem in file order."""
+    shown = os.fspath(path)
+    try:
+        data, positions = _read(shown)
+    except TopologyError as e:
+        return _Outcome(None, [e], e.__cause__)
+    problems = [TopologyError(shown, *positions.locate(loc, at_key=True), ".".join(loc), reason)
+                for loc, reason in positions.duplicates]
+    topology, cause = None, None
+    try:
+        topology = Topology.model_validate(data)
+    except ValidationError as e:
+        cause = e
+        problems += [_to_topology_error(shown, positions, err) for err in e.errors(include_url=False)]
+    if problems:
+        return _Outcome(None, sorted(problems, key=lambda p: (p.line, p.col)), cause)
+    topology._path = Path(shown)
+    return _Outcome(topology, [])
+
+
+def load_topology(path: str | os.PathLike[str]) -> Topology:
+    """Load and validate a topology file.
+
+    Parameters:
+        path: the topology file; error messages show it exactly as given.
+
+    Raises:
+        TopologyError: the file cannot be read, is not YAML, or breaks the schema;
+            the first problem in file order, as ``PATH:LINE:COL: field: reason``.
+    """
+    outcome = _load(path)
+    if outcome.topology is None:
+        raise outcome.problems[0] from outcome.cause
+    return outcome.topology
+
+
+def validate_topology(path: str | os.PathLike[str]) -> list[TopologyError]:
+    """Return every problem of a topology file, sorted by line; empty when it is valid.
+
+    Cross-field rules (declared topics, timeouts, channels) are checked once the
+    fields they compare are themselves valid.
+    """
+    return _load(path).problems
