@@ -1,0 +1,90 @@
+"""Middleware: cross-cutting behaviour hooked into the worker runtime.
+
+A middleware subclasses :class:`Middleware` and overrides the hooks it needs;
+every hook is a no-op by default. ``before_*`` hooks run in the order the
+middleware was added, ``after_*`` hooks in reverse. A hook that raises is
+logged at ``critical`` with its traceback and does not stop the worker: a
+metrics bug must never lose a message.
+
+Example::
+
+    class CountDeadLetters(Middleware):
+        def __init__(self):
+            self.count = 0
+
+        def after_dead_letter(self, worker, message, reason):
+            self.count += 1
+
+    Worker(topology, "primes", middleware=[CountDeadLetters()])
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from .stage import Batch
+    from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class Middleware:
+    """Base class of worker middleware; override the hooks you need."""
+
+    def after_worker_boot(self, worker: Worker) -> None:
+        """Called once the worker is connected and about to consume."""
+
+    def before_worker_shutdown(self, worker: Worker) -> None:
+        """Called when the worker starts draining (SIGTERM or stop())."""
+
+    def after_receive(self, worker: Worker, message: Any) -> None:
+        """Called for each message as it arrives, before it is batched."""
+
+    def before_process_batch(self, worker: Worker, batch: Batch) -> None:
+        """Called with the decoded batch before the stage's handler runs."""
+
+    def after_process_batch(self, worker: Worker, batch: Batch, *,
+                            result: Mapping[str, list] | None, exception: BaseException | None) -> None:
+        """Called after the handler ran, with what it emitted or what it raised."""
+
+    def after_dead_letter(self, worker: Worker, message: Any, reason: str) -> None:
+        """Called for each message routed to the dead-letter topic."""
+
+    def before_publish(self, worker: Worker, outputs: Mapping[str, Sequence[bytes]]) -> None:
+        """Called before a batch's outputs and dead letters are published."""
+
+    def after_publish(self, worker: Worker, outputs: Mapping[str, Sequence[bytes]], *,
+                      exception: BaseException | None) -> None:
+        """Called when nsqd acknowledged the outputs (or the publish failed), before FIN/REQ."""
+
+    def after_ack(self, worker: Worker, finished: Sequence[Any], requeued: Sequence[Any]) -> None:
+        """Called after the batch's messages were finished or requeued."""
+
+
+class MiddlewareStack:
+    """Runs the hooks of several middleware in order, isolating their failures."""
+
+    def __init__(self, middleware: Iterable[Middleware] = ()):
+        self.middleware = list(middleware)
+
+    def add(self, middleware: Middleware) -> None:
+        """Append ``middleware``: its before-hooks run last, its after-hooks first."""
+        self.middleware.append(middleware)
+
+    def emit_before(self, hook: str, *args: Any, **kwargs: Any) -> None:
+        """Call ``hook`` on every middleware in order."""
+        for m in self.middleware:
+            self._call(m, hook, args, kwargs)
+
+    def emit_after(self, hook: str, *args: Any, **kwargs: Any) -> None:
+        """Call ``hook`` on every middleware in reverse order."""
+        for m in reversed(self.middleware):
+            self._call(m, hook, args, kwargs)
+
+    @staticmethod
+    def _call(m: Middleware, hook: str, args: tuple, kwargs: dict) -> None:
+        try:
+            getattr(m, hook)(*args, **kwargs)
+        except Exception:
+            log.critical("middleware %s.%s failed", type(m).__name__, hook, exc_info=True)

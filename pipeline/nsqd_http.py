@@ -1,0 +1,55 @@
+"""Small client for nsqd's HTTP API: topic/channel creation, stats, /pub."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from .errors import PipelineError
+
+
+class NsqdHTTPError(PipelineError):
+    """Raised when nsqd's HTTP API cannot be reached or answers with an error."""
+
+
+def request(http: str, path: str, params: dict[str, str] | None = None, *,
+            body: bytes | None = None, method: str = "POST", timeout: float = 5.0) -> bytes:
+    """Send one request to nsqd's HTTP API at ``http`` (host:port) and return the body."""
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    req = urllib.request.Request(f"http://{http}{path}{query}", data=body, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.read()
+    except urllib.error.HTTPError as e:
+        raise NsqdHTTPError(f"nsqd {http}{path}: HTTP {e.code}: {e.read().decode(errors='replace')}") from e
+    except OSError as e:
+        raise NsqdHTTPError(f"nsqd {http}{path}: {e}") from e
+
+
+def create_channel(http: str, topic: str, channel: str) -> None:
+    """Create ``topic`` and its ``channel`` so messages published before a consumer connects wait for it."""
+    request(http, "/topic/create", {"topic": topic})
+    request(http, "/channel/create", {"topic": topic, "channel": channel})
+
+
+def create_topic(http: str, topic: str) -> None:
+    """Create ``topic`` (no-op when it exists)."""
+    request(http, "/topic/create", {"topic": topic})
+
+
+def stats(http: str, topic: str | None = None) -> dict[str, Any]:
+    """Return nsqd's ``/stats?format=json`` (only ``topic`` when given)."""
+    params = {"format": "json"}
+    if topic:
+        params["topic"] = topic
+    return json.loads(request(http, "/stats", params, method="GET"))
+
+
+def topic_message_count(http: str, topic: str) -> int:
+    """Messages nsqd has accepted on ``topic`` since it started (0 if it does not exist)."""
+    for t in stats(http, topic).get("topics") or []:
+        if t["topic_name"] == topic:
+            return int(t["message_count"])
+    return 0

@@ -1,0 +1,385 @@
+"""The worker runtime: one replica of one stage, on pynsq and tornado.
+
+The runtime, not the stage, owns acknowledgement (ARCHITECTURE.md, "The stage
+contract"). For every batch it:
+
+1. collects up to ``batch.size`` messages or waits ``batch.wait_ms``;
+2. decodes them; an undecodable message becomes a dead letter;
+3. runs the handler once over the batch; when it raises, runs it again record
+   by record so one bad record cannot hold the others back: a record that
+   still fails is requeued with backoff, or dead-lettered once it has had
+   ``max_tries`` attempts;
+4. publishes every output and dead letter (MPUB per topic) and waits for
+   nsqd's OK, with a deadline shorter than the message timeout;
+5. only then FINs the inputs. A failed publish requeues them at once.
+
+So a crash anywhere may duplicate a record downstream but never loses one.
+
+Example::
+
+    from pipeline.topology import load_topology
+    from pipeline.worker import Worker
+
+    exit_code = Worker(load_topology("topology.yaml"), "primes").run()
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import nsq
+
+from . import nsqd_http
+from .codecs import decode, encoder
+from .deadletter import DeadLetter
+from .errors import DecodeError, PublishError, StageOutputError
+from .middleware import Middleware, MiddlewareStack
+from .nsqclient import MAX_MSG_SIZE
+from .publisher import Publisher
+from .stage import Batch, Handler, load_handler
+
+log = logging.getLogger(__name__)
+
+LOOKUPD_POLL_INTERVAL = 10
+CONNECT_TIMEOUT = 30.0
+MAX_REQUEUE_DELAY = 3600.0
+
+
+class _Failed(Exception):
+    """A handler call failed; ``permanent`` when retrying cannot help."""
+
+    def __init__(self, reason: str, permanent: bool):
+        super().__init__(reason)
+        self.reason, self.permanent = reason, permanent
+
+
+@dataclass
+class _Outcome:
+    """What one batch's messages become: outputs to publish, and their fate after."""
+
+    outputs: dict[str, list[bytes]] = field(default_factory=dict)
+    finish: list = field(default_factory=list)
+    retry: list = field(default_factory=list)
+    dead: list[tuple[Any, str]] = field(default_factory=list)
+
+    def emit(self, encoded: dict[str, list[bytes]]) -> None:
+        for topic, bodies in encoded.items():
+            self.outputs.setdefault(topic, []).extend(bodies)
+
+
+class Worker:
+    """Runs one replica of a stage until SIGTERM, then drains and exits 0.
+
+    Parameters:
+        topology: the loaded topology.
+        stage_name: the stage to run.
+        replica: this replica's number (for logs and metrics).
+        middleware: extra middleware, run in order.
+        handler: the stage function; default: imported from the topology.
+    """
+
+    def __init__(self, topology, stage_name: str, *, replica: int = 0,
+                 middleware: Iterable[Middleware] = (), handler: Handler | None = None):
+        self.topology = topology
+        self.name = stage_name
+        self.spec = topology.stage(stage_name)
+        self.replica = replica
+        self.handler = handler or load_handler(self.spec.handler)
+        self.middleware = MiddlewareStack(middleware)
+        self.dead_topic = topology.dead_letter_topic(stage_name)
+        # handler output name -> (topic, encode function)
+        self._outputs = {name: (topic, encoder(topology.codec_for(topic)))
+                         for name, topic in self.spec.output_topics.items()}
+        self.stats: Counter[str] = Counter()
+        self.draining = False
+        self.reader: nsq.Reader | None = None
+        self.publisher: Publisher | None = None
+        self._pending: list = []
+        self._timer = None
+        self._active: set[asyncio.Future] = set()
+        self._done: asyncio.Event | None = None
+        self._close_waits: set[str] = set()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until stopped; return the process exit code (0 after a clean drain)."""
+        return asyncio.run(self._main())
+
+    async def _main(self) -> int:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        await self._done.wait()
+        return 0 if self.stats["drain_timeouts"] == 0 else 1
+
+    async def start(self) -> None:
+        """Connect the publisher, then subscribe; return once consuming has begun."""
+        self._done = asyncio.Event()
+        spec = self.spec
+        for http in self.topology.nsqd_http_addresses():
+            await asyncio.to_thread(nsqd_http.create_channel, http, spec.input, spec.channel)
+        self.publisher = Publisher(self.topology.nsqd_tcp_addresses())
+        await self.publisher.wait_connected(CONNECT_TIMEOUT)
+        self.reader = nsq.Reader(
+            topic=spec.input, channel=spec.channel, message_handler=self._on_message,
+            max_in_flight=spec.max_in_flight, max_tries=0,  # 0: we dead-letter; pynsq would FIN and drop
+            max_backoff_duration=spec.max_backoff_duration, msg_timeout=spec.msg_timeout,
+            **self._discovery())
+        self.middleware.emit_before("after_worker_boot", self)
+        log.info("stage %s replica %d consuming %s/%s", self.name, self.replica, spec.input, spec.channel)
+
+    def _discovery(self) -> dict:
+        lookupds = self.topology.lookupd_http_addresses()
+        if lookupds:
+            return {"lookupd_http_addresses": lookupds, "lookupd_poll_interval": LOOKUPD_POLL_INTERVAL}
+        return {"nsqd_tcp_addresses": self.topology.nsqd_tcp_addresses()}
+
+    def stop(self) -> None:
+        """Begin draining (safe to call more than once, e.g. from a signal handler)."""
+        if not self.draining:
+            asyncio.ensure_future(self.drain())
+
+    async def drain(self) -> None:
+        """RDY 0, finish the batches in hand, requeue the rest, close cleanly.
+
+        Messages received but not started are requeued at once so other
+        replicas get them now rather than after the message timeout.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        log.info("stage %s replica %d draining", self.name, self.replica)
+        self.middleware.emit_before("before_worker_shutdown", self)
+        self._stop_subscribing()
+        self._cancel_timer()
+        self._requeue_now(self._take_pending())
+        deadline = time.monotonic() + self.spec.publish_timeout + 2.0
+        if self._active:
+            await asyncio.wait(list(self._active), timeout=self.spec.publish_timeout + 1.0)
+        await self._await_close_wait(deadline)
+        await self._flush_connections()
+        if self._active:
+            self.stats["drain_timeouts"] += 1
+        self.reader.close()
+        self.publisher.close()
+        log.info("stage %s replica %d stopped: %s", self.name, self.replica, dict(self.stats))
+        self._done.set()
+
+    def _stop_subscribing(self) -> None:
+        reader = self.reader
+        reader.set_max_in_flight(0)
+        for periodic in (reader.redist_periodic, reader.query_periodic):
+            if periodic is not None:
+                periodic.stop()
+        for conn in list(reader.conns.values()):
+            conn.on("response", self._on_response)
+            try:
+                conn.send(b"CLS\n")
+            except Exception:
+                log.warning("CLS to %s failed; nsqd will requeue its in-flight messages", conn.id)
+
+    def _on_response(self, conn, data, **_: Any) -> None:
+        if data == b"CLOSE_WAIT":
+            self._close_waits.add(conn.id)
+
+    async def _await_close_wait(self, deadline: float) -> None:
+        # Messages nsqd sent before it saw CLS arrive ahead of CLOSE_WAIT and are
+        # requeued by _on_message; after CLOSE_WAIT nothing more comes.
+        while time.monotonic() < deadline:
+            if all(cid in self._close_waits for cid in self.reader.conns):
+                return
+            await asyncio.sleep(0.01)
+
+    async def _flush_connections(self) -> None:
+        # IOStream.close() drops unwritten data, so wait until every FIN/REQ is on the wire.
+        writes = []
+        for conn in list(self.reader.conns.values()):
+            try:
+                writes.append(conn.send(b"NOP\n"))
+            except Exception:
+                continue
+        if writes:
+            await asyncio.wait([asyncio.ensure_future(w) for w in writes], timeout=2.0)
+
+    # -- batching ----------------------------------------------------------
+
+    def _on_message(self, message) -> None:
+        message.enable_async()
+        self.stats["received"] += 1
+        self.middleware.emit_before("after_receive", self, message)
+        if self.draining:
+            self._requeue_now([message])
+            return
+        self._pending.append(message)
+        if len(self._pending) >= self.spec.batch.size:
+            self._flush()
+        elif self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.spec.batch.wait_ms / 1000.0, self._flush)
+
+    def _take_pending(self) -> list:
+        pending, self._pending = self._pending, []
+        return pending
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _flush(self) -> None:
+        self._cancel_timer()
+        messages = self._take_pending()
+        if not messages:
+            return
+        task = asyncio.ensure_future(self._process(messages))
+        self._active.add(task)
+        task.add_done_callback(self._active.discard)
+
+    # -- processing --------------------------------------------------------
+
+    async def _process(self, messages: list) -> None:
+        """Run one batch through handler, publish and acknowledgement."""
+        self.stats["batches"] += 1
+        outcome = self._run_batch(messages)
+        for message in outcome.retry:
+            self._requeue_backoff(message)
+        outputs = outcome.outputs
+        if outcome.dead:
+            outputs[self.dead_topic] = [self._dead_letter(m, r) for m, r in outcome.dead]
+        self.middleware.emit_before("before_publish", self, outputs)
+        try:
+            await self.publisher.publish(outputs, self.spec.publish_timeout)
+        except PublishError as e:
+            self.stats["publish_errors"] += 1
+            log.warning("stage %s: publish failed, requeueing %d messages: %s", self.name, len(outcome.finish), e)
+            self.middleware.emit_after("after_publish", self, outputs, exception=e)
+            self._requeue_now(outcome.finish)
+            return
+        self.middleware.emit_after("after_publish", self, outputs, exception=None)
+        for topic, bodies in outputs.items():
+            self.stats[f"out:{topic}"] += len(bodies)
+        self._finish(outcome.finish)
+        self.middleware.emit_after("after_ack", self, outcome.finish, outcome.retry)
+
+    def _run_batch(self, messages: list) -> _Outcome:
+        """Decode, run the handler and encode; decide each message's fate."""
+        outcome = _Outcome()
+        records, decoded, suspects = [], [], []
+        for message in messages:
+            try:
+                record = decode(message.body)
+            except DecodeError as e:
+                outcome.dead.append((message, e.reason))
+                continue
+            # A message past max_tries was last seen by a worker that died or
+            # timed out on it: it runs alone so it cannot take a batch down.
+            target = suspects if message.attempts > self.spec.max_tries else None
+            if target is not None:
+                target.append((record, message))
+            else:
+                records.append(record)
+                decoded.append(message)
+        if records:
+            try:
+                self._apply(records, decoded, outcome)
+            except _Failed as failure:
+                if len(records) == 1:
+                    self._failed(decoded[0], failure, outcome)
+                else:
+                    self._isolate(zip(records, decoded), outcome)
+        self._isolate(suspects, outcome)
+        outcome.finish.extend(m for m, _ in outcome.dead)
+        return outcome
+
+    def _isolate(self, pairs: Iterable[tuple[dict, Any]], outcome: _Outcome) -> None:
+        for record, message in pairs:
+            try:
+                self._apply([record], [message], outcome)
+            except _Failed as failure:
+                self._failed(message, failure, outcome)
+
+    def _failed(self, message, failure: _Failed, outcome: _Outcome) -> None:
+        if failure.permanent or message.attempts >= self.spec.max_tries:
+            tries = f" (attempt {message.attempts} of max_tries {self.spec.max_tries})"
+            outcome.dead.append((message, failure.reason + ("" if failure.permanent else tries)))
+        else:
+            outcome.retry.append(message)
+
+    def _apply(self, records: list[dict], messages: list, outcome: _Outcome) -> None:
+        """Run the handler over ``records``; add outputs, rejects and finishes to ``outcome``.
+
+        Raises:
+            _Failed: the handler raised, or emitted something unpublishable.
+        """
+        batch = Batch(records, stage=self.name)
+        self.middleware.emit_before("before_process_batch", self, batch)
+        try:
+            emitted = self.handler(batch) or {}
+        except Exception as e:
+            self.stats["handler_errors"] += 1
+            log.warning("stage %s: handler raised on %d records: %r", self.name, len(records), e)
+            self.middleware.emit_after("after_process_batch", self, batch, result=None, exception=e)
+            raise _Failed(f"handler raised {type(e).__name__}: {e}", permanent=False) from e
+        self.middleware.emit_after("after_process_batch", self, batch, result=emitted, exception=None)
+        encoded = self._encode(emitted)
+        outcome.emit(encoded)
+        for i, message in enumerate(messages):
+            if i in batch.rejected:
+                outcome.dead.append((message, batch.rejected[i]))
+            else:
+                outcome.finish.append(message)
+
+    def _encode(self, emitted) -> dict[str, list[bytes]]:
+        encoded: dict[str, list[bytes]] = {}
+        for name, records in emitted.items():
+            if name not in self._outputs:
+                err = StageOutputError(f"stage {self.name} emitted to {name!r}, not one of its outputs "
+                                       f"{list(self.spec.output_topics)}")
+                raise _Failed(str(err), permanent=True)
+            topic, encode = self._outputs[name]
+            try:
+                bodies = [encode(record) for record in records]
+            except (TypeError, ValueError) as e:
+                raise _Failed(f"cannot encode output for {topic}: {e}", permanent=True) from e
+            if any(len(b) > MAX_MSG_SIZE for b in bodies):
+                raise _Failed(f"an output for {topic} exceeds nsqd's max message size "
+                              f"({MAX_MSG_SIZE} bytes)", permanent=True)
+            encoded.setdefault(topic, []).extend(bodies)
+        return encoded
+
+    def _dead_letter(self, message, reason: str) -> bytes:
+        self.stats["dead_lettered"] += 1
+        log.warning("stage %s: dead-lettering message %s after %d attempts: %s",
+                    self.name, message.id.decode(errors="replace"), message.attempts, reason)
+        self.middleware.emit_after("after_dead_letter", self, message, reason)
+        return DeadLetter(reason=reason, stage=self.name, topic=self.spec.input, channel=self.spec.channel,
+                          attempts=message.attempts, message_id=message.id.decode(errors="replace"),
+                          body=message.body).encode()
+
+    # -- acknowledgement ---------------------------------------------------
+
+    def _finish(self, messages: Sequence) -> None:
+        for message in messages:
+            if not message.has_responded():
+                message.finish()
+        self.stats["finished"] += len(messages)
+
+    def _requeue_now(self, messages: Sequence) -> None:
+        """Requeue without delay or backoff: the failure was not the message's fault."""
+        for message in messages:
+            if not message.has_responded():
+                message.requeue(backoff=False, time_ms=0)
+        self.stats["requeued"] += len(messages)
+
+    def _requeue_backoff(self, message) -> None:
+        delay = min(self.spec.requeue_delay * 2 ** (message.attempts - 1), MAX_REQUEUE_DELAY)
+        message.requeue(backoff=True, time_ms=int(delay * 1000))
+        self.stats["requeued"] += 1
+
