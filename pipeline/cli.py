@@ -1,0 +1,170 @@
+"""The ``pipeline`` command line.
+
+Every command takes ``-t/--topology`` (default ``./topology.yaml``). A bad
+argument or a bad topology exits non-zero with one readable line.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .errors import PipelineError
+
+console = Console(stderr=True)
+
+topology_option = click.option(
+    "-t", "--topology", "topology_path", default="topology.yaml", show_default=True,
+    type=click.Path(dir_okay=False), help="The topology file.")
+
+
+class OneLineErrors(click.Group):
+    """A click group whose usage and pipeline errors print as one line on stderr."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        try:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("pipeline: aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = f"{ctx.command_path}: " if ctx is not None else "pipeline: "
+            click.echo(f"{where}{e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except PipelineError as e:
+            click.echo(f"pipeline: {e}", err=True)
+            sys.exit(1)
+
+
+def load(topology_path: str):
+    """Load the topology, turning its error into the one-line CLI form."""
+    from .topology import load_topology
+    return load_topology(topology_path)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log debug output.")
+def main(verbose: bool) -> None:
+    """nsq-pipeline: streaming stages on real NSQ."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@topology_option
+def check(topology_path: str) -> None:
+    """Validate the topology file; print every error as FILE:LINE:COL: field: reason."""
+    from .topology import validate_topology
+    errors = validate_topology(topology_path)
+    for error in errors:
+        click.echo(str(error), err=True)
+    if errors:
+        sys.exit(1)
+    click.echo(f"{topology_path}: ok")
+
+
+@main.command("install-nsq")
+@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the binaries (default: this environment's bin folder).")
+def install_nsq_cmd(dest: Path | None) -> None:
+    """Install nsqd, nsqlookupd, nsqadmin, nsq_tail, nsq_stat and nsq_to_nsq v1.3.0."""
+    from .install import install_nsq
+    path = install_nsq(dest, log=lambda line: click.echo(line, err=True))
+    click.echo(str(path))
+
+
+@main.command()
+@click.argument("stage")
+@click.option("--replica", type=click.IntRange(min=0), default=0, show_default=True,
+              help="This replica's number.")
+@topology_option
+def worker(stage: str, replica: int, topology_path: str) -> None:
+    """Run one replica of STAGE until SIGTERM (then drain and exit 0)."""
+    from .worker import Worker
+    topology = load(topology_path)
+    if stage not in topology.stages:
+        raise click.BadParameter(f"no stage {stage!r} in {topology_path} (stages: {', '.join(topology.stages)})",
+                                 param_hint="STAGE")
+    sys.exit(Worker(topology, stage, replica=replica).run())
+
+
+@main.group()
+def produce() -> None:
+    """Publish records from a reference producer."""
+
+
+@produce.command("numbers")
+@click.option("--start", type=int, default=1, show_default=True, help="First number.")
+@click.option("--count", type=click.IntRange(min=1), required=True, help="How many numbers.")
+@click.option("--rate", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Records per second (0: as fast as nsqd accepts).")
+@click.option("--producer", "producer_name", default="numbers", show_default=True,
+              help="The producer entry in the topology.")
+@click.option("--run-id", default=None, help="Prefix of the record ids (default: random).")
+@topology_option
+def produce_numbers_cmd(start: int, count: int, rate: float, producer_name: str,
+                        run_id: str | None, topology_path: str) -> None:
+    """Publish {"id", "ts", "number"} records for START .. START+COUNT-1."""
+    from producers.numbers import produce_numbers
+    topology = load(topology_path)
+    spec = topology.producers.get(producer_name)
+    if spec is None:
+        raise click.BadParameter(f"no producer {producer_name!r} in {topology_path}", param_hint="--producer")
+    address = topology.nsqd_tcp_addresses()[0]
+    with _progress(f"publishing to {spec.topic}", count) as advance:
+        acked = produce_numbers(address, spec.topic, start, count, rate=rate or spec.rate, chunk=spec.chunk,
+                                codec=topology.codec_for(spec.topic), run_id=run_id, on_progress=advance)
+    click.echo(f"published {acked} records to {spec.topic} on {address}")
+
+
+@main.command()
+@topology_option
+def up(topology_path: str) -> None:
+    """Start the topology's NSQ processes and stage replicas on this machine."""
+    from .local import LocalPipeline
+    topology = load(topology_path)
+    started = LocalPipeline(topology).up(log=lambda line: click.echo(line, err=True))
+    click.echo(f"{len(started)} processes running; nsqadmin: http://{topology.nsq.admin}/"
+               if topology.nsq.admin else f"{len(started)} processes running")
+
+
+@main.command()
+@topology_option
+def down(topology_path: str) -> None:
+    """Stop the topology's processes: workers (they drain), then nsqadmin, nsqd, nsqlookupd."""
+    from .local import LocalPipeline
+    stopped = LocalPipeline(load(topology_path)).down(log=lambda line: click.echo(line, err=True))
+    click.echo(f"stopped {stopped} processes")
+
+
+@main.command()
+@click.option("--count", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Publish the numbers 1..COUNT.")
+@topology_option
+def demo(count: int, topology_path: str) -> None:
+    """Start the topology, classify 1..COUNT into prime/non_prime, show the result."""
+    from .demo import print_summary, run_demo
+    topology = load(topology_path)
+    out = Console()
+    print_summary(topology, run_demo(topology, count, console=out), out)
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: int):
+    """Show a progress bar while the block runs; yields ``advance(done)``."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda done: progress.update(task, completed=done)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The demo behind ``make demo``: numbers 1..N through the primes stage, shown live.
+
+It starts the default topology locally, publishes the numbers, follows the
+stage's output topics on nsqd's ``/stats`` until every record came out, and
+prints the counts with where to look next.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import nsqd_http
+from .errors import PipelineError
+from .install import bin_dir
+from .local import LocalPipeline
+
+STAGE, PRODUCER = "primes", "numbers"
+
+
+@dataclass
+class DemoResult:
+    """What came out of the stage, per output topic (dead letters included)."""
+
+    counts: dict[str, int]
+    elapsed: float
+
+
+def run_demo(topology, count: int = 100_000, timeout: float = 300.0, console: Console | None = None) -> DemoResult:
+    """Bring the topology up, publish 1..``count``, wait for every record; return the output counts."""
+    from producers.numbers import produce_numbers
+    console = console or Console()
+    LocalPipeline(topology).up(log=lambda line: console.print(f"[dim]{line}[/dim]"))
+    stage = topology.stage(STAGE)
+    producer = topology.producers[PRODUCER]
+    http = topology.nsqd_http_addresses()[0]
+    topics = [*stage.outputs, topology.dead_letter_topic(STAGE)]
+    before = {t: nsqd_http.topic_message_count(http, t) for t in topics}
+    started = time.monotonic()
+    columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        published = progress.add_task(f"published to {producer.topic}", total=count)
+        processed = progress.add_task(f"classified by {STAGE}", total=count)
+        produce_numbers(topology.nsqd_tcp_addresses()[0], producer.topic, 1, count, chunk=producer.chunk,
+                        codec=topology.codec_for(producer.topic),
+                        on_progress=lambda done: progress.update(published, completed=done))
+        counts = _follow(http, topics, before, count, started + timeout,
+                         lambda done: progress.update(processed, completed=done))
+    return DemoResult(counts, time.monotonic() - started)
+
+
+def _follow(http, topics, before, count, deadline, on_progress) -> dict[str, int]:
+    while True:
+        counts = {t: nsqd_http.topic_message_count(http, t) - before[t] for t in topics}
+        on_progress(min(count, sum(counts.values())))
+        if sum(counts.values()) >= count:
+            return counts
+        if time.monotonic() > deadline:
+            raise PipelineError(f"only {sum(counts.values())} of {count} records came out of {STAGE} in time; "
+                                f"see var/log/ and `pipeline down`")
+        time.sleep(0.2)
+
+
+def print_summary(topology, result: DemoResult, console: Console) -> None:
+    """Print the output counts and where to look next."""
+    table = Table(title=f"{STAGE}: records out per topic ({result.elapsed:.1f} s)")
+    table.add_column("topic")
+    table.add_column("records", justify="right")
+    for topic, n in result.counts.items():
+        table.add_row(topic, f"{n:,}")
+    console.print(table)
+    console.print(f"[bold]{result.counts.get('prime', 0):,} primes[/bold] among the numbers published.")
+    lookupd = topology.lookupd_http_addresses()
+    source = f"--lookupd-http-address={lookupd[0]}" if lookupd else \
+        f"--nsqd-tcp-address={topology.nsqd_tcp_addresses()[0]}"
+    if topology.nsq.admin:
+        console.print(f"nsqadmin:  http://{topology.nsq.admin}/")
+    console.print(f"watch it:  {bin_dir() / 'nsq_tail'} {source} --topic=prime -n 5")
+    console.print("stop it:   make down")
