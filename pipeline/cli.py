@@ -56,6 +56,8 @@ def main(verbose: bool) -> None:
     """nsq-pipeline: streaming stages on real NSQ."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:  # pynsq logs every IDENTIFY and heartbeat at INFO
+        logging.getLogger("nsq").setLevel(logging.WARNING)
 
 
 @main.command()

@@ -90,7 +90,10 @@ def install_nsq(dest: Path | None = None, *, log: Log = print) -> Path:
             or an installed binary does not report the expected version.
     """
     dest = Path(dest) if dest is not None else bin_dir()
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InstallError(f"cannot install NSQ {NSQ_VERSION} into {dest}: {e.strerror}") from e
     current = _current_tools(dest, NSQ_TOOLS)
     for tool in NSQ_TOOLS:
         if current[tool]:
@@ -98,6 +101,11 @@ def install_nsq(dest: Path | None = None, *, log: Log = print) -> Path:
     missing = [tool for tool in NSQ_TOOLS if not current[tool]]
     if not missing:
         return dest
+    if not os.access(dest, os.W_OK):
+        raise InstallError(
+            f"cannot install NSQ {NSQ_VERSION} into {dest}: the folder is not writable"
+            f" (choose another with {BIN_ENV} or `--dest`)"
+        )
     missing = _copy_from_path(missing, dest, log)
     reasons: list[str] = []
     if missing:

@@ -52,11 +52,13 @@ class LocalPipeline:
         lookupd_tcp = [l.tcp for l in nsq.lookupd]
         specs = [ProcessSpec(f"nsqlookupd-{i}", nsqlookupd_args(tcp=l.tcp, http=l.http), "nsqlookupd", l.http, l.tcp)
                  for i, l in enumerate(nsq.lookupd)]
-        for n in nsq.nsqd:
+        for i, n in enumerate(nsq.nsqd):
             data_dir = self.var / "nsqd" / n.name
-            specs.append(ProcessSpec(f"nsqd-{n.name}", nsqd_args(tcp=n.tcp, http=n.http, data_dir=data_dir,
-                                                                 lookupd_tcp=lookupd_tcp), "nsqd", n.http, n.tcp,
-                                     data_dir))
+            # nsqd derives its node id (part of every message id) from the hostname,
+            # so nodes on one host would share it; give each its own.
+            argv = nsqd_args(tcp=n.tcp, http=n.http, data_dir=data_dir, lookupd_tcp=lookupd_tcp,
+                             extra=[f"--node-id={i}"])
+            specs.append(ProcessSpec(f"nsqd-{n.name}", argv, "nsqd", n.http, n.tcp, data_dir))
         if nsq.admin and nsq.lookupd:
             argv = nsqadmin_args(http=nsq.admin, lookupd_http=[l.http for l in nsq.lookupd])
             specs.append(ProcessSpec("nsqadmin", argv, "nsqadmin", nsq.admin))

@@ -167,6 +167,8 @@ class Worker:
         await self._flush_connections()
         if self._active:
             self.stats["drain_timeouts"] += 1
+        # pynsq reports our own close as a broken frame read on every connection
+        logging.getLogger("nsq").setLevel(logging.CRITICAL)
         self.reader.close()
         self.publisher.close()
         log.info("stage %s replica %d stopped: %s", self.name, self.replica, dict(self.stats))
@@ -247,6 +249,16 @@ class Worker:
     async def _process(self, messages: list) -> None:
         """Run one batch through handler, publish and acknowledgement."""
         self.stats["batches"] += 1
+        try:
+            await self._process_batch(messages)
+        except Exception:
+            # A bug of ours, not of the stage: give the messages back now rather
+            # than leave them to the message timeout.
+            log.critical("stage %s: batch of %d messages failed in the runtime; requeueing",
+                         self.name, len(messages), exc_info=True)
+            self._requeue_now(messages)
+
+    async def _process_batch(self, messages: list) -> None:
         outcome = self._run_batch(messages)
         for message in outcome.retry:
             self._requeue_backoff(message)

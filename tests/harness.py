@@ -98,8 +98,7 @@ class Workers:
     def stop_all(self) -> None:
         for p in self.procs:
             if p.poll() is None:
-                stop_pid(p.pid, grace=15)
-                p.poll()
+                p.returncode = stop_pid(p.pid, grace=15)  # stop_pid reaped it; tell Popen
 
 
 def collect(tcp: str, topics: list[str], done, timeout: float) -> dict[str, list[dict]]:
