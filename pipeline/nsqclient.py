@@ -206,13 +206,19 @@ class NsqSubscriber(_Connection):
         self._send(b"RDY %d\n" % rdy)
 
     def messages(self, timeout: float):
-        """Yield messages (FINished on yield) until none arrives for ``timeout`` seconds."""
+        """Yield messages (FINished on yield) until none arrives for ``timeout`` seconds.
+
+        Raises:
+            PublishError: nsqd closed the connection or sent an error frame.
+        """
         self._sock.settimeout(timeout)
         while True:
             try:
                 frame, data = self._read_frame()
-            except PublishError:
-                return
+            except PublishError as e:
+                if isinstance(e.__cause__, TimeoutError):  # quiet for ``timeout``: not an error
+                    return
+                raise
             if frame == FRAME_MESSAGE:
                 message = NsqMessage(data)
                 self._send(b"FIN " + message.id + b"\n")
