@@ -38,6 +38,8 @@ __all__ = [
 
 NSQ_NAME_MAX = 64
 DEAD_LETTER_SUFFIX = ".dead"
+# supervisord program (and log file) names the pipeline uses for itself
+RESERVED_STAGE_NAMES = ("nsqd", "nsqlookupd", "nsqadmin", "restarter", "supervisord")
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
@@ -301,7 +303,8 @@ class Topology(_Spec):
         topology.codec_for("prime")            # "json"
         topology.dead_letter_topic("primes")   # "numbers.dead"
 
-    Rules: a producer's topic is declared.
+    Rules: a producer's topic is declared; a stage is not named after the pipeline's own programs
+    (nsqd, nsqlookupd, nsqadmin, restarter, supervisord, alone or followed by `-...`).
     """
 
     nsq: NsqSpec = Field(description="Where the NSQ cluster is.")
@@ -315,6 +318,10 @@ class Topology(_Spec):
         problems: Problems = []
         channels: dict[tuple[str, str], str] = {}
         for name, stage in self.stages.items():
+            if name.split("-")[0] in RESERVED_STAGE_NAMES:
+                reason = (f"stage name {name!r} clashes with the pipeline's own programs and logs "
+                          f"({', '.join(RESERVED_STAGE_NAMES)})")
+                problems.append((("stages", name), reason, name))
             problems += self._undeclared(("stages", name, "input"), stage.input)
             outputs: set[str] = set()
             keys = stage.outputs if isinstance(stage.outputs, dict) else range(len(stage.outputs))

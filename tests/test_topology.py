@@ -364,3 +364,18 @@ def test_outputs_may_map_handler_names_to_topics(tmp_path):
                           "under topics (declared: numbers, p2)")
     path.write_text(path.read_text().replace("non_prime: np2", "non_prime: p2"))
     assert load_topology(path).stage("primes").output_topics == {"prime": "p2", "non_prime": "p2"}
+
+
+def test_stage_names_of_the_pipelines_own_programs_are_refused(tmp_path):
+    # A stage "nsqadmin" would be a second supervisord program of that name, and
+    # "nsqd-x" replicas would write into the logs of an nsqd.
+    path = tmp_path / "topology.yaml"
+    path.write_text(
+        "nsq:\n"
+        "  nsqd: [{name: n0, tcp: 127.0.0.1:4150, http: 127.0.0.1:4151}]\n"
+        "topics: {numbers: {}}\n"
+        "stages:\n"
+        "  nsqd-x: {handler: consumers.primes:classify, input: numbers, channel: c}\n"
+    )
+    [error] = validate_topology(path)
+    assert error.field == "stages.nsqd-x" and "clashes with the pipeline's own programs" in error.reason
