@@ -28,7 +28,7 @@ class OneLineErrors(click.Group):
 
     def main(self, args=None, prog_name=None, **extra):
         try:
-            return super().main(args, prog_name, standalone_mode=False, **extra)
+            return super().main(args, prog_name or "pipeline", standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
         except click.Abort:
@@ -128,23 +128,95 @@ def produce_numbers_cmd(start: int, count: int, rate: float, producer_name: str,
 
 
 @main.command()
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-",
+              show_default=True, help="Where to write the config ('-': stdout).")
+@topology_option
+def render(output: str, topology_path: str) -> None:
+    """Print the supervisord configuration of the topology."""
+    from .supervisor_conf import render as render_conf
+    text = render_conf(load(topology_path))
+    if output == "-":
+        click.echo(text, nl=False)
+    else:
+        Path(output).write_text(text)
+
+
+@main.command()
 @topology_option
 def up(topology_path: str) -> None:
-    """Start the topology's NSQ processes and stage replicas on this machine."""
-    from .local import LocalPipeline
+    """Start (or update) the pipeline under supervisord and wait until it runs."""
+    from .control import Supervisor
+    from .views import console, print_processes
     topology = load(topology_path)
-    started = LocalPipeline(topology).up(log=lambda line: click.echo(line, err=True))
-    click.echo(f"{len(started)} processes running; nsqadmin: http://{topology.nsq.admin}/"
-               if topology.nsq.admin else f"{len(started)} processes running")
+    processes = Supervisor(topology).up(log=lambda line: click.echo(line, err=True))
+    print_processes(topology, processes, console())
 
 
 @main.command()
 @topology_option
 def down(topology_path: str) -> None:
-    """Stop the topology's processes: workers (they drain), then nsqadmin, nsqd, nsqlookupd."""
-    from .local import LocalPipeline
-    stopped = LocalPipeline(load(topology_path)).down(log=lambda line: click.echo(line, err=True))
-    click.echo(f"stopped {stopped} processes")
+    """Stop workers (they drain), then nsqadmin, nsqd, nsqlookupd, then supervisord."""
+    from .control import Supervisor
+    Supervisor(load(topology_path)).down(log=lambda line: click.echo(line, err=True))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@topology_option
+def status(as_json: bool, topology_path: str) -> None:
+    """Show processes and topic/channel figures; exit 1 unless everything is healthy."""
+    import orjson
+
+    from .status import collect
+    from .views import console, print_status
+    report = collect(load(topology_path))
+    if as_json:
+        click.echo(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        print_status(report, console())
+    sys.exit(0 if report.healthy else 1)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})  # so "-1" reaches the range check
+@click.argument("stage")
+@click.argument("replicas", type=click.IntRange(min=1, max=64))
+@topology_option
+def scale(stage: str, replicas: int, topology_path: str) -> None:
+    """Set STAGE's replicas in the topology file and apply it to the running pipeline."""
+    from .scale import scale as scale_stage
+    topology = load(topology_path)
+    if stage not in topology.stages:
+        raise click.BadParameter(f"no stage {stage!r} in {topology_path} (stages: {', '.join(topology.stages)})",
+                                 param_hint="STAGE")
+    scale_stage(topology, stage, replicas, log=lambda line: click.echo(line, err=True))
+
+
+@main.command()
+@click.argument("stage")
+@click.option("-n", "--lines", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Lines to show from the end of each replica's log.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (Ctrl-C to stop).")
+@topology_option
+def logs(stage: str, lines: int, follow: bool, topology_path: str) -> None:
+    """Show the logs of STAGE's replicas."""
+    from .logs import check_stage, stage_logs
+    topology = load(topology_path)
+    try:
+        check_stage(topology, stage)
+    except PipelineError as e:
+        raise click.BadParameter(str(e), param_hint="STAGE") from None
+    stage_logs(topology, stage, lines=lines, follow=follow, out=sys.stdout)
+
+
+@main.command()
+@click.argument("topic")
+@click.option("-n", "--count", type=click.IntRange(min=1), default=None,
+              help="Stop after COUNT records (default: follow until Ctrl-C).")
+@topology_option
+def tail(topic: str, count: int | None, topology_path: str) -> None:
+    """Print TOPIC's records as they are published, one JSON line each (JSON and msgpack decoded)."""
+    from .tail import tail_topic
+    tail_topic(load(topology_path), topic, count=count, out=sys.stdout)
 
 
 @main.command()

@@ -16,7 +16,7 @@ from rich.table import Table
 from . import nsqd_http
 from .errors import PipelineError
 from .install import bin_dir
-from .local import LocalPipeline
+from .control import Supervisor
 
 STAGE, PRODUCER = "primes", "numbers"
 
@@ -33,7 +33,7 @@ def run_demo(topology, count: int = 100_000, timeout: float = 300.0, console: Co
     """Bring the topology up, publish 1..``count``, wait for every record; return the output counts."""
     from producers.numbers import produce_numbers
     console = console or Console()
-    LocalPipeline(topology).up(log=lambda line: console.print(f"[dim]{line}[/dim]"))
+    Supervisor(topology).up(log=lambda line: console.print(f"[dim]{line}[/dim]"))
     stage = topology.stage(STAGE)
     producer = topology.producers[PRODUCER]
     http = topology.nsqd_http_addresses()[0]

@@ -50,6 +50,7 @@ def nsqd_args(
     lookupd_tcp: Sequence[str] = (),
     broadcast: str = "127.0.0.1",
     extra: Sequence[str] = (),
+    binary: str | None = None,
 ) -> list[str]:
     """Return the argv of an nsqd listening on ``tcp`` and ``http``, storing messages in ``data_dir``.
 
@@ -58,7 +59,7 @@ def nsqd_args(
     comes last, so it can override any flag.
     """
     return [
-        nsq_binary("nsqd"),
+        binary or nsq_binary("nsqd"),
         f"--tcp-address={tcp}",
         f"--http-address={http}",
         "--https-address=",
@@ -69,23 +70,23 @@ def nsqd_args(
     ]
 
 
-def nsqlookupd_args(*, tcp: str, http: str, broadcast: str = "127.0.0.1") -> list[str]:
+def nsqlookupd_args(*, tcp: str, http: str, broadcast: str = "127.0.0.1", binary: str | None = None) -> list[str]:
     """Return the argv of an nsqlookupd listening on ``tcp`` and ``http``.
 
     ``broadcast`` replaces the default (the OS hostname), which need not resolve.
     """
     return [
-        nsq_binary("nsqlookupd"),
+        binary or nsq_binary("nsqlookupd"),
         f"--tcp-address={tcp}",
         f"--http-address={http}",
         f"--broadcast-address={broadcast}",
     ]
 
 
-def nsqadmin_args(*, http: str, lookupd_http: Sequence[str]) -> list[str]:
+def nsqadmin_args(*, http: str, lookupd_http: Sequence[str], binary: str | None = None) -> list[str]:
     """Return the argv of an nsqadmin serving ``http`` and finding nsqd through ``lookupd_http``."""
     return [
-        nsq_binary("nsqadmin"),
+        binary or nsq_binary("nsqadmin"),
         f"--http-address={http}",
         *(f"--lookupd-http-address={address}" for address in lookupd_http),
     ]
