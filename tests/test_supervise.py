@@ -130,6 +130,8 @@ def test_up_is_idempotent_status_reports_and_nsqadmin_lists_topics(deployment):
 
     topics = get_json(d.topology.nsq.admin, "/api/topics")["topics"]
     assert set(topics) >= {"numbers", "prime", "non_prime"}
+    numbers = get_json(d.topology.nsq.admin, "/api/topics/numbers")
+    assert [c["channel_name"] for c in numbers["channels"]] == ["primes"]
 
     d.supervisor().rpc().supervisor.stopProcess("primes:primes-1", True)
     stopped = pipeline("status", "-t", str(d.path))
