@@ -17,6 +17,7 @@ import nsq
 from tornado.concurrent import Future
 
 from .errors import PublishError
+from .fastconn import FastWriter
 from .nsqclient import chunked
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class Publisher:
     """
 
     def __init__(self, nsqd_tcp_addresses: Sequence[str], reconnect_interval: float = 1.0, **conn_kwargs):
-        self.writer = nsq.Writer(list(nsqd_tcp_addresses), reconnect_interval=reconnect_interval, **conn_kwargs)
+        self.writer = FastWriter(list(nsqd_tcp_addresses), reconnect_interval=reconnect_interval, **conn_kwargs)
 
     def connected(self) -> bool:
         """True when at least one connection to nsqd is ready to publish."""

@@ -38,6 +38,7 @@ from . import nsqd_http
 from .codecs import decode, encoder
 from .deadletter import DeadLetter
 from .errors import DecodeError, PublishError, StageOutputError
+from .fastconn import FastReader
 from .middleware import Middleware, MiddlewareStack
 from .nsqclient import MAX_MSG_SIZE
 from .publisher import Publisher
@@ -97,7 +98,7 @@ class Worker:
                          for name, topic in self.spec.output_topics.items()}
         self.stats: Counter[str] = Counter()
         self.draining = False
-        self.reader: nsq.Reader | None = None
+        self.reader: FastReader | None = None
         self.publisher: Publisher | None = None
         self._pending: list = []
         self._timer = None
@@ -127,7 +128,7 @@ class Worker:
             await asyncio.to_thread(nsqd_http.create_channel, http, spec.input, spec.channel)
         self.publisher = Publisher(self.topology.nsqd_tcp_addresses())
         await self.publisher.wait_connected(CONNECT_TIMEOUT)
-        self.reader = nsq.Reader(
+        self.reader = FastReader(
             topic=spec.input, channel=spec.channel, message_handler=self._on_message,
             max_in_flight=spec.max_in_flight, max_tries=0,  # 0: we dead-letter; pynsq would FIN and drop
             max_backoff_duration=spec.max_backoff_duration, msg_timeout=spec.msg_timeout,
@@ -214,8 +215,8 @@ class Worker:
 
     def _on_message(self, message) -> None:
         message.enable_async()
-        self.stats["received"] += 1
-        self.middleware.emit_before("after_receive", self, message)
+        if self.middleware.middleware:
+            self.middleware.emit_before("after_receive", self, message)
         if self.draining:
             self._requeue_now([message])
             return
@@ -249,6 +250,7 @@ class Worker:
     async def _process(self, messages: list) -> None:
         """Run one batch through handler, publish and acknowledgement."""
         self.stats["batches"] += 1
+        self.stats["received"] += len(messages)
         try:
             await self._process_batch(messages)
         except Exception:

@@ -1,0 +1,106 @@
+"""FastConn, FastReader and FastWriter keep pynsq's FIN/REQ/TOUCH/RDY behaviour on real nsqd."""
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+from tornado.concurrent import Future
+
+from nsqhttp import channel_stats, wait_until
+from pipeline.fastconn import FastConn, FastReader, FastWriter
+from pipeline.nsqclient import NsqPublisher
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    return struct.pack(">ll", len(payload) + 4, kind) + payload
+
+
+def test_frames_split_anywhere_across_reads_are_decoded_once_each_in_order():
+    frames = [frame(0, b"OK"), frame(0, b"_heartbeat_"), frame(1, b"E_INVALID x"), frame(0, b"")]
+    wire = b"".join(frames)
+    for cut in range(len(wire) + 1):
+        conn = FastConn("127.0.0.1", 1)
+        seen = []
+        conn.on("data", lambda conn, data: seen.append(data))
+        conn._start_read = lambda: None  # the reads under test are fed by hand below
+        for chunk in (wire[:cut], wire[cut:]):
+            read: Future = Future()
+            read.set_result(chunk)
+            conn._read_chunk(read)
+        assert seen == [f[4:] for f in frames], f"cut at {cut}"
+        assert not conn._rbuf
+
+
+def run(coro, timeout=30):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def _consume(nsqd, topic, on_message, *, max_in_flight, msg_timeout=None, done):
+    kwargs = {"msg_timeout": msg_timeout} if msg_timeout else {}
+    reader = FastReader(topic=topic, channel="c", message_handler=None, nsqd_tcp_addresses=[nsqd.tcp],
+                        max_in_flight=max_in_flight, max_tries=0, **kwargs)
+    reader.set_message_handler(lambda m: on_message(reader, m))
+    try:
+        while not done():
+            await asyncio.sleep(0.01)
+    finally:
+        reader.close()
+
+
+@pytest.mark.integration
+def test_writer_mpub_answers_each_callback_and_reader_respects_max_in_flight(nsqd, topic):
+    received, peak = [], [0]
+
+    async def main():
+        writer = FastWriter([nsqd.tcp], reconnect_interval=1.0)
+        while not any(c.connected() for c in writer.conns.values()):
+            await asyncio.sleep(0.01)
+        answers = []
+        for i in range(50):
+            writer.mpub(topic, [b"%d" % (i * 100 + j) for j in range(100)], callback=lambda c, d: answers.append(d))
+        while len(answers) < 50:
+            await asyncio.sleep(0.01)
+        assert answers == [b"OK"] * 50
+
+        def on_message(reader, message):
+            conn = next(iter(reader.conns.values()))
+            peak[0] = max(peak[0], conn.in_flight)
+            message.enable_async()
+            received.append(message.body)
+            asyncio.get_running_loop().call_later(0.001, message.finish)
+
+        await _consume(nsqd, topic, on_message, max_in_flight=100, done=lambda: len(received) >= 5000)
+
+    run(main())
+    assert sorted(int(b) for b in received) == list(range(5000))
+    assert 0 < peak[0] <= 100
+    wait_until(lambda: channel_stats(nsqd.http, topic, "c")["in_flight_count"] == 0, 10)
+    stats = channel_stats(nsqd.http, topic, "c")
+    assert (stats["depth"], stats["requeue_count"], stats["timeout_count"]) == (0, 0, 0)
+
+
+@pytest.mark.integration
+def test_requeue_redelivers_with_attempts_and_touch_prevents_a_timeout(nsqd, topic):
+    with NsqPublisher(nsqd.tcp) as pub:
+        pub.mpub(topic, [b"a", b"b", b"c"])
+    attempts: dict[bytes, list[int]] = {}
+    touched_done = []
+
+    def on_message(reader, message):
+        message.enable_async()
+        attempts.setdefault(message.body, []).append(message.attempts)
+        if message.attempts == 1:
+            message.requeue(backoff=False, delay=0)
+            return
+        # second delivery: hold it past the 1 s message timeout, touching it meanwhile
+        loop = asyncio.get_running_loop()
+        for t in (0.4, 0.8, 1.2):
+            loop.call_later(t, message.touch)
+        loop.call_later(1.5, lambda: (message.finish(), touched_done.append(message.body)))
+
+    run(_consume(nsqd, topic, on_message, max_in_flight=10, msg_timeout=1, done=lambda: len(touched_done) == 3))
+    assert attempts == {b"a": [1, 2], b"b": [1, 2], b"c": [1, 2]}
+    wait_until(lambda: channel_stats(nsqd.http, topic, "c")["in_flight_count"] == 0, 10)
+    stats = channel_stats(nsqd.http, topic, "c")
+    assert stats["requeue_count"] == 3 and stats["timeout_count"] == 0 and stats["depth"] == 0
