@@ -11,12 +11,7 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
 from .errors import PipelineError
-
-console = Console(stderr=True)
 
 topology_option = click.option(
     "-t", "--topology", "topology_path", default="topology.yaml", show_default=True,
@@ -90,12 +85,16 @@ def install_nsq_cmd(dest: Path | None) -> None:
 @topology_option
 def worker(stage: str, replica: int, topology_path: str) -> None:
     """Run one replica of STAGE until SIGTERM (then drain and exit 0)."""
-    from .worker import Worker
+    from .stage import load_handler
     topology = load(topology_path)
     if stage not in topology.stages:
         raise click.BadParameter(f"no stage {stage!r} in {topology_path} (stages: {', '.join(topology.stages)})",
                                  param_hint="STAGE")
-    sys.exit(Worker(topology, stage, replica=replica).run())
+    # The handler is imported before the runtime so a broken one fails within
+    # supervisord's startsecs and the crash loop gets back-off, not instant restarts.
+    handler = load_handler(topology.stage(stage).handler)
+    from .worker import Worker
+    sys.exit(Worker(topology, stage, replica=replica, handler=handler).run())
 
 
 @main.group()
@@ -225,6 +224,8 @@ def tail(topic: str, count: int | None, topology_path: str) -> None:
 @topology_option
 def demo(count: int, topology_path: str) -> None:
     """Start the topology, classify 1..COUNT into prime/non_prime, show the result."""
+    from rich.console import Console
+
     from .demo import print_summary, run_demo
     topology = load(topology_path)
     out = Console()
@@ -234,6 +235,9 @@ def demo(count: int, topology_path: str) -> None:
 @contextlib.contextmanager
 def _progress(label: str, total: int):
     """Show a progress bar while the block runs; yields ``advance(done)``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(label, total=total)

@@ -26,7 +26,7 @@ HERE = "%(here)s"
 LOG_MAXBYTES = "10MB"
 LOG_BACKUPS = 5
 NSQD_STOPWAITSECS = 60  # nsqd writes its in-memory queues to disk on SIGTERM
-WORKER_STARTSECS = 1
+WORKER_STARTSECS = 2  # a worker with a broken handler fails well within this (the handler is imported first)
 WORKER_STARTRETRIES = 3
 RESTARTER_BASE, RESTARTER_MAX = 1, 60  # seconds of back-off before a FATAL worker is started again
 
