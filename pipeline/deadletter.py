@@ -24,6 +24,7 @@ class DeadLetter:
     attempts: int
     message_id: str
     body: bytes
+    envelope_index: int | None = None  # set when the record came out of a batched envelope
 
     def to_record(self) -> dict:
         """The record published on the dead-letter topic."""
@@ -36,6 +37,8 @@ class DeadLetter:
             "nsq_message_id": self.message_id,
             "dead_at": time.time_ns(),
         }
+        if self.envelope_index is not None:
+            record["envelope_index"] = self.envelope_index
         try:
             record["body"] = self.body.decode("utf-8")
         except UnicodeDecodeError:

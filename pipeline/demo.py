@@ -45,7 +45,7 @@ def run_demo(topology, count: int = 100_000, timeout: float = 300.0, console: Co
         published = progress.add_task(f"published to {producer.topic}", total=count)
         processed = progress.add_task(f"classified by {STAGE}", total=count)
         produce_numbers(topology.nsqd_tcp_addresses()[0], producer.topic, 1, count, chunk=producer.chunk,
-                        codec=topology.codec_for(producer.topic),
+                        codec=topology.codec_for(producer.topic), pack=topology.pack_for(producer.topic),
                         on_progress=lambda done: progress.update(published, completed=done))
         counts = _follow(http, topics, before, count, started + timeout,
                          lambda done: progress.update(processed, completed=done))

@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from . import envelope
 from .codecs import decode
 from .errors import DecodeError, PublishError
 from .nsqclient import NsqMessage, NsqSubscriber
@@ -86,27 +87,36 @@ def tail_topic(topology, topic: str, *, count: int | None, out: TextIO, timeout:
 
 
 def _print_burst(sub: NsqSubscriber, wanted: int, out: TextIO) -> Iterator[bool]:
-    """Print up to ``wanted`` messages waiting on ``sub``, yielding for each whether it was a record.
+    """Print up to ``wanted`` records waiting on ``sub``, yielding for each line whether it was a record.
+
+    An envelope prints as its records; once ``wanted`` records are out the rest
+    of that envelope is skipped (the tail consumes a copy, nothing is lost).
 
     Raises:
         PublishError: nsqd closed the connection (messages() raises it).
     """
-    for message in islice(sub.messages(READ_TIMEOUT), wanted):
-        line, is_record = format_message(message)
-        out.write(line + "\n")
-        out.flush()
-        yield is_record
+    printed = 0
+    for message in islice(sub.messages(READ_TIMEOUT), wanted):  # bounded in messages too, so no node starves
+        for line, is_record in format_message(message):
+            out.write(line + "\n")
+            out.flush()
+            printed += is_record
+            yield is_record
+            if printed >= wanted:
+                return
 
 
-def format_message(message: NsqMessage) -> tuple[str, bool]:
-    """Return the line printed for ``message`` and whether it is a record (else a ``#`` comment)."""
+def format_message(message: NsqMessage) -> list[tuple[str, bool]]:
+    """Return the lines printed for ``message``, each with whether it is a record (else a ``#`` comment)."""
     message_id = message.id.decode("ascii", errors="replace")
     try:
-        return record_json(decode(message.body)), True
+        decoded = decode(message.body)
+        records = envelope.unpack(decoded, message.body) if envelope.is_envelope(decoded) else [decoded]
+        return [(record_json(record), True) for record in records]
     except DecodeError as e:
-        return f"# undecodable message {message_id}: {e.reason}", False
+        return [(f"# undecodable message {message_id}: {e.reason}", False)]
     except TypeError as e:  # decoded, but e.g. a msgpack map keyed by bytes has no JSON form
-        return f"# undecodable message {message_id}: cannot print as JSON: {e}", False
+        return [(f"# undecodable message {message_id}: cannot print as JSON: {e}", False)]
 
 
 def record_json(record: dict) -> str:

@@ -218,6 +218,11 @@ class TopicSpec(_Spec):
     codec: Literal["json", "msgpack"] = Field(
         "json", description="Encoding of records published to this topic; decoding detects either."
     )
+    pack: int = Field(
+        1, ge=1, le=10000,
+        description="Records per NSQ message: above 1, producers and stages publish msgpack envelopes of up to"
+                    " this many records (throughput), and the envelope becomes the unit nsqd redelivers.",
+    )
 
 
 class BatchSpec(_Spec):
@@ -373,6 +378,11 @@ class Topology(_Spec):
         except KeyError:
             known = ", ".join(self.stages) or "none"
             raise KeyError(f"unknown stage {name!r}; known stages: {known}") from None
+
+    def pack_for(self, topic: str) -> int:
+        """Records per message on ``topic`` (1 for undeclared topics such as dead letters)."""
+        spec = self.topics.get(topic)
+        return spec.pack if spec else 1
 
     def codec_for(self, topic: str) -> str:
         """Return the codec of records on ``topic``; "json" for undeclared topics such as dead letters."""

@@ -29,48 +29,23 @@ import logging
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import nsq
 
 from . import nsqd_http
-from .codecs import decode, encoder
-from .deadletter import DeadLetter
-from .errors import DecodeError, PublishError, StageOutputError
+from .errors import PublishError
 from .fastconn import FastReader
 from .middleware import Middleware, MiddlewareStack
-from .nsqclient import MAX_MSG_SIZE
+from .processing import BatchProcessor, Dead
 from .publisher import Publisher
-from .stage import Batch, Handler, load_handler
+from .stage import Handler, load_handler
 
 log = logging.getLogger(__name__)
 
 LOOKUPD_POLL_INTERVAL = 10
 CONNECT_TIMEOUT = 30.0
 MAX_REQUEUE_DELAY = 3600.0
-
-
-class _Failed(Exception):
-    """A handler call failed; ``permanent`` when retrying cannot help."""
-
-    def __init__(self, reason: str, permanent: bool):
-        super().__init__(reason)
-        self.reason, self.permanent = reason, permanent
-
-
-@dataclass
-class _Outcome:
-    """What one batch's messages become: outputs to publish, and their fate after."""
-
-    outputs: dict[str, list[bytes]] = field(default_factory=dict)
-    finish: list = field(default_factory=list)
-    retry: list = field(default_factory=list)
-    dead: list[tuple[Any, str]] = field(default_factory=list)
-
-    def emit(self, encoded: dict[str, list[bytes]]) -> None:
-        for topic, bodies in encoded.items():
-            self.outputs.setdefault(topic, []).extend(bodies)
 
 
 class Worker:
@@ -93,9 +68,8 @@ class Worker:
         self.handler = handler or load_handler(self.spec.handler)
         self.middleware = MiddlewareStack(middleware)
         self.dead_topic = topology.dead_letter_topic(stage_name)
-        # handler output name -> (topic, encode function)
-        self._outputs = {name: (topic, encoder(topology.codec_for(topic)))
-                         for name, topic in self.spec.output_topics.items()}
+        self.processor = BatchProcessor(self, stage_name, self.spec, topology, self.handler, self.middleware,
+                                        on_error=self._on_handler_error)
         self.stats: Counter[str] = Counter()
         self.draining = False
         self.reader: FastReader | None = None
@@ -261,12 +235,12 @@ class Worker:
             self._requeue_now(messages)
 
     async def _process_batch(self, messages: list) -> None:
-        outcome = self._run_batch(messages)
+        outcome = self.processor.process(messages)
         for message in outcome.retry:
             self._requeue_backoff(message)
         outputs = outcome.outputs
         if outcome.dead:
-            outputs[self.dead_topic] = [self._dead_letter(m, r) for m, r in outcome.dead]
+            outputs[self.dead_topic] = [self._dead_letter(dead) for dead in outcome.dead]
         self.middleware.emit_before("before_publish", self, outputs)
         try:
             await self.publisher.publish(outputs, self.spec.publish_timeout)
@@ -282,100 +256,18 @@ class Worker:
         self._finish(outcome.finish)
         self.middleware.emit_after("after_ack", self, outcome.finish, outcome.retry)
 
-    def _run_batch(self, messages: list) -> _Outcome:
-        """Decode, run the handler and encode; decide each message's fate."""
-        outcome = _Outcome()
-        records, decoded, suspects = [], [], []
-        for message in messages:
-            try:
-                record = decode(message.body)
-            except DecodeError as e:
-                outcome.dead.append((message, e.reason))
-                continue
-            # A message past max_tries was last seen by a worker that died or
-            # timed out on it: it runs alone so it cannot take a batch down.
-            target = suspects if message.attempts > self.spec.max_tries else None
-            if target is not None:
-                target.append((record, message))
-            else:
-                records.append(record)
-                decoded.append(message)
-        if records:
-            try:
-                self._apply(records, decoded, outcome)
-            except _Failed as failure:
-                if len(records) == 1:
-                    self._failed(decoded[0], failure, outcome)
-                else:
-                    self._isolate(zip(records, decoded), outcome)
-        self._isolate(suspects, outcome)
-        outcome.finish.extend(m for m, _ in outcome.dead)
-        return outcome
+    def _on_handler_error(self, count: int, error: BaseException) -> None:
+        self.stats["handler_errors"] += 1
+        log.warning("stage %s: handler raised on %d records: %r", self.name, count, error)
 
-    def _isolate(self, pairs: Iterable[tuple[dict, Any]], outcome: _Outcome) -> None:
-        for record, message in pairs:
-            try:
-                self._apply([record], [message], outcome)
-            except _Failed as failure:
-                self._failed(message, failure, outcome)
-
-    def _failed(self, message, failure: _Failed, outcome: _Outcome) -> None:
-        if failure.permanent or message.attempts >= self.spec.max_tries:
-            tries = f" (attempt {message.attempts} of max_tries {self.spec.max_tries})"
-            outcome.dead.append((message, failure.reason + ("" if failure.permanent else tries)))
-        else:
-            outcome.retry.append(message)
-
-    def _apply(self, records: list[dict], messages: list, outcome: _Outcome) -> None:
-        """Run the handler over ``records``; add outputs, rejects and finishes to ``outcome``.
-
-        Raises:
-            _Failed: the handler raised, or emitted something unpublishable.
-        """
-        batch = Batch(records, stage=self.name)
-        self.middleware.emit_before("before_process_batch", self, batch)
-        try:
-            emitted = self.handler(batch) or {}
-        except Exception as e:
-            self.stats["handler_errors"] += 1
-            log.warning("stage %s: handler raised on %d records: %r", self.name, len(records), e)
-            self.middleware.emit_after("after_process_batch", self, batch, result=None, exception=e)
-            raise _Failed(f"handler raised {type(e).__name__}: {e}", permanent=False) from e
-        self.middleware.emit_after("after_process_batch", self, batch, result=emitted, exception=None)
-        encoded = self._encode(emitted)
-        outcome.emit(encoded)
-        for i, message in enumerate(messages):
-            if i in batch.rejected:
-                outcome.dead.append((message, batch.rejected[i]))
-            else:
-                outcome.finish.append(message)
-
-    def _encode(self, emitted) -> dict[str, list[bytes]]:
-        encoded: dict[str, list[bytes]] = {}
-        for name, records in emitted.items():
-            if name not in self._outputs:
-                err = StageOutputError(f"stage {self.name} emitted to {name!r}, not one of its outputs "
-                                       f"{list(self.spec.output_topics)}")
-                raise _Failed(str(err), permanent=True)
-            topic, encode = self._outputs[name]
-            try:
-                bodies = [encode(record) for record in records]
-            except (TypeError, ValueError) as e:
-                raise _Failed(f"cannot encode output for {topic}: {e}", permanent=True) from e
-            if any(len(b) > MAX_MSG_SIZE for b in bodies):
-                raise _Failed(f"an output for {topic} exceeds nsqd's max message size "
-                              f"({MAX_MSG_SIZE} bytes)", permanent=True)
-            encoded.setdefault(topic, []).extend(bodies)
-        return encoded
-
-    def _dead_letter(self, message, reason: str) -> bytes:
+    def _dead_letter(self, dead: Dead) -> bytes:
         self.stats["dead_lettered"] += 1
-        log.warning("stage %s: dead-lettering message %s after %d attempts: %s",
-                    self.name, message.id.decode(errors="replace"), message.attempts, reason)
-        self.middleware.emit_after("after_dead_letter", self, message, reason)
-        return DeadLetter(reason=reason, stage=self.name, topic=self.spec.input, channel=self.spec.channel,
-                          attempts=message.attempts, message_id=message.id.decode(errors="replace"),
-                          body=message.body).encode()
+        message = dead.message
+        where = "" if dead.index is None else f" (record {dead.index} of its envelope)"
+        log.warning("stage %s: dead-lettering message %s%s after %d attempts: %s", self.name,
+                    message.id.decode(errors="replace"), where, message.attempts, dead.reason)
+        self.middleware.emit_after("after_dead_letter", self, message, dead.reason)
+        return self.processor.dead_letter(dead)
 
     # -- acknowledgement ---------------------------------------------------
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from itertools import islice
 from typing import Callable, Iterator
 
+from pipeline import envelope
 from pipeline.codecs import encoder
 from pipeline.nsqclient import NsqPublisher
 
@@ -26,13 +28,16 @@ def number_records(start: int, count: int, run_id: str | None = None) -> Iterato
 
 
 def produce_numbers(address: str, topic: str, start: int, count: int, *, rate: float = 0.0,
-                    chunk: int = 500, codec: str = "json", run_id: str | None = None,
+                    chunk: int = 500, codec: str = "json", pack: int = 1, run_id: str | None = None,
                     on_progress: Callable[[int], None] | None = None) -> int:
     """Publish ``count`` numbers to ``topic`` on the nsqd at ``address``; return how many nsqd acknowledged.
 
+    It returns only once every MPUB was acknowledged (or raises), so the result is ``count``.
+
     Parameters:
         rate: records per second; 0 publishes as fast as nsqd accepts.
-        chunk: records per MPUB.
+        chunk: messages per MPUB.
+        pack: records per message (msgpack envelopes when above 1, see pipeline.envelope).
         on_progress: called with the number of records acknowledged so far.
 
     Raises:
@@ -44,17 +49,18 @@ def produce_numbers(address: str, topic: str, start: int, count: int, *, rate: f
     sent = 0
     with NsqPublisher(address) as pub:
         while sent < count:
-            size = min(chunk, count - sent)
-            pub.send_mpub(topic, [encode(next(records)) for _ in range(size)])
+            size = min(chunk * pack, count - sent)
+            batch = list(islice(records, size))
+            pub.send_mpub(topic, envelope.pack(batch, pack) if pack > 1 else [encode(r) for r in batch])
             sent += size
             if on_progress:
-                on_progress(pub.acked)
+                on_progress(min(pub.acked * pack, sent))
             if rate > 0:
                 _pace(started, sent, rate)
         pub.flush()
         if on_progress:
-            on_progress(pub.acked)
-        return pub.acked
+            on_progress(count)
+        return count
 
 
 def _pace(started: float, sent: int, rate: float) -> None:

@@ -20,6 +20,7 @@ import yaml
 from nsqhttp import channel_stats, wait_until
 from pipeline import nsqd_http
 from pipeline.codecs import decode
+from pipeline.envelope import records_of
 from pipeline.nsqclient import NsqSubscriber
 from pipeline.processes import stop_pid
 
@@ -45,7 +46,7 @@ class Names:
 
 
 def write_topology(tmp_path: Path, nsqd, topic: str, *, lookupd=None, handler="consumers.primes:classify",
-                   replicas: int = 2, **stage) -> tuple[Path, Names]:
+                   replicas: int = 2, packs: dict[str, int] | None = None, **stage) -> tuple[Path, Names]:
     """Write a primes topology over the test's nsqd (and lookupd) with fresh topics; return (path, names)."""
     names = Names(topic, f"{topic}_prime", f"{topic}_non_prime")
     nsq = {"nsqd": [{"name": "n0", "tcp": nsqd.tcp, "http": nsqd.http}], "var_dir": str(tmp_path / "var")}
@@ -58,6 +59,8 @@ def write_topology(tmp_path: Path, nsqd, topic: str, *, lookupd=None, handler="c
                       names.non_prime: {"codec": "msgpack"}},
            "stages": {"primes": spec},
            "producers": {"numbers": {"topic": names.input}}}
+    for name, pack in (packs or {}).items():  # keys: input, prime, non_prime
+        doc["topics"][getattr(names, name)]["pack"] = pack
     path = tmp_path / "topology.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     for out in names.outputs:  # a channel per output before anything is published: nothing is missed
@@ -113,7 +116,7 @@ def collect(tcp: str, topics: list[str], done, timeout: float) -> dict[str, list
                 raise AssertionError(f"outputs incomplete after {timeout:g}s: {counts}")
             for topic, sub in zip(topics, subs):
                 for message in sub.messages(timeout=0.05):
-                    collected[topic].append(decode(message.body))
+                    collected[topic].extend(records_of([decode(message.body)]))
     finally:
         for sub in subs:
             sub.close()

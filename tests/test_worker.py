@@ -161,3 +161,26 @@ def test_a_record_the_handler_keeps_failing_is_dead_lettered_after_max_tries(nsq
     [dead] = got[names.dead]
     assert '"number":13' in dead["body"] and dead["attempts"] == 3
     assert "ValueError: unlucky 13" in dead["reason"] and "max_tries 3" in dead["reason"]
+
+
+def test_batched_envelopes_flow_and_a_bad_record_inside_one_is_dead_lettered_alone(nsqd, tmp_path, topic, workers):
+    from pipeline.envelope import pack
+
+    path, names = write_topology(tmp_path, nsqd, topic, packs={"input": 100, "prime": 50})
+    start(workers, path, nsqd.http, names.input)
+
+    produce_numbers(nsqd.tcp, names.input, 1, 10_000, pack=100, run_id="e")
+    bad = [{"id": "x-1", "number": 1}, {"id": "x-bad", "number": "abc"}, {"id": "x-3", "number": 3}]
+    with NsqPublisher(nsqd.tcp) as pub:
+        pub.mpub(names.input, pack(bad, 100))
+
+    got = collect(nsqd.tcp, names.outputs, lambda g: len(g[names.dead]) >= 1
+                  and len(set(ids_seen(g, names.outputs[:2]))) >= 10_002, 60)
+    ids = ids_seen(got, names.outputs[:2])
+    assert set(ids) == {f"e-{n}" for n in range(1, 10_001)} | {"x-1", "x-3"}
+    assert len(got[names.prime]) == 1229 + 1  # primes below 10,000, plus x-3
+    [dead] = got[names.dead]
+    assert dead["envelope_index"] == 1 and "'number'" in dead["reason"]
+    assert dead["body"] == '{"id":"x-bad","number":"abc"}'
+    prime_stats = topic_stats(nsqd.http, names.prime)
+    assert prime_stats["message_count"] < 1230 / 10, "prime is packed 50 records per message"
