@@ -7,7 +7,7 @@ PIPELINE := $(VENV)/bin/pipeline
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test down clean
+.PHONY: setup demo test down clean bench
 
 setup: $(STAMP)
 	@$(PIPELINE) install-nsq >/dev/null
@@ -26,6 +26,11 @@ test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
+
+# Throughput, CPU, memory and restart time side by side with the baselines;
+# several minutes, so not part of `make test`. Writes bench/results.{json,md}.
+bench: setup
+	$(PY) -m benchmarks.run
 
 down:
 	@if [ -x $(PIPELINE) ]; then $(PIPELINE) down; else echo "nothing to stop (no $(VENV))"; fi

@@ -122,7 +122,8 @@ def produce_numbers_cmd(start: int, count: int, rate: float, producer_name: str,
     address = topology.nsqd_tcp_addresses()[0]
     with _progress(f"publishing to {spec.topic}", count) as advance:
         acked = produce_numbers(address, spec.topic, start, count, rate=rate or spec.rate, chunk=spec.chunk,
-                                codec=topology.codec_for(spec.topic), run_id=run_id, on_progress=advance)
+                                codec=topology.codec_for(spec.topic), pack=topology.pack_for(spec.topic),
+                                run_id=run_id, on_progress=advance)
     click.echo(f"published {acked} records to {spec.topic} on {address}")
 
 
@@ -230,6 +231,14 @@ def demo(count: int, topology_path: str) -> None:
     topology = load(topology_path)
     out = Console()
     print_summary(topology, run_demo(topology, count, console=out), out)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("bench_args", nargs=-1, type=click.UNPROCESSED)
+def bench(bench_args: tuple[str, ...]) -> None:
+    """Measure throughput side by side with the baselines (`pipeline bench --help` for options)."""
+    from benchmarks.run import main as run_bench
+    sys.exit(run_bench(list(bench_args), prog="pipeline bench"))
 
 
 @contextlib.contextmanager

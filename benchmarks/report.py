@@ -1,0 +1,164 @@
+"""Turn benchmark samples into figures: medians and ranges, ratios, target checks, a table and markdown.
+
+Everything here works on the ``results`` document that ``results.json``
+holds (see :mod:`benchmarks.run`), so the printed table, the markdown and the
+JSON cannot disagree.
+"""
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+DRAIN_METRICS = ("records_per_s", "seconds", "cpu_s_per_million", "nsqd_cpu_s_per_million", "peak_rss_mb",
+                 "startup_cpu_s", "nsqd_peak_rss_mb")
+RESTART_METRICS = ("seconds",)
+#: (numerator, denominator): records/s medians compared in the report.
+RATIOS = (("primes2", "nsq_to_nsq"), ("primes2", "textbook2"), ("primes1", "textbook1"))
+HEADER = ("contender", "records", "runs", "records/s", "drain s", "CPU s/M rec", "nsqd CPU s/M", "peak RSS MB")
+#: The terminal table leaves out "runs" (the legend has it) to stay narrow.
+TERMINAL_HEADER = ("contender", "records", "records/s", "drain s", "CPU s/M\nrecords", "nsqd CPU\ns/M records",
+                   "peak RSS\nMB")
+DRAIN_KINDS = ("textbook", "nsq_to_nsq", "primes")
+_COLUMNS = (("records_per_s", "{:,.0f}"), ("seconds", "{:.2f}"), ("cpu_s_per_million", "{:.1f}"),
+            ("nsqd_cpu_s_per_million", "{:.1f}"), ("peak_rss_mb", "{:.0f}"))
+
+
+def summarize(samples: Sequence[dict], metrics: Sequence[str]) -> dict:
+    """Return ``{metric: {"median", "min", "max"}}`` over ``samples`` (empty without samples)."""
+    if not samples:
+        return {}
+    summary = {}
+    for metric in metrics:
+        values = [s[metric] for s in samples]
+        summary[metric] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return summary
+
+
+def median(results: dict, name: str, metric: str) -> float | None:
+    """The median of ``metric`` for contender ``name``, or None when it has no successful sample."""
+    entry = results["contenders"].get(name) or {}
+    figure = (entry.get("summary") or {}).get(metric)
+    return figure["median"] if figure else None
+
+
+def ratios(results: dict) -> list[dict]:
+    """Records/s of one contender over another's, from the medians of the same run."""
+    out = []
+    for top, bottom in RATIOS:
+        a, b = median(results, top, "records_per_s"), median(results, bottom, "records_per_s")
+        if a is not None or b is not None:
+            out.append({"numerator": top, "denominator": bottom, "value": a / b if a and b else None})
+    return out
+
+
+def targets(results: dict) -> list[dict]:
+    """Check the issue's targets; each is PASS, MISS, or "not measured" when its contender did not run."""
+    ratio = {(r["numerator"], r["denominator"]): r["value"] for r in ratios(results)}
+    rss = [s["peak_rss_mb"] for name in ("primes1", "primes2")
+           for s in (results["contenders"].get(name) or {}).get("samples", [])]
+    checks = [
+        ("primes 2 replicas records/s", median(results, "primes2", "records_per_s"), ">=", 120_000, "{:,.0f}"),
+        ("primes 2 replicas vs nsq_to_nsq", ratio.get(("primes2", "nsq_to_nsq")), ">=", 3, "{:.2f}x"),
+        ("primes 2 replicas vs textbook 2 processes", ratio.get(("primes2", "textbook2")), ">=", 20, "{:.1f}x"),
+        ("worker peak RSS MB (worst run)", max(rss) if rss else None, "<=", 200, "{:.0f}"),
+        ("restart-to-consuming s", median(results, "restart", "seconds"), "<=", 2, "{:.2f}"),
+    ]
+    return [_check(*check) for check in checks]
+
+
+def _check(name: str, measured: float | None, op: str, target: float, fmt: str) -> dict:
+    """One target check, with the signed relative difference from the target."""
+    if measured is None:
+        return {"name": name, "target": f"{op} {fmt.format(target)}", "measured": None, "status": "not measured",
+                "detail": "not measured in this run"}
+    ok = measured >= target if op == ">=" else measured <= target
+    diff = (measured - target) / target
+    detail = f"{fmt.format(measured)} ({diff:+.0%} against the target)"
+    return {"name": name, "target": f"{op} {fmt.format(target)}", "measured": measured,
+            "status": "PASS" if ok else "MISS", "detail": detail}
+
+
+def _figure(summary: dict, metric: str, fmt: str, sep: str = " ") -> str:
+    """``median (min–max)``, or the median alone when every sample agrees; ``sep`` goes before the range."""
+    figure = summary.get(metric)
+    if not figure:
+        return "—"
+    text, low, high = (fmt.format(figure[key]) for key in ("median", "min", "max"))
+    return text if low == high else f"{text}{sep}({low}–{high})"
+
+
+def drain_rows(results: dict, sep: str = " ") -> list[tuple[str, ...]]:
+    """One row per drain contender, in :data:`HEADER` order; ``sep`` goes between a median and its range."""
+    rows = []
+    for name, entry in results["contenders"].items():
+        if entry["kind"] not in DRAIN_KINDS:
+            continue
+        runs = f"{len(entry['samples'])}/{entry['repeats']}"
+        summary = entry["summary"]
+        rows.append((name, f"{entry['records']:,}", runs,
+                     *(_figure(summary, metric, fmt, sep) for metric, fmt in _COLUMNS)))
+    return rows
+
+
+def legend(results: dict) -> list[str]:
+    """What each drain contender's short name stands for."""
+    return [f"{name} = {entry['label']} ({len(entry['samples'])}/{entry['repeats']} runs)"
+            for name, entry in results["contenders"].items() if entry["kind"] in DRAIN_KINDS]
+
+
+def other_lines(results: dict) -> list[str]:
+    """The restart figure, failures, and the figures not available yet, one line each."""
+    lines = []
+    for name, entry in results["contenders"].items():
+        if entry["kind"] == "restart":
+            runs = f"{len(entry['samples'])}/{entry['repeats']} runs"
+            lines.append(f"{name}: {entry['label']}: {_figure(entry['summary'], 'seconds', '{:.2f}')} s ({runs})")
+        elif entry["status"] == "not available yet":
+            lines.append(f"{name}: {entry['label']}: not available yet")
+        for error in entry.get("errors", []):
+            lines.append(f"{name}: FAILED: {error}")
+    return lines
+
+
+def print_report(results: dict, console: Console) -> None:
+    """Print the table, the other figures, the ratios and the target checks."""
+    table = Table(title=f"Drain throughput, scale {results['settings']['scale']:g}: median (min–max)",
+                  box=box.SIMPLE_HEAD)
+    for i, column in enumerate(TERMINAL_HEADER):
+        table.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
+    for row in drain_rows(results, sep="\n"):
+        table.add_row(row[0], row[1], *row[3:])
+    console.print(table)
+    for line in legend(results):
+        console.print(line, style="dim", highlight=False)
+    for line in other_lines(results):
+        console.print(line, highlight=False)
+    for r in results["ratios"]:
+        value = f"{r['value']:.2f}x" if r["value"] else "not measured"
+        console.print(f"ratio records/s {r['numerator']} / {r['denominator']}: {value}", highlight=False)
+    for t in results["targets"]:
+        style = {"PASS": "green", "MISS": "red"}.get(t["status"], "yellow")
+        console.print(f"[{style}]{t['status']}[/{style}] {t['name']} {t['target']}: {t['detail']}", highlight=False)
+
+
+def markdown(results: dict) -> str:
+    """The whole report as markdown: table, other figures, ratios, targets, rules, machine and command."""
+    lines = [f"# Benchmark results (scale {results['settings']['scale']:g})", "",
+             "Figures are the median of the runs, with the range (min–max) in parentheses.", "",
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in drain_rows(results)]
+    lines += ["", *(f"- {line}" for line in legend(results) + other_lines(results)), "", "## Ratios", ""]
+    for r in results["ratios"]:
+        value = f"{r['value']:.2f}x" if r["value"] else "not measured"
+        lines.append(f"- records/s {r['numerator']} / {r['denominator']}: {value}")
+    lines += ["", "## Targets", "", "| target | status | measured |", "|---|---|---|"]
+    lines += [f"| {t['name']} {t['target']} | {t['status']} | {t['detail']} |" for t in results["targets"]]
+    lines += ["", "## How it was measured", "", *(f"- {rule}" for rule in results["rules"])]
+    machine = results["machine"]
+    lines += ["", "## Machine", "", *(f"- {key}: {value}" for key, value in machine.items())]
+    lines += ["", "## Command", "", "```sh", results["command"]["line"], "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,240 @@
+"""``python -m benchmarks.run``: every contender's throughput side by side, in one run.
+
+Example::
+
+    python -m benchmarks.run --scale 0.05 --repeats 1 --only primes2,nsq_to_nsq
+
+prints a table and writes ``bench/results.json`` (raw samples, medians,
+ranges, machine, command) and ``bench/results.md``. Targets are informational:
+the exit code is 0 even when one is missed, 1 when a run failed, 130 on Ctrl-C.
+Every process a run starts is stopped by pid before the next run starts.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from pipeline.codecs import encoder
+from pipeline.errors import PipelineError
+from pipeline.install import nsq_binary
+from producers.numbers import number_records
+
+from . import drain, report, restart
+from .contenders import ALL_NAMES, DRAIN_CONTENDERS, PENDING, RESTART, STAGE_BATCH, STAGE_MAX_IN_FLIGHT
+from .procstat import load_average, machine_info
+
+TABLE_WIDTH = 120
+RULES = (
+    "Each run gets a fresh nsqd (free 127.0.0.1 ports, temporary data directory, "
+    f"--mem-queue-size >= {drain.MEM_QUEUE_SIZE:,} so nothing spills to disk); runs are interleaved "
+    "round-robin across contenders, so machine noise spreads over all of them.",
+    "Input: records {\"id\", \"ts\", \"number\"} for the numbers 1..N, JSON, the same bytes for every "
+    "contender; N = 1,000,000 x scale (100,000 x scale for the textbook consumer), preloaded into a "
+    "paused channel before any contender starts.",
+    "Clock: starts when every contender process is subscribed to the channel with RDY > 0 and the channel "
+    "is unpaused; stops at the first /stats read (every 50 ms) where the output topics' message_count "
+    "reaches N (prime + non_prime; prime alone for nsq_to_nsq) and the channel has nothing queued, in "
+    "flight or deferred. records/s = N / that time.",
+    "CPU s / M records: user + system CPU of the contender's processes between the two clock readings "
+    "(/proc/<pid>/stat), scaled to 1,000,000 records; start-up CPU is recorded apart in results.json. "
+    "nsqd's CPU over the same interval is shown separately.",
+    "Peak RSS: VmHWM of each contender process (the largest one), read before it is stopped.",
+    "Restart-to-consuming: one primes replica consumes a ~2,000 records/s trickle; it is SIGKILLed, and "
+    "once nsqd dropped its connections a new replica is started at once; the figure runs from that "
+    "process start to the first /stats read (every 10 ms) where the outputs grew.",
+    "Contenders: textbook = High Performance Python ex. 10-9 (pynsq Reader, max_in_flight 1, PUB per "
+    "message); nsq_to_nsq --max-in-flight=2500 copying to prime; primes stage: "
+    f"max_in_flight {STAGE_MAX_IN_FLIGHT}, batch size {STAGE_BATCH['size']}, "
+    f"wait {STAGE_BATCH['wait_ms']} ms, started as `pipeline worker primes --replica k`.",
+    "Ratios compare records/s medians from the same run; a target is informational and never fails "
+    "the command.",
+)
+
+
+def parse_args(argv: Sequence[str] | None, prog: str = "python -m benchmarks.run") -> argparse.Namespace:
+    """Parse ``--scale``, ``--repeats``, ``--only`` and ``--out``; exit 2 with a usage line on a bad one."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Measure the primes stage's throughput side by side with its baselines.")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every record count by this (default 1: 1,000,000 records)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per figure (default 3)")
+    parser.add_argument("--only", default=",".join(ALL_NAMES),
+                        help=f"comma-separated figures to measure (default: all of {', '.join(ALL_NAMES)})")
+    parser.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.json and results.md")
+    args = parser.parse_args(argv)
+    if args.scale <= 0:
+        parser.error("--scale must be > 0")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    args.only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(args.only) - set(ALL_NAMES))
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(unknown)} (choose from {', '.join(ALL_NAMES)})")
+    return args
+
+
+def new_results(args: argparse.Namespace) -> dict:
+    """The results document before any run: settings, rules, machine, and one entry per selected figure."""
+    if "nsq_to_nsq" in args.only:
+        nsq_binary("nsq_to_nsq")  # fail now, not once per run, if it is not installed
+    contenders: dict[str, dict] = {}
+    for c in DRAIN_CONTENDERS:
+        if c.name in args.only:
+            contenders[c.name] = {"label": c.label, "kind": c.kind, "processes": c.processes,
+                                  "records": c.count(args.scale)}
+    if RESTART in args.only:
+        contenders[RESTART] = {"label": "restart-to-consuming, primes stage, 1 replica", "kind": "restart",
+                               "processes": 1, "records": None}
+    for entry in contenders.values():
+        entry.update(repeats=args.repeats, status="ok", samples=[], errors=[], summary={})
+    for name, label in PENDING.items():
+        if name in args.only:
+            contenders[name] = {"label": label, "kind": "pending", "status": "not available yet",
+                                "samples": [], "errors": []}
+    return {
+        "command": {"line": shlex.join(sys.orig_argv), "argv": list(sys.orig_argv), "cwd": str(Path.cwd())},
+        "settings": {"scale": args.scale, "repeats": args.repeats, "only": args.only,
+                     "poll_interval_s": drain.POLL_INTERVAL, "restart_poll_interval_s": restart.POLL_INTERVAL,
+                     "trickle_rate": restart.TRICKLE_RATE},
+        "rules": list(RULES),
+        "machine": machine_info(nsq_binary("nsqd")),
+        "contenders": contenders,
+    }
+
+
+def input_bodies(count: int) -> list[bytes]:
+    """The JSON bodies of the numbers 1..count, encoded once so every contender drains the same bytes."""
+    encode = encoder("json")
+    return [encode(record) for record in number_records(1, count, run_id="bench")]
+
+
+def run_all(args: argparse.Namespace, results: dict, workroot: Path, progress: Console) -> bool:
+    """Run every selected figure ``--repeats`` times, round-robin; return True when every run succeeded."""
+    entries = results["contenders"]
+    drains = [c for c in DRAIN_CONTENDERS if c.name in entries]
+    bodies = input_bodies(max((c.count(args.scale) for c in drains), default=0))
+    ok = True
+    for rep in range(1, args.repeats + 1):
+        for contender in drains:
+            workdir = workroot / f"{contender.name}-{rep}"
+            inputs = bodies[:contender.count(args.scale)]
+            ok &= _one_run(entries[contender.name], f"{contender.name} run {rep}/{args.repeats}", progress,
+                           lambda c=contender, b=inputs, d=workdir: drain.drain_once(c, b, d).to_dict())
+        if RESTART in entries:
+            workdir = workroot / f"{RESTART}-{rep}"
+            ok &= _one_run(entries[RESTART], f"{RESTART} run {rep}/{args.repeats}", progress,
+                           lambda d=workdir: restart.restart_once(d).to_dict())
+    return ok
+
+
+def _one_run(entry: dict, what: str, progress: Console, measure) -> bool:
+    """Call ``measure()`` and file its sample, or its error, under ``entry``; return True on success."""
+    progress.print(f"{what} ...", end=" ")
+    try:
+        sample = measure()
+    except Exception as e:  # one failed run must not lose the others' figures
+        if not isinstance(e, PipelineError):
+            traceback.print_exc()
+        entry["errors"].append(f"{what}: {e}")
+        entry["status"] = "failed"
+        progress.print(f"[red]failed[/red]: {e}")
+        return False
+    entry["samples"].append(sample)
+    if "records_per_s" in sample:
+        progress.print(f"{sample['records']:,} records in {sample['seconds']:.2f} s = "
+                       f"{sample['records_per_s']:,.0f} records/s")
+    else:
+        progress.print(f"{sample['seconds']:.2f} s")
+    return True
+
+
+def finish(results: dict) -> None:
+    """Add summaries, ratios, target checks and the end-of-run load average."""
+    for entry in results["contenders"].values():
+        if entry["kind"] == "restart":
+            entry["summary"] = report.summarize(entry["samples"], report.RESTART_METRICS)
+        elif entry["kind"] != "pending":
+            entry["summary"] = report.summarize(entry["samples"], report.DRAIN_METRICS)
+    results["ratios"] = report.ratios(results)
+    results["targets"] = report.targets(results)
+    results["machine"]["load_average_at_end"] = load_average()
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    """Write ``out/results.json`` and ``out/results.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(report.markdown(results))
+
+
+def _stdout_console() -> Console:
+    """A console on stdout; wide enough for the table when stdout is a file or pipe (rich would use 80)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=TABLE_WIDTH)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """Turn SIGTERM into KeyboardInterrupt, so a killed benchmark still stops what it started."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        """Unwind like Ctrl-C, through every ``finally`` that stops a process."""
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m benchmarks.run") -> int:
+    """Run the benchmark; return 0 when every run succeeded (targets met or not), 1 when one failed.
+
+    Raises:
+        KeyboardInterrupt: on Ctrl-C or SIGTERM, once every process it started is stopped.
+    """
+    args = parse_args(argv, prog)
+    progress = Console(stderr=True)
+    results = new_results(args)
+    workroot = Path(tempfile.mkdtemp(prefix="nsq-bench-"))
+    ok = None
+    try:
+        with _sigterm_interrupts():
+            ok = run_all(args, results, workroot, progress)
+    finally:
+        if ok is False:  # a run failed: its processes' logs tell why
+            progress.print(f"logs of the runs kept in {workroot}")
+        else:
+            shutil.rmtree(workroot, ignore_errors=True)
+    finish(results)
+    write_outputs(results, args.out)
+    report.print_report(results, _stdout_console())
+    progress.print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bench: interrupted; the processes it had started were stopped", file=sys.stderr)
+        sys.exit(130)
+    except PipelineError as e:  # e.g. NSQ binaries not installed
+        print(f"bench: {e}", file=sys.stderr)
+        sys.exit(1)
