@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 import struct
 import time
 
@@ -29,6 +30,8 @@ from nsq import event, protocol
 from tornado.concurrent import Future, chain_future
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
+
+from .nsqclient import encode_mpub
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +219,28 @@ class FastReader(nsq.Reader):
 
 
 class FastWriter(nsq.Writer):
-    """pynsq's ``Writer`` on :class:`FastConn` connections."""
+    """pynsq's ``Writer`` on :class:`FastConn` connections, with MPUB frames built in one join."""
+
+    def mpub(self, topic: str, msg, callback=None):
+        """Publish several bodies in one MPUB, as pynsq's ``Writer.mpub`` (whose framing is quadratic)."""
+        bodies = [msg] if isinstance(msg, bytes) else list(msg)
+        if callback is None:
+            callback = functools.partial(self._finish_pub, command="mpub", topic=topic, msg=bodies)
+        open_connections = [conn for conn in self.conns.values() if conn.connected()]
+        if not open_connections:
+            error = protocol.SendError("no open connections")
+            callback(None, error)
+            return None
+        conn = random.choice(open_connections)
+        conn.callback_queue.append(callback)
+        try:
+            return conn.send(encode_mpub(topic, bodies))
+        except Exception as e:
+            log.exception("[%s] failed to send mpub", conn.id)
+            conn.callback_queue.remove(callback)
+            callback(None, protocol.SendError("send error", e))
+            conn.close()
+            return None
 
     def connect_to_nsqd(self, host: str, port: int) -> None:
         """Connect to one nsqd, as pynsq's ``Writer.connect_to_nsqd`` does, with a :class:`FastConn`."""
