@@ -28,12 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.nsqclient import NsqPublisher
+from pipeline.nsqclient import NsqPublisher, NsqSubscriber
 from pipeline.processes import NsqProcess, start_nsqd
 
 INPUT_TOPIC = "numbers"
 CHANNEL = "bench"
 OUTPUT_TOPICS = ("prime", "non_prime")
+#: Created on the output topics before the clock starts when a contender's outputs are checked record by record.
+VERIFY_CHANNEL = "verify"
 PRELOAD_CHUNK = 2000
 #: Ignore *_proxy variables: every address here is local.
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -53,6 +55,8 @@ class Snapshot:
     backend_depth: int = 0
     in_flight: int = 0
     deferred: int = 0
+    finished: int = 0
+    verify_depths: dict[str, int] = field(default_factory=dict)
     clients: list[dict] = field(default_factory=list)
     producers: list[dict] = field(default_factory=list)
 
@@ -92,13 +96,19 @@ class Broker:
         """Stop nsqd; its data directory is the caller's to remove."""
         self.process.stop()
 
-    def prepare(self) -> None:
-        """Create the input channel paused (delivery waits for :meth:`release`) and the output topics."""
+    def prepare(self, verify: bool = False) -> None:
+        """Create the input channel paused (delivery waits for :meth:`release`) and the output topics.
+
+        With ``verify``, also a :data:`VERIFY_CHANNEL` on each output topic, which keeps a copy of
+        everything published there for :meth:`read_channel` to read after the clock stopped.
+        """
         self._post("/topic/create", topic=INPUT_TOPIC)
         self._post("/channel/create", topic=INPUT_TOPIC, channel=CHANNEL)
         self._post("/channel/pause", topic=INPUT_TOPIC, channel=CHANNEL)
         for topic in OUTPUT_TOPICS:
             self._post("/topic/create", topic=topic)
+            if verify:
+                self._post("/channel/create", topic=topic, channel=VERIFY_CHANNEL)
 
     def release(self) -> None:
         """Unpause the input channel: subscribed consumers start receiving at once."""
@@ -122,14 +132,33 @@ class Broker:
                 raise BenchError(f"preload: only {snap.depth} of {len(bodies)} messages reached the channel")
             time.sleep(0.02)
 
+    def read_channel(self, topic: str, channel: str, count: int, timeout: float = 10.0) -> list[bytes]:
+        """Consume (and FIN) exactly ``count`` messages from ``topic``/``channel``; return their bodies.
+
+        Raises:
+            BenchError: fewer arrived, with no message for ``timeout`` seconds.
+        """
+        bodies: list[bytes] = []
+        if count <= 0:
+            return bodies
+        with NsqSubscriber(self.tcp, topic, channel, rdy=min(count, 2500), timeout=timeout) as sub:
+            for message in sub.messages(timeout=timeout):
+                bodies.append(message.body)
+                if len(bodies) >= count:
+                    break
+        if len(bodies) < count:
+            raise BenchError(f"read {len(bodies)} of {count} messages from {topic}/{channel}")
+        return bodies
+
     def http_mpub(self, topic: str, bodies: Sequence[bytes]) -> None:
         """Publish ``bodies`` (no newlines in them) with one HTTP /mpub, which opens no TCP producer connection."""
         self._request("POST", "/mpub", {"topic": topic}, body=b"\n".join(bodies))
 
     def snapshot(self, clients: bool = False) -> Snapshot:
-        """Read /stats: output topic message counts and the input channel's queues.
+        """Read /stats: output topic message counts, the input channel's queues, the verify channels' depths.
 
-        With ``clients``, also the channel's consumers and nsqd's TCP producer connections.
+        With ``clients``, also the channel's consumers (and the messages they FINished, ``finished``)
+        and nsqd's TCP producer connections.
         """
         params = {"format": "json", "include_mem": "false", "include_clients": "true" if clients else "false"}
         doc = json.loads(self._request("GET", "/stats", params))
@@ -142,6 +171,11 @@ class Broker:
                 snap.depth, snap.backend_depth = channel["depth"], channel["backend_depth"]
                 snap.in_flight, snap.deferred = channel["in_flight_count"], channel["deferred_count"]
                 snap.clients = channel.get("clients") or []
+                snap.finished = sum(int(c.get("finish_count", 0)) for c in snap.clients)
+        for name in OUTPUT_TOPICS:
+            for channel in (topics.get(name) or {}).get("channels") or []:
+                if channel["channel_name"] == VERIFY_CHANNEL:
+                    snap.verify_depths[name] = channel["depth"] + channel["backend_depth"]
         return snap
 
     def _post(self, path: str, **params: str) -> None:

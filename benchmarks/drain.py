@@ -10,6 +10,16 @@ The rule, the same for every contender:
    output topics hold at least N messages and the channel has nothing left
    queued, in flight or deferred.
 
+A packed contender (``batched``) carries M = N / pack envelopes, and its output
+message counts no longer match N, so its clock stops at the first read where
+its consumers have FINished M messages and the channel has nothing left
+queued, in flight or deferred. The worker FINs an envelope only once nsqd has
+acknowledged its outputs, so by then every record's output is published.
+(The channel's own ``message_count`` cannot serve: nsqd counts messages put
+*into* the channel, so it is M from the preload on.) After the clock
+stopped, the outputs are read back and checked record by record
+(:mod:`benchmarks.verify`).
+
 records/s = N / that time. CPU is the user + system time the contender's
 processes (and, separately, nsqd) used between the two clock readings;
 start-up CPU (imports, connecting) is recorded apart. Peak RSS is VmHWM.
@@ -25,23 +35,30 @@ from .broker import BenchError, Broker, Snapshot
 from .contenders import Contender
 from .launch import Launched, spawn, stop_all
 from .procstat import cpu_seconds, peak_rss_mb
+from .verify import verify_outputs
 
 POLL_INTERVAL = 0.05
 SUBSCRIBE_TIMEOUT = 120.0  # the first worker ever started compiles the numba kernel
 PRELOAD_RATE_FLOOR = 20_000  # records/s; below this the preload is considered stuck
-MIN_RATE = {"textbook": 200, "nsq_to_nsq": 5_000, "primes": 5_000}  # records/s; slower is a failed run
+MIN_RATE = {"textbook": 200, "nsq_to_nsq": 5_000, "primes": 5_000, "batched": 20_000}  # records/s; slower is a failed run
 DRAIN_TIMEOUT_BASE = 30.0
 MEM_QUEUE_SIZE = 2_000_000
 
 
 @dataclass
 class DrainSample:
-    """One drain of N records by one contender."""
+    """One drain of N records (in ``messages`` input messages) by one contender.
+
+    ``outputs`` counts output messages; ``output_records`` the records in them (the same number
+    unless packed, where it is what :mod:`benchmarks.verify` read back after the clock stopped).
+    """
 
     records: int
+    messages: int
     seconds: float
     records_per_s: float
     outputs: int
+    output_records: int
     outputs_before_clock: int
     cpu_s: float
     cpu_s_per_million: float
@@ -55,26 +72,46 @@ class DrainSample:
         return {key: round(value, 4) if isinstance(value, float) else value for key, value in asdict(self).items()}
 
 
-def drain_once(contender: Contender, bodies: Sequence[bytes], workdir: Path) -> DrainSample:
+def drain_once(contender: Contender, bodies: Sequence[bytes], workdir: Path, records: int | None = None) -> DrainSample:
     """Measure ``contender`` draining ``bodies`` on a fresh nsqd under ``workdir``; stop everything after.
+
+    ``records`` is how many records ``bodies`` hold: by default one per body, or (packed) read from them.
 
     Raises:
         BenchError: a process died, or something did not happen before its deadline.
     """
+    if records is None:
+        records = len(bodies) if contender.pack == 1 else records_in(bodies)
     broker = Broker.start(workdir / "nsqd", mem_queue_size=max(MEM_QUEUE_SIZE, 2 * len(bodies)))
     launched: list[Launched] = []
     try:
-        broker.prepare()
+        broker.prepare(verify=contender.pack > 1)
         broker.preload(bodies, deadline=time.monotonic() + 30 + len(bodies) / PRELOAD_RATE_FLOOR)
         for i, argv in enumerate(contender.argvs(broker, workdir)):
             launched.append(spawn(f"{contender.name}-{i}", argv, workdir / f"{contender.name}-{i}.log"))
         wait_subscribed(broker, launched, time.monotonic() + SUBSCRIBE_TIMEOUT)
-        return _timed_drain(contender, broker, launched, len(bodies))
+        sample, snap = _timed_drain(contender, broker, launched, records, len(bodies))
+        if contender.pack > 1:  # outside the clock
+            sample.output_records = verify_outputs(broker, snap.outputs, records)
+        return sample
     finally:
         try:
             stop_all(launched)
         finally:
             broker.stop()
+
+
+def records_in(bodies: Sequence[bytes]) -> int:
+    """Records in a list of msgpack envelopes (read from each one's ``n`` or ``records``)."""
+    import msgpack
+
+    from pipeline import envelope
+
+    total = 0
+    for body in bodies:
+        decoded = msgpack.unpackb(body, raw=False)
+        total += decoded["n"] if "n" in decoded else len(envelope.unpack(decoded, body))
+    return total
 
 
 def wait_subscribed(broker: Broker, launched: Sequence[Launched], deadline: float) -> None:
@@ -101,41 +138,52 @@ def check_alive(launched: Sequence[Launched]) -> None:
             raise BenchError(f"{process.name} exited with code {process.popen.returncode}: {process.log_tail()}")
 
 
-def _timed_drain(contender: Contender, broker: Broker, launched: Sequence[Launched], count: int) -> DrainSample:
-    """Release the channel, poll until drained, and read the processes' CPU and memory before they stop."""
+def _timed_drain(contender: Contender, broker: Broker, launched: Sequence[Launched], count: int,
+                 messages: int) -> tuple[DrainSample, Snapshot]:
+    """Release the channel, poll until drained, and read the processes' CPU and memory before they stop.
+
+    Returns the sample and the /stats read that stopped the clock.
+    """
     pids = [p.pid for p in launched]
     cpu_before = sum(cpu_seconds(pid) for pid in pids)
     nsqd_before = cpu_seconds(broker.pid)
     early = broker.snapshot().output_total  # 0 unless the paused channel leaked
     started = time.monotonic()
     broker.release()
-    snap = _poll_until_drained(contender, broker, launched, count, started)
+    snap = _poll_until_drained(contender, broker, launched, count, messages, started)
     seconds = time.monotonic() - started
     cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
     nsqd_cpu = cpu_seconds(broker.pid) - nsqd_before
     per_million = 1e6 / count
-    return DrainSample(
-        records=count, seconds=seconds, records_per_s=count / seconds,
-        outputs=sum(snap.outputs[t] for t in contender.outputs), outputs_before_clock=early,
+    outputs = sum(snap.outputs[t] for t in contender.outputs)
+    sample = DrainSample(
+        records=count, messages=messages, seconds=seconds, records_per_s=count / seconds,
+        outputs=outputs, output_records=outputs, outputs_before_clock=early,
         cpu_s=cpu, cpu_s_per_million=cpu * per_million, startup_cpu_s=cpu_before,
         nsqd_cpu_s_per_million=nsqd_cpu * per_million,
         peak_rss_mb=max(peak_rss_mb(pid) for pid in pids), nsqd_peak_rss_mb=peak_rss_mb(broker.pid),
     )
+    return sample, snap
 
 
 def _poll_until_drained(contender: Contender, broker: Broker, launched: Sequence[Launched],
-                        count: int, started: float) -> Snapshot:
-    """Read /stats every POLL_INTERVAL until the outputs hold ``count`` and the channel is empty."""
+                        count: int, messages: int, started: float) -> Snapshot:
+    """Read /stats every POLL_INTERVAL until drained and the channel is empty.
+
+    Drained: the outputs hold ``count`` messages; packed, the consumers FINished all ``messages``.
+    """
     deadline = started + DRAIN_TIMEOUT_BASE + count / MIN_RATE[contender.kind]
+    packed = contender.pack > 1
+    goal, what = (messages, "input messages FINished") if packed else (count, "outputs")
     tick = started
     while True:
         tick += POLL_INTERVAL
         time.sleep(max(0.0, tick - time.monotonic()))
-        snap = broker.snapshot()
-        done = sum(snap.outputs[t] for t in contender.outputs)
-        if done >= count and snap.channel_empty:
+        snap = broker.snapshot(clients=packed)
+        done = snap.finished if packed else sum(snap.outputs[t] for t in contender.outputs)
+        if done >= goal and snap.channel_empty:
             return snap
         check_alive(launched)
         if time.monotonic() > deadline:
-            raise BenchError(f"not drained after {deadline - started:.0f}s: {done} of {count} outputs, "
+            raise BenchError(f"not drained after {deadline - started:.0f}s: {done} of {goal} {what}, "
                              f"channel depth {snap.depth}, in flight {snap.in_flight}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import shlex
 import shutil
 import signal
@@ -21,18 +22,21 @@ import sys
 import tempfile
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from itertools import islice
 from pathlib import Path
 
 from rich.console import Console
 
+from pipeline import envelope
 from pipeline.codecs import encoder
 from pipeline.errors import PipelineError
 from pipeline.install import nsq_binary
 from producers.numbers import number_records
 
 from . import drain, report, restart
-from .contenders import ALL_NAMES, DRAIN_CONTENDERS, PENDING, RESTART, STAGE_BATCH, STAGE_MAX_IN_FLIGHT
+from .contenders import (ALL_NAMES, BATCHED_BATCH, BATCHED_COUNT, BATCHED_PACK, DRAIN_CONTENDERS, PENDING,
+                         RESTART, STAGE_BATCH, STAGE_MAX_IN_FLIGHT)
 from .procstat import load_average, machine_info
 
 TABLE_WIDTH = 120
@@ -41,12 +45,26 @@ RULES = (
     f"--mem-queue-size >= {drain.MEM_QUEUE_SIZE:,} so nothing spills to disk); runs are interleaved "
     "round-robin across contenders, so machine noise spreads over all of them.",
     "Input: records {\"id\", \"ts\", \"number\"} for the numbers 1..N, JSON, the same bytes for every "
-    "contender; N = 1,000,000 x scale (100,000 x scale for the textbook consumer), preloaded into a "
+    "contender but batched; N = 1,000,000 x scale (100,000 x scale for the textbook consumer), preloaded into a "
     "paused channel before any contender starts.",
+    f"batched: the same records (the same dicts, encoded in the same pass), N = {BATCHED_COUNT:,} x scale, "
+    f"packed {BATCHED_PACK} per message with pipeline.envelope.pack (msgpack envelopes), so N / {BATCHED_PACK} "
+    f"input messages; every topic has pack: {BATCHED_PACK}, and the stage's batch is "
+    f"{BATCHED_BATCH['size']} messages ({BATCHED_BATCH['size'] * BATCHED_PACK:,} records per handler call), "
+    f"wait {BATCHED_BATCH['wait_ms']} ms, max_in_flight {STAGE_MAX_IN_FLIGHT}.",
     "Clock: starts when every contender process is subscribed to the channel with RDY > 0 and the channel "
     "is unpaused; stops at the first /stats read (every 50 ms) where the output topics' message_count "
     "reaches N (prime + non_prime; prime alone for nsq_to_nsq) and the channel has nothing queued, in "
     "flight or deferred. records/s = N / that time.",
+    "Clock for batched (output message counts no longer match N): stops at the first /stats read where the "
+    "channel's consumers have FINished all N / pack input messages (sum of the clients' finish_count; the "
+    "channel's own message_count counts messages put into the channel, so it is reached at preload) and "
+    "nothing is queued, in flight or deferred. A worker FINs an envelope only after nsqd acknowledged its "
+    "outputs, so every record's output is published by then. records/s counts records, not messages.",
+    "Record check for batched, outside the clock: a 'verify' channel is created on prime and non_prime "
+    "before the preload; after the clock stops every output envelope is read back through it and prime "
+    "must hold exactly the primes in 1..N and non_prime the other numbers, each once, with the right "
+    "'prime' flag (output_records in results.json); a mismatch fails the run.",
     "CPU s / M records: user + system CPU of the contender's processes between the two clock readings "
     "(/proc/<pid>/stat), scaled to 1,000,000 records; start-up CPU is recorded apart in results.json. "
     "nsqd's CPU over the same interval is shown separately.",
@@ -93,7 +111,8 @@ def new_results(args: argparse.Namespace) -> dict:
     for c in DRAIN_CONTENDERS:
         if c.name in args.only:
             contenders[c.name] = {"label": c.label, "kind": c.kind, "processes": c.processes,
-                                  "records": c.count(args.scale)}
+                                  "records": c.count(args.scale), "pack": c.pack,
+                                  "messages": c.messages(args.scale)}
     if RESTART in args.only:
         contenders[RESTART] = {"label": "restart-to-consuming, primes stage, 1 replica", "kind": "restart",
                                "processes": 1, "records": None}
@@ -114,24 +133,51 @@ def new_results(args: argparse.Namespace) -> dict:
     }
 
 
-def input_bodies(count: int) -> list[bytes]:
-    """The JSON bodies of the numbers 1..count, encoded once so every contender drains the same bytes."""
+def input_bodies(wanted: Iterable[tuple[int, int]]) -> dict[tuple[int, int], list[bytes]]:
+    """The bodies of the numbers 1..count for each ``(pack, count)`` in ``wanted``, encoded once per run.
+
+    Pack 1 is one JSON record per body, the same bytes for every contender (each gets a prefix of the
+    longest list); above 1, msgpack envelopes of ``pack`` records made by :func:`pipeline.envelope.pack`.
+    Every form is encoded from the same record dicts, in one pass over them.
+    """
+    wanted = set(wanted)
+    if not wanted:
+        return {}
+    packs = sorted({pack for pack, _ in wanted})
+    longest_json = max((count for pack, count in wanted if pack == 1), default=0)
+    packed = {key: [] for key in wanted if key[0] > 1}
+    json_bodies: list[bytes] = []
     encode = encoder("json")
-    return [encode(record) for record in number_records(1, count, run_id="bench")]
+    step = math.lcm(*packs) * max(1, 10_000 // math.lcm(*packs))  # whole envelopes per chunk
+    records = number_records(1, max(count for _, count in wanted), run_id="bench")
+    done = 0
+    while chunk := list(islice(records, step)):
+        if done < longest_json:
+            json_bodies += [encode(r) for r in chunk[:longest_json - done]]
+        for (pack, count), bodies in packed.items():
+            if done < count:
+                bodies += envelope.pack(chunk[:count - done], pack)
+        done += len(chunk)
+    out: dict[tuple[int, int], list[bytes]] = dict(packed)
+    for pack, count in wanted:
+        if pack == 1:
+            out[pack, count] = json_bodies if count == longest_json else json_bodies[:count]
+    return out
 
 
 def run_all(args: argparse.Namespace, results: dict, workroot: Path, progress: Console) -> bool:
     """Run every selected figure ``--repeats`` times, round-robin; return True when every run succeeded."""
     entries = results["contenders"]
     drains = [c for c in DRAIN_CONTENDERS if c.name in entries]
-    bodies = input_bodies(max((c.count(args.scale) for c in drains), default=0))
+    bodies = input_bodies((c.pack, c.count(args.scale)) for c in drains)
     ok = True
     for rep in range(1, args.repeats + 1):
         for contender in drains:
             workdir = workroot / f"{contender.name}-{rep}"
-            inputs = bodies[:contender.count(args.scale)]
-            ok &= _one_run(entries[contender.name], f"{contender.name} run {rep}/{args.repeats}", progress,
-                           lambda c=contender, b=inputs, d=workdir: drain.drain_once(c, b, d).to_dict())
+            count = contender.count(args.scale)
+            inputs = bodies[contender.pack, count]
+            measure = lambda c=contender, b=inputs, d=workdir, n=count: drain.drain_once(c, b, d, n).to_dict()
+            ok &= _one_run(entries[contender.name], f"{contender.name} run {rep}/{args.repeats}", progress, measure)
         if RESTART in entries:
             workdir = workroot / f"{RESTART}-{rep}"
             ok &= _one_run(entries[RESTART], f"{RESTART} run {rep}/{args.repeats}", progress,

@@ -45,6 +45,15 @@ def load(topology_path: str):
     return load_topology(topology_path)
 
 
+def load_for_stage(topology_path: str, stage: str):
+    """Load the topology and check that it has ``stage`` (a usage error naming the stages otherwise)."""
+    topology = load(topology_path)
+    if stage not in topology.stages:
+        raise click.BadParameter(f"no stage {stage!r} in {topology_path} (stages: {', '.join(topology.stages)})",
+                                 param_hint="STAGE")
+    return topology
+
+
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug output.")
 def main(verbose: bool) -> None:
@@ -86,10 +95,7 @@ def install_nsq_cmd(dest: Path | None) -> None:
 def worker(stage: str, replica: int, topology_path: str) -> None:
     """Run one replica of STAGE until SIGTERM (then drain and exit 0)."""
     from .stage import load_handler
-    topology = load(topology_path)
-    if stage not in topology.stages:
-        raise click.BadParameter(f"no stage {stage!r} in {topology_path} (stages: {', '.join(topology.stages)})",
-                                 param_hint="STAGE")
+    topology = load_for_stage(topology_path, stage)
     # The handler is imported before the runtime so a broken one fails within
     # supervisord's startsecs and the crash loop gets back-off, not instant restarts.
     handler = load_handler(topology.stage(stage).handler)
@@ -184,10 +190,7 @@ def status(as_json: bool, topology_path: str) -> None:
 def scale(stage: str, replicas: int, topology_path: str) -> None:
     """Set STAGE's replicas in the topology file and apply it to the running pipeline."""
     from .scale import scale as scale_stage
-    topology = load(topology_path)
-    if stage not in topology.stages:
-        raise click.BadParameter(f"no stage {stage!r} in {topology_path} (stages: {', '.join(topology.stages)})",
-                                 param_hint="STAGE")
+    topology = load_for_stage(topology_path, stage)
     scale_stage(topology, stage, replicas, log=lambda line: click.echo(line, err=True))
 
 
@@ -199,12 +202,8 @@ def scale(stage: str, replicas: int, topology_path: str) -> None:
 @topology_option
 def logs(stage: str, lines: int, follow: bool, topology_path: str) -> None:
     """Show the logs of STAGE's replicas."""
-    from .logs import check_stage, stage_logs
-    topology = load(topology_path)
-    try:
-        check_stage(topology, stage)
-    except PipelineError as e:
-        raise click.BadParameter(str(e), param_hint="STAGE") from None
+    from .logs import stage_logs
+    topology = load_for_stage(topology_path, stage)
     stage_logs(topology, stage, lines=lines, follow=follow, out=sys.stdout)
 
 
