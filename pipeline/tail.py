@@ -31,7 +31,7 @@ import orjson
 
 from . import envelope
 from .codecs import decode
-from .errors import DecodeError, PublishError
+from .errors import DecodeError
 from .nsqclient import NsqMessage, NsqSubscriber
 
 #: Seconds each nsqd is waited on per turn, so a quiet node delays the others little.

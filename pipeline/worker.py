@@ -31,7 +31,6 @@ import time
 from collections import Counter
 from typing import Any, Iterable, Sequence
 
-import nsq
 
 from . import nsqd_http
 from .errors import PublishError

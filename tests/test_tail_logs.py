@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from nsqhttp import stats, topic_stats, wait_until
+from nsqhttp import topic_stats, wait_until
 from pipeline.codecs import encode_json, encode_msgpack
 from pipeline.errors import PipelineError, PublishError
 from pipeline.install import nsq_binary
