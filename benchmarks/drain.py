@@ -40,7 +40,8 @@ from .verify import verify_outputs
 POLL_INTERVAL = 0.05
 SUBSCRIBE_TIMEOUT = 120.0  # the first worker ever started compiles the numba kernel
 PRELOAD_RATE_FLOOR = 20_000  # records/s; below this the preload is considered stuck
-MIN_RATE = {"textbook": 200, "nsq_to_nsq": 5_000, "primes": 5_000, "batched": 20_000}  # records/s; slower is a failed run
+#: records/s; slower is a failed run
+MIN_RATE = {"textbook": 200, "nsq_to_nsq": 5_000, "primes": 5_000, "batched": 20_000}
 DRAIN_TIMEOUT_BASE = 30.0
 MEM_QUEUE_SIZE = 2_000_000
 
