@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
 
 from .errors import HandlerLoadError
 
@@ -58,11 +59,45 @@ class Batch:
         self.rejected[index] = reason
 
 
-def load_handler(path: str) -> Handler:
-    """Import the stage function named by ``module.path:function``.
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage class is constructed with.
+
+    Parameters:
+        stage: the stage's name in the topology.
+        replica: this replica's number (for a keyed stage: the partition it owns).
+        var_dir: the topology's var dir, for files a stage keeps (archives).
+        params: the stage's ``params`` mapping from the topology.
+    """
+
+    stage: str
+    replica: int
+    var_dir: Path
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+class StatefulStage(Protocol):
+    """A stage with state the runtime checkpoints (keyed stages).
+
+    Constructed once per replica as ``cls(context)``; called like a stage
+    function. Records arrive per key in ``seq`` order, without duplicates.
+    ``snapshot()`` is taken after outputs are published and written to disk
+    before the inputs are finished; ``restore()`` gets it back on restart.
+    """
+
+    def __call__(self, batch: Batch) -> Emit: ...
+
+    def snapshot(self) -> bytes: ...
+
+    def restore(self, data: bytes) -> None: ...
+
+
+def load_handler(path: str, context: StageContext | None = None) -> Handler:
+    """Import the stage named by ``module.path:name``: a function, or a class built with ``context``.
 
     Raises:
-        HandlerLoadError: the module cannot be imported or the name is not callable.
+        HandlerLoadError: the module cannot be imported, the name is not
+            callable, or the class refuses its parameters.
     """
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
@@ -74,4 +109,9 @@ def load_handler(path: str) -> Handler:
     handler = getattr(module, attr, None)
     if not callable(handler):
         raise HandlerLoadError(f"handler {path!r}: {module_name!r} has no callable {attr!r}")
+    if isinstance(handler, type):
+        try:
+            return handler(context or StageContext(stage="", replica=0, var_dir=Path("var")))
+        except (TypeError, ValueError, KeyError) as e:
+            raise HandlerLoadError(f"handler {path!r}: {e}") from e
     return handler

@@ -218,6 +218,12 @@ class TopicSpec(_Spec):
     codec: Literal["json", "msgpack"] = Field(
         "json", description="Encoding of records published to this topic; decoding detects either."
     )
+    partitions: int = Field(
+        1, ge=1, le=64,
+        description="Partitions of a keyed topic: records go to `<topic>.<k>` by a stable hash of `key`.",
+    )
+    key: LocalName | None = Field(None, description="Record field that routes a record to its partition.")
+    seq: LocalName = Field("seq", description="Record field with the per-key sequence number (keyed stages).")
     pack: int = Field(
         1, ge=1, le=10000,
         description="Records per NSQ message: above 1, producers and stages publish msgpack envelopes of up to"
@@ -263,6 +269,22 @@ class StageSpec(_Spec):
     publish_timeout: float = Field(
         10.0, ge=0.1, le=600,
         description="Seconds to wait for nsqd's OK to the outputs' publish before requeueing the inputs.",
+    )
+    keyed: bool = Field(
+        False,
+        description="Stateful per key: replica k consumes partition k of the input, applies each key's records"
+                    " in `seq` order once, and checkpoints its state before it FINs.",
+    )
+    gap_max_count: int = Field(
+        1000, ge=1, le=100000,
+        description="Keyed stages: records held per key while waiting for a missing `seq`, before giving up on it.",
+    )
+    gap_max_ms: int = Field(
+        2000, ge=0, le=600000,
+        description="Keyed stages: longest wait, in milliseconds, for a missing `seq` before it is counted as a gap.",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Parameters of the stage, passed to a stage class as `context.params`.",
     )
 
     @property
@@ -328,6 +350,7 @@ class Topology(_Spec):
                           f"({', '.join(RESERVED_STAGE_NAMES)})")
                 problems.append((("stages", name), reason, name))
             problems += self._undeclared(("stages", name, "input"), stage.input)
+            problems += self._keyed_rules(name, stage)
             outputs: set[str] = set()
             keys = stage.outputs if isinstance(stage.outputs, dict) else range(len(stage.outputs))
             for key, output in zip(keys, stage.output_topics.values()):
@@ -349,6 +372,32 @@ class Topology(_Spec):
             problems += self._undeclared(("producers", name, "topic"), producer.topic)
         _raise_problems("Topology", problems)
         return self
+
+    def _keyed_rules(self, name: str, stage: StageSpec) -> Problems:
+        topic = self.topics.get(stage.input)
+        if topic is None or not stage.keyed:
+            return []
+        if topic.key is None:
+            reason = f"a keyed stage needs an input topic with a key; topic {stage.input!r} has none"
+            return [(("stages", name, "keyed"), reason, stage.keyed)]
+        if stage.replicas != topic.partitions:
+            reason = (f"a keyed stage runs one replica per partition: topic {stage.input!r} has "
+                      f"{topic.partitions} partitions, so replicas must be {topic.partitions}")
+            return [(("stages", name, "replicas"), reason, stage.replicas)]
+        return []
+
+    def physical_topics(self, topic: str) -> list[str]:
+        """The NSQ topics behind ``topic``: ``<topic>.<k>`` per partition, or the topic itself."""
+        spec = self.topics.get(topic)
+        if spec is None or spec.partitions == 1:
+            return [topic]
+        return [f"{topic}.{k}" for k in range(spec.partitions)]
+
+    def input_topic(self, stage_name: str, replica: int) -> str:
+        """The NSQ topic replica ``replica`` of a stage consumes (its partition, for a keyed stage)."""
+        stage = self.stage(stage_name)
+        topics = self.physical_topics(stage.input)
+        return topics[replica] if stage.keyed and len(topics) > 1 else topics[0]
 
     def _undeclared(self, loc: tuple[Any, ...], topic: str) -> Problems:
         if topic in self.topics:
