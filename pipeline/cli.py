@@ -94,11 +94,12 @@ def install_nsq_cmd(dest: Path | None) -> None:
 @topology_option
 def worker(stage: str, replica: int, topology_path: str) -> None:
     """Run one replica of STAGE until SIGTERM (then drain and exit 0)."""
-    from .stage import load_handler
+    from .stage import StageContext, load_handler
     topology = load_for_stage(topology_path, stage)
+    spec = topology.stage(stage)
     # The handler is imported before the runtime so a broken one fails within
     # supervisord's startsecs and the crash loop gets back-off, not instant restarts.
-    handler = load_handler(topology.stage(stage).handler)
+    handler = load_handler(spec.handler, StageContext(stage, replica, topology.var_dir, dict(spec.params)))
     from .worker import Worker
     sys.exit(Worker(topology, stage, replica=replica, handler=handler).run())
 
@@ -131,6 +132,47 @@ def produce_numbers_cmd(start: int, count: int, rate: float, producer_name: str,
                                 codec=topology.codec_for(spec.topic), pack=topology.pack_for(spec.topic),
                                 run_id=run_id, on_progress=advance)
     click.echo(f"published {acked} records to {spec.topic} on {address}")
+
+
+@produce.command("ticks")
+@click.option("--symbols", type=click.IntRange(min=1), default=8, show_default=True, help="Synthetic symbols.")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Synthetic ticks in all.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic prices.")
+@click.option("--replay", "replay_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Replay a CSV file with columns ts,symbol,price,size instead.")
+@click.option("--rate", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Ticks per second (0: as fast as nsqd accepts).")
+@click.option("--speed", default="max", show_default=True,
+              help="Replay pace: 'max', or a factor of the file's own pace (1 = original).")
+@click.option("--producer", "producer_name", default="ticks", show_default=True,
+              help="The producer entry in the topology.")
+@click.option("--run-id", default=None, help="Prefix of the record ids (default: random).")
+@topology_option
+def produce_ticks_cmd(symbols: int, count: int | None, seed: int, replay_path: str | None, rate: float,
+                      speed: str, producer_name: str, run_id: str | None, topology_path: str) -> None:
+    """Publish ticks {"id", "ts", "symbol", "seq", "price", "size"} to their partitions."""
+    from producers.ticks import parse_speed, produce_ticks, replay_ticks, synthetic_ticks
+    if (replay_path is None) == (count is None):
+        raise click.UsageError("give either --count (synthetic ticks) or --replay FILE")
+    try:
+        parse_speed(speed)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--speed") from None
+    topology = load(topology_path)
+    spec = topology.producers.get(producer_name)
+    if spec is None:
+        raise click.BadParameter(f"no producer {producer_name!r} in {topology_path}", param_hint="--producer")
+    if replay_path:
+        total = sum(1 for _ in replay_ticks(replay_path))  # a bad file fails here, before anything is sent
+        records = replay_ticks(replay_path, run_id=run_id)
+    else:
+        total, records = count, synthetic_ticks(symbols, count, seed=seed, run_id=run_id)
+    address = topology.nsqd_tcp_addresses()[0]
+    with _progress(f"publishing to {spec.topic}", total) as advance:
+        acked = produce_ticks(address, spec.topic, records, spec=topology.topics[spec.topic],
+                              rate=rate or (spec.rate if speed == "max" else 0), speed=speed, chunk=spec.chunk,
+                              on_progress=advance)
+    click.echo(f"published {acked} ticks to {spec.topic} on {address}")
 
 
 @main.command()
@@ -226,10 +268,13 @@ def demo(count: int, topology_path: str) -> None:
     """Start the topology, classify 1..COUNT into prime/non_prime, show the result."""
     from rich.console import Console
 
-    from .demo import print_summary, run_demo
+    from .demo import print_market, print_summary, run_demo, run_market_demo
     topology = load(topology_path)
     out = Console()
-    print_summary(topology, run_demo(topology, count, console=out), out)
+    result = run_demo(topology, count, console=out)
+    if "ticks" in topology.topics and "features" in topology.stages:
+        print_market(run_market_demo(topology, out), out)
+    print_summary(topology, result, out)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})

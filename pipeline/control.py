@@ -166,10 +166,11 @@ class Supervisor:
     def _topics_created(self) -> str | None:
         # Declared topics and stage channels exist from the start: nsqadmin lists
         # them, and what is published before a stage subscribes waits in its channel.
-        channels = {(s.input, s.channel) for s in self.topology.stages.values()}
-        for http in self.topology.nsqd_http_addresses():
+        topology = self.topology
+        channels = {(t, s.channel) for s in topology.stages.values() for t in topology.physical_topics(s.input)}
+        for http in topology.nsqd_http_addresses():
             try:
-                for topic in self.topology.topics:
+                for topic in (t for name in topology.topics for t in topology.physical_topics(name)):
                     nsqd_http.create_topic(http, topic)
                 for topic, channel in channels:
                     nsqd_http.create_channel(http, topic, channel)
@@ -180,7 +181,8 @@ class Supervisor:
     def _stages_subscribed(self) -> str | None:
         http = self.topology.nsqd_http_addresses()[0]
         for name, stage in self.topology.stages.items():
-            clients = channel_clients(http, stage.input, stage.channel)
+            clients = sum(channel_clients(http, topic, stage.channel)
+                          for topic in self.topology.physical_topics(stage.input))
             if clients != stage.replicas:
                 return f"stage {name}: {clients} of {stage.replicas} replicas subscribed"
         return None

@@ -19,6 +19,7 @@ from .install import bin_dir
 from .control import Supervisor
 
 STAGE, PRODUCER = "primes", "numbers"
+TICKS, SYMBOLS, SHOWN_SIGNALS = 20_000, 8, 5
 
 
 @dataclass
@@ -64,6 +65,12 @@ def _follow(http, topics, before, count, deadline, on_progress) -> dict[str, int
         time.sleep(0.2)
 
 
+def print_market(counts: dict[str, int], console: Console) -> None:
+    """Print the market pipeline's counts."""
+    console.print(f"[bold]{counts['features']:,} feature records[/bold] (one per tick) and "
+                  f"[bold]{counts['signals']:,} signals[/bold] so far; archived under var/archive/.")
+
+
 def print_summary(topology, result: DemoResult, console: Console) -> None:
     """Print the output counts and where to look next."""
     table = Table(title=f"{STAGE}: records out per topic ({result.elapsed:.1f} s)")
@@ -80,3 +87,31 @@ def print_summary(topology, result: DemoResult, console: Console) -> None:
         console.print(f"nsqadmin:  http://{topology.nsq.admin}/")
     console.print(f"watch it:  {bin_dir() / 'nsq_tail'} {source} --topic=prime -n 5")
     console.print("stop it:   make down")
+
+
+def run_market_demo(topology, console: Console, timeout: float = 300.0) -> dict[str, int]:
+    """Publish synthetic ticks, wait until every tick has its features, print a few signals; return counts."""
+    from producers.ticks import produce_ticks, synthetic_ticks
+
+    from .codecs import decode
+    from .nsqclient import NsqSubscriber
+    from .tail import record_json, tail_channel
+    http, tcp = topology.nsqd_http_addresses()[0], topology.nsqd_tcp_addresses()[0]
+    features = topology.physical_topics("features")
+    before = {t: nsqd_http.topic_message_count(http, t) for t in [*features, "signals"]}
+    with NsqSubscriber(tcp, "signals", tail_channel()) as signals:
+        produce_ticks(tcp, "ticks", synthetic_ticks(SYMBOLS, TICKS, seed=1), spec=topology.topics["ticks"])
+        console.print(f"published {TICKS:,} ticks for {SYMBOLS} symbols to ticks.0..{len(features) - 1}; "
+                      f"first signals:")
+        shown, deadline = 0, time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for message in signals.messages(timeout=0.2):
+                if shown < SHOWN_SIGNALS:
+                    console.print(f"  {record_json(decode(message.body))}", soft_wrap=True)
+                    shown += 1
+            counts = {t: nsqd_http.topic_message_count(http, t) - before[t] for t in before}
+            if sum(counts[t] for t in features) >= TICKS:
+                break
+        else:
+            raise PipelineError("the features stage did not keep up; see `pipeline status` and var/log/")
+    return {"features": sum(counts[t] for t in features), "signals": counts["signals"]}

@@ -21,6 +21,7 @@ from .deadletter import DeadLetter
 from .errors import DecodeError, StageOutputError
 from .middleware import MiddlewareStack
 from .nsqclient import MAX_MSG_SIZE
+from .partition import PartitionKeyError, Router
 from .stage import Batch, Handler
 
 
@@ -81,9 +82,9 @@ class BatchProcessor:
                  on_error: Callable[[int, BaseException], None] = lambda n, e: None):
         self.worker, self.name, self.spec = worker, name, spec
         self.handler, self.middleware, self.on_error = handler, middleware, on_error
-        # handler output name -> (topic, encode one record, records per message)
-        self.outputs = {out: (topic, encoder(topology.codec_for(topic)), topology.pack_for(topic))
-                        for out, topic in spec.output_topics.items()}
+        # handler output name -> (topic, encode one record, records per message, partition router)
+        self.outputs = {out: (topic, encoder(topology.codec_for(topic)), topology.pack_for(topic),
+                              Router.of(topology, topic)) for out, topic in spec.output_topics.items()}
 
     def process(self, messages: list) -> Outcome:
         """Decode, run the handler and encode; decide each message's fate."""
@@ -180,15 +181,20 @@ class BatchProcessor:
                 err = StageOutputError(f"stage {self.name} emitted to {name!r}, not one of its outputs "
                                        f"{list(self.spec.output_topics)}")
                 raise Failed(str(err), permanent=True)
-            topic, encode, pack = self.outputs[name]
+            topic, encode, pack, router = self.outputs[name]
             try:
-                bodies = envelope.pack(records, pack) if pack > 1 else [encode(r) for r in records]
-            except (TypeError, ValueError) as e:
-                raise Failed(f"cannot encode output for {topic}: {e}", permanent=True) from e
-            if any(len(b) > MAX_MSG_SIZE for b in bodies):
-                raise Failed(f"an output for {topic} exceeds nsqd's max message size ({MAX_MSG_SIZE} bytes)",
-                             permanent=True)
-            encoded.setdefault(topic, []).extend(bodies)
+                routed = router.route(records) if len(router.topics) > 1 else {topic: records}
+            except PartitionKeyError as e:
+                raise Failed(f"output for partitioned topic {topic}: {e.reason}", permanent=True) from e
+            for physical, part in routed.items():
+                try:
+                    bodies = envelope.pack(part, pack) if pack > 1 else [encode(r) for r in part]
+                except (TypeError, ValueError) as e:
+                    raise Failed(f"cannot encode output for {topic}: {e}", permanent=True) from e
+                if any(len(b) > MAX_MSG_SIZE for b in bodies):
+                    raise Failed(f"an output for {topic} exceeds nsqd's max message size ({MAX_MSG_SIZE} bytes)",
+                                 permanent=True)
+                encoded.setdefault(physical, []).extend(bodies)
         return encoded
 
     def dead_letter(self, dead: Dead) -> bytes:
@@ -205,3 +211,121 @@ def _record_body(record: dict) -> bytes:
         return encode_json(record)
     except TypeError:
         return encode_msgpack(record)
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A keyed message: finished once none of its records is still waiting for a gap."""
+
+    unit: Unit
+    outstanding: int
+    finished: bool = False
+
+
+class KeyedProcessor(BatchProcessor):
+    """A :class:`BatchProcessor` for keyed stages: per key in ``seq`` order, once, state kept exact.
+
+    Records pass through a :class:`~pipeline.keyed.Sequencer`; only the ones it
+    releases reach the handler, in order. A stateful handler is snapshotted
+    before each call and restored when the call raises, so a failing call
+    changes nothing; the failing record is then dead-lettered at once (a later
+    retry would apply it after the records behind it).
+    """
+
+    def __init__(self, *args, key_field: str, seq_field: str, sequencer, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.key_field, self.seq_field, self.sequencer = key_field, seq_field, sequencer
+        self.duplicates = 0
+
+    def process(self, messages: list) -> Outcome:
+        """Sequence the batch's records (and any whose gap expired), apply what is ready, in order."""
+        outcome = Outcome()
+        touched: list[_Pending] = []
+        ready: list[tuple[dict, _Pending, int]] = []
+        for message in messages:
+            try:
+                unit = self._decode(message)
+            except DecodeError as e:
+                self._dead_message(outcome, message, e.reason)
+                continue
+            pending = _Pending(unit, len(unit.records))
+            touched.append(pending)
+            for i, record in enumerate(unit.records):
+                ready += self._offer(record, pending, i, outcome)
+        ready += self.sequencer.expire()
+        self._apply_in_order(ready, outcome)
+        touched += [p for _, p, _ in ready]
+        for pending in touched:
+            if pending.outstanding == 0 and not pending.finished:
+                pending.finished = True
+                outcome.finish.append(pending.unit.message)
+        return outcome
+
+    def held_messages(self) -> list:
+        """Messages with records waiting for a gap (to requeue when the worker drains)."""
+        return list({id(p): p.unit.message for _, p, _ in self.sequencer.held_items()}.values())
+
+    def _offer(self, record: dict, pending: _Pending, i: int, outcome: Outcome) -> list:
+        key, seq = record.get(self.key_field), record.get(self.seq_field)
+        reason = None
+        if not isinstance(key, str) or not key:
+            reason = f"field {self.key_field!r} must be a non-empty string, got {key!r:.60}"
+        elif type(seq) is not int or seq < 1:
+            reason = f"field {self.seq_field!r} must be a positive integer, got {seq!r:.60}"
+        offer = None if reason else self.sequencer.offer(key, seq, (record, pending, i))
+        if offer is not None and offer.duplicate:
+            self.duplicates += 1
+        if offer is not None and offer.refused:
+            reason = offer.refused
+        if reason or offer.duplicate:
+            pending.outstanding -= 1
+        if reason:
+            self._dead_record(outcome, pending, i, reason)
+        return offer.ready if offer is not None else []
+
+    def _dead_record(self, outcome: Outcome, pending: _Pending, i: int, reason: str) -> None:
+        unit = pending.unit
+        body = _record_body(unit.records[i]) if unit.packed else unit.message.body
+        outcome.dead.append(Dead(unit.message, reason, body, i if unit.packed else None))
+
+    def _apply_in_order(self, ready: list, outcome: Outcome) -> None:
+        if not ready:
+            return
+        before = self._snapshot()
+        try:
+            self._apply_records([r for r, _, _ in ready], ready, outcome)
+            return
+        except Failed:
+            self._restore(before)
+        for item in ready:  # one at a time, so only the failing record is lost to the state
+            before = self._snapshot()
+            try:
+                self._apply_records([item[0]], [item], outcome)
+            except Failed as failure:
+                self._restore(before)
+                item[1].outstanding -= 1
+                self._dead_record(outcome, item[1], item[2], failure.reason + " (keyed stages do not retry)")
+
+    def _apply_records(self, records: list[dict], items: list, outcome: Outcome) -> None:
+        batch = Batch(records, stage=self.name)
+        self.middleware.emit_before("before_process_batch", self.worker, batch)
+        try:
+            emitted = self.handler(batch) or {}
+        except Exception as e:
+            self.on_error(len(records), e)
+            self.middleware.emit_after("after_process_batch", self.worker, batch, result=None, exception=e)
+            raise Failed(f"handler raised {type(e).__name__}: {e}", permanent=True) from e
+        self.middleware.emit_after("after_process_batch", self.worker, batch, result=emitted, exception=None)
+        outcome.emit(self._encode(emitted))
+        for index, (_, pending, i) in enumerate(items):
+            pending.outstanding -= 1
+            if index in batch.rejected:
+                self._dead_record(outcome, pending, i, batch.rejected[index])
+
+    def _snapshot(self) -> bytes | None:
+        snapshot = getattr(self.handler, "snapshot", None)
+        return snapshot() if snapshot else None
+
+    def _restore(self, state: bytes | None) -> None:
+        if state is not None:
+            self.handler.restore(state)

@@ -30,6 +30,12 @@ def scale(topology, stage: str, replicas: int, log: Log = print):
     """
     if stage not in topology.stages:
         raise ScaleError(f"no stage {stage!r} in {topology.path} (stages: {', '.join(topology.stages)})")
+    spec = topology.stage(stage)
+    if spec.keyed:
+        partitions = topology.topics[spec.input].partitions
+        raise ScaleError(f"stage {stage!r} is keyed: it runs one replica per partition of {spec.input!r} "
+                         f"({partitions}); change the topic's partitions (a re-partition: drain the topic first, "
+                         f"see README) instead of scaling the stage")
     path = Path(topology.path)
     text = path.read_text()
     edited = set_replicas(text, stage, replicas)

@@ -230,6 +230,13 @@ class TopicSpec(_Spec):
                     " this many records (throughput), and the envelope becomes the unit nsqd redelivers.",
     )
 
+    @model_validator(mode="after")
+    def _check_key(self) -> TopicSpec:
+        if self.partitions > 1 and self.key is None:
+            reason = f"a topic with {self.partitions} partitions needs a key (the record field that routes it)"
+            _raise_problems("TopicSpec", [(("partitions",), reason, self.partitions)])
+        return self
+
 
 class BatchSpec(_Spec):
     """How a stage groups messages: up to `size` messages or `wait_ms`, whichever comes first."""
@@ -375,7 +382,13 @@ class Topology(_Spec):
 
     def _keyed_rules(self, name: str, stage: StageSpec) -> Problems:
         topic = self.topics.get(stage.input)
-        if topic is None or not stage.keyed:
+        if topic is None:
+            return []
+        if not stage.keyed:
+            if topic.partitions > 1:
+                reason = (f"topic {stage.input!r} has {topic.partitions} partitions; a stage reading it must be "
+                          "keyed (keyed: true), one replica per partition")
+                return [(("stages", name, "input"), reason, stage.input)]
             return []
         if topic.key is None:
             reason = f"a keyed stage needs an input topic with a key; topic {stage.input!r} has none"

@@ -32,19 +32,23 @@ from collections import Counter
 from typing import Any, Iterable, Sequence
 
 
+from tornado.ioloop import PeriodicCallback
+
 from . import nsqd_http
 from .errors import PublishError
 from .fastconn import FastReader
 from .middleware import Middleware, MiddlewareStack
-from .processing import BatchProcessor, Dead
+from .keyed import Checkpoint, Sequencer
+from .processing import BatchProcessor, Dead, KeyedProcessor
 from .publisher import Publisher
-from .stage import Handler, load_handler
+from .stage import Handler, StageContext, load_handler
 
 log = logging.getLogger(__name__)
 
 LOOKUPD_POLL_INTERVAL = 10
 CONNECT_TIMEOUT = 30.0
 MAX_REQUEUE_DELAY = 3600.0
+GAP_CHECK_MS = 100  # how often a keyed stage looks for gaps that waited long enough
 
 
 class Worker:
@@ -64,11 +68,24 @@ class Worker:
         self.name = stage_name
         self.spec = topology.stage(stage_name)
         self.replica = replica
-        self.handler = handler or load_handler(self.spec.handler)
+        self.handler = handler or load_handler(self.spec.handler, StageContext(
+            stage_name, replica, topology.var_dir, dict(self.spec.params)))
         self.middleware = MiddlewareStack(middleware)
         self.dead_topic = topology.dead_letter_topic(stage_name)
-        self.processor = BatchProcessor(self, stage_name, self.spec, topology, self.handler, self.middleware,
-                                        on_error=self._on_handler_error)
+        self.input_topic = topology.input_topic(stage_name, replica)
+        args = (self, stage_name, self.spec, topology, self.handler, self.middleware)
+        self.checkpoint: Checkpoint | None = None
+        if self.spec.keyed:
+            source = topology.topics[self.spec.input]
+            self.checkpoint = Checkpoint(topology.var_dir / "state" / f"{stage_name}-{replica}.ckpt")
+            self.processor = KeyedProcessor(*args, on_error=self._on_handler_error, key_field=source.key,
+                                            seq_field=source.seq, sequencer=self._new_sequencer())
+        else:
+            self.processor = BatchProcessor(*args, on_error=self._on_handler_error)
+        # A keyed stage's state moves batch by batch: one batch at a time from
+        # handler to checkpoint, so a checkpoint never holds unpublished effects.
+        self._serial = asyncio.Lock() if self.spec.keyed else None
+        self._gap_timer = None
         self.stats: Counter[str] = Counter()
         self.draining = False
         self.reader: FastReader | None = None
@@ -97,17 +114,21 @@ class Worker:
         """Connect the publisher, then subscribe; return once consuming has begun."""
         self._done = asyncio.Event()
         spec = self.spec
+        if self.checkpoint is not None:
+            self._restore_checkpoint()
+            self._gap_timer = PeriodicCallback(self._expire_gaps, GAP_CHECK_MS)
+            self._gap_timer.start()
         for http in self.topology.nsqd_http_addresses():
-            await asyncio.to_thread(nsqd_http.create_channel, http, spec.input, spec.channel)
+            await asyncio.to_thread(nsqd_http.create_channel, http, self.input_topic, spec.channel)
         self.publisher = Publisher(self.topology.nsqd_tcp_addresses())
         await self.publisher.wait_connected(CONNECT_TIMEOUT)
         self.reader = FastReader(
-            topic=spec.input, channel=spec.channel, message_handler=self._on_message,
+            topic=self.input_topic, channel=spec.channel, message_handler=self._on_message,
             max_in_flight=spec.max_in_flight, max_tries=0,  # 0: we dead-letter; pynsq would FIN and drop
             max_backoff_duration=spec.max_backoff_duration, msg_timeout=spec.msg_timeout,
             **self._discovery())
         self.middleware.emit_before("after_worker_boot", self)
-        log.info("stage %s replica %d consuming %s/%s", self.name, self.replica, spec.input, spec.channel)
+        log.info("stage %s replica %d consuming %s/%s", self.name, self.replica, self.input_topic, spec.channel)
 
     def _discovery(self) -> dict:
         lookupds = self.topology.lookupd_http_addresses()
@@ -133,10 +154,14 @@ class Worker:
         self.middleware.emit_before("before_worker_shutdown", self)
         self._stop_subscribing()
         self._cancel_timer()
+        if self._gap_timer is not None:
+            self._gap_timer.stop()
         self._requeue_now(self._take_pending())
         deadline = time.monotonic() + self.spec.publish_timeout + 2.0
         if self._active:
             await asyncio.wait(list(self._active), timeout=self.spec.publish_timeout + 1.0)
+        if self.checkpoint is not None:  # records waiting for a gap: their messages go back unfinished
+            self._requeue_now(self.processor.held_messages())
         await self._await_close_wait(deadline)
         await self._flush_connections()
         if self._active:
@@ -234,6 +259,12 @@ class Worker:
             self._requeue_now(messages)
 
     async def _process_batch(self, messages: list) -> None:
+        if self._serial is None:
+            return await self._run_batch(messages)
+        async with self._serial:
+            return await self._run_batch(messages)
+
+    async def _run_batch(self, messages: list) -> None:
         outcome = self.processor.process(messages)
         for message in outcome.retry:
             self._requeue_backoff(message)
@@ -248,12 +279,51 @@ class Worker:
             log.warning("stage %s: publish failed, requeueing %d messages: %s", self.name, len(outcome.finish), e)
             self.middleware.emit_after("after_publish", self, outputs, exception=e)
             self._requeue_now(outcome.finish)
+            if self.checkpoint is not None:
+                self._rewind()
             return
         self.middleware.emit_after("after_publish", self, outputs, exception=None)
         for topic, bodies in outputs.items():
             self.stats[f"out:{topic}"] += len(bodies)
+        if self.checkpoint is not None:
+            snapshot = getattr(self.handler, "snapshot", None)
+            await asyncio.to_thread(self.checkpoint.save, self.processor.sequencer.state(),
+                                    snapshot() if snapshot else None)
         self._finish(outcome.finish)
         self.middleware.emit_after("after_ack", self, outcome.finish, outcome.retry)
+
+    # -- keyed state ---------------------------------------------------------
+
+    def _new_sequencer(self) -> Sequencer:
+        return Sequencer(self.spec.gap_max_count, self.spec.gap_max_ms)
+
+    def _restore_checkpoint(self) -> None:
+        """Load the last checkpoint into the sequencer and the stage (as at a restart)."""
+        saved = self.checkpoint.load()
+        self.processor.sequencer = self._new_sequencer()
+        if saved is None:
+            return
+        sequencer_state, handler_state = saved
+        self.processor.sequencer.restore(sequencer_state)
+        if handler_state is not None and hasattr(self.handler, "restore"):
+            self.handler.restore(handler_state)
+        log.info("stage %s replica %d restored its checkpoint (%d keys)", self.name, self.replica,
+                 len(self.processor.sequencer.applied))
+
+    def _rewind(self) -> None:
+        """After a failed publish: back to the last checkpoint, every unfinished message requeued.
+
+        The handler already applied the batch; its redelivered records would
+        otherwise be taken for duplicates and their outputs never published.
+        """
+        self._requeue_now(self.processor.held_messages())
+        self._restore_checkpoint()
+
+    def _expire_gaps(self) -> None:
+        if not self.draining and self.processor.sequencer.held_items():
+            task = asyncio.ensure_future(self._process([]))
+            self._active.add(task)
+            task.add_done_callback(self._active.discard)
 
     def _on_handler_error(self, count: int, error: BaseException) -> None:
         self.stats["handler_errors"] += 1

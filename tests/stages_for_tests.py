@@ -9,3 +9,31 @@ def fail_on_13(batch):
     if any(r.get("number") == 13 for r in batch.records):
         raise ValueError("unlucky 13")
     return classify(batch)
+
+
+class RunningSum:
+    """A keyed stage for runtime tests: per key, the running sum of ``v`` (raises on v == 13)."""
+
+    def __init__(self, context):
+        self.sums: dict[str, int] = {}
+
+    def __call__(self, batch):
+        out = []
+        for i, record in enumerate(batch.records):
+            if not isinstance(record.get("v"), int):
+                batch.reject(i, "field 'v' must be an integer")
+                continue
+            if record["v"] == 13:
+                raise ValueError("unlucky 13")
+            key = record["key"]
+            self.sums[key] = self.sums.get(key, 0) + record["v"]
+            out.append({"id": record["id"], "key": key, "seq": record["seq"], "sum": self.sums[key]})
+        return {"sums": out}
+
+    def snapshot(self) -> bytes:
+        import msgpack
+        return msgpack.packb(self.sums)
+
+    def restore(self, data: bytes) -> None:
+        import msgpack
+        self.sums = msgpack.unpackb(data)

@@ -26,7 +26,8 @@ def one_line(stderr: str) -> str:
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["worker", "nosuchstage"], "no stage 'nosuchstage' in topology.yaml (stages: primes)"),
+    (["worker", "nosuchstage"], "no stage 'nosuchstage' in topology.yaml (stages: primes, features, signals, "
+                                "archive_signals, archive_primes)"),
     (["produce", "numbers", "--count", "0"], "Invalid value for '--count'"),
     (["produce", "numbers"], "Missing option '--count'"),
     (["produce", "numbers", "--count", "5", "--producer", "nope"], "no producer 'nope'"),

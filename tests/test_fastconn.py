@@ -44,13 +44,16 @@ async def _consume(nsqd, topic, on_message, *, max_in_flight, msg_timeout=None, 
     try:
         while not done():
             await asyncio.sleep(0.01)
+        # FIN/REQ are written on the next loop iteration; close() would drop what is not written yet.
+        flushed = [conn.send(b"NOP\n") for conn in reader.conns.values()]
+        await asyncio.gather(*flushed)
     finally:
         reader.close()
 
 
 @pytest.mark.integration
 def test_writer_mpub_answers_each_callback_and_reader_respects_max_in_flight(nsqd, topic):
-    received, peak = [], [0]
+    received, finished, peak = [], [], [0]
 
     async def main():
         writer = FastWriter([nsqd.tcp], reconnect_interval=1.0)
@@ -68,9 +71,9 @@ def test_writer_mpub_answers_each_callback_and_reader_respects_max_in_flight(nsq
             peak[0] = max(peak[0], conn.in_flight)
             message.enable_async()
             received.append(message.body)
-            asyncio.get_running_loop().call_later(0.001, message.finish)
+            asyncio.get_running_loop().call_later(0.001, lambda: (message.finish(), finished.append(1)))
 
-        await _consume(nsqd, topic, on_message, max_in_flight=100, done=lambda: len(received) >= 5000)
+        await _consume(nsqd, topic, on_message, max_in_flight=100, done=lambda: len(finished) >= 5000)
 
     run(main())
     assert sorted(int(b) for b in received) == list(range(5000))

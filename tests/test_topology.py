@@ -379,3 +379,28 @@ def test_stage_names_of_the_pipelines_own_programs_are_refused(tmp_path):
     )
     [error] = validate_topology(path)
     assert error.field == "stages.nsqd-x" and "clashes with the pipeline's own programs" in error.reason
+
+
+def test_a_partitioned_topic_needs_a_key_and_its_readers_must_be_keyed(tmp_path):
+    path = tmp_path / "topology.yaml"
+    path.write_text(
+        "nsq: {nsqd: [{name: n0, tcp: 127.0.0.1:4150, http: 127.0.0.1:4151}]}\n"
+        "topics:\n"
+        "  ticks: {partitions: 4}\n"
+        "  quotes: {partitions: 2, key: symbol}\n"
+        "stages:\n"
+        "  f: {handler: 'm:f', input: quotes, channel: c}\n"
+        "  g: {handler: 'm:g', input: quotes, channel: d, keyed: true, replicas: 3}\n"
+    )
+    errors = [f"{e.line}:{e.field}: {e.reason}" for e in validate_topology(path)]
+    assert errors == ["3:topics.ticks.partitions: a topic with 4 partitions needs a key (the record field that "
+                      "routes it)"]
+    # rules across sections run once every field is valid
+    path.write_text(path.read_text().replace("{partitions: 4}", "{partitions: 4, key: symbol}"))
+    errors = [f"{e.line}:{e.field}: {e.reason}" for e in validate_topology(path)]
+    assert errors == [
+        "6:stages.f.input: topic 'quotes' has 2 partitions; a stage reading it must be keyed (keyed: true), "
+        "one replica per partition",
+        "7:stages.g.replicas: a keyed stage runs one replica per partition: topic 'quotes' has 2 partitions, "
+        "so replicas must be 2",
+    ]

@@ -1,0 +1,352 @@
+"""The ticks producer: market ticks ``{"id", "ts", "symbol", "seq", "price", "size"}`` on a keyed topic.
+
+Ticks come from a seeded simulation (:func:`synthetic_ticks`) or from a CSV
+file (:func:`replay_ticks`); :func:`produce_ticks` publishes either kind,
+each tick to the partition of its symbol (see :mod:`pipeline.partition`), so
+that one replica of a keyed stage sees every tick of its symbols, in order::
+
+    topology = load_topology("topology.yaml")
+    ticks = synthetic_ticks(symbols=6, count=10_000, seed=7)
+    produce_ticks("127.0.0.1:4150", "ticks", ticks, spec=topology.topics["ticks"], rate=2000)
+
+``seq`` counts the ticks of one symbol from 1, without gaps: a keyed stage
+uses it to drop redeliveries and to notice a missing tick.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+import uuid
+from collections import deque
+from typing import BinaryIO, Callable, Iterable, Iterator
+
+import numpy as np
+
+from pipeline import envelope
+from pipeline.codecs import encoder
+from pipeline.errors import PipelineError, PublishError
+from pipeline.nsqclient import NsqPublisher, chunked
+from pipeline.partition import Router
+from pipeline.topology import TopicSpec
+
+#: One second of trading time in years (252 days of 6.5 hours): the default GBM step.
+ONE_TRADING_SECOND = 1 / (252 * 6.5 * 3600)
+MAX_SIZE = 1000
+REPLAY_COLUMNS = ("ts", "symbol", "price", "size")
+# Draws are made in fixed blocks so that the first n ticks of a seed do not depend on ``count``.
+_BLOCK = 4096
+# Shorter waits are not worth a sleep (and a flush): the producer just runs slightly ahead.
+_MIN_SLEEP = 0.005
+# nsqd drops a client that sent nothing for two heartbeats (60 s by default); reconnect well before.
+_IDLE_RECONNECT = 30.0
+
+
+class ReplayError(PipelineError, ValueError):
+    """Raised when a line of a replay CSV cannot be read as a tick (wrong fields, non-numeric values).
+
+    ``str(error)`` reads ``PATH:LINE: reason``; ``error.row`` is the offending row.
+    """
+
+    def __init__(self, path: str, line: int, reason: str, row: list[str] | None = None):
+        super().__init__(f"{path}:{line}: {reason}")
+        self.path, self.line, self.reason, self.row = path, line, reason, row
+
+
+def symbol_names(symbols: int) -> list[str]:
+    """The names of ``symbols`` synthetic symbols: ``SYM000``, ``SYM001``, ... (wider past 1000)."""
+    width = max(3, len(str(symbols - 1)))
+    return [f"SYM{i:0{width}d}" for i in range(symbols)]
+
+
+def synthetic_ticks(symbols: int, count: int, *, seed: int = 0, run_id: str | None = None,
+                    start_price: float = 100.0, mu: float = 0.0, sigma: float = 0.2,
+                    dt: float = ONE_TRADING_SECOND) -> Iterator[dict]:
+    """Yield ``count`` ticks in all, over ``symbols`` symbols, each price a geometric Brownian motion.
+
+    Each tick picks its symbol at random (so symbols interleave irregularly)
+    and moves that symbol's price by one GBM step of ``dt`` years:
+    ``price *= exp((mu - sigma**2 / 2) * dt + sigma * sqrt(dt) * Z)``. Sizes
+    are uniform in 1..1000. Everything but ``ts`` (the creation time, in ns)
+    and a random ``run_id`` is determined by ``seed``, and the first n ticks
+    of a seed are the same whatever ``count`` is.
+
+    Raises:
+        ValueError: symbols < 1, count < 0, start_price <= 0, sigma < 0 or dt <= 0.
+    """
+    _check_gbm(symbols, count, start_price, sigma, dt)
+    run = run_id or uuid.uuid4().hex[:8]
+    names = symbol_names(symbols)
+    prices, seqs = [float(start_price)] * symbols, [0] * symbols
+    drift, vol = (mu - sigma * sigma / 2) * dt, sigma * math.sqrt(dt)
+    rng = np.random.default_rng(seed)
+    for first in range(0, count, _BLOCK):
+        # tolist(): plain Python numbers, which every codec encodes (msgpack refuses numpy scalars)
+        picks = rng.integers(0, symbols, _BLOCK).tolist()
+        growth = np.exp(drift + vol * rng.standard_normal(_BLOCK)).tolist()
+        sizes = rng.integers(1, MAX_SIZE + 1, _BLOCK).tolist()
+        for i in range(min(_BLOCK, count - first)):
+            s = picks[i]
+            prices[s] *= growth[i]
+            seqs[s] += 1
+            yield {"id": f"{run}-{names[s]}-{seqs[s]}", "ts": time.time_ns(), "symbol": names[s],
+                   "seq": seqs[s], "price": prices[s], "size": sizes[i]}
+
+
+def _check_gbm(symbols: int, count: int, start_price: float, sigma: float, dt: float) -> None:
+    for ok, rule, value in ((symbols >= 1, "symbols must be >= 1", symbols), (count >= 0, "count must be >= 0", count),
+                            (start_price > 0, "start_price must be > 0", start_price),
+                            (sigma >= 0, "sigma must be >= 0", sigma), (dt > 0, "dt must be > 0", dt)):
+        if not ok:
+            raise ValueError(f"{rule}, not {value!r}")
+
+
+def replay_ticks(path: str | os.PathLike[str], *, run_id: str | None = None) -> Iterator[dict]:
+    """Yield the ticks of a CSV file with the header ``ts,symbol,price,size`` (columns in any order).
+
+    ``ts`` is the original time in integer nanoseconds and is kept; ``seq``
+    is assigned per symbol in file order. Blank lines are skipped and
+    spaces around a field are ignored.
+
+    A line that cannot become a tick of the right types (wrong number of
+    fields, ``ts`` or ``size`` not an integer, ``price`` not a number) raises
+    :class:`ReplayError` naming the line, after the lines before it were
+    yielded. A well-typed but implausible tick (a price <= 0 or NaN, a size
+    <= 0, an empty symbol, a ``ts`` going backwards) is yielded as it is, so
+    the pipeline's validation dead-letters it like any bad input.
+
+    Raises:
+        ReplayError: the header or a line is malformed.
+        OSError: the file cannot be read.
+    """
+    run = run_id or uuid.uuid4().hex[:8]
+    shown = os.fspath(path)
+    seqs: dict[str, int] = {}
+    with open(path, "rb") as f:
+        reader = csv.reader(_text_lines(f, shown), strict=True)  # strict: a stray quote is an error
+        rows = _rows(reader, shown)
+        order = _header(next(rows, None), reader.line_num, shown)
+        for row in rows:
+            if not row:
+                continue
+            ts, symbol, price, size = _parse_row(row, order, shown, reader.line_num)
+            seq = seqs[symbol] = seqs.get(symbol, 0) + 1
+            yield {"id": f"{run}-{symbol}-{seq}", "ts": ts, "symbol": symbol, "seq": seq,
+                   "price": price, "size": size}
+
+
+def _text_lines(f: BinaryIO, shown: str) -> Iterator[str]:
+    """Decode ``f`` line by line, so a line that is not UTF-8 is reported with its number."""
+    for number, raw in enumerate(f, 1):
+        try:
+            # utf-8-sig: a byte-order mark (spreadsheets write one) is not part of the first column name
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise ReplayError(shown, number, f"not UTF-8 text: {e}") from e
+
+
+def _rows(reader, shown: str) -> Iterator[list[str]]:
+    """The rows of ``reader``, with CSV errors turned into ReplayErrors naming the line."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise ReplayError(shown, reader.line_num, f"not CSV: {e}") from e
+
+
+def _header(row: list[str] | None, line: int, shown: str) -> list[int]:
+    """Check the header row; return the positions of ts, symbol, price and size."""
+    if row is None:
+        raise ReplayError(shown, 1, f"empty file; expected the header {','.join(REPLAY_COLUMNS)}")
+    names = [name.strip() for name in row]
+    if sorted(names) != sorted(REPLAY_COLUMNS):
+        raise ReplayError(shown, line,
+                          f"header must name the columns {','.join(REPLAY_COLUMNS)}, got {','.join(names)}", row)
+    return [names.index(column) for column in REPLAY_COLUMNS]
+
+
+def _parse_row(row: list[str], order: list[int], shown: str, line: int) -> tuple[int, str, float, int]:
+    if len(row) != len(REPLAY_COLUMNS):
+        raise ReplayError(shown, line, f"expected {len(REPLAY_COLUMNS)} fields, got {len(row)}", row)
+    ts, symbol, price, size = (row[i] for i in order)
+    values = []
+    for name, text, parse, kind in (("ts", ts, int, "an integer"), ("price", price, float, "a number"),
+                                    ("size", size, int, "an integer")):
+        try:
+            values.append(parse(text))
+        except ValueError:
+            raise ReplayError(shown, line, f"{name} {text!r} is not {kind}", row) from None
+    return values[0], symbol.strip(), values[1], values[2]
+
+
+def parse_speed(speed: str | float) -> float | None:
+    """Read a replay speed: ``"max"`` (None: no pacing) or a positive factor (1.0 = original pace).
+
+    Raises:
+        ValueError: neither ``max`` nor a finite number above 0.
+    """
+    if isinstance(speed, str) and speed.strip().lower() == "max":
+        return None
+    try:
+        factor = float(speed)
+    except (TypeError, ValueError):
+        factor = math.nan
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"speed must be 'max' or a number above 0 (1 = original pace), not {speed!r}")
+    return factor
+
+
+def produce_ticks(address: str, topic: str, records: Iterable[dict], *, spec: TopicSpec | None = None,
+                  rate: float = 0.0, speed: str | float = "max", chunk: int = 500,
+                  on_progress: Callable[[int], None] | None = None) -> int:
+    """Publish ``records`` to ``topic`` on the nsqd at ``address``; return how many nsqd acknowledged.
+
+    Each record goes to the physical topic of its partition (``<topic>.<k>``
+    by ``spec.key``; the topic itself when unpartitioned), encoded with
+    ``spec.codec`` or packed into envelopes of ``spec.pack`` records. One
+    connection carries every MPUB, and a partition's records are sent in
+    the order given, so nsqd receives each partition in order. It returns
+    once every MPUB was acknowledged (or raises), so the result is the number
+    of records. A bad record (a :class:`ReplayError` from the iterator, a
+    missing key) stops the run after every record before it was published
+    and acknowledged; after a PublishError, what nsqd took is unknown.
+
+    Parameters:
+        spec: the topic's declaration (partitions, key, codec, pack); None: a plain JSON topic.
+        rate: records per second; 0 publishes as fast as nsqd accepts.
+        speed: pace by the records' ``ts`` (ns): ``"max"`` ignores it, a factor
+            replays at that multiple of the original pace (2 = twice as fast).
+        chunk: messages per MPUB.
+        on_progress: called with the number of records acknowledged so far.
+
+    Raises:
+        PublishError: nsqd refused a publish or could not be reached.
+        PartitionKeyError: a record of a partitioned topic has no usable key.
+        ValueError: both ``rate`` and ``speed`` are given, or either is invalid.
+    """
+    factor = parse_speed(speed)
+    if rate < 0 or (rate > 0 and factor is not None):
+        raise ValueError(f"pace by rate (>= 0) or by speed, not both: rate={rate!r}, speed={speed!r}")
+    spec = spec or TopicSpec()
+    pacer = _Pacer(rate, factor)
+    with _Sender(address, Router.for_spec(topic, spec), spec, chunk, on_progress) as sender:
+        try:
+            for record in records:
+                wait = pacer.wait(record)
+                if wait >= _MIN_SLEEP:
+                    sender.drain()  # nothing waits in a buffer while the producer sleeps
+                    time.sleep(wait)
+                sender.add(record)
+        except PublishError:
+            raise
+        except Exception:
+            sender.drain()  # a bad record stops the run with everything before it published
+            raise
+        sender.drain()
+        return sender.acked
+
+
+class _Pacer:
+    """Says how long to wait before a record is due: by rate (records/s) or by its ``ts`` and a speed."""
+
+    def __init__(self, rate: float, speed: float | None):
+        self.rate, self.speed = rate, speed
+        self.started: float | None = None
+        self.first_ts = 0
+        self.count = 0
+
+    def wait(self, record: dict) -> float:
+        if not self.rate and self.speed is None:
+            return 0.0
+        now = time.monotonic()
+        if self.started is None:
+            self.started, self.first_ts = now, self._ts(record) if self.speed else 0
+        if self.rate:
+            due = self.started + self.count / self.rate
+            self.count += 1
+        else:
+            due = self.started + (self._ts(record) - self.first_ts) / 1e9 / self.speed
+        return due - now
+
+    @staticmethod
+    def _ts(record: dict) -> int:
+        ts = record.get("ts")
+        if not isinstance(ts, int) or isinstance(ts, bool):
+            raise ValueError(f"pacing by speed needs an integer 'ts' in ns in every record: {record!r:.200}")
+        return ts
+
+
+class _Sender:
+    """Buffers records per physical topic and publishes them in pipelined MPUBs on one connection."""
+
+    def __init__(self, address: str, router: Router, spec: TopicSpec, chunk: int,
+                 on_progress: Callable[[int], None] | None):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, not {chunk!r}")
+        self.address, self.router, self.chunk, self.on_progress = address, router, chunk, on_progress
+        self.pack, self.encode = spec.pack, encoder(spec.codec)
+        self.buffers: dict[str, list[dict]] = {t: [] for t in router.topics}
+        self.pending: deque[tuple[int, int]] = deque()  # (messages, records) of each unanswered MPUB
+        self.acked = 0  # records acknowledged
+        self._counted = 0  # messages of self.pub.acked already turned into records
+        self.pub = NsqPublisher(address)
+        self.last_send = time.monotonic()
+
+    def __enter__(self) -> _Sender:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pub.close()
+
+    def add(self, record: dict) -> None:
+        topic = self.router.topic_of(record)
+        buffer = self.buffers[topic]
+        buffer.append(record)
+        if len(buffer) >= self.chunk * self.pack:
+            self._send(topic)
+
+    def drain(self) -> None:
+        """Send every buffered record and wait for all answers."""
+        for topic, buffer in self.buffers.items():
+            if buffer:
+                self._send(topic)
+        self.pub.flush()
+        self._count_acks()
+
+    def _send(self, topic: str) -> None:
+        records, self.buffers[topic] = self.buffers[topic], []
+        if self.pack > 1:
+            bodies = envelope.pack(records, self.pack)
+            sizes = [min(self.pack, len(records) - i) for i in range(0, len(records), self.pack)]
+        else:
+            bodies, sizes = [self.encode(r) for r in records], [1] * len(records)
+        self._keep_alive()
+        start = 0
+        for part in chunked(bodies, self.chunk):
+            self.pub.send_mpub(topic, part)
+            self.pending.append((len(part), sum(sizes[start:start + len(part)])))
+            start += len(part)
+        self.last_send = time.monotonic()
+        self._count_acks()
+
+    def _keep_alive(self) -> None:
+        # After a long pause nsqd may have dropped the connection: collect the
+        # answers already sent (nothing is then in flight) and reconnect.
+        if time.monotonic() - self.last_send < _IDLE_RECONNECT:
+            return
+        self.pub.flush()
+        self._count_acks()
+        self.pub.close()
+        self.pub, self._counted = NsqPublisher(self.address), 0
+
+    def _count_acks(self) -> None:
+        before = self.acked
+        while self.pending and self.pending[0][0] <= self.pub.acked - self._counted:
+            messages, records = self.pending.popleft()
+            self._counted += messages
+            self.acked += records
+        if self.on_progress and self.acked != before:
+            self.on_progress(self.acked)

@@ -1,0 +1,83 @@
+"""Keyed state: per-key seq order, duplicates, gaps, checkpoints."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.keyed import Checkpoint, Sequencer
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def ready_seqs(offer):
+    return [item for item in offer.ready]
+
+
+def test_in_order_records_are_ready_at_once_and_duplicates_dropped():
+    seq = Sequencer(gap_max_count=10, gap_max_ms=1000)
+    assert ready_seqs(seq.offer("A", 1, "a1")) == ["a1"]
+    assert ready_seqs(seq.offer("A", 2, "a2")) == ["a2"]
+    assert seq.offer("A", 2, "again").duplicate and seq.offer("A", 1, "again").duplicate
+    assert ready_seqs(seq.offer("B", 1, "b1")) == ["b1"]  # keys are independent
+    assert seq.state() == {"applied": {"A": 2, "B": 1}, "gaps": 0}
+
+
+def test_a_swap_is_reordered_and_a_duplicate_while_waiting_is_dropped():
+    seq = Sequencer(gap_max_count=10, gap_max_ms=1000)
+    seq.offer("A", 1, "a1")
+    assert seq.offer("A", 3, "a3").ready == []
+    assert seq.offer("A", 3, "a3 again").duplicate
+    assert seq.held_items() == ["a3"]
+    assert ready_seqs(seq.offer("A", 2, "a2")) == ["a2", "a3"]
+    assert seq.held_items() == [] and seq.gaps == 0
+
+
+def test_a_gap_is_given_up_after_its_time_or_its_count():
+    clock = Clock()
+    seq = Sequencer(gap_max_count=3, gap_max_ms=500, clock=clock)
+    seq.offer("A", 1, "a1")
+    seq.offer("A", 3, "a3")
+    clock.now = 0.4
+    assert seq.expire() == []
+    clock.now = 0.5
+    assert seq.expire() == ["a3"] and seq.gaps == 1  # seq 2 never came
+    seq.offer("A", 5, "a5")
+    seq.offer("A", 6, "a6")
+    assert ready_seqs(seq.offer("A", 7, "a7")) == ["a5", "a6", "a7"]  # 3 held: the gap (4) is given up
+    assert seq.gaps == 2 and seq.applied["A"] == 7
+
+
+def test_seq_far_behind_is_refused_not_taken_for_a_duplicate():
+    seq = Sequencer(gap_max_count=3, gap_max_ms=1000)
+    for n in range(1, 11):
+        seq.offer("A", n, n)
+    assert seq.offer("A", 8, "x").duplicate
+    refused = seq.offer("A", 2, "x").refused
+    assert "seq 2 of 'A' is 8 behind the last applied seq 10" in refused
+
+
+def test_checkpoint_round_trip_and_restore(tmp_path):
+    seq = Sequencer(gap_max_count=3, gap_max_ms=1000)
+    seq.offer("A", 1, 1)
+    seq.offer("A", 2, 2)
+    checkpoint = Checkpoint(tmp_path / "state" / "s-0.ckpt")
+    assert checkpoint.load() is None
+    checkpoint.save(seq.state(), b"handler-bytes")
+    state, handler = checkpoint.load()
+    assert handler == b"handler-bytes" and not (tmp_path / "state" / "s-0.ckpt.tmp").exists()
+    restored = Sequencer(gap_max_count=3, gap_max_ms=1000)
+    restored.restore(state)
+    assert restored.offer("A", 2, 2).duplicate and restored.offer("A", 3, 3).ready == [3]
+
+
+def test_a_checkpoint_of_another_version_is_an_error(tmp_path):
+    import msgpack
+    path = tmp_path / "x.ckpt"
+    path.write_bytes(msgpack.packb({"version": 99}))
+    with pytest.raises(ValueError, match="checkpoint version 99"):
+        Checkpoint(path).load()
