@@ -198,10 +198,11 @@ class Features:
         # One row per field: tolist() then builds 8 long lists, not a short list per tick.
         out = np.empty((len(FEATURE_FIELDS), len(rows)))
         st = self._state
+        feature_seqs = _feature_seqs(symbols, st.counts)  # before the kernel advances the counts
         _features_kernel(np.array(symbols, dtype=np.int64), np.array(prices), np.array(sizes),
                          self._alpha_fast, self._alpha_slow, st.prices, st.sizes, st.returns,
                          st.counts, st.ema_fast, st.ema_slow, out)
-        return {OUTPUT: _feature_records(batch.records, rows, prices, sizes, out)}
+        return {OUTPUT: _feature_records(batch.records, rows, prices, sizes, out, feature_seqs)}
 
     def _gather(self, batch: Batch) -> tuple[list[int], list[int], list[float], list[float]]:
         """Return the valid ticks' batch indices, symbol indices, prices and sizes; reject the others."""
@@ -268,14 +269,32 @@ class Features:
         self._index = {symbol: k for k, symbol in enumerate(symbols)}
 
 
+def _feature_seqs(symbols: list[int], counts: np.ndarray) -> list[int]:
+    """Number each valid tick's feature per symbol: 1, 2, 3 ... with no holes.
+
+    A rejected tick leaves a hole in the ticks' ``seq``; downstream keyed
+    stages sequence on ``feature_seq`` instead, so they never wait for it.
+    """
+    seen: dict[int, int] = {}
+    numbers = []
+    for s in symbols:
+        n = seen.get(s)
+        n = (int(counts[s]) if n is None else n) + 1
+        seen[s] = n
+        numbers.append(n)
+    return numbers
+
+
 def _feature_records(records: list[Record], rows: list[int], prices: list[float],
-                     sizes: list[float], out: np.ndarray) -> list[Record]:
+                     sizes: list[float], out: np.ndarray, feature_seqs: list[int]) -> list[Record]:
     """Build the output records from the valid ticks and the kernel's columns."""
     emitted = []
-    for i, price, size, r, fast, slow, mean, std, z, vwap, rv in zip(rows, prices, sizes, *out.tolist()):
+    columns = zip(rows, prices, sizes, feature_seqs, *out.tolist())
+    for i, price, size, fseq, r, fast, slow, mean, std, z, vwap, rv in columns:
         tick = records[i]
         emitted.append({
             "id": tick.get("id"), "ts": tick.get("ts"), "symbol": tick["symbol"], "seq": tick.get("seq"),
+            "feature_seq": fseq,
             "price": price, "size": size, "log_return": r, "ema_fast": fast, "ema_slow": slow,
             "mean": mean, "std": std, "zscore": z, "vwap": vwap, "rv": rv,
         })
@@ -296,23 +315,23 @@ def _parse_tick(record: object) -> tuple[str, float, float] | str:
     # Floats, the usual case, skip the call; the comparisons also refuse NaN.
     price = record.get("price", _MISSING)
     if type(price) is not float:
-        price = _int_as_float(price)
+        price = _as_float(price)
     if not 0.0 < price < math.inf:
         return _bad_field("price", record.get("price", _MISSING), "a finite number > 0")
     size = record.get("size", _MISSING)
     if type(size) is not float:
-        size = _int_as_float(size)
+        size = _as_float(size)
     if not 0.0 <= size < math.inf:
         return _bad_field("size", record.get("size", _MISSING), "a finite number >= 0")
     return symbol, price, size
 
 
-def _int_as_float(value: object) -> float:
-    """Return an int ``value`` as a float, and NaN for anything else (bools included) or a huge int."""
-    if type(value) is int:  # `type(...) is` keeps out bool, which subclasses int
+def _as_float(value: object) -> float:
+    """Return an int or a float subclass (numpy's float64) as a float; NaN for the rest, bools included."""
+    if isinstance(value, float) or type(value) is int:  # `type(...) is` keeps out bool, which subclasses int
         try:
             return float(value)
-        except OverflowError:
+        except OverflowError:  # an int beyond the float range
             pass
     return math.nan
 
@@ -339,12 +358,12 @@ def _checked_params(params: Mapping[str, Any]) -> tuple[float, float, int]:
     merged = {**DEFAULTS, **params}
     fast, slow, window = merged["ema_fast"], merged["ema_slow"], merged["window"]
     for name, span in (("ema_fast", fast), ("ema_slow", slow)):
-        if type(span) not in (int, float) or not math.isfinite(span) or span < 1:
-            raise ValueError(f"param {name!r} must be an EMA span, a number >= 1, got {span!r}")
+        if not 1.0 <= _as_float(span) < math.inf:
+            raise ValueError(f"param {name!r} must be an EMA span, a number >= 1, got {span!r:.60}")
     if not fast < slow:
         raise ValueError(f"param 'ema_fast' ({fast!r}) must be less than param 'ema_slow' ({slow!r})")
     if type(window) is not int or not 2 <= window <= MAX_WINDOW:
-        raise ValueError(f"param 'window' must be an integer from 2 to {MAX_WINDOW}, got {window!r}")
+        raise ValueError(f"param 'window' must be an integer from 2 to {MAX_WINDOW}, got {window!r:.60}")
     return fast, slow, window
 
 

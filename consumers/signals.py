@@ -175,7 +175,7 @@ def _parse_feature(record: object) -> tuple[str, float, float, float, float] | s
     for name in _NUMERIC_FIELDS:
         value = record.get(name, _MISSING)
         if type(value) is not float:  # floats, the usual case, skip the call
-            value = _int_as_float(value)
+            value = _as_float(value)
         if not -math.inf < value < math.inf:  # also false for NaN
             return _bad_field(name, record.get(name, _MISSING), "a finite number")
         values.append(value)
@@ -185,19 +185,19 @@ def _parse_feature(record: object) -> tuple[str, float, float, float, float] | s
     return symbol, price, fast, slow, z
 
 
-def _int_as_float(value: object) -> float:
-    """Return an int ``value`` as a float, and NaN for anything else (bools included) or a huge int."""
-    if type(value) is int:  # `type(...) is` keeps out bool, which subclasses int
+def _as_float(value: object) -> float:
+    """Return an int or a float subclass (numpy's float64) as a float; NaN for the rest, bools included."""
+    if isinstance(value, float) or type(value) is int:  # `type(...) is` keeps out bool, which subclasses int
         try:
             return float(value)
-        except OverflowError:
+        except OverflowError:  # an int beyond the float range
             pass
     return math.nan
 
 
 def _is_finite_number(value: object) -> bool:
     """Return True when ``value`` is an int or float (never a bool) with a finite float value."""
-    return -math.inf < (value if type(value) is float else _int_as_float(value)) < math.inf
+    return -math.inf < (value if type(value) is float else _as_float(value)) < math.inf
 
 
 def _bad_field(name: str, value: object, wanted: str) -> str:

@@ -38,6 +38,8 @@ class Offer:
 
     ready: list[Any] = field(default_factory=list)  # items to apply now, in order
     duplicate: bool = False
+    twin: bool = False  # a duplicate of a record still waiting: finish it when that one is applied
+    defer: bool = False  # ahead of the next seq: give it back to nsqd for a while (not held here)
     refused: str | None = None  # reason, when the record must be dead-lettered
 
 
@@ -56,19 +58,37 @@ class Sequencer:
         self.applied: dict[str, int] = {}
         self.gaps = 0
         self._held: dict[str, list[tuple[int, float, int, Any]]] = {}
+        self._twins: dict[tuple[str, int], list[Any]] = {}
+        self._ahead: dict[str, tuple[float, int]] = {}  # key -> (gap seen since, lowest deferred seq)
+        self.released_twins: list[Any] = []  # twins whose record was applied: the caller finishes them
         self._order = 0  # tie-breaker so items never get compared
 
-    def offer(self, key: str, seq: int, item: Any) -> Offer:
-        """Take one record; return the items that became ready (possibly none)."""
+    def offer(self, key: str, seq: int, item: Any, can_defer: bool = False) -> Offer:
+        """Take one record; return the items that became ready (possibly none).
+
+        With ``can_defer``, a record ahead of the next ``seq`` is not held here
+        but answered ``defer``: the caller gives it back to nsqd for a while.
+        Held records keep their messages in flight, and a replica holding as
+        many as its max_in_flight would starve: the very records it waits for
+        (a crashed replica's, back after msg_timeout) could not reach it.
+        """
         last = self.applied.get(key, 0)
         if seq <= last:
             if last - seq > self.gap_max_count:
                 return Offer(refused=f"seq {seq} of {key!r} is {last - seq} behind the last applied seq {last}, "
                                      f"more than gap_max_count {self.gap_max_count}")
             return Offer(duplicate=True)
+        if can_defer and seq > last + 1 and not self._held.get(key):
+            since, lowest = self._ahead.get(key, (self.clock(), seq))
+            self._ahead[key] = (since, min(lowest, seq))
+            return Offer(defer=True)
         held = self._held.setdefault(key, [])
         if any(s == seq for s, _, _, _ in held):
-            return Offer(duplicate=True)
+            # A copy of a record still waiting: nsqd redelivered it because the
+            # wait outlasted msg_timeout. Finishing this copy now would leave the
+            # waiting one as the only copy, in memory: it waits with it instead.
+            self._twins.setdefault((key, seq), []).append(item)
+            return Offer(duplicate=True, twin=True)
         self._order += 1
         heapq.heappush(held, (seq, self.clock(), self._order, item))
         ready = self._release(key)
@@ -79,24 +99,42 @@ class Sequencer:
     def expire(self) -> list[Any]:
         """Give up gaps that waited longer than ``gap_max_ms``; return the items released."""
         now, ready = self.clock(), []
+        for key, (since, lowest) in list(self._ahead.items()):
+            if now - since >= self.gap_max_s:  # the deferred records apply when they come back
+                self.gaps += lowest - self.applied.get(key, 0) - 1
+                self.applied[key] = lowest - 1
+                del self._ahead[key]
         for key, held in list(self._held.items()):
             while held and now - min(t for _, t, _, _ in held) >= self.gap_max_s:
                 ready += self._skip_gap(key)
         return ready
 
     def held_items(self) -> list[Any]:
-        """Every item waiting for a gap to fill."""
-        return [item for held in self._held.values() for _, _, _, item in held]
+        """Every item waiting for a gap to fill, twins included."""
+        return [item for held in self._held.values() for _, _, _, item in held] + \
+            [item for twins in self._twins.values() for item in twins]
+
+    def take_released_twins(self) -> list[Any]:
+        """The twins of records released since the last call."""
+        twins, self.released_twins = self.released_twins, []
+        return twins
 
     def _release(self, key: str) -> list[Any]:
         held, ready = self._held[key], []
         while held and held[0][0] == self.applied.get(key, 0) + 1:
             seq, _, _, item = heapq.heappop(held)
-            self.applied[key] = seq
+            self._applied(key, seq)
             ready.append(item)
+            self.released_twins += self._twins.pop((key, seq), [])
         if not held:
             del self._held[key]
         return ready
+
+    def _applied(self, key: str, seq: int) -> None:
+        self.applied[key] = seq
+        ahead = self._ahead.get(key)
+        if ahead is not None and seq + 1 >= ahead[1]:
+            del self._ahead[key]  # the gap below the deferred records is filled
 
     def _skip_gap(self, key: str) -> list[Any]:
         held = self._held[key]

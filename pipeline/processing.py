@@ -60,6 +60,7 @@ class Outcome:
     finish: list = field(default_factory=list)
     retry: list = field(default_factory=list)
     dead: list[Dead] = field(default_factory=list)
+    defer: list = field(default_factory=list)  # keyed: ahead of their key's next seq, back to nsqd for a while
 
     def emit(self, encoded: dict[str, list[bytes]]) -> None:
         for topic, bodies in encoded.items():
@@ -219,7 +220,7 @@ class _Pending:
 
     unit: Unit
     outstanding: int
-    finished: bool = False
+    finished: bool = False  # or deferred: answered either way
 
 
 class KeyedProcessor(BatchProcessor):
@@ -255,6 +256,9 @@ class KeyedProcessor(BatchProcessor):
         ready += self.sequencer.expire()
         self._apply_in_order(ready, outcome)
         touched += [p for _, p, _ in ready]
+        for _, pending, _ in self.sequencer.take_released_twins():  # their record is applied now
+            pending.outstanding -= 1
+            touched.append(pending)
         for pending in touched:
             if pending.outstanding == 0 and not pending.finished:
                 pending.finished = True
@@ -272,12 +276,17 @@ class KeyedProcessor(BatchProcessor):
             reason = f"field {self.key_field!r} must be a non-empty string, got {key!r:.60}"
         elif type(seq) is not int or seq < 1:
             reason = f"field {self.seq_field!r} must be a positive integer, got {seq!r:.60}"
-        offer = None if reason else self.sequencer.offer(key, seq, (record, pending, i))
+        offer = None if reason else self.sequencer.offer(key, seq, (record, pending, i),
+                                                          can_defer=not pending.unit.packed)
+        if offer is not None and offer.defer:
+            pending.finished = True  # answered with a deferred requeue instead
+            outcome.defer.append(pending.unit.message)
+            return []
         if offer is not None and offer.duplicate:
             self.duplicates += 1
         if offer is not None and offer.refused:
             reason = offer.refused
-        if reason or offer.duplicate:
+        if reason or (offer.duplicate and not offer.twin):
             pending.outstanding -= 1
         if reason:
             self._dead_record(outcome, pending, i, reason)

@@ -283,13 +283,20 @@ class StageSpec(_Spec):
                     " in `seq` order once, and checkpoints its state before it FINs.",
     )
     gap_max_count: int = Field(
-        1000, ge=1, le=100000,
+        100000, ge=1, le=10000000,
         description="Keyed stages: records held per key while waiting for a missing `seq`, before giving up on it.",
     )
-    gap_max_ms: int = Field(
-        2000, ge=0, le=600000,
-        description="Keyed stages: longest wait, in milliseconds, for a missing `seq` before it is counted as a gap.",
+    gap_max_ms: int | None = Field(
+        None, ge=1, le=3600000,
+        description="Keyed stages: longest wait, in milliseconds, for a missing `seq` before it is counted as a"
+                    " gap; must exceed msg_timeout, since a crashed replica's messages come back only after it"
+                    " (default: msg_timeout + 5 s).",
     )
+
+    @property
+    def gap_wait_ms(self) -> int:
+        """How long a keyed stage waits for a missing ``seq``."""
+        return self.gap_max_ms if self.gap_max_ms is not None else int(self.msg_timeout * 1000) + 5000
     params: dict[str, Any] = Field(
         default_factory=dict, description="Parameters of the stage, passed to a stage class as `context.params`.",
     )
@@ -312,6 +319,10 @@ class StageSpec(_Spec):
             reason = (f"batch.size {self.batch.size} is larger than max_in_flight {self.max_in_flight},"
                       " so a batch can never fill")
             problems.append((("batch", "size"), reason, self.batch.size))
+        if self.gap_max_ms is not None and self.gap_max_ms <= self.msg_timeout * 1000:
+            reason = (f"gap_max_ms {self.gap_max_ms} must exceed msg_timeout ({_num(self.msg_timeout)} s): the "
+                      "messages of a crashed replica come back only after msg_timeout")
+            problems.append((("gap_max_ms",), reason, self.gap_max_ms))
         if self.publish_timeout >= self.msg_timeout:
             reason = (f"publish_timeout {_num(self.publish_timeout)} must be less than"
                       f" msg_timeout {_num(self.msg_timeout)}")

@@ -49,6 +49,7 @@ LOOKUPD_POLL_INTERVAL = 10
 CONNECT_TIMEOUT = 30.0
 MAX_REQUEUE_DELAY = 3600.0
 GAP_CHECK_MS = 100  # how often a keyed stage looks for gaps that waited long enough
+DEFER_MS, MAX_DEFER_MS = 100, 1000  # requeue delay of a keyed record that came early, per attempt
 
 
 class Worker:
@@ -268,6 +269,12 @@ class Worker:
         outcome = self.processor.process(messages)
         for message in outcome.retry:
             self._requeue_backoff(message)
+        for message in outcome.defer:
+            # Ahead of its key's next seq: nsqd keeps it (durably, out of our
+            # in-flight window) until the records before it had their turn.
+            delay = min(DEFER_MS * message.attempts, MAX_DEFER_MS)
+            message.requeue(backoff=False, time_ms=delay)
+            self.stats["deferred"] += 1
         outputs = outcome.outputs
         if outcome.dead:
             outputs[self.dead_topic] = [self._dead_letter(dead) for dead in outcome.dead]
@@ -295,7 +302,7 @@ class Worker:
     # -- keyed state ---------------------------------------------------------
 
     def _new_sequencer(self) -> Sequencer:
-        return Sequencer(self.spec.gap_max_count, self.spec.gap_max_ms)
+        return Sequencer(self.spec.gap_max_count, self.spec.gap_wait_ms)
 
     def _restore_checkpoint(self) -> None:
         """Load the last checkpoint into the sequencer and the stage (as at a restart)."""

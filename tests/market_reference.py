@@ -67,9 +67,9 @@ def reference_features(ticks: Iterable[Tick], ema_fast: float = 12, ema_slow: fl
     out = {}
     for symbol, symbol_ticks in by_symbol.items():
         rows = symbol_features(symbol_ticks, ema_fast, ema_slow, window)
-        for tick, row in zip(symbol_ticks, rows):
+        for n, (tick, row) in enumerate(zip(symbol_ticks, rows), start=1):
             out[(symbol, tick["seq"])] = {
-                "id": tick["id"], "ts": tick["ts"], "symbol": symbol, "seq": tick["seq"],
+                "id": tick["id"], "ts": tick["ts"], "symbol": symbol, "seq": tick["seq"], "feature_seq": n,
                 "price": float(tick["price"]), "size": float(tick["size"]), **row,
             }
     return out

@@ -20,7 +20,7 @@ from pipeline.errors import HandlerLoadError
 from pipeline.stage import Batch, StageContext, load_handler
 
 TOLERANCE = 1e-9  # absolute plus relative
-TICK_FIELDS = ("id", "ts", "symbol", "seq", "price", "size")
+TICK_FIELDS = ("id", "ts", "symbol", "seq", "feature_seq", "price", "size")
 SMALL_WINDOW = {"ema_fast": 2.5, "ema_slow": 4, "window": 3}
 EVERY_SIGNAL = {("ema_crossover", "BUY"), ("ema_crossover", "SELL"),
                 ("zscore", "BUY"), ("zscore", "SELL"), ("zscore", "FLAT")}
@@ -148,10 +148,13 @@ def test_output_records_are_new_dicts_with_float_price_and_size():
     before = dict(tick)
     (out,), _ = run(Features(context()), [tick])
     assert tick == before
-    assert out == {"id": "a-1", "ts": 5, "symbol": "A", "seq": 1, "price": 10.0, "size": 3.0,
+    assert out == {"id": "a-1", "ts": 5, "symbol": "A", "seq": 1, "feature_seq": 1, "price": 10.0, "size": 3.0,
                    "log_return": 0.0, "ema_fast": 10.0, "ema_slow": 10.0, "mean": 10.0, "std": 0.0,
                    "zscore": 0.0, "vwap": 10.0, "rv": 0.0}
     assert type(out["price"]) is float and type(out["size"]) is float
+    # numpy scalars, from a caller feeding generated data directly, are numbers too
+    (out,), rejected = run(Features(context()), [dict(tick, price=np.float64(9.5), size=np.float64(2.0))])
+    assert rejected == {} and type(out["price"]) is float and out["price"] == 9.5
 
 
 # ---------------------------------------------------------------------------
@@ -333,6 +336,7 @@ def test_bad_feature_record_is_rejected_naming_the_field_and_changes_no_position
     (Features, {"ema_fast": -3}, "param 'ema_fast'"),
     (Features, {"ema_slow": float("nan")}, "param 'ema_slow'"),
     (Features, {"ema_slow": "26"}, "param 'ema_slow'"),
+    (Features, {"ema_slow": 10**400}, "param 'ema_slow'"),
     (Features, {"ema_fast": True}, "param 'ema_fast'"),
     (Features, {"ema_fast": 30}, "param 'ema_fast' (30) must be less than param 'ema_slow' (26)"),
     (Features, {"window": 1}, "param 'window' must be an integer from 2 to 100000, got 1"),
@@ -345,6 +349,7 @@ def test_bad_feature_record_is_rejected_naming_the_field_and_changes_no_position
     (Signals, {"z_exit": -1}, "param 'z_exit'"),
     (Signals, {"z_exit": 3.0}, "param 'z_exit' must be in [0, z_entry] = [0, 2.0], got 3.0"),
     (Signals, {"z_entry": "2"}, "param 'z_entry' must be a finite number"),
+    (Signals, {"z_entry": 10**400}, "param 'z_entry' must be a finite number"),
     (Signals, {"band": 0.1}, "unknown param(s) 'band'; Signals takes crossover_band, z_entry, z_exit"),
 ])
 def test_bad_params_are_refused_naming_the_param(stage, params, message):
@@ -359,3 +364,15 @@ def test_defaults_and_load_through_the_topology_handler_path():
     assert isinstance(load_handler("consumers.features:Features", context(window=20)), Features)
     with pytest.raises(HandlerLoadError, match="param 'z_entry'"):
         load_handler("consumers.signals:Signals", context(z_entry=-1))
+
+
+def test_feature_seq_has_no_holes_where_bad_ticks_were_rejected():
+    # A downstream keyed stage sequences on feature_seq: a hole would make it wait for a record that never comes.
+    from pipeline.stage import Batch, StageContext
+    stage = Features(StageContext("features", 0, Path("var")))
+    ticks = [{"id": f"t{n}", "ts": n, "symbol": "A", "seq": n, "price": 10.0 + n, "size": 1} for n in range(1, 6)]
+    ticks[2]["price"] = -1.0
+    batch = Batch(ticks)
+    out = stage(batch)["features"]
+    assert list(batch.rejected) == [2]
+    assert [(f["seq"], f["feature_seq"]) for f in out] == [(1, 1), (2, 2), (4, 3), (5, 4)]

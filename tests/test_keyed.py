@@ -27,13 +27,15 @@ def test_in_order_records_are_ready_at_once_and_duplicates_dropped():
     assert seq.state() == {"applied": {"A": 2, "B": 1}, "gaps": 0}
 
 
-def test_a_swap_is_reordered_and_a_duplicate_while_waiting_is_dropped():
+def test_a_swap_is_reordered_and_a_copy_of_a_waiting_record_waits_with_it():
     seq = Sequencer(gap_max_count=10, gap_max_ms=1000)
     seq.offer("A", 1, "a1")
     assert seq.offer("A", 3, "a3").ready == []
-    assert seq.offer("A", 3, "a3 again").duplicate
-    assert seq.held_items() == ["a3"]
-    assert ready_seqs(seq.offer("A", 2, "a2")) == ["a2", "a3"]
+    copy = seq.offer("A", 3, "a3 again")
+    assert copy.duplicate and copy.twin
+    assert seq.held_items() == ["a3", "a3 again"]
+    assert ready_seqs(seq.offer("A", 2, "a2")) == ["a2", "a3"]  # the copy is not applied twice
+    assert seq.take_released_twins() == ["a3 again"]
     assert seq.held_items() == [] and seq.gaps == 0
 
 
@@ -81,3 +83,17 @@ def test_a_checkpoint_of_another_version_is_an_error(tmp_path):
     path.write_bytes(msgpack.packb({"version": 99}))
     with pytest.raises(ValueError, match="checkpoint version 99"):
         Checkpoint(path).load()
+
+
+def test_an_early_record_can_be_deferred_and_its_gap_still_expires():
+    clock = Clock()
+    seq = Sequencer(gap_max_count=100, gap_max_ms=500, clock=clock)
+    seq.offer("A", 1, "a1")
+    assert seq.offer("A", 3, "a3", can_defer=True).defer  # nothing held: nsqd keeps it
+    assert seq.held_items() == []
+    assert seq.offer("A", 2, "a2", can_defer=True).ready == ["a2"]
+    assert seq.offer("A", 3, "a3", can_defer=True).ready == ["a3"]  # back from nsqd, now in order
+    assert seq.offer("A", 6, "a6", can_defer=True).defer
+    clock.now = 0.5
+    assert seq.expire() == [] and seq.gaps == 2 and seq.applied["A"] == 5  # 4 and 5 given up
+    assert seq.offer("A", 6, "a6", can_defer=True).ready == ["a6"]

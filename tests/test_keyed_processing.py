@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.codecs import decode, encode_json
+from pipeline.envelope import pack
 from pipeline.keyed import Sequencer
 from pipeline.middleware import MiddlewareStack
 from pipeline.processing import KeyedProcessor
@@ -43,20 +44,28 @@ def sums(outcome):
 
 def test_duplicates_and_swaps_do_not_change_the_state(tmp_path):
     p = keyed(tmp_path)
-    first = p.process([tick("A", 1, 10), tick("A", 3, 30), tick("A", 2, 20), tick("A", 2, 20)])
-    assert sums(first) == [("A", 1, 10), ("A", 2, 30), ("A", 3, 60)]
-    assert len(first.finish) == 4 and p.duplicates == 1
-    again = p.process([tick("A", 3, 30), tick("A", 4, 40)])  # a redelivered 3, then 4
-    assert sums(again) == [("A", 4, 100)]
+    early = tick("A", 3, 30)
+    first = p.process([tick("A", 1, 10), early, tick("A", 2, 20), tick("A", 2, 20)])
+    assert sums(first) == [("A", 1, 10), ("A", 2, 30)]
+    assert first.defer == [early] and early not in first.finish  # back to nsqd, not lost, not held
+    assert len(first.finish) == 3 and p.duplicates == 1
+    again = p.process([early, tick("A", 4, 40), tick("A", 3, 30)])  # 3 comes back, and a redelivered copy
+    assert sums(again) == [("A", 3, 60), ("A", 4, 100)] and len(again.finish) == 3
 
 
-def test_a_message_waiting_for_a_gap_is_finished_only_once_applied(tmp_path):
+def _packed(ticks):
+    message = Msg({})
+    message.body = pack([decode(t.body) for t in ticks], 100)[0]
+    return message
+
+
+def test_an_envelope_waiting_for_a_gap_is_held_and_finished_once_applied(tmp_path):
     p = keyed(tmp_path)
-    early = tick("A", 2, 20)
+    early = _packed([tick("A", 2, 20), tick("A", 3, 30)])
     outcome = p.process([early])
-    assert outcome.finish == [] and p.held_messages() == [early]
+    assert outcome.finish == [] and outcome.defer == [] and p.held_messages() == [early]
     later = p.process([tick("A", 1, 10)])
-    assert sums(later) == [("A", 1, 10), ("A", 2, 30)] and early in later.finish
+    assert sums(later) == [("A", 1, 10), ("A", 2, 30), ("A", 3, 60)] and early in later.finish
 
 
 def test_a_failing_record_is_dead_lettered_and_the_state_is_as_if_it_never_came(tmp_path):
@@ -74,3 +83,17 @@ def test_records_without_key_or_seq_are_dead_lettered(tmp_path):
     outcome = p.process([Msg({"id": "x", "seq": 1, "v": 1}), Msg({"id": "y", "key": "A", "seq": "1", "v": 1})])
     assert sorted(d.reason.split(" must")[0] for d in outcome.dead) == ["field 'key'", "field 'seq'"]
     assert sums(outcome) == []
+
+
+def test_a_redelivered_copy_of_a_waiting_record_is_finished_only_with_it(tmp_path):
+    # Regression: the copy nsqd redelivers after msg_timeout was finished as a duplicate while the
+    # waiting original existed only in memory; a crash then lost the record for good.
+    p = keyed(tmp_path)
+    waiting = _packed([tick("A", 2, 20)])
+    p.process([waiting])
+    copy = _packed([tick("A", 2, 20)])
+    assert p.process([copy]).finish == []
+    assert set(p.held_messages()) == {waiting, copy}
+    done = p.process([tick("A", 1, 10)])
+    assert sums(done) == [("A", 1, 10), ("A", 2, 30)]
+    assert waiting in done.finish and copy in done.finish and p.held_messages() == []

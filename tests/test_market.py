@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
 import random
+import threading
 
 import pytest
 import yaml
@@ -12,26 +14,29 @@ from market_reference import reference_features, reference_signals
 from nsqhttp import channel_stats, wait_until
 from pipeline import nsqd_http
 from pipeline.topology import load_topology
-from producers.ticks import produce_ticks, synthetic_ticks
+from producers.ticks import produce_ticks, replay_ticks, synthetic_ticks
 
 pytestmark = pytest.mark.integration
 PARTITIONS = 4
+KILL_TICKS = int(os.environ.get("NSQ_PIPELINE_KILL_TICKS", 200_000))
+REPLAY_SECONDS = 25
 FLOATS = ("price", "size", "log_return", "ema_fast", "ema_slow", "mean", "std", "zscore", "vwap", "rv")
 
 
-def market(tmp_path, nsqd, partitions=PARTITIONS):
+def market(tmp_path, nsqd, partitions=PARTITIONS, **stage):
     doc = {
         "nsq": {"nsqd": [{"name": "n0", "tcp": nsqd.tcp, "http": nsqd.http}], "var_dir": str(tmp_path / "var")},
         "topics": {"ticks": {"codec": "msgpack", "partitions": partitions, "key": "symbol"},
-                   "features": {"codec": "msgpack", "partitions": partitions, "key": "symbol"},
+                   "features": {"codec": "msgpack", "partitions": partitions, "key": "symbol",
+                                "seq": "feature_seq"},
                    "signals": {"codec": "json"}},
         "stages": {
             "features": {"handler": "consumers.features:Features", "input": "ticks", "channel": "features",
                          "outputs": ["features"], "keyed": True, "replicas": partitions,
-                         "batch": {"size": 64, "wait_ms": 2}, "params": {"window": 20}},
+                         "batch": {"size": 64, "wait_ms": 2}, "params": {"window": 20}, **stage},
             "signals": {"handler": "consumers.signals:Signals", "input": "features", "channel": "signals",
                         "outputs": ["signals"], "keyed": True, "replicas": partitions,
-                        "batch": {"size": 64, "wait_ms": 2}},
+                        "batch": {"size": 64, "wait_ms": 2}, **stage},
         },
     }
     path = tmp_path / "topology.yaml"
@@ -47,8 +52,7 @@ def start_market(topology, nsqd, workers: list) -> None:
     for stage in ("features", "signals"):
         w = Workers(topology.path, stage=stage)
         workers.append(w)
-        for k in range(PARTITIONS):
-            w.start(k)
+        w.replicas = [w.start(k) for k in range(PARTITIONS)]
     for stage, source in (("features", "ticks"), ("signals", "features")):
         for topic in topology.physical_topics(source):
             wait_until(lambda: len((channel_stats(nsqd.http, topic, stage) or {}).get("clients") or []) == 1, 60,
@@ -144,3 +148,68 @@ def test_bad_ticks_are_dead_lettered_and_leave_the_symbol_state_alone(nsqd, tmp_
     assert_features_equal(features, reference)  # the state of the victim ignores its bad ticks
     reasons = {d["reason"] for d in dead}
     assert any("'price'" in r for r in reasons) and any("'size'" in r for r in reasons)
+
+
+def test_state_stays_exact_while_replicas_are_sigkilled_during_a_replay(nsqd, tmp_path, workers):
+    # Given a 200,000-tick CSV replayed at full speed into 4 partitions
+    topology, outputs = market(tmp_path, nsqd, msg_timeout=3, publish_timeout=1)
+    ticks = list(synthetic_ticks(16, KILL_TICKS, seed=21, run_id="k"))
+    csv = tmp_path / "ticks.csv"
+    csv.write_text("ts,symbol,price,size\n" + "".join(
+        f"{t['ts']},{t['symbol']},{t['price']!r},{t['size']}\n" for t in ticks))
+    replayed = list(replay_ticks(csv, run_id="k"))
+    reference = reference_features(replayed, window=20)
+    expected_signals = reference_signals(sorted(reference.values(), key=lambda f: (f["symbol"], f["seq"])))
+    start_market(topology, nsqd, workers)
+    producer = threading.Thread(target=produce_ticks, args=(nsqd.tcp, "ticks", replayed), daemon=True,
+                                kwargs={"spec": topology.topics["ticks"], "rate": KILL_TICKS / REPLAY_SECONDS})
+
+    # When, during the replay, a random feature or signal replica is SIGKILLed every 1-3 s (seeded)
+    # and started again at once (as supervisord does)
+    kills = Killer(workers, seed=4)
+    producer.start()
+    kills.start()
+    try:
+        producer.join(REPLAY_SECONDS * 4)
+    finally:
+        kills.stop()
+    assert not producer.is_alive(), "the replay did not finish"
+    got = collect(nsqd.tcp, outputs, lambda g: len({f["id"] for f in split(g, outputs)[0]}) >= len(ticks)
+                  and len({s["id"] for s in split(g, outputs)[1]}) >= len(expected_signals), 300)
+
+    # Then, after de-duplicating by id, the outputs equal the reference
+    features, signals, dead = split(got, outputs)
+    assert not dead
+    unique_features = list({f["id"]: f for f in features}.values())
+    unique_signals = list({s["id"]: s for s in signals}.values())
+    print(f"\n{kills.count} SIGKILLs; duplicates: {len(features) - len(unique_features)} features, "
+          f"{len(signals) - len(unique_signals)} signals")
+    assert kills.count >= 3
+    assert_features_equal(unique_features, reference)
+    assert_signals_equal(unique_signals, expected_signals)
+
+
+class Killer:
+    """SIGKILLs a random replica every 1-3 s and starts it again, as supervisord would."""
+
+    def __init__(self, workers: list, seed: int):
+        self.workers, self.rng = workers, random.Random(seed)
+        self.count, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.rng.uniform(1.0, 3.0)):
+            w = self.rng.choice(self.workers)
+            replica = self.rng.randrange(PARTITIONS)
+            proc = w.replicas[replica]
+            proc.kill()
+            proc.wait(10)
+            w.replicas[replica] = w.start(replica)
+            self.count += 1
