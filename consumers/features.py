@@ -57,7 +57,7 @@ import msgpack
 import numpy as np
 from numba import njit
 
-from pipeline.stage import Batch, Record, StageContext
+from pipeline.stage import MISSING, Batch, Record, StageContext, describe, field_error, merge_params
 
 __all__ = ["Features", "FEATURE_FIELDS", "warm_up"]
 
@@ -68,7 +68,6 @@ DEFAULTS: Mapping[str, Any] = {"ema_fast": 12, "ema_slow": 26, "window": 50}
 MAX_WINDOW = 100_000  # the ring holds window floats x 3 per symbol, and each tick reads it
 SNAPSHOT_FORMAT = "consumers.features/1"
 _INITIAL_CAPACITY = 16
-_MISSING = object()
 
 
 # ---------------------------------------------------------------------------
@@ -308,21 +307,21 @@ def _feature_records(records: list[Record], rows: list[int], prices: list[float]
 def _parse_tick(record: object) -> tuple[str, float, float] | str:
     """Return a tick's (symbol, price, size), or the reason it cannot be used."""
     if not isinstance(record, dict):
-        return f"record must be an object with symbol, price and size, got {_describe(record)}"
-    symbol = record.get("symbol", _MISSING)
+        return f"record must be an object with symbol, price and size, got {describe(record)}"
+    symbol = record.get("symbol", MISSING)
     if type(symbol) is not str or not symbol:
-        return _bad_field("symbol", symbol, "a non-empty string")
+        return field_error("symbol", symbol, "a non-empty string")
     # Floats, the usual case, skip the call; the comparisons also refuse NaN.
-    price = record.get("price", _MISSING)
+    price = record.get("price", MISSING)
     if type(price) is not float:
         price = _as_float(price)
     if not 0.0 < price < math.inf:
-        return _bad_field("price", record.get("price", _MISSING), "a finite number > 0")
-    size = record.get("size", _MISSING)
+        return field_error("price", record.get("price", MISSING), "a finite number > 0")
+    size = record.get("size", MISSING)
     if type(size) is not float:
         size = _as_float(size)
     if not 0.0 <= size < math.inf:
-        return _bad_field("size", record.get("size", _MISSING), "a finite number >= 0")
+        return field_error("size", record.get("size", MISSING), "a finite number >= 0")
     return symbol, price, size
 
 
@@ -336,26 +335,13 @@ def _as_float(value: object) -> float:
     return math.nan
 
 
-def _bad_field(name: str, value: object, wanted: str) -> str:
-    """Say why field ``name`` holding ``value`` is not ``wanted``."""
-    if value is _MISSING:
-        return f"field {name!r} is missing"
-    return f"field {name!r} must be {wanted}, got {_describe(value)}"
 
 
-def _describe(value: object) -> str:
-    """Return ``value``'s type name and a repr cut to about 60 characters."""
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10**60 else "<huge int>"
-    return f"{type(value).__name__} {text[:57] + '...' if len(text) > 60 else text}"
 
 
 def _checked_params(params: Mapping[str, Any]) -> tuple[float, float, int]:
     """Return (ema_fast, ema_slow, window) from ``params`` with defaults, or raise ValueError."""
-    unknown = sorted(set(params) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown param(s) {', '.join(map(repr, unknown))}; "
-                         f"Features takes {', '.join(DEFAULTS)}")
-    merged = {**DEFAULTS, **params}
+    merged = merge_params(params, DEFAULTS, "Features")
     fast, slow, window = merged["ema_fast"], merged["ema_slow"], merged["window"]
     for name, span in (("ema_fast", fast), ("ema_slow", slow)):
         if not 1.0 <= _as_float(span) < math.inf:

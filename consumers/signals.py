@@ -49,7 +49,7 @@ from typing import Any, Mapping
 
 import msgpack
 
-from pipeline.stage import Batch, Record, StageContext
+from pipeline.stage import MISSING, Batch, Record, StageContext, field_error, merge_params
 
 __all__ = ["Signals", "crossover_position", "zscore_position"]
 
@@ -60,7 +60,6 @@ RULES = ("ema_crossover", "zscore")
 DEFAULTS: Mapping[str, Any] = {"crossover_band": 0.0005, "z_entry": 2.0, "z_exit": 0.5}
 SNAPSHOT_FORMAT = "consumers.signals/1"
 _NUMERIC_FIELDS = ("price", "ema_fast", "ema_slow", "zscore")
-_MISSING = object()
 
 
 def crossover_position(ema_fast: float, ema_slow: float, band: float, previous: str) -> str:
@@ -168,20 +167,20 @@ def _parse_feature(record: object) -> tuple[str, float, float, float, float] | s
     """Return a feature record's (symbol, price, ema_fast, ema_slow, zscore), or why it cannot be used."""
     if not isinstance(record, dict):
         return f"record must be an object with symbol and features, got {type(record).__name__}"
-    symbol = record.get("symbol", _MISSING)
+    symbol = record.get("symbol", MISSING)
     if type(symbol) is not str or not symbol:
-        return _bad_field("symbol", symbol, "a non-empty string")
+        return field_error("symbol", symbol, "a non-empty string")
     values = []
     for name in _NUMERIC_FIELDS:
-        value = record.get(name, _MISSING)
+        value = record.get(name, MISSING)
         if type(value) is not float:  # floats, the usual case, skip the call
             value = _as_float(value)
         if not -math.inf < value < math.inf:  # also false for NaN
-            return _bad_field(name, record.get(name, _MISSING), "a finite number")
+            return field_error(name, record.get(name, MISSING), "a finite number")
         values.append(value)
     price, fast, slow, z = values
     if not slow > 0.0:
-        return _bad_field("ema_slow", record["ema_slow"], "a finite number > 0")
+        return field_error("ema_slow", record["ema_slow"], "a finite number > 0")
     return symbol, price, fast, slow, z
 
 
@@ -200,21 +199,11 @@ def _is_finite_number(value: object) -> bool:
     return -math.inf < (value if type(value) is float else _as_float(value)) < math.inf
 
 
-def _bad_field(name: str, value: object, wanted: str) -> str:
-    """Say why field ``name`` holding ``value`` is not ``wanted``."""
-    if value is _MISSING:
-        return f"field {name!r} is missing"
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10**60 else "<huge int>"
-    return f"field {name!r} must be {wanted}, got {type(value).__name__} {text[:60]}"
 
 
 def _checked_params(params: Mapping[str, Any]) -> tuple[float, float, float]:
     """Return (crossover_band, z_entry, z_exit) from ``params`` with defaults, or raise ValueError."""
-    unknown = sorted(set(params) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown param(s) {', '.join(map(repr, unknown))}; "
-                         f"Signals takes {', '.join(DEFAULTS)}")
-    merged = {**DEFAULTS, **params}
+    merged = merge_params(params, DEFAULTS, "Signals")
     for name, value in merged.items():
         if not _is_finite_number(value):
             raise ValueError(f"param {name!r} must be a finite number, got {value!r:.60}")

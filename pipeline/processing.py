@@ -153,17 +153,8 @@ class BatchProcessor:
         Raises:
             Failed: the handler raised, or emitted something unpublishable.
         """
-        records = [r for u in units for r in u.records]
-        batch = Batch(records, stage=self.name)
-        self.middleware.emit_before("before_process_batch", self.worker, batch)
-        try:
-            emitted = self.handler(batch) or {}
-        except Exception as e:
-            self.on_error(len(records), e)
-            self.middleware.emit_after("after_process_batch", self.worker, batch, result=None, exception=e)
-            raise Failed(f"handler raised {type(e).__name__}: {e}", permanent=False) from e
-        self.middleware.emit_after("after_process_batch", self.worker, batch, result=emitted, exception=None)
-        outcome.emit(self._encode(emitted))
+        batch, encoded = self._run_handler([r for u in units for r in u.records], permanent=False)
+        outcome.emit(encoded)
         if batch.rejected:
             owners = [(u, i) for u in units for i in range(len(u.records))]
             for index, reason in sorted(batch.rejected.items()):
@@ -174,6 +165,23 @@ class BatchProcessor:
                     outcome.dead.append(Dead(unit.message, reason, unit.message.body))
         if finish:
             outcome.finish.extend(u.message for u in units)
+
+    def _run_handler(self, records: list[dict], permanent: bool) -> tuple[Batch, dict[str, list[bytes]]]:
+        """Call the handler with the middleware hooks around it; return the batch and its encoded outputs.
+
+        Raises:
+            Failed: the handler raised (``permanent`` as given), or emitted something unpublishable.
+        """
+        batch = Batch(records, stage=self.name)
+        self.middleware.emit_before("before_process_batch", self.worker, batch)
+        try:
+            emitted = self.handler(batch) or {}
+        except Exception as e:
+            self.on_error(len(records), e)
+            self.middleware.emit_after("after_process_batch", self.worker, batch, result=None, exception=e)
+            raise Failed(f"handler raised {type(e).__name__}: {e}", permanent=permanent) from e
+        self.middleware.emit_after("after_process_batch", self.worker, batch, result=emitted, exception=None)
+        return batch, self._encode(emitted)
 
     def _encode(self, emitted) -> dict[str, list[bytes]]:
         encoded: dict[str, list[bytes]] = {}
@@ -316,16 +324,8 @@ class KeyedProcessor(BatchProcessor):
                 self._dead_record(outcome, item[1], item[2], failure.reason + " (keyed stages do not retry)")
 
     def _apply_records(self, records: list[dict], items: list, outcome: Outcome) -> None:
-        batch = Batch(records, stage=self.name)
-        self.middleware.emit_before("before_process_batch", self.worker, batch)
-        try:
-            emitted = self.handler(batch) or {}
-        except Exception as e:
-            self.on_error(len(records), e)
-            self.middleware.emit_after("after_process_batch", self.worker, batch, result=None, exception=e)
-            raise Failed(f"handler raised {type(e).__name__}: {e}", permanent=True) from e
-        self.middleware.emit_after("after_process_batch", self.worker, batch, result=emitted, exception=None)
-        outcome.emit(self._encode(emitted))
+        batch, encoded = self._run_handler(records, permanent=True)
+        outcome.emit(encoded)
         for index, (_, pending, i) in enumerate(items):
             pending.outstanding -= 1
             if index in batch.rejected:

@@ -92,6 +92,34 @@ class StatefulStage(Protocol):
     def restore(self, data: bytes) -> None: ...
 
 
+MISSING: Any = object()  # what record.get(name, MISSING) returns for an absent field
+
+
+def describe(value: object) -> str:
+    """A value's type name and a repr cut to about 60 characters, for rejection reasons."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**60 else "<huge int>"
+    return f"{type(value).__name__} {text[:57] + '...' if len(text) > 60 else text}"
+
+
+def field_error(name: str, value: object, wanted: str) -> str:
+    """The rejection reason for field ``name`` holding ``value`` (or :data:`MISSING`) instead of ``wanted``."""
+    if value is MISSING:
+        return f"field {name!r} is missing"
+    return f"field {name!r} must be {wanted}, got {describe(value)}"
+
+
+def merge_params(params: Mapping[str, Any], defaults: Mapping[str, Any], stage: str) -> dict[str, Any]:
+    """The stage's params over its defaults.
+
+    Raises:
+        ValueError: a param the stage does not take (naming the ones it does).
+    """
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown param(s) {', '.join(map(repr, unknown))}; {stage} takes {', '.join(defaults)}")
+    return {**defaults, **params}
+
+
 def load_handler(path: str, context: StageContext | None = None) -> Handler:
     """Import the stage named by ``module.path:name``: a function, or a class built with ``context``.
 

@@ -49,7 +49,7 @@ LOOKUPD_POLL_INTERVAL = 10
 CONNECT_TIMEOUT = 30.0
 MAX_REQUEUE_DELAY = 3600.0
 GAP_CHECK_MS = 100  # how often a keyed stage looks for gaps that waited long enough
-DEFER_MS, MAX_DEFER_MS = 100, 1000  # requeue delay of a keyed record that came early, per attempt
+DEFER_MS, MAX_DEFER_MS = 250, 5000  # requeue delay of a keyed record that came early, per attempt
 
 
 class Worker:
@@ -269,6 +269,8 @@ class Worker:
         outcome = self.processor.process(messages)
         for message in outcome.retry:
             self._requeue_backoff(message)
+        if self.checkpoint is not None:
+            self._report_gaps()
         for message in outcome.defer:
             # Ahead of its key's next seq: nsqd keeps it (durably, out of our
             # in-flight window) until the records before it had their turn.
@@ -325,6 +327,14 @@ class Worker:
         """
         self._requeue_now(self.processor.held_messages())
         self._restore_checkpoint()
+
+    def _report_gaps(self) -> None:
+        gaps = self.processor.sequencer.gaps
+        if gaps > self.stats["gaps"]:
+            log.warning("stage %s replica %d: gave up %d missing seq(s) after waiting %d ms (%d in all); state now "
+                        "differs from a run that had them", self.name, self.replica, gaps - self.stats["gaps"],
+                        self.spec.gap_wait_ms, gaps)
+            self.stats["gaps"] = gaps
 
     def _expire_gaps(self) -> None:
         if not self.draining and self.processor.sequencer.held_items():
