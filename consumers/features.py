@@ -57,7 +57,7 @@ import msgpack
 import numpy as np
 from numba import njit
 
-from pipeline.stage import MISSING, Batch, Record, StageContext, describe, field_error, merge_params
+from pipeline.stage import MISSING, Batch, Record, StageContext, as_float, describe, field_error, merge_params
 
 __all__ = ["Features", "FEATURE_FIELDS", "warm_up"]
 
@@ -314,25 +314,17 @@ def _parse_tick(record: object) -> tuple[str, float, float] | str:
     # Floats, the usual case, skip the call; the comparisons also refuse NaN.
     price = record.get("price", MISSING)
     if type(price) is not float:
-        price = _as_float(price)
+        price = as_float(price)
     if not 0.0 < price < math.inf:
         return field_error("price", record.get("price", MISSING), "a finite number > 0")
     size = record.get("size", MISSING)
     if type(size) is not float:
-        size = _as_float(size)
+        size = as_float(size)
     if not 0.0 <= size < math.inf:
         return field_error("size", record.get("size", MISSING), "a finite number >= 0")
     return symbol, price, size
 
 
-def _as_float(value: object) -> float:
-    """Return an int or a float subclass (numpy's float64) as a float; NaN for the rest, bools included."""
-    if isinstance(value, float) or type(value) is int:  # `type(...) is` keeps out bool, which subclasses int
-        try:
-            return float(value)
-        except OverflowError:  # an int beyond the float range
-            pass
-    return math.nan
 
 
 
@@ -344,7 +336,7 @@ def _checked_params(params: Mapping[str, Any]) -> tuple[float, float, int]:
     merged = merge_params(params, DEFAULTS, "Features")
     fast, slow, window = merged["ema_fast"], merged["ema_slow"], merged["window"]
     for name, span in (("ema_fast", fast), ("ema_slow", slow)):
-        if not 1.0 <= _as_float(span) < math.inf:
+        if not 1.0 <= as_float(span) < math.inf:
             raise ValueError(f"param {name!r} must be an EMA span, a number >= 1, got {span!r:.60}")
     if not fast < slow:
         raise ValueError(f"param 'ema_fast' ({fast!r}) must be less than param 'ema_slow' ({slow!r})")

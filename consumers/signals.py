@@ -49,7 +49,7 @@ from typing import Any, Mapping
 
 import msgpack
 
-from pipeline.stage import MISSING, Batch, Record, StageContext, field_error, merge_params
+from pipeline.stage import MISSING, Batch, Record, StageContext, as_float, field_error, merge_params
 
 __all__ = ["Signals", "crossover_position", "zscore_position"]
 
@@ -174,7 +174,7 @@ def _parse_feature(record: object) -> tuple[str, float, float, float, float] | s
     for name in _NUMERIC_FIELDS:
         value = record.get(name, MISSING)
         if type(value) is not float:  # floats, the usual case, skip the call
-            value = _as_float(value)
+            value = as_float(value)
         if not -math.inf < value < math.inf:  # also false for NaN
             return field_error(name, record.get(name, MISSING), "a finite number")
         values.append(value)
@@ -184,19 +184,11 @@ def _parse_feature(record: object) -> tuple[str, float, float, float, float] | s
     return symbol, price, fast, slow, z
 
 
-def _as_float(value: object) -> float:
-    """Return an int or a float subclass (numpy's float64) as a float; NaN for the rest, bools included."""
-    if isinstance(value, float) or type(value) is int:  # `type(...) is` keeps out bool, which subclasses int
-        try:
-            return float(value)
-        except OverflowError:  # an int beyond the float range
-            pass
-    return math.nan
 
 
 def _is_finite_number(value: object) -> bool:
     """Return True when ``value`` is an int or float (never a bool) with a finite float value."""
-    return -math.inf < (value if type(value) is float else _as_float(value)) < math.inf
+    return -math.inf < (value if type(value) is float else as_float(value)) < math.inf
 
 
 

@@ -91,15 +91,10 @@ class BatchProcessor:
         """Decode, run the handler and encode; decide each message's fate."""
         outcome = Outcome()
         units, suspects = [], []
-        for message in messages:
-            try:
-                unit = self._decode(message)
-            except DecodeError as e:
-                self._dead_message(outcome, message, e.reason)
-                continue
+        for unit in self._decode_all(messages, outcome):
             # A message past max_tries was last seen by a worker that died or
             # timed out on it: it runs alone so it cannot take a batch down.
-            (suspects if message.attempts > self.spec.max_tries else units).append(unit)
+            (suspects if unit.message.attempts > self.spec.max_tries else units).append(unit)
         if units:
             try:
                 self._apply(units, outcome)
@@ -111,6 +106,16 @@ class BatchProcessor:
         for unit in suspects:
             self._isolate(unit, outcome)
         return outcome
+
+    def _decode_all(self, messages: list, outcome: Outcome) -> list[Unit]:
+        """Decode every message; an undecodable one is dead-lettered whole."""
+        units = []
+        for message in messages:
+            try:
+                units.append(self._decode(message))
+            except DecodeError as e:
+                self._dead_message(outcome, message, e.reason)
+        return units
 
     @staticmethod
     def _decode(message) -> Unit:
@@ -251,12 +256,7 @@ class KeyedProcessor(BatchProcessor):
         outcome = Outcome()
         touched: list[_Pending] = []
         ready: list[tuple[dict, _Pending, int]] = []
-        for message in messages:
-            try:
-                unit = self._decode(message)
-            except DecodeError as e:
-                self._dead_message(outcome, message, e.reason)
-                continue
+        for unit in self._decode_all(messages, outcome):
             pending = _Pending(unit, len(unit.records))
             touched.append(pending)
             for i, record in enumerate(unit.records):

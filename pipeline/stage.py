@@ -23,6 +23,7 @@ that keeps failing). A record that can never succeed (bad input) is passed to
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
@@ -99,6 +100,16 @@ def describe(value: object) -> str:
     """A value's type name and a repr cut to about 60 characters, for rejection reasons."""
     text = repr(value) if not isinstance(value, int) or abs(value) < 10**60 else "<huge int>"
     return f"{type(value).__name__} {text[:57] + '...' if len(text) > 60 else text}"
+
+
+def as_float(value: object) -> float:
+    """An int or a float (numpy's float64 too) as a float; NaN for anything else, bools included."""
+    if isinstance(value, float) or type(value) is int:  # `type(...) is` keeps out bool, which subclasses int
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the float range
+            pass
+    return math.nan
 
 
 def field_error(name: str, value: object, wanted: str) -> str:
