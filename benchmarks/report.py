@@ -16,6 +16,13 @@ from rich.table import Table
 DRAIN_METRICS = ("records_per_s", "seconds", "cpu_s_per_million", "nsqd_cpu_s_per_million", "peak_rss_mb",
                  "startup_cpu_s", "nsqd_peak_rss_mb")
 RESTART_METRICS = ("seconds",)
+TICKS_METRICS = ("input_rate", "feature_p50_ms", "feature_p99_ms", "feature_p999_ms", "signal_p50_ms",
+                 "signal_p99_ms", "signal_p999_ms", "backlog_at_end", "caught_up_s", "peak_rss_mb")
+TICKS_HEADER = ("figure", "ticks", "runs", "input ticks/s", "tick->feature ms p50 / p99 / p99.9",
+                "tick->signal ms p50 / p99 / p99.9", "backlog at end", "kept up", "worker peak RSS MB")
+#: The issue's latency target: tick -> signal p99 at this rate with 4 partitions.
+TICKS_TARGET_MS = 10.0
+TICKS_TARGET_RATE = 20_000
 #: (numerator, denominator): records/s medians compared in the report.
 RATIOS = (("primes2", "nsq_to_nsq"), ("primes2", "textbook2"), ("primes1", "textbook1"), ("batched", "primes2"))
 HEADER = ("contender", "records", "runs", "records/s", "drain s", "CPU s/M rec", "nsqd CPU s/M", "peak RSS MB")
@@ -28,12 +35,18 @@ _COLUMNS = (("records_per_s", "{:,.0f}"), ("seconds", "{:.2f}"), ("cpu_s_per_mil
 
 
 def summarize(samples: Sequence[dict], metrics: Sequence[str]) -> dict:
-    """Return ``{metric: {"median", "min", "max"}}`` over ``samples`` (empty without samples)."""
+    """Return ``{metric: {"median", "min", "max"}}`` over ``samples`` (empty without samples).
+
+    A sample without a value for a metric (None: e.g. no signal came out of a tiny run) is left out
+    of that metric; a metric no sample has is left out.
+    """
     if not samples:
         return {}
     summary = {}
     for metric in metrics:
-        values = [s[metric] for s in samples]
+        values = [s[metric] for s in samples if s.get(metric) is not None]
+        if not values:
+            continue
         summary[metric] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     return summary
 
@@ -68,7 +81,61 @@ def targets(results: dict) -> list[dict]:
         ("worker peak RSS MB (worst run)", max(rss) if rss else None, "<=", 200, "{:.0f}"),
         ("restart-to-consuming s", median(results, "restart", "seconds"), "<=", 2, "{:.2f}"),
     ]
-    return [_check(*check) for check in checks]
+    return [_check(*check) for check in checks] + [ticks_target(results)]
+
+
+def ticks_target(results: dict) -> dict:
+    """tick -> signal p99 (median over runs) <= 10 ms at 20,000 ticks/s with 4 partitions."""
+    entry = results["contenders"].get("ticks") or {}
+    name = "ticks tick->signal p99"
+    target = f"<= {TICKS_TARGET_MS:g} ms at {TICKS_TARGET_RATE:,} ticks/s with 4 partitions"
+    measured = median(results, "ticks", "signal_p99_ms")
+    if measured is None or entry.get("rate") != TICKS_TARGET_RATE:
+        why = (f"measured at {entry['rate']:,.0f} ticks/s, not {TICKS_TARGET_RATE:,}" if measured is not None
+               else "not measured in this run")
+        return {"name": name, "target": target, "measured": measured, "status": "not measured", "detail": why}
+    diff = measured - TICKS_TARGET_MS
+    detail = (f"{measured:.1f} ms, {abs(diff):.1f} ms {'under' if diff <= 0 else 'over'} the target "
+              f"({diff / TICKS_TARGET_MS:+.0%})")
+    samples = entry.get("samples") or []
+    behind = sum(1 for s in samples if not s["kept_up"])
+    rate = median(results, "ticks", "input_rate")
+    detail += f"; achieved input {rate:,.0f} ticks/s" if rate is not None else ""
+    if behind:
+        detail += f"; the pipeline did not keep up in {behind} of {len(samples)} runs"
+    return {"name": name, "target": target, "measured": measured,
+            "status": "PASS" if diff <= 0 else "MISS", "detail": detail}
+
+
+def ms(value: float | None) -> str:
+    """A latency in ms, or "—" when there is none (no signal in a tiny run)."""
+    return "—" if value is None else f"{value:.1f}"
+
+
+def ticks_rows(results: dict, sep: str = " ") -> list[tuple[str, ...]]:
+    """The ticks figure's row, in :data:`TICKS_HEADER` order (none when it did not run)."""
+    rows = []
+    for name, entry in results["contenders"].items():
+        if entry["kind"] != "ticks":
+            continue
+        summary, samples = entry["summary"], entry["samples"]
+        runs = f"{len(samples)}/{entry['repeats']}"
+
+        def trio(kind: str) -> str:
+            return " / ".join(_figure(summary, f"{kind}_{p}_ms", "{:.1f}", sep) for p in ("p50", "p99", "p999"))
+
+        behind = sum(1 for s in samples if not s["kept_up"])
+        kept = "—" if not samples else ("yes" if not behind else
+                                        f"NO in {behind}/{len(samples)} runs: latency grows with the backlog")
+        peaks: dict[str, float] = {}
+        for s in samples:
+            for worker, mb in s["worker_peak_rss_mb"].items():
+                stage = worker.rpartition("-")[0]
+                peaks[stage] = max(peaks.get(stage, 0.0), mb)
+        rss = ", ".join(f"{stage} {mb:.0f}" for stage, mb in peaks.items()) or "—"
+        rows.append((name, f"{entry['records']:,}", runs, _figure(summary, "input_rate", "{:,.0f}", sep),
+                     trio("feature"), trio("signal"), _figure(summary, "backlog_at_end", "{:,.0f}", sep), kept, rss))
+    return rows
 
 
 def _check(name: str, measured: float | None, op: str, target: float, fmt: str) -> dict:
@@ -123,6 +190,8 @@ def other_lines(results: dict) -> list[str]:
         if entry["kind"] == "restart":
             runs = f"{len(entry['samples'])}/{entry['repeats']} runs"
             lines.append(f"{name}: {entry['label']}: {_figure(entry['summary'], 'seconds', '{:.2f}')} s ({runs})")
+        elif entry["kind"] == "ticks":
+            lines.append(f"{name} = {entry['label']} ({len(entry['samples'])}/{entry['repeats']} runs)")
         elif entry["status"] == "not available yet":
             lines.append(f"{name}: {entry['label']}: not available yet")
         for error in entry.get("errors", []):
@@ -136,9 +205,20 @@ def print_report(results: dict, console: Console) -> None:
                   box=box.SIMPLE_HEAD)
     for i, column in enumerate(TERMINAL_HEADER):
         table.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
-    for row in drain_rows(results, sep="\n"):
+    drains = drain_rows(results, sep="\n")
+    for row in drains:
         table.add_row(row[0], row[1], *row[3:])
-    console.print(table)
+    if drains or not ticks_rows(results):
+        console.print(table)
+    rows = ticks_rows(results, sep="\n")
+    if rows:
+        ticks_table = Table(title="Tick latency: median (min–max) over runs", box=box.SIMPLE_HEAD)
+        for i, column in enumerate(TICKS_HEADER):
+            ticks_table.add_column(column.replace(" ms ", " ms\n"), justify="left" if i == 0 else "right",
+                                   overflow="fold")
+        for row in rows:
+            ticks_table.add_row(*row)
+        console.print(ticks_table)
     for line in legend(results):
         console.print(line, style="dim", highlight=False)
     for line in other_lines(results):
@@ -157,6 +237,10 @@ def markdown(results: dict) -> str:
              "Figures are the median of the runs, with the range (min–max) in parentheses.", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in drain_rows(results)]
+    rows = ticks_rows(results)
+    if rows:
+        lines += ["", "## Tick latency", "", "| " + " | ".join(TICKS_HEADER) + " |", "|" + "---|" * len(TICKS_HEADER)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", *(f"- {line}" for line in legend(results) + other_lines(results)), "", "## Ratios", ""]
     for r in results["ratios"]:
         value = f"{r['value']:.2f}x" if r["value"] else "not measured"

@@ -34,9 +34,9 @@ from pipeline.errors import PipelineError
 from pipeline.install import nsq_binary
 from producers.numbers import number_records
 
-from . import drain, report, restart
+from . import drain, report, restart, ticks
 from .contenders import (ALL_NAMES, BATCHED_BATCH, BATCHED_COUNT, BATCHED_PACK, DRAIN_CONTENDERS, PENDING,
-                         RESTART, STAGE_BATCH, STAGE_MAX_IN_FLIGHT)
+                         RESTART, STAGE_BATCH, STAGE_MAX_IN_FLIGHT, TICKS)
 from .procstat import load_average, machine_info
 
 TABLE_WIDTH = 120
@@ -76,6 +76,24 @@ RULES = (
     "message); nsq_to_nsq --max-in-flight=2500 copying to prime; primes stage: "
     f"max_in_flight {STAGE_MAX_IN_FLIGHT}, batch size {STAGE_BATCH['size']}, "
     f"wait {STAGE_BATCH['wait_ms']} ms, started as `pipeline worker primes --replica k`.",
+    f"ticks (tick -> signal latency): a fresh nsqd; topics ticks and features (msgpack, {ticks.PARTITIONS} "
+    "partitions, key symbol; features also seq: feature_seq) and signals (json); keyed stages features "
+    f"(consumers.features:Features) and signals (consumers.signals:Signals), {ticks.PARTITIONS} replicas each, "
+    f"batch {ticks.BATCH['size']} / wait {ticks.BATCH['wait_ms']} ms, max_in_flight {ticks.MAX_IN_FLIGHT}, "
+    "started as `pipeline worker STAGE --replica k`; the run starts once every partition channel has its one "
+    f"client. {ticks.SYMBOLS} synthetic symbols; {ticks.WARMUP:,} warm-up ticks at the same rate are published and "
+    f"drained first and not counted; then N = {ticks.BASE_COUNT:,} x scale ticks with produce_ticks(rate=R) "
+    f"(R = --tick-rate, default {ticks.TICK_RATE:,}/s) from a thread. A tick's ts (ns) is stamped when "
+    "produce_ticks' pacer releases it (just in time: its pacing sleep is not counted; the producer's own "
+    "buffering until its next send is).",
+    "ticks latency: a separate reader process subscribes before publishing to a 'bench' channel on "
+    "features.0..3 and signals (nsqd's --output-buffer-timeout=1ms applies to it, since it sends no IDENTIFY; "
+    "the workers keep pynsq's own 250 ms / 16 KB output buffer) and notes time.time_ns() as each message "
+    "arrives. tick->feature = arrival of the tick's feature record - ts; tick->signal = arrival of a signal "
+    "- ts (a signal carries its tick's ts); duplicates (same id) count once. p50/p99/p99.9 in ms per run; the "
+    "table shows their median (min–max) over runs. Input rate = ticks / publishing time. Backlog = messages "
+    "queued or in flight on the workers' channels when the last tick was published; kept up = every feature "
+    f"record was out within {ticks.KEPT_UP_S:g} s after that. Peak RSS: VmHWM of each worker.",
     "Ratios compare records/s medians from the same run (batched / primes2: batched drains "
     f"{BATCHED_COUNT // 1_000_000}x as many records); a target is informational and never fails the command.",
 )
@@ -90,10 +108,14 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m benchmarks.run
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure (default 3)")
     parser.add_argument("--only", default=",".join(ALL_NAMES),
                         help=f"comma-separated figures to measure (default: all of {', '.join(ALL_NAMES)})")
+    parser.add_argument("--tick-rate", type=float, default=ticks.TICK_RATE,
+                        help=f"ticks/s published in the ticks figure (default {ticks.TICK_RATE:,})")
     parser.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.json and results.md")
     args = parser.parse_args(argv)
     if args.scale <= 0:
         parser.error("--scale must be > 0")
+    if args.tick_rate <= 0:
+        parser.error("--tick-rate must be > 0")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -116,6 +138,11 @@ def new_results(args: argparse.Namespace) -> dict:
     if RESTART in args.only:
         contenders[RESTART] = {"label": "restart-to-consuming, primes stage, 1 replica", "kind": "restart",
                                "processes": 1, "records": None}
+    if TICKS in args.only:
+        contenders[TICKS] = {"label": f"(e) ticks -> features -> signals latency, {ticks.PARTITIONS} partitions, "
+                                      f"{2 * ticks.PARTITIONS} workers, {args.tick_rate:,.0f} ticks/s",
+                             "kind": "ticks", "processes": 2 * ticks.PARTITIONS,
+                             "records": ticks_count(args.scale), "rate": args.tick_rate}
     for entry in contenders.values():
         entry.update(repeats=args.repeats, status="ok", samples=[], errors=[], summary={})
     for name, label in PENDING.items():
@@ -126,11 +153,16 @@ def new_results(args: argparse.Namespace) -> dict:
         "command": {"line": shlex.join(sys.orig_argv), "argv": list(sys.orig_argv), "cwd": str(Path.cwd())},
         "settings": {"scale": args.scale, "repeats": args.repeats, "only": args.only,
                      "poll_interval_s": drain.POLL_INTERVAL, "restart_poll_interval_s": restart.POLL_INTERVAL,
-                     "trickle_rate": restart.TRICKLE_RATE},
+                     "trickle_rate": restart.TRICKLE_RATE, "tick_rate": args.tick_rate},
         "rules": list(RULES),
         "machine": machine_info(nsq_binary("nsqd")),
         "contenders": contenders,
     }
+
+
+def ticks_count(scale: float) -> int:
+    """Measured ticks at ``scale`` (200,000 at 1: ten seconds at 20,000/s): at least one."""
+    return max(1, round(ticks.BASE_COUNT * scale))
 
 
 def input_bodies(wanted: Iterable[tuple[int, int]]) -> dict[tuple[int, int], list[bytes]]:
@@ -182,6 +214,10 @@ def run_all(args: argparse.Namespace, results: dict, workroot: Path, progress: C
             workdir = workroot / f"{RESTART}-{rep}"
             ok &= _one_run(entries[RESTART], f"{RESTART} run {rep}/{args.repeats}", progress,
                            lambda d=workdir: restart.restart_once(d).to_dict())
+        if TICKS in entries:
+            workdir = workroot / f"{TICKS}-{rep}"
+            ok &= _one_run(entries[TICKS], f"{TICKS} run {rep}/{args.repeats}", progress,
+                           lambda d=workdir: ticks.ticks_once(d, ticks_count(args.scale), args.tick_rate))
     return ok
 
 
@@ -198,7 +234,11 @@ def _one_run(entry: dict, what: str, progress: Console, measure) -> bool:
         progress.print(f"[red]failed[/red]: {e}")
         return False
     entry["samples"].append(sample)
-    if "records_per_s" in sample:
+    if "signal_p99_ms" in sample:
+        progress.print(f"{sample['ticks']:,} ticks at {sample['input_rate']:,.0f}/s: tick->feature p99 "
+                       f"{sample['feature_p99_ms']:.1f} ms, tick->signal p99 {report.ms(sample['signal_p99_ms'])} ms, "
+                       f"backlog {sample['backlog_at_end']:,}")
+    elif "records_per_s" in sample:
         progress.print(f"{sample['records']:,} records in {sample['seconds']:.2f} s = "
                        f"{sample['records_per_s']:,.0f} records/s")
     else:
@@ -211,6 +251,8 @@ def finish(results: dict) -> None:
     for entry in results["contenders"].values():
         if entry["kind"] == "restart":
             entry["summary"] = report.summarize(entry["samples"], report.RESTART_METRICS)
+        elif entry["kind"] == "ticks":
+            entry["summary"] = report.summarize(entry["samples"], report.TICKS_METRICS)
         elif entry["kind"] != "pending":
             entry["summary"] = report.summarize(entry["samples"], report.DRAIN_METRICS)
     results["ratios"] = report.ratios(results)

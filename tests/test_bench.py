@@ -56,10 +56,10 @@ def child_pids() -> list[int]:
 
 @pytest.fixture(scope="module")
 def tiny_run(nsq_bin, tmp_path_factory) -> TinyRun:
-    """Run the benchmark once for every test here: textbook, primes, batched, one repeat, plus a pending figure."""
+    """Run the benchmark once for every test here: textbook, primes, batched, one repeat."""
     assert child_pids() == []
     out = tmp_path_factory.mktemp("bench") / "out"
-    code = run.main(["--scale", "0.002", "--repeats", "1", "--only", "primes1,textbook1,batched,ticks",
+    code = run.main(["--scale", "0.002", "--repeats", "1", "--only", "primes1,textbook1,batched",
                      "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     return TinyRun(code, out, results, child_pids())
@@ -75,7 +75,7 @@ def test_tiny_bench_succeeds_and_stops_everything_it_started(tiny_run):
 @pytest.mark.integration
 def test_every_preloaded_record_is_drained_after_the_clock_starts(tiny_run):
     contenders = tiny_run.results["contenders"]
-    assert set(contenders) == {"primes1", "textbook1", "batched", "ticks"}
+    assert set(contenders) == {"primes1", "textbook1", "batched"}
     for name, records in EXPECTED_RECORDS.items():
         entry = contenders[name]
         messages = EXPECTED_MESSAGES[name]
@@ -89,7 +89,6 @@ def test_every_preloaded_record_is_drained_after_the_clock_starts(tiny_run):
         assert sample["records_per_s"] == pytest.approx(records / sample["seconds"], rel=1e-3)
         assert set(entry["summary"]) == set(report.DRAIN_METRICS)
         assert all(set(figure) == SUMMARY_KEYS for figure in entry["summary"].values())
-    assert contenders["ticks"]["status"] == "not available yet"
 
 
 @pytest.mark.integration
@@ -124,10 +123,61 @@ def test_markdown_repeats_the_table_rules_and_command(tiny_run):
     assert "| primes1 | 2,000 | 1/1 |" in markdown
     assert "| batched | 8,000 | 1/1 |" in markdown
     assert "batched = (d) primes stage, batched envelopes (pack 1000), 2 replicas (8 input messages" in markdown
-    assert "ticks: (e) ticks latency: not available yet" in markdown
+    assert "## Tick latency" not in markdown  # ticks did not run
     assert "| batched records/s >= 2,000,000 |" in markdown
     assert tiny_run.results["rules"][0] in markdown
     assert tiny_run.results["command"]["line"] in markdown
+
+
+TICKS_SAMPLE_KEYS = {"ticks", "rate_target", "published", "input_rate", "publish_s", "features", "signals",
+                     "duplicates", "feature_p50_ms", "feature_p99_ms", "feature_p999_ms", "signal_p50_ms",
+                     "signal_p99_ms", "signal_p999_ms", "feature_max_ms", "backlog_at_end", "caught_up_s", "kept_up",
+                     "cpu_s", "peak_rss_mb", "worker_peak_rss_mb", "nsqd_peak_rss_mb"}
+
+
+@pytest.fixture(scope="module")
+def tiny_ticks(nsq_bin, tmp_path_factory) -> TinyRun:
+    """The ticks figure at scale 0.005: 1,000 measured ticks at 20,000/s (after the warm-up), one repeat."""
+    assert child_pids() == []
+    out = tmp_path_factory.mktemp("bench-ticks") / "out"
+    code = run.main(["--scale", "0.005", "--repeats", "1", "--only", "ticks", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    return TinyRun(code, out, results, child_pids())
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_tiny_ticks_run_measures_latencies_and_stops_everything(tiny_ticks):
+    assert tiny_ticks.code == 0, json.dumps(tiny_ticks.results["contenders"], indent=1)[-3000:]
+    assert tiny_ticks.leftover_children == []
+    entry = tiny_ticks.results["contenders"]["ticks"]
+    assert (entry["kind"], entry["status"], entry["errors"], entry["records"], entry["processes"], entry["rate"]) == \
+        ("ticks", "ok", [], 1000, 8, 20_000)
+    [sample] = entry["samples"]
+    assert set(sample) == TICKS_SAMPLE_KEYS
+    assert sample["ticks"] == sample["published"] == 1000
+    assert sample["features"] == 1000  # one feature per measured tick, warm-up excluded
+    assert sample["input_rate"] > 0 and sample["publish_s"] > 0
+    assert sample["signals"] > 0  # about 50 with these 1,000 seeded ticks
+    for kind in ("feature", "signal"):
+        p50, p99, p999 = (sample[f"{kind}_{p}_ms"] for p in ("p50", "p99", "p999"))
+        assert 0 < p50 <= p99 <= p999
+    assert set(sample["worker_peak_rss_mb"]) == {f"{stage}-{k}" for stage in ("features", "signals") for k in range(4)}
+    assert all(mb > 0 for mb in sample["worker_peak_rss_mb"].values())
+    assert sample["backlog_at_end"] >= 0 and isinstance(sample["kept_up"], bool)
+    assert set(entry["summary"]) == set(report.TICKS_METRICS)
+    assert all(set(figure) == SUMMARY_KEYS for figure in entry["summary"].values())
+
+
+@pytest.mark.integration
+def test_tiny_ticks_report_has_the_latency_row_and_the_target(tiny_ticks):
+    [target] = [t for t in tiny_ticks.results["targets"] if t["name"] == "ticks tick->signal p99"]
+    assert target["target"] == "<= 10 ms at 20,000 ticks/s with 4 partitions"
+    assert target["status"] in {"PASS", "MISS"} and "ms" in target["detail"]
+    markdown = (tiny_ticks.out / "results.md").read_text()
+    assert "## Tick latency" in markdown and "| ticks | 1,000 | 1/1 |" in markdown
+    assert "| ticks tick->signal p99 <= 10 ms at 20,000 ticks/s with 4 partitions |" in markdown
+    assert tiny_ticks.results["settings"]["tick_rate"] == 20_000
 
 
 def test_unknown_figure_is_a_usage_error(capsys):

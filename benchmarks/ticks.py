@@ -1,0 +1,357 @@
+"""Tick -> feature and tick -> signal latency of the keyed market pipeline under a steady tick rate.
+
+The rule:
+
+1. a fresh nsqd gets a ``bench`` channel on ``features.0..3`` and ``signals``
+   (so the bench sees every output), and a reader process subscribes to them;
+2. the 8 keyed workers start (``features`` and ``signals``, replicas 0..3);
+   the run waits until every partition channel has its one client;
+3. a thread publishes N synthetic ticks (16 symbols) with
+   ``produce_ticks(rate=R)``; each tick's ``ts`` is stamped when the pacer
+   releases it into the producer (see :func:`stamped`);
+4. the reader (a separate process, so reading adds no latency to the bench's
+   producer thread or the other way round) notes ``time.time_ns()`` as each
+   message arrives; after the run it decodes them: latency = arrival - ts,
+   per feature record and per signal record (a signal carries its tick's ts).
+
+Figures: p50 / p99 / p99.9 of both latencies in ms, the achieved input rate,
+the pipeline backlog (messages queued or in flight on the workers' channels)
+when the last tick was published, how long the outputs took to complete after
+that, and each worker's peak RSS. Kept up = every feature arrived within
+:data:`KEPT_UP_S` of the last tick's publication.
+
+``python -m benchmarks.ticks read ...`` is the reader process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from pipeline.processes import start_nsqd
+from pipeline.topology import Topology, load_topology
+from producers.ticks import synthetic_ticks
+
+from .broker import BenchError, Broker
+from .drain import MEM_QUEUE_SIZE, SUBSCRIBE_TIMEOUT, check_alive
+from .launch import Launched, spawn, stop_all
+from .procstat import cpu_seconds, peak_rss_mb
+
+PARTITIONS = 4
+SYMBOLS = 16
+TICK_RATE = 20_000  # ticks/s, the issue's figure
+TICK_SECONDS = 10  # at scale 1
+BASE_COUNT = TICK_RATE * TICK_SECONDS
+MAX_IN_FLIGHT = 500
+BATCH = {"size": 64, "wait_ms": 2}
+READ_CHANNEL = "bench"
+READER_BUFFER_TIMEOUT = "1ms"
+STAGES = (("features", "ticks", "consumers.features:Features", "features"),
+          ("signals", "features", "consumers.signals:Signals", "signals"))
+KEPT_UP_S = 1.0
+#: Ticks published (at the same rate) and drained before the measured ones; not in the figures.
+WARMUP = 2000
+DRAIN_TIMEOUT = 120.0  # after the last tick: a pipeline that cannot keep up needs time to catch up
+POLL_INTERVAL = 0.05
+PERCENTILES = (("p50", 50.0), ("p99", 99.0), ("p999", 99.9))
+
+
+def write_topology(path: Path, broker: Broker) -> Topology:
+    """Write and load ticks -> features -> signals, 4 partitions, against ``broker``."""
+    keyed = {"codec": "msgpack", "partitions": PARTITIONS, "key": "symbol"}
+    doc = {
+        "nsq": {"nsqd": [{"name": "n0", "tcp": broker.tcp, "http": broker.process.http}],
+                "var_dir": str(path.parent / "var")},
+        "topics": {"ticks": dict(keyed), "features": {**keyed, "seq": "feature_seq"}, "signals": {"codec": "json"}},
+        "stages": {name: {"handler": handler, "input": source, "channel": name, "outputs": [out], "keyed": True,
+                          "replicas": PARTITIONS, "max_in_flight": MAX_IN_FLIGHT, "batch": dict(BATCH)}
+                   for name, source, handler, out in STAGES},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return load_topology(path)
+
+
+def stamped(ticks: Iterable[dict]) -> Iterator[dict]:
+    """Yield ``ticks``, re-stamping each one's ``ts`` when the producer asks for the next one.
+
+    ``produce_ticks`` takes a tick from the iterator, then (when ahead of its rate) sleeps until
+    the tick is due, then buffers it; it encodes buffered ticks only when it sends them (before
+    its next pacing sleep). A tick created before that sleep would count the sleep as latency,
+    so its ``ts`` is set again once the producer comes back for the next tick: the moment the
+    pacer released it, as if created just in time. The producer's own buffering until the next
+    send (a few ms at most at a steady rate) stays in the figure.
+    """
+    previous = None
+    for tick in ticks:
+        if previous is not None:
+            previous["ts"] = time.time_ns()
+        yield tick
+        previous = tick
+    if previous is not None:
+        previous["ts"] = time.time_ns()
+
+
+class Producer(threading.Thread):
+    """Publishes ``ticks`` at ``rate`` with :func:`producers.ticks.produce_ticks`."""
+
+    def __init__(self, broker: Broker, topology: Topology, ticks: Iterable[dict], rate: float):
+        super().__init__(name="ticks-producer", daemon=True)
+        self.broker, self.topology, self.ticks, self.rate = broker, topology, ticks, rate
+        self.acked = 0
+        self.started_at = self.ended_at = 0.0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from producers.ticks import produce_ticks
+        try:
+            self.started_at = time.monotonic()
+            self.acked = produce_ticks(self.broker.tcp, "ticks", self.ticks, spec=self.topology.topics["ticks"],
+                                       rate=self.rate)
+        except BaseException as e:  # reported by the measuring thread
+            self.error = e
+        finally:
+            self.ended_at = time.monotonic()
+
+
+def read_argv(broker: Broker, topics: list[str], out: Path) -> list[str]:
+    """The reader process's command line."""
+    return [sys.executable, "-m", "benchmarks.ticks", "read", "--tcp", broker.tcp, "--channel", READ_CHANNEL,
+            "--topics", ",".join(topics), "--out", str(out)]
+
+
+def worker_argv(topology: Topology, stage: str, replica: int) -> list[str]:
+    """One replica of a keyed stage, as supervisord would start it."""
+    return [sys.executable, "-m", "pipeline.cli", "worker", stage, "--replica", str(replica), "-t",
+            str(topology.path)]
+
+
+def channels(broker: Broker) -> dict[tuple[str, str], dict]:
+    """Every channel in /stats by (topic, channel), with its clients, plus each topic's message_count."""
+    doc = json.loads(broker._request("GET", "/stats", {"format": "json", "include_clients": "true"}))
+    found = {}
+    for topic in doc.get("topics") or []:
+        found[topic["topic_name"], ""] = {"message_count": topic["message_count"]}
+        for channel in topic.get("channels") or []:
+            found[topic["topic_name"], channel["channel_name"]] = channel
+    return found
+
+
+def _pending(channel: dict | None) -> int:
+    if not channel:
+        return 0
+    return channel["depth"] + channel["backend_depth"] + channel["in_flight_count"] + channel["deferred_count"]
+
+
+def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE) -> dict:
+    """Measure the latencies for ``count`` ticks at ``rate`` on a fresh nsqd under ``workdir``; stop everything after.
+
+    Raises:
+        BenchError: a process died, the producer failed, or a deadline passed.
+    """
+    # The reader sends no IDENTIFY, so it gets nsqd's default output buffer timeout: 1 ms here, so the
+    # measuring hop adds no buffering. The workers (pynsq) ask for their own (250 ms, 16 KB) as in production.
+    broker = Broker(start_nsqd(workdir / "nsqd", extra=[f"--mem-queue-size={max(MEM_QUEUE_SIZE, 2 * count)}",
+                                                        f"--output-buffer-timeout={READER_BUFFER_TIMEOUT}"]))
+    launched: list[Launched] = []
+    producers: list[Producer] = []
+    try:
+        topology = write_topology(workdir / "topology.yaml", broker)
+        features, inputs = topology.physical_topics("features"), topology.physical_topics("ticks")
+        outputs = [*features, "signals"]
+        for topic in outputs:
+            broker._post("/topic/create", topic=topic)
+            broker._post("/channel/create", topic=topic, channel=READ_CHANNEL)
+        reader_out = workdir / "latencies.npz"
+        reader = spawn("reader", read_argv(broker, outputs, reader_out), workdir / "reader.log")
+        launched.append(reader)
+        workers = []
+        for stage, *_ in STAGES:
+            for k in range(PARTITIONS):
+                workers.append(spawn(f"{stage}-{k}", worker_argv(topology, stage, k), workdir / f"{stage}-{k}.log"))
+        launched += workers
+        watched = ([(t, "features") for t in inputs] + [(t, "signals") for t in features]
+                   + [(t, READ_CHANNEL) for t in outputs])
+        _wait_clients(broker, launched, watched, time.monotonic() + SUBSCRIBE_TIMEOUT)
+
+        ticks = synthetic_ticks(SYMBOLS, WARMUP + count, seed=1, run_id="bench")  # one seq per symbol
+        # Warm-up (not measured): the first batches pay for imports, JIT and connections.
+        producer = _publish(broker, topology, stamped(islice(ticks, WARMUP)), WARMUP, rate, producers)
+        _wait_outputs(broker, launched, features, watched, WARMUP, producer.ended_at)
+        measured_from = time.time_ns()  # every measured tick is stamped after this
+        cpu_before = sum(cpu_seconds(p.pid) for p in workers)
+        producer = _publish(broker, topology, stamped(ticks), count, rate, producers)
+        published = producer.ended_at
+        stats = channels(broker)
+        backlog = sum(_pending(stats.get(key)) for key in watched[:2 * PARTITIONS])
+        caught_up = _wait_outputs(broker, launched, features, watched, WARMUP + count, published)
+        cpu = sum(cpu_seconds(p.pid) for p in workers) - cpu_before
+        rss = {p.name: round(peak_rss_mb(p.pid), 1) for p in workers}
+        reader.stop()
+        if not reader_out.exists():
+            raise BenchError(f"the reader wrote no latencies: {reader.log_tail()}")
+        with np.load(reader_out) as got:
+            feat_ms = got["features"][got["features_ts"] >= measured_from] / 1e6
+            sig_ms = got["signals"][got["signals_ts"] >= measured_from] / 1e6
+            duplicates = int(got["duplicates"])
+        seconds = producer.ended_at - producer.started_at
+        sample = {
+            "ticks": count, "rate_target": rate, "published": producer.acked,
+            "input_rate": producer.acked / seconds if seconds > 0 else 0.0, "publish_s": seconds,
+            "features": int(feat_ms.size), "signals": int(sig_ms.size), "duplicates": duplicates,
+            **{f"feature_{name}_ms": _percentile(feat_ms, q) for name, q in PERCENTILES},
+            **{f"signal_{name}_ms": _percentile(sig_ms, q) for name, q in PERCENTILES},
+            "feature_max_ms": float(feat_ms.max()) if feat_ms.size else None,
+            "backlog_at_end": backlog, "caught_up_s": caught_up, "kept_up": caught_up <= KEPT_UP_S,
+            "cpu_s": cpu, "peak_rss_mb": max(rss.values()), "worker_peak_rss_mb": rss,
+            "nsqd_peak_rss_mb": peak_rss_mb(broker.pid),
+        }
+        if sample["features"] < count:
+            raise BenchError(f"the reader got {sample['features']} feature records of {count}")
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in sample.items()}
+    finally:
+        try:
+            for running in producers:
+                running.join(10)  # a producer stuck on a dead nsqd ends when nsqd is stopped
+        finally:
+            try:
+                stop_all(launched)
+            finally:
+                broker.stop()
+
+
+def _publish(broker: Broker, topology: Topology, ticks: Iterable[dict], count: int, rate: float,
+             started: list[Producer]) -> Producer:
+    """Publish ``count`` of ``ticks`` at ``rate`` in a thread; return the finished producer.
+
+    Raises:
+        BenchError: it failed, published fewer, or did not finish in time.
+    """
+    producer = Producer(broker, topology, ticks, rate)
+    started.append(producer)
+    producer.start()
+    producer.join(30 + 3 * count / rate)
+    if producer.is_alive():
+        raise BenchError(f"the producer did not finish {count} ticks at {rate:g}/s in time")
+    if producer.error is not None:
+        raise BenchError(f"ticks producer failed: {producer.error}") from producer.error
+    if producer.acked != count:
+        raise BenchError(f"nsqd acknowledged {producer.acked} of {count} ticks")
+    return producer
+
+
+def _percentile(values: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(values, q)) if values.size else None
+
+
+def _wait_clients(broker: Broker, launched: list[Launched], watched: list[tuple[str, str]], deadline: float) -> None:
+    """Return once every (topic, channel) in ``watched`` has exactly one client with RDY > 0."""
+    while True:
+        stats = channels(broker)
+        missing = [f"{t}/{c}" for t, c in watched
+                   if not (len(clients := (stats.get((t, c)) or {}).get("clients") or []) == 1
+                           and clients[0].get("ready_count", 0) > 0)]
+        if not missing:
+            return
+        check_alive(launched)
+        if time.monotonic() > deadline:
+            raise BenchError(f"no single subscribed client on {', '.join(missing)}; "
+                             f"last output: {launched[-1].log_tail()}")
+        time.sleep(0.05)
+
+
+def _wait_outputs(broker: Broker, launched: list[Launched], features: list[str], watched: list[tuple[str, str]],
+                  count: int, published: float) -> float:
+    """Wait until every feature record is out and every channel is empty; return seconds after ``published``."""
+    deadline = published + DRAIN_TIMEOUT + count / 2000
+    first_done = None
+    while True:
+        stats = channels(broker)
+        made = sum((stats.get((t, "")) or {}).get("message_count", 0) for t in features)
+        empty = all(_pending(stats.get(key)) == 0 for key in watched)
+        if made >= count and first_done is None:
+            first_done = time.monotonic()
+        if made >= count and empty:
+            return (first_done or time.monotonic()) - published
+        check_alive(launched)
+        if time.monotonic() > deadline:
+            raise BenchError(f"outputs incomplete after the last tick: {made} of {count} feature records")
+        time.sleep(POLL_INTERVAL)
+
+
+# ---------------------------------------------------------------- the reader process
+
+
+def _read(tcp: str, topic: str, channel: str, stop: threading.Event, into: list) -> None:
+    from pipeline.nsqclient import NsqSubscriber
+    with NsqSubscriber(tcp, topic, channel, rdy=2500, timeout=10) as sub:
+        while not stop.is_set():
+            for message in sub.messages(timeout=0.2):
+                into.append((time.time_ns(), message.body))
+                if stop.is_set():
+                    break
+
+
+def reader_main(argv: list[str]) -> int:
+    """Read the topics until SIGTERM, then write each record's arrival - ts (ns) to ``--out`` (npz)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ticks read")
+    parser.add_argument("--tcp", required=True)
+    parser.add_argument("--channel", required=True)
+    parser.add_argument("--topics", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    got: dict[str, list] = {}
+    threads = []
+    for topic in args.topics.split(","):
+        got[topic] = []
+        thread = threading.Thread(target=_read, args=(args.tcp, topic, args.channel, stop, got[topic]), daemon=True)
+        thread.start()
+        threads.append(thread)
+    while not stop.wait(0.2):
+        if not all(t.is_alive() for t in threads):
+            print("ticks reader: a subscription ended", file=sys.stderr)
+            break
+    stop.set()
+    for thread in threads:
+        thread.join(5)
+    from pipeline.codecs import decode
+    seen: set[str] = set()
+    duplicates = 0
+    latencies: dict[str, list[int]] = {"features": [], "signals": []}
+    stamps: dict[str, list[int]] = {"features": [], "signals": []}
+    for topic, received in got.items():
+        kind = "signals" if topic == "signals" else "features"
+        for arrived, body in received:
+            record = decode(body)
+            if record["id"] in seen:
+                duplicates += 1
+                continue
+            seen.add(record["id"])
+            latencies[kind].append(arrived - record["ts"])
+            stamps[kind].append(record["ts"])
+    tmp = args.out.with_suffix(".tmp.npz")
+    np.savez(tmp, features=np.array(latencies["features"], dtype=np.int64),
+             signals=np.array(latencies["signals"], dtype=np.int64),
+             features_ts=np.array(stamps["features"], dtype=np.int64),
+             signals_ts=np.array(stamps["signals"], dtype=np.int64), duplicates=np.int64(duplicates))
+    tmp.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["read"]:
+        print("usage: python -m benchmarks.ticks read --tcp ADDR --channel NAME --topics A,B --out FILE.npz",
+              file=sys.stderr)
+        sys.exit(2)
+    sys.exit(reader_main(sys.argv[2:]))
