@@ -277,6 +277,12 @@ class StageSpec(_Spec):
         10.0, ge=0.1, le=600,
         description="Seconds to wait for nsqd's OK to the outputs' publish before requeueing the inputs.",
     )
+    output_buffer_timeout: int = Field(
+        25, ge=1, le=30000,
+        description="Milliseconds nsqd may hold messages for a replica before flushing them (pynsq's default is"
+                    " 250, a quarter second per hop at low rates); nsqd refuses values below its"
+                    " --min-output-buffer-timeout, 25 by default. Lower: less latency, more nsqd CPU.",
+    )
     keyed: bool = Field(
         False,
         description="Stateful per key: replica k consumes partition k of the input, applies each key's records"

@@ -127,7 +127,7 @@ class Worker:
             topic=self.input_topic, channel=spec.channel, message_handler=self._on_message,
             max_in_flight=spec.max_in_flight, max_tries=0,  # 0: we dead-letter; pynsq would FIN and drop
             max_backoff_duration=spec.max_backoff_duration, msg_timeout=spec.msg_timeout,
-            **self._discovery())
+            output_buffer_timeout=spec.output_buffer_timeout, **self._discovery())
         self.middleware.emit_before("after_worker_boot", self)
         log.info("stage %s replica %d consuming %s/%s", self.name, self.replica, self.input_topic, spec.channel)
 
