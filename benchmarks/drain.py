@@ -27,7 +27,7 @@ start-up CPU (imports, connecting) is recorded apart. Peak RSS is VmHWM.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -121,15 +121,27 @@ def wait_subscribed(broker: Broker, launched: Sequence[Launched], deadline: floa
     Raises:
         BenchError: a process exited, or ``deadline`` passed first.
     """
-    while True:
+    def missing() -> str | None:
         clients = broker.snapshot(clients=True).clients
         if len(clients) >= len(launched) and all(c.get("ready_count", 0) > 0 for c in clients):
-            return
+            return None
+        return f"{len(clients)} of {len(launched)} processes subscribed with RDY > 0 before the deadline"
+
+    wait_ready(missing, launched, deadline, interval=0.02)
+
+
+def wait_ready(missing: Callable[[], str | None], launched: Sequence[Launched], deadline: float,
+               interval: float) -> None:
+    """Poll ``missing()`` until it returns None (ready); fail when a process exits or ``deadline`` passes.
+
+    Raises:
+        BenchError: a process exited, or the deadline passed; with what was still missing.
+    """
+    while (problem := missing()) is not None:
         check_alive(launched)
         if time.monotonic() > deadline:
-            raise BenchError(f"{len(clients)} of {len(launched)} processes subscribed with RDY > 0 "
-                             f"before the deadline; last output: {launched[-1].log_tail()}")
-        time.sleep(0.02)
+            raise BenchError(f"{problem}; last output: {launched[-1].log_tail()}")
+        time.sleep(interval)
 
 
 def check_alive(launched: Sequence[Launched]) -> None:

@@ -42,7 +42,7 @@ from pipeline.topology import Topology, load_topology
 from producers.ticks import synthetic_ticks
 
 from .broker import BenchError, Broker
-from .drain import MEM_QUEUE_SIZE, SUBSCRIBE_TIMEOUT, check_alive
+from .drain import MEM_QUEUE_SIZE, SUBSCRIBE_TIMEOUT, check_alive, wait_ready
 from .launch import Launched, spawn, stop_all
 from .procstat import cpu_seconds, peak_rss_mb
 
@@ -255,18 +255,14 @@ def _percentile(values: np.ndarray, q: float) -> float | None:
 
 def _wait_clients(broker: Broker, launched: list[Launched], watched: list[tuple[str, str]], deadline: float) -> None:
     """Return once every (topic, channel) in ``watched`` has exactly one client with RDY > 0."""
-    while True:
+    def missing() -> str | None:
         stats = channels(broker)
-        missing = [f"{t}/{c}" for t, c in watched
-                   if not (len(clients := (stats.get((t, c)) or {}).get("clients") or []) == 1
-                           and clients[0].get("ready_count", 0) > 0)]
-        if not missing:
-            return
-        check_alive(launched)
-        if time.monotonic() > deadline:
-            raise BenchError(f"no single subscribed client on {', '.join(missing)}; "
-                             f"last output: {launched[-1].log_tail()}")
-        time.sleep(0.05)
+        absent = [f"{t}/{c}" for t, c in watched
+                  if not (len(clients := (stats.get((t, c)) or {}).get("clients") or []) == 1
+                          and clients[0].get("ready_count", 0) > 0)]
+        return f"no single subscribed client on {', '.join(absent)}" if absent else None
+
+    wait_ready(missing, launched, deadline, interval=0.05)
 
 
 def _wait_outputs(broker: Broker, launched: list[Launched], features: list[str], watched: list[tuple[str, str]],

@@ -279,14 +279,15 @@ def test_an_incomplete_last_line_is_truncated_on_reopen(open_archive, var_dir, t
     assert read_lines(path) == [{"id": 1}, {"id": 2}, {"id": 3}]
 
 
+def failing_fsync(fd: int) -> None:
+    """An fsync that fails as a dying disk does."""
+    raise OSError(5, "Input/output error")
+
+
 def test_a_failed_fsync_cuts_the_file_back_and_the_retry_writes_the_batch_once(open_archive, var_dir, monkeypatch):
     archive = open_archive()
     archive(Batch([{"id": 1}]))
     real_fsync = os.fsync
-
-    def failing_fsync(fd: int) -> None:
-        raise OSError(5, "Input/output error")
-
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="Input/output error"):
         archive(Batch([{"id": 2}, {"id": 3}]))
@@ -427,10 +428,6 @@ def test_a_failed_fsync_at_size_rotation_cuts_the_old_file_back(open_archive, va
     archive = open_archive(max_bytes=20)
     archive(Batch([{"id": 1}]))
     real_fsync = os.fsync
-
-    def failing_fsync(fd: int) -> None:
-        raise OSError(5, "Input/output error")
-
     # When: the fsync before a size rotation fails.
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="Input/output error"):
