@@ -7,7 +7,7 @@ PIPELINE := $(VENV)/bin/pipeline
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test down clean bench
+.PHONY: setup demo test down clean bench soak
 
 setup: $(STAMP)
 	@$(PIPELINE) install-nsq >/dev/null
@@ -31,6 +31,14 @@ test: setup
 # several minutes, so not part of `make test`. Writes bench/results.{json,md}.
 bench: setup
 	$(PY) -m benchmarks.run
+
+# The keyed pipeline's crash test at full length: 200,000 ticks replayed at
+# 2,500/s while feature and signal replicas are SIGKILLed every 1-3 s; outputs
+# must equal the offline reference. A few minutes, so not part of `make test`
+# (which runs the same test with 50,000 ticks).
+soak: setup
+	NSQ_PIPELINE_KILL_TICKS=200000 NSQ_PIPELINE_KILL_RATE=2500 \
+	$(PY) -m pytest -s -o timeout=900 tests/test_market.py -k sigkilled
 
 down:
 	@if [ -x $(PIPELINE) ]; then $(PIPELINE) down; else echo "nothing to stop (no $(VENV))"; fi

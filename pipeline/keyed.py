@@ -6,9 +6,11 @@ front of the handler:
 
 - a record whose ``seq`` was already applied is a duplicate and is dropped
   (its message is still finished: its effect is in the state);
-- a record ahead of the next expected ``seq`` waits in a per-key buffer, its
-  message unfinished, until the gap fills; when the buffer holds
-  ``gap_max_count`` records of the key or its oldest has waited
+- a record ahead of the next expected ``seq`` is *parked*: kept in a per-key
+  buffer that is part of the checkpoint, so its message is finished like any
+  other and takes no room in the in-flight window while the gap fills (a
+  crashed replica's messages come back only after msg_timeout, behind any
+  backlog); when a key has ``gap_max_count`` records parked or has waited
   ``gap_max_ms``, the missing ``seq`` is given up (counted in ``gaps``);
 - a record more than ``gap_max_count`` behind the last applied ``seq`` is not
   a redelivery any more but a producer going backwards: it is refused.
@@ -16,7 +18,8 @@ front of the handler:
 :class:`Checkpoint` writes the sequencer's position and the stage's snapshot
 atomically (temporary file, fsync, rename, fsync of the folder). The worker
 writes it after the outputs are acknowledged and before the inputs are
-finished, so state after any crash equals state without it.
+finished, so state after any crash equals state without it: every finished
+message's effect, applied or parked, is in the checkpoint.
 """
 from __future__ import annotations
 
@@ -38,119 +41,108 @@ class Offer:
 
     ready: list[Any] = field(default_factory=list)  # items to apply now, in order
     duplicate: bool = False
-    twin: bool = False  # a duplicate of a record still waiting: finish it when that one is applied
-    defer: bool = False  # ahead of the next seq: give it back to nsqd for a while (not held here)
+    parked: bool = False  # ahead of the next seq: kept (and checkpointed) until the gap fills
     refused: str | None = None  # reason, when the record must be dead-lettered
 
 
 class Sequencer:
-    """Per-key ``seq`` tracking with a bounded buffer for gaps.
+    """Per-key ``seq`` tracking with a bounded, checkpointed buffer for gaps.
 
     Parameters:
-        gap_max_count: records buffered per key before the gap is given up.
+        gap_max_count: records parked per key before the gap is given up.
         gap_max_ms: longest wait for a missing ``seq``.
         clock: monotonic seconds (injectable for tests).
+        pack_item / unpack_item: turn a parked item into msgpack-able data and
+            back, for the checkpoint (default: the item is stored as it is).
     """
 
-    def __init__(self, gap_max_count: int, gap_max_ms: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, gap_max_count: int, gap_max_ms: int, clock: Callable[[], float] = time.monotonic,
+                 pack_item: Callable[[Any], Any] = lambda item: item,
+                 unpack_item: Callable[[Any], Any] = lambda data: data):
         self.gap_max_count, self.gap_max_s = gap_max_count, gap_max_ms / 1000.0
-        self.clock = clock
+        self.clock, self.pack_item, self.unpack_item = clock, pack_item, unpack_item
         self.applied: dict[str, int] = {}
         self.gaps = 0
-        self._held: dict[str, list[tuple[int, float, int, Any]]] = {}
-        self._twins: dict[tuple[str, int], list[Any]] = {}
-        self._ahead: dict[str, tuple[float, int]] = {}  # key -> (gap seen since, lowest deferred seq)
-        self.released_twins: list[Any] = []  # twins whose record was applied: the caller finishes them
-        self._order = 0  # tie-breaker so items never get compared
+        # key -> heap of (seq, item, packed item); and since when the key has been waiting
+        self._parked: dict[str, list[tuple[int, Any, Any]]] = {}
+        self._parked_seqs: dict[str, set[int]] = {}
+        self._since: dict[str, float] = {}
 
-    def offer(self, key: str, seq: int, item: Any, can_defer: bool = False) -> Offer:
-        """Take one record; return the items that became ready (possibly none).
-
-        With ``can_defer``, a record ahead of the next ``seq`` is not held here
-        but answered ``defer``: the caller gives it back to nsqd for a while.
-        Held records keep their messages in flight, and a replica holding as
-        many as its max_in_flight would starve: the very records it waits for
-        (a crashed replica's, back after msg_timeout) could not reach it.
-        """
+    def offer(self, key: str, seq: int, item: Any) -> Offer:
+        """Take one record; return the items that became ready (possibly none)."""
         last = self.applied.get(key, 0)
         if seq <= last:
             if last - seq > self.gap_max_count:
                 return Offer(refused=f"seq {seq} of {key!r} is {last - seq} behind the last applied seq {last}, "
                                      f"more than gap_max_count {self.gap_max_count}")
             return Offer(duplicate=True)
-        if can_defer and seq > last + 1 and not self._held.get(key):
-            since, lowest = self._ahead.get(key, (self.clock(), seq))
-            self._ahead[key] = (since, min(lowest, seq))
-            return Offer(defer=True)
-        held = self._held.setdefault(key, [])
-        if any(s == seq for s, _, _, _ in held):
-            # A copy of a record still waiting: nsqd redelivered it because the
-            # wait outlasted msg_timeout. Finishing this copy now would leave the
-            # waiting one as the only copy, in memory: it waits with it instead.
-            self._twins.setdefault((key, seq), []).append(item)
-            return Offer(duplicate=True, twin=True)
-        self._order += 1
-        heapq.heappush(held, (seq, self.clock(), self._order, item))
-        ready = self._release(key)
-        if len(held) >= self.gap_max_count:
-            ready += self._skip_gap(key)
-        return Offer(ready=ready)
+        if seq == last + 1:
+            self.applied[key] = seq
+            return Offer(ready=[item] + self._release(key))
+        seqs = self._parked_seqs.setdefault(key, set())
+        if seq in seqs:
+            return Offer(duplicate=True)  # its parked copy is in the checkpoint already
+        seqs.add(seq)
+        heapq.heappush(self._parked.setdefault(key, []), (seq, item, self.pack_item(item)))
+        self._since.setdefault(key, self.clock())
+        if len(seqs) >= self.gap_max_count:
+            return Offer(parked=True, ready=self._skip_gap(key))
+        return Offer(parked=True)
 
     def expire(self) -> list[Any]:
         """Give up gaps that waited longer than ``gap_max_ms``; return the items released."""
         now, ready = self.clock(), []
-        for key, (since, lowest) in list(self._ahead.items()):
-            if now - since >= self.gap_max_s:  # the deferred records apply when they come back
-                self.gaps += lowest - self.applied.get(key, 0) - 1
-                self.applied[key] = lowest - 1
-                del self._ahead[key]
-        for key, held in list(self._held.items()):
-            while held and now - min(t for _, t, _, _ in held) >= self.gap_max_s:
+        for key, since in list(self._since.items()):
+            if now - since >= self.gap_max_s:
                 ready += self._skip_gap(key)
         return ready
 
-    def held_items(self) -> list[Any]:
-        """Every item waiting for a gap to fill, twins included."""
-        return [item for held in self._held.values() for _, _, _, item in held] + \
-            [item for twins in self._twins.values() for item in twins]
+    def expiry_due(self) -> bool:
+        """Whether some key has waited ``gap_max_ms`` for its gap (so :meth:`expire` would release records)."""
+        now = self.clock()
+        return any(now - since >= self.gap_max_s for since in self._since.values())
 
-    def take_released_twins(self) -> list[Any]:
-        """The twins of records released since the last call."""
-        twins, self.released_twins = self.released_twins, []
-        return twins
+    def parked_count(self) -> int:
+        """How many records wait for a gap to fill, over all keys."""
+        return sum(len(seqs) for seqs in self._parked_seqs.values())
 
     def _release(self, key: str) -> list[Any]:
-        held, ready = self._held[key], []
-        while held and held[0][0] == self.applied.get(key, 0) + 1:
-            seq, _, _, item = heapq.heappop(held)
-            self._applied(key, seq)
+        parked, ready = self._parked.get(key), []
+        if not parked:
+            return ready
+        seqs = self._parked_seqs[key]
+        while parked and parked[0][0] == self.applied[key] + 1:
+            seq, item, _ = heapq.heappop(parked)
+            seqs.discard(seq)
+            self.applied[key] = seq
             ready.append(item)
-            self.released_twins += self._twins.pop((key, seq), [])
-        if not held:
-            del self._held[key]
+        if not parked:
+            del self._parked[key], self._parked_seqs[key], self._since[key]
+        elif ready:
+            self._since[key] = self.clock()  # a new gap, below the records still parked
         return ready
 
-    def _applied(self, key: str, seq: int) -> None:
-        self.applied[key] = seq
-        ahead = self._ahead.get(key)
-        if ahead is not None and seq + 1 >= ahead[1]:
-            del self._ahead[key]  # the gap below the deferred records is filled
-
     def _skip_gap(self, key: str) -> list[Any]:
-        held = self._held[key]
-        missing = held[0][0] - self.applied.get(key, 0) - 1
-        self.gaps += missing
-        self.applied[key] = held[0][0] - 1
+        first = self._parked[key][0][0]
+        self.gaps += first - self.applied.get(key, 0) - 1
+        self.applied[key] = first - 1
         return self._release(key)
 
     def state(self) -> dict[str, Any]:
-        """The position to checkpoint (held records are not part of it: they are unfinished)."""
-        return {"applied": dict(self.applied), "gaps": self.gaps}
+        """The position and the parked records, to checkpoint."""
+        return {"applied": dict(self.applied), "gaps": self.gaps,
+                "parked": {key: [[seq, packed] for seq, _, packed in parked] for key, parked in self._parked.items()}}
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Resume from a checkpointed position."""
+        """Resume from a checkpoint; parked records wait again from now."""
         self.applied = {str(k): int(v) for k, v in state.get("applied", {}).items()}
         self.gaps = int(state.get("gaps", 0))
+        self._parked, self._parked_seqs, self._since = {}, {}, {}
+        now = self.clock()
+        for key, entries in state.get("parked", {}).items():
+            heap = [(int(seq), self.unpack_item(packed), packed) for seq, packed in entries]
+            heapq.heapify(heap)
+            self._parked[key], self._parked_seqs[key], self._since[key] = heap, {s for s, _, _ in heap}, now
 
 
 class Checkpoint:

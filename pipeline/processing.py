@@ -60,7 +60,6 @@ class Outcome:
     finish: list = field(default_factory=list)
     retry: list = field(default_factory=list)
     dead: list[Dead] = field(default_factory=list)
-    defer: list = field(default_factory=list)  # keyed: ahead of their key's next seq, back to nsqd for a while
 
     def emit(self, encoded: dict[str, list[bytes]]) -> None:
         for topic, bodies in encoded.items():
@@ -228,108 +227,103 @@ def _record_body(record: dict) -> bytes:
 
 
 @dataclass(eq=False)
-class _Pending:
-    """A keyed message: finished once none of its records is still waiting for a gap."""
+class KeyedEntry:
+    """One keyed record and the message it came in, as much as its dead letter needs.
 
-    unit: Unit
-    outstanding: int
-    finished: bool = False  # or deferred: answered either way
+    A parked record outlives its message (finished once the checkpoint holds
+    the record), so it carries the message's id and attempts itself.
+    """
+
+    record: dict
+    id: bytes
+    attempts: int
+    body: bytes | None = None  # the message body, when the message carried this record alone
+    index: int | None = None  # the record's position in its envelope
+
+    def pack(self) -> list:
+        """The entry as msgpack-able data, for the checkpoint (the message body itself when there is one)."""
+        single = self.body is not None
+        return [self.body if single else _record_body(self.record), self.id, self.attempts, single, self.index]
+
+    @classmethod
+    def unpack(cls, data: list) -> KeyedEntry:
+        source, message_id, attempts, single, index = data
+        return cls(decode(source), message_id, attempts, source if single else None, index)
+
+    def dead(self, reason: str) -> Dead:
+        body = self.body if self.body is not None else _record_body(self.record)
+        return Dead(self, reason, body, self.index)
 
 
 class KeyedProcessor(BatchProcessor):
     """A :class:`BatchProcessor` for keyed stages: per key in ``seq`` order, once, state kept exact.
 
     Records pass through a :class:`~pipeline.keyed.Sequencer`; only the ones it
-    releases reach the handler, in order. A stateful handler is snapshotted
-    before each call and restored when the call raises, so a failing call
-    changes nothing; the failing record is then dead-lettered at once (a later
-    retry would apply it after the records behind it).
+    releases reach the handler, in order; the ones ahead of a gap are parked
+    in the checkpoint. Every decoded message is therefore finished with its
+    batch. A stateful handler is snapshotted before each call and restored
+    when the call raises, so a failing call changes nothing; the failing
+    record is then dead-lettered at once (a later retry would apply it after
+    the records behind it).
     """
 
     def __init__(self, *args, key_field: str, seq_field: str, sequencer, **kwargs):
         super().__init__(*args, **kwargs)
         self.key_field, self.seq_field, self.sequencer = key_field, seq_field, sequencer
-        self.duplicates = 0
+        self.duplicates = self.parked = 0
 
     def process(self, messages: list) -> Outcome:
         """Sequence the batch's records (and any whose gap expired), apply what is ready, in order."""
         outcome = Outcome()
-        touched: list[_Pending] = []
-        ready: list[tuple[dict, _Pending, int]] = []
+        ready: list[KeyedEntry] = []
         for unit in self._decode_all(messages, outcome):
-            pending = _Pending(unit, len(unit.records))
-            touched.append(pending)
+            message = unit.message
             for i, record in enumerate(unit.records):
-                ready += self._offer(record, pending, i, outcome)
+                entry = KeyedEntry(record, message.id, message.attempts,
+                                   None if unit.packed else message.body, i if unit.packed else None)
+                ready += self._offer(entry, outcome)
+            outcome.finish.append(message)
         ready += self.sequencer.expire()
         self._apply_in_order(ready, outcome)
-        touched += [p for _, p, _ in ready]
-        for _, pending, _ in self.sequencer.take_released_twins():  # their record is applied now
-            pending.outstanding -= 1
-            touched.append(pending)
-        for pending in touched:
-            if pending.outstanding == 0 and not pending.finished:
-                pending.finished = True
-                outcome.finish.append(pending.unit.message)
         return outcome
 
-    def held_messages(self) -> list:
-        """Messages with records waiting for a gap (to requeue when the worker drains)."""
-        return list({id(p): p.unit.message for _, p, _ in self.sequencer.held_items()}.values())
-
-    def _offer(self, record: dict, pending: _Pending, i: int, outcome: Outcome) -> list:
-        key, seq = record.get(self.key_field), record.get(self.seq_field)
-        reason = None
+    def _offer(self, entry: KeyedEntry, outcome: Outcome) -> list[KeyedEntry]:
+        key, seq = entry.record.get(self.key_field), entry.record.get(self.seq_field)
         if not isinstance(key, str) or not key:
-            reason = f"field {self.key_field!r} must be a non-empty string, got {key!r:.60}"
-        elif type(seq) is not int or seq < 1:
-            reason = f"field {self.seq_field!r} must be a positive integer, got {seq!r:.60}"
-        offer = None if reason else self.sequencer.offer(key, seq, (record, pending, i),
-                                                          can_defer=not pending.unit.packed)
-        if offer is not None and offer.defer:
-            pending.finished = True  # answered with a deferred requeue instead
-            outcome.defer.append(pending.unit.message)
+            outcome.dead.append(entry.dead(f"field {self.key_field!r} must be a non-empty string, got {key!r:.60}"))
             return []
-        if offer is not None and offer.duplicate:
-            self.duplicates += 1
-        if offer is not None and offer.refused:
-            reason = offer.refused
-        if reason or (offer.duplicate and not offer.twin):
-            pending.outstanding -= 1
-        if reason:
-            self._dead_record(outcome, pending, i, reason)
-        return offer.ready if offer is not None else []
+        if type(seq) is not int or seq < 1:
+            outcome.dead.append(entry.dead(f"field {self.seq_field!r} must be a positive integer, got {seq!r:.60}"))
+            return []
+        offer = self.sequencer.offer(key, seq, entry)
+        if offer.refused:
+            outcome.dead.append(entry.dead(offer.refused))
+        self.duplicates += offer.duplicate
+        self.parked += offer.parked
+        return offer.ready
 
-    def _dead_record(self, outcome: Outcome, pending: _Pending, i: int, reason: str) -> None:
-        unit = pending.unit
-        body = _record_body(unit.records[i]) if unit.packed else unit.message.body
-        outcome.dead.append(Dead(unit.message, reason, body, i if unit.packed else None))
-
-    def _apply_in_order(self, ready: list, outcome: Outcome) -> None:
+    def _apply_in_order(self, ready: list[KeyedEntry], outcome: Outcome) -> None:
         if not ready:
             return
         before = self._snapshot()
         try:
-            self._apply_records([r for r, _, _ in ready], ready, outcome)
+            self._apply_records(ready, outcome)
             return
         except Failed:
             self._restore(before)
-        for item in ready:  # one at a time, so only the failing record is lost to the state
+        for entry in ready:  # one at a time, so only the failing record is lost to the state
             before = self._snapshot()
             try:
-                self._apply_records([item[0]], [item], outcome)
+                self._apply_records([entry], outcome)
             except Failed as failure:
                 self._restore(before)
-                item[1].outstanding -= 1
-                self._dead_record(outcome, item[1], item[2], failure.reason + " (keyed stages do not retry)")
+                outcome.dead.append(entry.dead(failure.reason + " (keyed stages do not retry)"))
 
-    def _apply_records(self, records: list[dict], items: list, outcome: Outcome) -> None:
-        batch, encoded = self._run_handler(records, permanent=True)
+    def _apply_records(self, entries: list[KeyedEntry], outcome: Outcome) -> None:
+        batch, encoded = self._run_handler([e.record for e in entries], permanent=True)
         outcome.emit(encoded)
-        for index, (_, pending, i) in enumerate(items):
-            pending.outstanding -= 1
-            if index in batch.rejected:
-                self._dead_record(outcome, pending, i, batch.rejected[index])
+        for index, reason in sorted(batch.rejected.items()):
+            outcome.dead.append(entries[index].dead(reason))
 
     def _snapshot(self) -> bytes | None:
         snapshot = getattr(self.handler, "snapshot", None)

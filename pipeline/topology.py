@@ -289,20 +289,21 @@ class StageSpec(_Spec):
                     " in `seq` order once, and checkpoints its state before it FINs.",
     )
     gap_max_count: int = Field(
-        100000, ge=1, le=10000000,
-        description="Keyed stages: records held per key while waiting for a missing `seq`, before giving up on it.",
+        10000, ge=1, le=1000000,
+        description="Keyed stages: records parked per key while waiting for a missing `seq`, before giving up on"
+                    " it. Parked records are part of every checkpoint, so this also bounds its size.",
     )
     gap_max_ms: int | None = Field(
         None, ge=1, le=3600000,
         description="Keyed stages: longest wait, in milliseconds, for a missing `seq` before it is counted as a"
-                    " gap; must exceed msg_timeout, since a crashed replica's messages come back only after it"
-                    " (default: msg_timeout + 5 s).",
+                    " gap; must exceed msg_timeout, since a crashed replica's messages come back only after it,"
+                    " behind any backlog (default: 2 x msg_timeout + 10 s).",
     )
 
     @property
     def gap_wait_ms(self) -> int:
         """How long a keyed stage waits for a missing ``seq``."""
-        return self.gap_max_ms if self.gap_max_ms is not None else int(self.msg_timeout * 1000) + 5000
+        return self.gap_max_ms if self.gap_max_ms is not None else int(self.msg_timeout * 2000) + 10000
     params: dict[str, Any] = Field(
         default_factory=dict, description="Parameters of the stage, passed to a stage class as `context.params`.",
     )

@@ -39,7 +39,7 @@ from .errors import PublishError
 from .fastconn import FastReader
 from .middleware import Middleware, MiddlewareStack
 from .keyed import Checkpoint, Sequencer
-from .processing import BatchProcessor, Dead, KeyedProcessor
+from .processing import BatchProcessor, Dead, KeyedEntry, KeyedProcessor
 from .publisher import Publisher
 from .stage import Handler, StageContext, load_handler
 
@@ -49,7 +49,6 @@ LOOKUPD_POLL_INTERVAL = 10
 CONNECT_TIMEOUT = 30.0
 MAX_REQUEUE_DELAY = 3600.0
 GAP_CHECK_MS = 100  # how often a keyed stage looks for gaps that waited long enough
-DEFER_MS, MAX_DEFER_MS = 250, 5000  # requeue delay of a keyed record that came early, per attempt
 
 
 class Worker:
@@ -161,8 +160,6 @@ class Worker:
         deadline = time.monotonic() + self.spec.publish_timeout + 2.0
         if self._active:
             await asyncio.wait(list(self._active), timeout=self.spec.publish_timeout + 1.0)
-        if self.checkpoint is not None:  # records waiting for a gap: their messages go back unfinished
-            self._requeue_now(self.processor.held_messages())
         await self._await_close_wait(deadline)
         await self._flush_connections()
         if self._active:
@@ -171,6 +168,8 @@ class Worker:
         logging.getLogger("nsq").setLevel(logging.CRITICAL)
         self.reader.close()
         self.publisher.close()
+        if self.checkpoint is not None:
+            self.stats.update(duplicates=self.processor.duplicates, parked=self.processor.parked)
         log.info("stage %s replica %d stopped: %s", self.name, self.replica, dict(self.stats))
         self._done.set()
 
@@ -271,12 +270,6 @@ class Worker:
             self._requeue_backoff(message)
         if self.checkpoint is not None:
             self._report_gaps()
-        for message in outcome.defer:
-            # Ahead of its key's next seq: nsqd keeps it (durably, out of our
-            # in-flight window) until the records before it had their turn.
-            delay = min(DEFER_MS * message.attempts, MAX_DEFER_MS)
-            message.requeue(backoff=False, time_ms=delay)
-            self.stats["deferred"] += 1
         outputs = outcome.outputs
         if outcome.dead:
             outputs[self.dead_topic] = [self._dead_letter(dead) for dead in outcome.dead]
@@ -304,7 +297,8 @@ class Worker:
     # -- keyed state ---------------------------------------------------------
 
     def _new_sequencer(self) -> Sequencer:
-        return Sequencer(self.spec.gap_max_count, self.spec.gap_wait_ms)
+        return Sequencer(self.spec.gap_max_count, self.spec.gap_wait_ms,
+                         pack_item=KeyedEntry.pack, unpack_item=KeyedEntry.unpack)
 
     def _restore_checkpoint(self) -> None:
         """Load the last checkpoint into the sequencer and the stage (as at a restart)."""
@@ -316,16 +310,15 @@ class Worker:
         self.processor.sequencer.restore(sequencer_state)
         if handler_state is not None and hasattr(self.handler, "restore"):
             self.handler.restore(handler_state)
-        log.info("stage %s replica %d restored its checkpoint (%d keys)", self.name, self.replica,
-                 len(self.processor.sequencer.applied))
+        log.info("stage %s replica %d restored its checkpoint (%d keys, %d records parked)", self.name,
+                 self.replica, len(self.processor.sequencer.applied), self.processor.sequencer.parked_count())
 
     def _rewind(self) -> None:
-        """After a failed publish: back to the last checkpoint, every unfinished message requeued.
+        """After a failed publish: back to the last checkpoint (the batch's messages are requeued).
 
         The handler already applied the batch; its redelivered records would
         otherwise be taken for duplicates and their outputs never published.
         """
-        self._requeue_now(self.processor.held_messages())
         self._restore_checkpoint()
 
     def _report_gaps(self) -> None:
@@ -337,7 +330,7 @@ class Worker:
             self.stats["gaps"] = gaps
 
     def _expire_gaps(self) -> None:
-        if not self.draining and self.processor.sequencer.held_items():
+        if not self.draining and self.processor.sequencer.expiry_due():
             task = asyncio.ensure_future(self._process([]))
             self._active.add(task)
             task.add_done_callback(self._active.discard)

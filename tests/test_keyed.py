@@ -24,19 +24,17 @@ def test_in_order_records_are_ready_at_once_and_duplicates_dropped():
     assert ready_seqs(seq.offer("A", 2, "a2")) == ["a2"]
     assert seq.offer("A", 2, "again").duplicate and seq.offer("A", 1, "again").duplicate
     assert ready_seqs(seq.offer("B", 1, "b1")) == ["b1"]  # keys are independent
-    assert seq.state() == {"applied": {"A": 2, "B": 1}, "gaps": 0}
+    assert seq.state() == {"applied": {"A": 2, "B": 1}, "gaps": 0, "parked": {}}
 
 
-def test_a_swap_is_reordered_and_a_copy_of_a_waiting_record_waits_with_it():
+def test_a_swap_is_reordered_and_a_copy_of_a_parked_record_is_a_duplicate():
     seq = Sequencer(gap_max_count=10, gap_max_ms=1000)
     seq.offer("A", 1, "a1")
-    assert seq.offer("A", 3, "a3").ready == []
-    copy = seq.offer("A", 3, "a3 again")
-    assert copy.duplicate and copy.twin
-    assert seq.held_items() == ["a3", "a3 again"]
-    assert ready_seqs(seq.offer("A", 2, "a2")) == ["a2", "a3"]  # the copy is not applied twice
-    assert seq.take_released_twins() == ["a3 again"]
-    assert seq.held_items() == [] and seq.gaps == 0
+    assert seq.offer("A", 3, "a3").parked
+    assert seq.offer("A", 3, "a3 again").duplicate  # the parked one is in the checkpoint already
+    assert seq.parked_count() == 1
+    assert ready_seqs(seq.offer("A", 2, "a2")) == ["a2", "a3"]
+    assert seq.parked_count() == 0 and seq.gaps == 0
 
 
 def test_a_gap_is_given_up_after_its_time_or_its_count():
@@ -67,6 +65,7 @@ def test_checkpoint_round_trip_and_restore(tmp_path):
     seq = Sequencer(gap_max_count=3, gap_max_ms=1000)
     seq.offer("A", 1, 1)
     seq.offer("A", 2, 2)
+    seq.offer("A", 4, "a4")  # parked: part of the checkpoint
     checkpoint = Checkpoint(tmp_path / "state" / "s-0.ckpt")
     assert checkpoint.load() is None
     checkpoint.save(seq.state(), b"handler-bytes")
@@ -74,7 +73,20 @@ def test_checkpoint_round_trip_and_restore(tmp_path):
     assert handler == b"handler-bytes" and not (tmp_path / "state" / "s-0.ckpt.tmp").exists()
     restored = Sequencer(gap_max_count=3, gap_max_ms=1000)
     restored.restore(state)
-    assert restored.offer("A", 2, 2).duplicate and restored.offer("A", 3, 3).ready == [3]
+    assert restored.offer("A", 2, 2).duplicate and restored.offer("A", 4, "again").duplicate
+    assert restored.offer("A", 3, 3).ready == [3, "a4"]
+
+
+def test_parked_items_are_packed_once_for_every_checkpoint():
+    packed = []
+    seq = Sequencer(gap_max_count=10, gap_max_ms=1000, pack_item=lambda item: packed.append(item) or item.upper(),
+                    unpack_item=str.lower)
+    seq.offer("A", 3, "a3")
+    seq.state()
+    assert seq.state()["parked"] == {"A": [[3, "A3"]]} and packed == ["a3"]
+    restored = Sequencer(gap_max_count=10, gap_max_ms=1000, unpack_item=str.lower)
+    restored.restore(seq.state())
+    assert restored.offer("A", 1, "a1").ready == ["a1"] and restored.offer("A", 2, "a2").ready == ["a2", "a3"]
 
 
 def test_a_checkpoint_of_another_version_is_an_error(tmp_path):
@@ -85,15 +97,14 @@ def test_a_checkpoint_of_another_version_is_an_error(tmp_path):
         Checkpoint(path).load()
 
 
-def test_an_early_record_can_be_deferred_and_its_gap_still_expires():
+def test_a_gap_restarts_its_wait_when_records_below_it_are_released():
     clock = Clock()
     seq = Sequencer(gap_max_count=100, gap_max_ms=500, clock=clock)
-    seq.offer("A", 1, "a1")
-    assert seq.offer("A", 3, "a3", can_defer=True).defer  # nothing held: nsqd keeps it
-    assert seq.held_items() == []
-    assert seq.offer("A", 2, "a2", can_defer=True).ready == ["a2"]
-    assert seq.offer("A", 3, "a3", can_defer=True).ready == ["a3"]  # back from nsqd, now in order
-    assert seq.offer("A", 6, "a6", can_defer=True).defer
-    clock.now = 0.5
-    assert seq.expire() == [] and seq.gaps == 2 and seq.applied["A"] == 5  # 4 and 5 given up
-    assert seq.offer("A", 6, "a6", can_defer=True).ready == ["a6"]
+    seq.offer("A", 2, "a2")
+    seq.offer("A", 4, "a4")
+    clock.now = 0.4
+    assert seq.offer("A", 1, "a1").ready == ["a1", "a2"]  # 3 is still missing: a new gap, waited from now
+    clock.now = 0.8
+    assert not seq.expiry_due() and seq.expire() == []
+    clock.now = 0.9
+    assert seq.expiry_due() and seq.expire() == ["a4"] and seq.gaps == 1

@@ -5,9 +5,9 @@ from pathlib import Path
 
 from pipeline.codecs import decode, encode_json
 from pipeline.envelope import pack
-from pipeline.keyed import Sequencer
+from pipeline.keyed import Checkpoint, Sequencer
 from pipeline.middleware import MiddlewareStack
-from pipeline.processing import KeyedProcessor
+from pipeline.processing import KeyedEntry, KeyedProcessor
 from pipeline.stage import StageContext
 from pipeline.topology import load_topology
 from stages_for_tests import RunningSum
@@ -21,7 +21,7 @@ class Msg:
         self.body, self.attempts, self.id = encode_json(record), attempts, b"%016d" % Msg.count
 
 
-def keyed(tmp_path: Path, gap_max_count: int = 100) -> KeyedProcessor:
+def keyed(tmp_path: Path, gap_max_count: int = 100, sequencer_state=None, handler_state=None) -> KeyedProcessor:
     path = tmp_path / "topology.yaml"
     path.write_text(
         "nsq: {nsqd: [{name: n0, tcp: 127.0.0.1:4150, http: 127.0.0.1:4151}]}\n"
@@ -30,8 +30,12 @@ def keyed(tmp_path: Path, gap_max_count: int = 100) -> KeyedProcessor:
         "  s: {handler: 'stages_for_tests:RunningSum', input: ins, channel: c, keyed: true, outputs: [sums]}\n")
     topology = load_topology(path)
     stage = RunningSum(StageContext("s", 0, tmp_path))
+    sequencer = Sequencer(gap_max_count, 60_000, pack_item=KeyedEntry.pack, unpack_item=KeyedEntry.unpack)
+    if sequencer_state is not None:
+        sequencer.restore(sequencer_state)
+        stage.restore(handler_state)
     return KeyedProcessor(None, "s", topology.stage("s"), topology, stage, MiddlewareStack(), key_field="key",
-                          seq_field="seq", sequencer=Sequencer(gap_max_count, 60_000))
+                          seq_field="seq", sequencer=sequencer)
 
 
 def tick(key, seq, v):
@@ -44,13 +48,12 @@ def sums(outcome):
 
 def test_duplicates_and_swaps_do_not_change_the_state(tmp_path):
     p = keyed(tmp_path)
-    early = tick("A", 3, 30)
-    first = p.process([tick("A", 1, 10), early, tick("A", 2, 20), tick("A", 2, 20)])
-    assert sums(first) == [("A", 1, 10), ("A", 2, 30)]
-    assert first.defer == [early] and early not in first.finish  # back to nsqd, not lost, not held
-    assert len(first.finish) == 3 and p.duplicates == 1
-    again = p.process([early, tick("A", 4, 40), tick("A", 3, 30)])  # 3 comes back, and a redelivered copy
-    assert sums(again) == [("A", 3, 60), ("A", 4, 100)] and len(again.finish) == 3
+    batch = [tick("A", 1, 10), tick("A", 3, 30), tick("A", 2, 20), tick("A", 2, 20)]
+    first = p.process(batch)
+    assert sums(first) == [("A", 1, 10), ("A", 2, 30), ("A", 3, 60)]
+    assert first.finish == batch and p.duplicates == 1 and p.parked == 1
+    again = p.process([tick("A", 3, 30), tick("A", 4, 40)])  # a redelivered copy of 3, then 4
+    assert sums(again) == [("A", 4, 100)] and len(again.finish) == 2
 
 
 def _packed(ticks):
@@ -59,13 +62,42 @@ def _packed(ticks):
     return message
 
 
-def test_an_envelope_waiting_for_a_gap_is_held_and_finished_once_applied(tmp_path):
+def test_records_ahead_of_a_gap_are_parked_and_their_messages_finished_at_once(tmp_path):
+    # Parked records take no room in the in-flight window: the replica keeps receiving,
+    # so the missing record (a crashed replica's, back after msg_timeout) can reach it.
     p = keyed(tmp_path)
     early = _packed([tick("A", 2, 20), tick("A", 3, 30)])
-    outcome = p.process([early])
-    assert outcome.finish == [] and outcome.defer == [] and p.held_messages() == [early]
+    single = tick("B", 5, 1)
+    outcome = p.process([early, single])
+    assert outcome.finish == [early, single] and sums(outcome) == [] and p.sequencer.parked_count() == 3
     later = p.process([tick("A", 1, 10)])
-    assert sums(later) == [("A", 1, 10), ("A", 2, 30), ("A", 3, 60)] and early in later.finish
+    assert sums(later) == [("A", 1, 10), ("A", 2, 30), ("A", 3, 60)] and p.sequencer.parked_count() == 1
+
+
+def test_parked_records_survive_a_restart_through_the_checkpoint(tmp_path):
+    # A finished message's record exists only in the checkpoint: a replica started
+    # from it must apply the record when the gap fills, exactly once.
+    p = keyed(tmp_path)
+    p.process([tick("A", 1, 10)])
+    p.process([tick("A", 3, 30), _packed([tick("A", 4, 40)])])
+    checkpoint = Checkpoint(tmp_path / "s-0.ckpt")
+    checkpoint.save(p.sequencer.state(), p.handler.snapshot())
+    restarted = keyed(tmp_path, sequencer_state=checkpoint.load()[0], handler_state=checkpoint.load()[1])
+    assert restarted.sequencer.parked_count() == 2
+    outcome = restarted.process([tick("A", 3, 30), tick("A", 2, 20)])  # a copy of a parked one, then the gap
+    assert sums(outcome) == [("A", 2, 30), ("A", 3, 60), ("A", 4, 100)] and restarted.duplicates == 1
+
+
+def test_a_parked_record_that_fails_later_is_dead_lettered_with_its_own_message(tmp_path):
+    p = keyed(tmp_path)
+    unlucky = tick("A", 2, 13)
+    p.process([unlucky])
+    outcome = p.process([tick("A", 1, 10)])
+    assert sums(outcome) == [("A", 1, 10)]
+    [dead] = outcome.dead
+    assert "ValueError: unlucky 13" in dead.reason
+    assert dead.body == unlucky.body and dead.message.id == unlucky.id and dead.index is None
+    assert decode(p.dead_letter(dead))["nsq_message_id"] == unlucky.id.decode()
 
 
 def test_a_failing_record_is_dead_lettered_and_the_state_is_as_if_it_never_came(tmp_path):
@@ -83,17 +115,3 @@ def test_records_without_key_or_seq_are_dead_lettered(tmp_path):
     outcome = p.process([Msg({"id": "x", "seq": 1, "v": 1}), Msg({"id": "y", "key": "A", "seq": "1", "v": 1})])
     assert sorted(d.reason.split(" must")[0] for d in outcome.dead) == ["field 'key'", "field 'seq'"]
     assert sums(outcome) == []
-
-
-def test_a_redelivered_copy_of_a_waiting_record_is_finished_only_with_it(tmp_path):
-    # Regression: the copy nsqd redelivers after msg_timeout was finished as a duplicate while the
-    # waiting original existed only in memory; a crash then lost the record for good.
-    p = keyed(tmp_path)
-    waiting = _packed([tick("A", 2, 20)])
-    p.process([waiting])
-    copy = _packed([tick("A", 2, 20)])
-    assert p.process([copy]).finish == []
-    assert set(p.held_messages()) == {waiting, copy}
-    done = p.process([tick("A", 1, 10)])
-    assert sums(done) == [("A", 1, 10), ("A", 2, 30)]
-    assert waiting in done.finish and copy in done.finish and p.held_messages() == []
