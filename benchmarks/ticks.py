@@ -53,6 +53,7 @@ TICK_SECONDS = 10  # at scale 1
 BASE_COUNT = TICK_RATE * TICK_SECONDS
 MAX_IN_FLIGHT = 500
 BATCH = {"size": 64, "wait_ms": 2}
+OUTPUT_BUFFER_SIZE = 16384  # nsqd's default; -1 (no buffering) is the other choice to compare
 READ_CHANNEL = "bench"
 READER_BUFFER_TIMEOUT = "1ms"
 STAGES = (("features", "ticks", "consumers.features:Features", "features"),
@@ -65,7 +66,7 @@ POLL_INTERVAL = 0.05
 PERCENTILES = (("p50", 50.0), ("p99", 99.0), ("p999", 99.9))
 
 
-def write_topology(path: Path, broker: Broker) -> Topology:
+def write_topology(path: Path, broker: Broker, output_buffer_size: int = OUTPUT_BUFFER_SIZE) -> Topology:
     """Write and load ticks -> features -> signals, 4 partitions, against ``broker``."""
     keyed = {"codec": "msgpack", "partitions": PARTITIONS, "key": "symbol"}
     doc = {
@@ -73,7 +74,8 @@ def write_topology(path: Path, broker: Broker) -> Topology:
                 "var_dir": str(path.parent / "var")},
         "topics": {"ticks": dict(keyed), "features": {**keyed, "seq": "feature_seq"}, "signals": {"codec": "json"}},
         "stages": {name: {"handler": handler, "input": source, "channel": name, "outputs": [out], "keyed": True,
-                          "replicas": PARTITIONS, "max_in_flight": MAX_IN_FLIGHT, "batch": dict(BATCH)}
+                          "replicas": PARTITIONS, "max_in_flight": MAX_IN_FLIGHT, "batch": dict(BATCH),
+                          "output_buffer_size": output_buffer_size}
                    for name, source, handler, out in STAGES},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,20 +154,21 @@ def _pending(channel: dict | None) -> int:
     return channel["depth"] + channel["backend_depth"] + channel["in_flight_count"] + channel["deferred_count"]
 
 
-def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE) -> dict:
+def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
+               output_buffer_size: int = OUTPUT_BUFFER_SIZE) -> dict:
     """Measure the latencies for ``count`` ticks at ``rate`` on a fresh nsqd under ``workdir``; stop everything after.
 
     Raises:
         BenchError: a process died, the producer failed, or a deadline passed.
     """
     # The reader sends no IDENTIFY, so it gets nsqd's default output buffer timeout: 1 ms here, so the
-    # measuring hop adds no buffering. The workers (pynsq) ask for their own (250 ms, 16 KB) as in production.
+    # measuring hop adds no buffering. The workers ask for their stage's output_buffer_size/timeout.
     broker = Broker(start_nsqd(workdir / "nsqd", extra=[f"--mem-queue-size={max(MEM_QUEUE_SIZE, 2 * count)}",
                                                         f"--output-buffer-timeout={READER_BUFFER_TIMEOUT}"]))
     launched: list[Launched] = []
     producers: list[Producer] = []
     try:
-        topology = write_topology(workdir / "topology.yaml", broker)
+        topology = write_topology(workdir / "topology.yaml", broker, output_buffer_size)
         features, inputs = topology.physical_topics("features"), topology.physical_topics("ticks")
         outputs = [*features, "signals"]
         for topic in outputs:

@@ -9,7 +9,11 @@ unchanged and changes only the I/O:
 - ``send`` appends to a buffer flushed by one ``IOStream.write`` on the next
   IOLoop iteration, so the FINs of a whole batch leave in one write;
 - reads take whatever the socket has (up to ``READ_CHUNK``) and decode every
-  complete frame in it, keeping a partial frame for the next read.
+  complete frame in it, keeping a partial frame for the next read;
+- with a *batch handler* (:class:`FastReader`'s ``batch_handler``), the
+  messages of one read reach it as one list, with RDY checked once per read
+  instead of once per message and no event per message; :func:`finish_all`
+  finishes a batch with one FIN payload and one RESUME per connection.
 
 Both apply only once the connection is READY: IDENTIFY, TLS/snappy/deflate
 upgrades and AUTH keep pynsq's exact reads and immediate writes, so nothing
@@ -52,7 +56,8 @@ class FastMessage(nsq.Message):
 
     def __init__(self, conn: FastConn, id: bytes, body: bytes, timestamp: int, attempts: int):
         # EventedMixin.__init__ is skipped on purpose: this message has no listeners.
-        self._async_enabled = False
+        # Always asynchronous: the worker answers every message itself, after its batch.
+        self._async_enabled = True
         self._has_responded = False
         self.id, self.body, self.timestamp, self.attempts = id, body, timestamp, attempts
         self._conn = conn
@@ -82,6 +87,21 @@ class FastMessage(nsq.Message):
         self._conn._on_message_touch(self)
 
 
+def finish_all(messages) -> None:
+    """FIN every message not answered yet: one FIN payload and one RESUME per connection.
+
+    The same as calling ``finish()`` on each, except that pynsq's backoff
+    timer counts one success per connection and call rather than per message.
+    """
+    ids: dict[FastConn, list[bytes]] = {}
+    for message in messages:
+        if not message._has_responded:
+            message._has_responded = True
+            ids.setdefault(message._conn, []).append(message.id)
+    for conn, message_ids in ids.items():
+        conn._finish_ids(message_ids)
+
+
 def _retrieve(future: Future) -> None:
     # A failed flush is reported through the connection's error event; mark the
     # future's exception retrieved so asyncio does not log it a second time.
@@ -92,8 +112,12 @@ def _retrieve(future: Future) -> None:
 class FastConn(nsq.AsyncConn):
     """pynsq's ``AsyncConn`` with coalesced writes and batched frame decoding."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, output_buffer_size: int = 16 * 1024, **kwargs):
+        # nsqd takes -1 for "no output buffering" (every message written at once);
+        # pynsq's constructor accepts only sizes >= 0, its IDENTIFY sends whatever is set.
+        super().__init__(*args, output_buffer_size=max(output_buffer_size, 0), **kwargs)
+        self.output_buffer_size = output_buffer_size
+        self.on_messages = None  # set by FastReader: called with (conn, [FastMessage, ...]) per read
         self._fast = False
         self._pending: list[bytes] = []
         self._flushed: Future | None = None
@@ -113,6 +137,15 @@ class FastConn(nsq.AsyncConn):
         except Exception as e:
             self.close()
             self.trigger(event.ERROR, conn=self, error=protocol.SendError(f"failed to send FIN {message.id!r}", e))
+
+    def _finish_ids(self, message_ids: list[bytes]) -> None:
+        self.trigger(event.RESUME, conn=self)
+        self.in_flight -= len(message_ids)
+        try:
+            self.send(b"".join([b"FIN " + message_id + b"\n" for message_id in message_ids]))
+        except Exception as e:
+            self.close()
+            self.trigger(event.ERROR, conn=self, error=protocol.SendError(f"failed to send {len(message_ids)} FINs", e))
 
     def _on_data(self, data: bytes, **kwargs) -> None:
         if data[:4] != _FRAME_MESSAGE:
@@ -173,23 +206,62 @@ class FastConn(nsq.AsyncConn):
         buf = self._rbuf
         buf += chunk
         pos, end = 0, len(buf)
+        batch = self.on_messages is not None
+        messages: list[FastMessage] = []
         while end - pos >= 4:
             size = _SIZE.unpack_from(buf, pos)[0]
             if end - pos - 4 < size:
                 break
-            frame = bytes(buf[pos + 4:pos + 4 + size])
-            pos += 4 + size
+            start, pos = pos + 4, pos + 4 + size
+            if batch and buf[start:start + 4] == _FRAME_MESSAGE:
+                timestamp, attempts = _MESSAGE_HEADER.unpack_from(buf, start + 4)
+                messages.append(FastMessage(self, bytes(buf[start + 14:start + 30]), bytes(buf[start + 30:pos]),
+                                            timestamp, attempts))
+                continue
+            if messages:  # keep the order of messages and other frames (e.g. CLOSE_WAIT)
+                self._deliver(messages)
+                messages = []
             try:
-                self.trigger(event.DATA, conn=self, data=frame)
+                self.trigger(event.DATA, conn=self, data=bytes(buf[start:pos]))
             except Exception:
                 log.exception("[%s] uncaught exception in data event", self.id)
+        if messages:
+            self._deliver(messages)
         if pos:
             del buf[:pos]
         self._start_read()
 
 
+    def _deliver(self, messages: list[FastMessage]) -> None:
+        self.last_recv_timestamp = self.last_msg_timestamp = time.time()
+        self.in_flight += len(messages)
+        try:
+            self.on_messages(self, messages)
+        except Exception:
+            log.exception("[%s] uncaught exception handling %d messages", self.id, len(messages))
+
+
 class FastReader(nsq.Reader):
-    """pynsq's ``Reader`` on :class:`FastConn` connections."""
+    """pynsq's ``Reader`` on :class:`FastConn` connections.
+
+    With ``batch_handler`` (instead of ``message_handler``), the messages of
+    each read are handed over as one list; messages that arrive before the
+    connection's fast I/O starts come one at a time, as a list of one.
+    ``max_tries`` must then be 0: the batch handler decides what to do with
+    a message's attempts.
+    """
+
+    def __init__(self, *args, batch_handler=None, **kwargs):
+        if batch_handler is not None:
+            if kwargs.setdefault("max_tries", 0):
+                raise ValueError("FastReader: a batch_handler needs max_tries=0")
+            kwargs["message_handler"] = lambda message: batch_handler([message])
+        self.batch_handler = batch_handler
+        super().__init__(*args, **kwargs)
+
+    def _on_messages(self, conn: FastConn, messages: list[FastMessage]) -> None:
+        self._maybe_update_rdy(conn)
+        self.batch_handler(messages)
 
     def connect_to_nsqd(self, host: str, port: int):
         """Connect to one nsqd, as pynsq's ``Reader.connect_to_nsqd`` does, with a :class:`FastConn`."""
@@ -205,6 +277,8 @@ class FastReader(nsq.Reader):
                               ("resume", functools.partial(self._on_backoff_resume, success=True)),
                               ("continue", functools.partial(self._on_backoff_resume, success=None))):
             conn.on(name, handler)
+        if self.batch_handler is not None:
+            conn.on_messages = self._on_messages
         if conn.id in self.conns:
             return None
         # like pynsq: at most one connection attempt per destination every 10 s

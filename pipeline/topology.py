@@ -283,6 +283,12 @@ class StageSpec(_Spec):
                     " 250, a quarter second per hop at low rates); nsqd refuses values below its"
                     " --min-output-buffer-timeout, 25 by default. Lower: less latency, more nsqd CPU.",
     )
+    output_buffer_size: int = Field(
+        16384, ge=-1, le=65536,
+        description="Bytes nsqd may buffer for a replica before writing them (with output_buffer_timeout);"
+                    " -1 writes every message at once: lowest latency, for latency-sensitive stages at"
+                    " moderate rates. nsqd accepts 64 up to its --max-output-buffer-size (64 KiB by default).",
+    )
     keyed: bool = Field(
         False,
         description="Stateful per key: replica k consumes partition k of the input, applies each key's records"
@@ -330,6 +336,9 @@ class StageSpec(_Spec):
             reason = (f"gap_max_ms {self.gap_max_ms} must exceed msg_timeout ({_num(self.msg_timeout)} s): the "
                       "messages of a crashed replica come back only after msg_timeout")
             problems.append((("gap_max_ms",), reason, self.gap_max_ms))
+        if 0 <= self.output_buffer_size < 64:
+            reason = f"output_buffer_size {self.output_buffer_size} must be -1 (no buffering) or at least 64"
+            problems.append((("output_buffer_size",), reason, self.output_buffer_size))
         if self.publish_timeout >= self.msg_timeout:
             reason = (f"publish_timeout {_num(self.publish_timeout)} must be less than"
                       f" msg_timeout {_num(self.msg_timeout)}")

@@ -36,7 +36,7 @@ from tornado.ioloop import PeriodicCallback
 
 from . import nsqd_http
 from .errors import PublishError
-from .fastconn import FastReader
+from .fastconn import FastReader, finish_all
 from .middleware import Middleware, MiddlewareStack
 from .keyed import Checkpoint, Sequencer
 from .processing import BatchProcessor, Dead, KeyedEntry, KeyedProcessor
@@ -123,10 +123,11 @@ class Worker:
         self.publisher = Publisher(self.topology.nsqd_tcp_addresses())
         await self.publisher.wait_connected(CONNECT_TIMEOUT)
         self.reader = FastReader(
-            topic=self.input_topic, channel=spec.channel, message_handler=self._on_message,
+            topic=self.input_topic, channel=spec.channel, batch_handler=self._on_messages,
             max_in_flight=spec.max_in_flight, max_tries=0,  # 0: we dead-letter; pynsq would FIN and drop
             max_backoff_duration=spec.max_backoff_duration, msg_timeout=spec.msg_timeout,
-            output_buffer_timeout=spec.output_buffer_timeout, **self._discovery())
+            output_buffer_timeout=spec.output_buffer_timeout, output_buffer_size=spec.output_buffer_size,
+            **self._discovery())
         self.middleware.emit_before("after_worker_boot", self)
         log.info("stage %s replica %d consuming %s/%s", self.name, self.replica, self.input_topic, spec.channel)
 
@@ -211,17 +212,22 @@ class Worker:
 
     # -- batching ----------------------------------------------------------
 
-    def _on_message(self, message) -> None:
-        message.enable_async()
+    def _on_messages(self, messages: list) -> None:
+        """Take the messages of one read from nsqd (FastMessages: asynchronous, answered after their batch)."""
         if self.middleware.middleware:
-            self.middleware.emit_before("after_receive", self, message)
+            for message in messages:
+                self.middleware.emit_before("after_receive", self, message)
         if self.draining:
-            self._requeue_now([message])
+            self._requeue_now(messages)
             return
-        self._pending.append(message)
-        if len(self._pending) >= self.spec.batch.size:
-            self._flush()
-        elif self._timer is None:
+        pending, size = self._pending, self.spec.batch.size
+        pending += messages
+        while len(pending) >= size:
+            self._cancel_timer()
+            self._pending = pending[size:]
+            self._flush(pending[:size])
+            pending = self._pending
+        if pending and self._timer is None:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self.spec.batch.wait_ms / 1000.0, self._flush)
 
@@ -234,9 +240,11 @@ class Worker:
             self._timer.cancel()
             self._timer = None
 
-    def _flush(self) -> None:
-        self._cancel_timer()
-        messages = self._take_pending()
+    def _flush(self, messages: list | None = None) -> None:
+        """Start processing ``messages``, by default every pending one (the batch timer's call)."""
+        if messages is None:
+            self._cancel_timer()
+            messages = self._take_pending()
         if not messages:
             return
         task = asyncio.ensure_future(self._process(messages))
@@ -351,9 +359,7 @@ class Worker:
     # -- acknowledgement ---------------------------------------------------
 
     def _finish(self, messages: Sequence) -> None:
-        for message in messages:
-            if not message.has_responded():
-                message.finish()
+        finish_all(messages)
         self.stats["finished"] += len(messages)
 
     def _requeue_now(self, messages: Sequence) -> None:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from concurrent.futures import Future  # a finished read; needs no event loop
 
 import pytest
-from tornado.concurrent import Future
 
 from nsqhttp import channel_stats, wait_until
 from pipeline.fastconn import FastConn, FastReader, FastWriter
@@ -107,3 +107,58 @@ def test_requeue_redelivers_with_attempts_and_touch_prevents_a_timeout(nsqd, top
     wait_until(lambda: channel_stats(nsqd.http, topic, "c")["in_flight_count"] == 0, 10)
     stats = channel_stats(nsqd.http, topic, "c")
     assert stats["requeue_count"] == 3 and stats["timeout_count"] == 0 and stats["depth"] == 0
+
+
+def test_a_batch_handler_gets_the_messages_of_a_read_in_order_between_other_frames():
+    def message(n: int) -> bytes:
+        return frame(2, struct.pack(">qH", 7, 1) + b"%016d" % n + b"body%d" % n)
+
+    wire = message(1) + message(2) + frame(0, b"CLOSE_WAIT") + message(3)
+    conn = FastConn("127.0.0.1", 1)
+    seen = []
+    conn.on_messages = lambda c, messages: seen.append([m.body for m in messages])
+    conn.on("data", lambda conn, data: seen.append(data[4:]))
+    conn._start_read = lambda: None
+    read: Future = Future()
+    read.set_result(wire)
+    conn._read_chunk(read)
+    assert seen == [[b"body1", b"body2"], b"CLOSE_WAIT", [b"body3"]]
+    assert conn.in_flight == 3
+
+
+@pytest.mark.integration
+def test_batch_handler_and_finish_all_consume_everything_once(nsqd, topic):
+    with NsqPublisher(nsqd.tcp) as publisher:
+        publisher.publish(topic, [b"%d" % i for i in range(20_000)])
+    received, sizes = [], []
+
+    async def main():
+        from pipeline.fastconn import finish_all
+
+        def on_messages(messages):
+            sizes.append(len(messages))
+            received.extend(m.body for m in messages)
+            asyncio.get_running_loop().call_soon(finish_all, messages)
+
+        reader = FastReader(topic=topic, channel="c", batch_handler=on_messages, nsqd_tcp_addresses=[nsqd.tcp],
+                            max_in_flight=500)
+        try:
+            def drained():
+                stats = channel_stats(nsqd.http, topic, "c")
+                return stats if len(received) >= 20_000 and stats["depth"] == stats["in_flight_count"] == 0 else None
+
+            stats = await asyncio.to_thread(wait_until, drained, 20)
+        finally:
+            reader.close()
+        return stats
+
+    stats = run(main())
+    assert sorted(int(b) for b in received) == list(range(20_000))  # each once: nothing redelivered
+    assert stats["in_flight_count"] == 0 and stats["requeue_count"] == 0 and stats["timeout_count"] == 0
+    assert max(sizes) > 1  # reads did carry several messages
+
+
+def test_a_batch_handler_refuses_max_tries():
+    with pytest.raises(ValueError, match="needs max_tries=0"):
+        FastReader(topic="t", channel="c", batch_handler=lambda ms: None, nsqd_tcp_addresses=["127.0.0.1:1"],
+                   max_tries=3)

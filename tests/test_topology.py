@@ -161,7 +161,7 @@ BROKEN = [
     ("unknown-stage-key", "    replicas: 2", "    replica: 2",
      "topology.yaml:14:5: stages.primes.replica: unknown field; expected one of: handler, input, channel, "
      "outputs, replicas, max_in_flight, batch, max_tries, msg_timeout, requeue_delay, max_backoff_duration, "
-     "publish_timeout, output_buffer_timeout, keyed, gap_max_count, gap_max_ms, params"),
+     "publish_timeout, output_buffer_timeout, output_buffer_size, keyed, gap_max_count, gap_max_ms, params"),
     ("unknown-top-level-key", "producers:", "producer:",
      "topology.yaml:18:1: producer: unknown field; expected one of: nsq, topics, stages, producers"),
     ("undeclared-output", "[prime, non_prime]", "[prime, composite]",
@@ -192,6 +192,9 @@ BROKEN = [
     ("publish-timeout-equal-msg-timeout", "    msg_timeout: 60", "    msg_timeout: 10",
      # publish_timeout keeps its default: the error points at the stage that inherits it
      "topology.yaml:9:3: stages.primes.publish_timeout: publish_timeout 10 must be less than msg_timeout 10"),
+    ("output-buffer-size-too-small", "    msg_timeout: 60", "    msg_timeout: 60\n    output_buffer_size: 10",
+     "topology.yaml:18:25: stages.primes.output_buffer_size: output_buffer_size 10 must be -1 (no buffering) "
+     "or at least 64"),
     ("missing-required-field", "    handler: consumers.primes:classify\n", "",
      "topology.yaml:9:3: stages.primes.handler: required field is missing"),
     ("handler-syntax", "consumers.primes:classify", "consumers/primes.py",

@@ -186,15 +186,15 @@ def test_batched_envelopes_flow_and_a_bad_record_inside_one_is_dead_lettered_alo
     assert prime_stats["message_count"] < 1230 / 10, "prime is packed 50 records per message"
 
 
-def test_the_worker_identifies_with_the_stage_output_buffer_timeout(nsqd, tmp_path, topic):
+def test_the_worker_identifies_with_the_stage_output_buffer_settings(nsqd, tmp_path, topic):
     import asyncio
     import time
 
     from pipeline.topology import load_topology
     from pipeline.worker import Worker
-    path, names = write_topology(tmp_path, nsqd, topic, output_buffer_timeout=40)
+    path, names = write_topology(tmp_path, nsqd, topic, output_buffer_timeout=40, output_buffer_size=-1)
 
-    async def identified_timeout() -> int:
+    async def identified() -> tuple[int, int]:
         worker = Worker(load_topology(path), "primes")
         await worker.start()
         try:
@@ -202,8 +202,9 @@ def test_the_worker_identifies_with_the_stage_output_buffer_timeout(nsqd, tmp_pa
             while not any(c.connected() for c in worker.reader.conns.values()):  # nsqd accepted the IDENTIFY
                 assert time.monotonic() < deadline, "the reader never connected"
                 await asyncio.sleep(0.01)
-            return next(iter(worker.reader.conns.values())).output_buffer_timeout
+            conn = next(iter(worker.reader.conns.values()))
+            return conn.output_buffer_timeout, conn.output_buffer_size
         finally:
             await worker.drain()
 
-    assert asyncio.run(identified_timeout()) == 40
+    assert asyncio.run(identified()) == (40, -1)  # and nsqd accepted them: the connection is up
