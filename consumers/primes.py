@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from pipeline.stage import Batch, Record
+from pipeline.stage import Batch, Columns, Record
 
 __all__ = ["classify", "is_prime_array", "warm_up"]
 
@@ -200,6 +200,27 @@ def classify(batch: Batch) -> dict[str, list[Record]]:
         # A copy, so the stage never mutates the runtime's decoded record.
         (prime if flag else non_prime).append({**records[i], "prime": flag})
     return out
+
+
+def classify_columns(columns: Columns) -> dict[str, Columns] | None:
+    """:func:`classify` on columns (batched envelopes): the same outputs, without a dict per record.
+
+    Returns None, handing the batch to :func:`classify`, unless every
+    ``number`` is a plain int in the signed 64-bit range.
+    """
+    numbers = columns.get(FIELD)
+    if numbers is None or set(map(type, numbers)) != {int}:
+        return None
+    try:
+        values = np.array(numbers, dtype=np.int64)
+    except OverflowError:
+        return None
+    flags = is_prime_array(values)
+    return {"prime": columns.take(np.flatnonzero(flags)).with_column("prime", True),
+            "non_prime": columns.take(np.flatnonzero(~flags)).with_column("prime", False)}
+
+
+classify.columns = classify_columns
 
 
 def _valid_numbers(batch: Batch) -> tuple[list[int], list[int]]:

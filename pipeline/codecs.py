@@ -19,7 +19,7 @@ from .errors import DecodeError
 CODECS = ("json", "msgpack")
 
 _BLANK = b" \t\r\n"
-_MSGPACK_MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+MSGPACK_MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 # orjson turns integers beyond the unsigned 64-bit range into floats. A body
 # with a run of 20+ digits may hold one, so it is decoded by the exact (slower)
 # standard library instead; the rest take the fast path. Mapping every digit
@@ -69,7 +69,7 @@ def detect(body: bytes) -> str | None:
     if not body:
         return None
     first = body[0]
-    if first in _MSGPACK_MAP_MARKERS:
+    if first in MSGPACK_MAP_MARKERS:
         return "msgpack"
     stripped = body.lstrip(_BLANK)
     if stripped[:1] == b"{":
@@ -86,7 +86,7 @@ def decode(body: bytes) -> dict:
     """
     # detect() inlined: this runs once per message on the hot path
     first = body[0] if body else -1
-    codec = "msgpack" if first in _MSGPACK_MAP_MARKERS else "json" if first == 0x7B else detect(body)
+    codec = "msgpack" if first in MSGPACK_MAP_MARKERS else "json" if first == 0x7B else detect(body)
     if codec is None:
         raise DecodeError(_undetected_reason(body), body)
     try:

@@ -65,6 +65,25 @@ def unpack(envelope: dict, body: bytes = b"") -> list[dict]:
     return [dict(zip(keys, row)) for row in zip(*columns)]
 
 
+def columns_of(envelope: dict) -> tuple[list[str], list[list], int] | None:
+    """``(keys, columns, n)`` of a well-formed columnar envelope, else None (records or malformed)."""
+    if envelope.get(MARKER) != VERSION:
+        return None
+    keys, columns, n = envelope.get("keys"), envelope.get("columns"), envelope.get("n")
+    if not isinstance(keys, list) or not keys or not isinstance(columns, list) or len(keys) != len(columns):
+        return None
+    if not all(isinstance(c, list) and len(c) == n for c in columns):
+        return None
+    return keys, columns, n
+
+
+def pack_columns(keys: list[str], columns: list[list], n: int, size: int) -> list[bytes]:
+    """Encode ``n`` rows given as columns into columnar envelopes of at most ``size`` rows each."""
+    packb = msgpack.Packer(use_bin_type=True).pack
+    return [packb({MARKER: VERSION, "n": min(size, n - i), "keys": keys, "columns": [c[i:i + size] for c in columns]})
+            for i in range(0, n, size)]
+
+
 def records_of(decoded: Iterable[dict]) -> Iterator[dict]:
     """Yield the records of decoded bodies, unpacking envelopes (for tools and tests)."""
     for item in decoded:

@@ -15,14 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import msgpack
+
 from . import envelope
-from .codecs import decode, encode_json, encode_msgpack, encoder
+from .codecs import MSGPACK_MAP_MARKERS, decode, encode_json, encode_msgpack, encoder
 from .deadletter import DeadLetter
 from .errors import DecodeError, StageOutputError
 from .middleware import MiddlewareStack
 from .nsqclient import MAX_MSG_SIZE
 from .partition import PartitionKeyError, Router
-from .stage import Batch, Handler
+from .stage import Batch, ColumnBatch, Columns, Handler
 
 
 class Failed(Exception):
@@ -82,12 +84,17 @@ class BatchProcessor:
                  on_error: Callable[[int, BaseException], None] = lambda n, e: None):
         self.worker, self.name, self.spec = worker, name, spec
         self.handler, self.middleware, self.on_error = handler, middleware, on_error
+        self.columns_handler = getattr(handler, "columns", None)
         # handler output name -> (topic, encode one record, records per message, partition router)
         self.outputs = {out: (topic, encoder(topology.codec_for(topic)), topology.pack_for(topic),
                               Router.of(topology, topic)) for out, topic in spec.output_topics.items()}
 
     def process(self, messages: list) -> Outcome:
         """Decode, run the handler and encode; decide each message's fate."""
+        if self.columns_handler is not None:
+            columnar = self._process_columns(messages)
+            if columnar is not None:
+                return columnar
         outcome = Outcome()
         units, suspects = [], []
         for unit in self._decode_all(messages, outcome):
@@ -105,6 +112,79 @@ class BatchProcessor:
         for unit in suspects:
             self._isolate(unit, outcome)
         return outcome
+
+    def _process_columns(self, messages: list) -> Outcome | None:
+        """The columnar fast path (see :mod:`pipeline.stage`); None hands the batch to the record path.
+
+        It applies only when every message is a columnar envelope with the same
+        keys, within max_tries, and the columnar function returns Columns for
+        outputs of the stage (packed ones are packed straight from the columns,
+        others are encoded record by record); anything else (including the
+        function raising) falls back, and the record path runs the batch as usual.
+        """
+        found = self._columns_of(messages)
+        if found is None:
+            return None
+        batch = ColumnBatch(found, stage=self.name)
+        self.middleware.emit_before("before_process_batch", self.worker, batch)
+        try:
+            emitted = self.columns_handler(found)
+        except Exception:
+            emitted = None  # the record path runs the handler again and owns the error
+        encoded = self._encode_columns(emitted) if emitted is not None else None
+        self.middleware.emit_after("after_process_batch", self.worker, batch,
+                                   result=emitted if encoded is not None else None, exception=None)
+        if encoded is None:
+            return None
+        return Outcome(outputs=encoded, finish=list(messages))
+
+    def _columns_of(self, messages: list) -> Columns | None:
+        keys, data, n = None, None, 0
+        for message in messages:
+            body = message.body
+            if message.attempts > self.spec.max_tries or not body or body[0] not in MSGPACK_MAP_MARKERS:
+                return None
+            try:
+                found = envelope.columns_of(msgpack.unpackb(body, raw=False))
+            except Exception:
+                return None
+            if found is None:
+                return None
+            if keys is None:
+                keys, data, n = found[0], [list(c) for c in found[1]], found[2]
+            elif found[0] != keys:
+                return None
+            else:
+                for column, more in zip(data, found[1]):
+                    column.extend(more)
+                n += found[2]
+        if keys is None or len(set(keys)) != len(keys):
+            return None
+        return Columns(dict(zip(keys, data)), n)
+
+    def _encode_columns(self, emitted) -> dict[str, list[bytes]] | None:
+        encoded: dict[str, list[bytes]] = {}
+        for name, columns in emitted.items():
+            if name not in self.outputs or not isinstance(columns, Columns):
+                return None
+            topic, _, pack, router = self.outputs[name]
+            if len(columns) == 0:
+                continue
+            if pack <= 1 or len(router.topics) > 1:  # one record per message, or partitioned: records
+                try:
+                    for physical, bodies in self._encode({name: columns.records()}).items():
+                        encoded.setdefault(physical, []).extend(bodies)
+                except Failed:
+                    return None
+                continue
+            try:
+                bodies = envelope.pack_columns(columns.keys, list(columns.data.values()), len(columns), pack)
+            except (TypeError, ValueError, OverflowError):
+                return None
+            if max(map(len, bodies)) > MAX_MSG_SIZE:
+                return None
+            encoded.setdefault(topic, []).extend(bodies)
+        return encoded
 
     def _decode_all(self, messages: list, outcome: Outcome) -> list[Unit]:
         """Decode every message; an undecodable one is dead-lettered whole."""
@@ -270,6 +350,7 @@ class KeyedProcessor(BatchProcessor):
     def __init__(self, *args, key_field: str, seq_field: str, sequencer, **kwargs):
         super().__init__(*args, **kwargs)
         self.key_field, self.seq_field, self.sequencer = key_field, seq_field, sequencer
+        self.columns_handler = None  # keyed records go through the sequencer one by one
         self.duplicates = self.parked = 0
 
     def process(self, messages: list) -> Outcome:

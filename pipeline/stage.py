@@ -19,11 +19,21 @@ It returns the records to publish, keyed by output topic, and raises when it
 cannot process the batch (the runtime then retries, and dead-letters a record
 that keeps failing). A record that can never succeed (bad input) is passed to
 :meth:`Batch.reject` with a reason; the runtime dead-letters it.
+
+A stage may also offer a *columnar* fast path for batched envelopes
+(``pack``): a function set as ``handler.columns`` takes the batch as
+:class:`Columns` and returns ``{output: Columns}``, or None to let the record
+path handle the batch (e.g. when some record is invalid: rejects and their
+reasons stay the record path's job). The runtime uses it only when every
+message of a batch is a columnar envelope with the same keys, so no record
+is ever turned into a dict; whatever the columnar function does not take, the
+record path does exactly as before.
 """
 from __future__ import annotations
 
 import importlib
 import math
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
@@ -58,6 +68,77 @@ class Batch:
     def reject(self, index: int, reason: str) -> None:
         """Mark record ``index`` as invalid; the runtime dead-letters it with ``reason``."""
         self.rejected[index] = reason
+
+
+class Columns:
+    """Records as columns: one list per key, all of the same length (a columnar envelope's layout).
+
+    Example::
+
+        numbers = np.array(columns["number"], dtype=np.int64)
+        evens = columns.take(np.flatnonzero(numbers % 2 == 0)).with_column("even", True)
+    """
+
+    __slots__ = ("data", "n")
+
+    def __init__(self, data: Mapping[str, list], n: int | None = None):
+        self.data = dict(data)
+        self.n = n if n is not None else len(next(iter(self.data.values()), []))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: str) -> list:
+        return self.data[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.data)
+
+    def take(self, indices) -> Columns:
+        """The rows at ``indices`` (a sequence or numpy array of ints), in that order."""
+        idx = indices.tolist() if hasattr(indices, "tolist") else list(indices)
+        if len(idx) == 0:
+            return Columns({k: [] for k in self.data}, 0)
+        if len(idx) == 1:
+            return Columns({k: [col[idx[0]]] for k, col in self.data.items()}, 1)
+        pick = operator.itemgetter(*idx)
+        return Columns({k: list(pick(col)) for k, col in self.data.items()}, len(idx))
+
+    def with_column(self, key: str, values: Any) -> Columns:
+        """A copy with column ``key`` set (kept in place if it exists); a non-list ``values`` fills every row."""
+        column = list(values) if isinstance(values, (list, tuple)) else [values] * self.n
+        if len(column) != self.n:
+            raise ValueError(f"column {key!r} has {len(column)} values for {self.n} rows")
+        return Columns({**self.data, key: column}, self.n)
+
+    def records(self) -> list[Record]:
+        """The rows as records (dicts)."""
+        keys = list(self.data)
+        return [dict(zip(keys, row)) for row in zip(*self.data.values())]
+
+
+class ColumnBatch:
+    """What middleware sees of a batch on the columnar path: its length, and records only on demand."""
+
+    def __init__(self, columns: Columns, stage: str = ""):
+        self.columns, self.stage, self.rejected = columns, stage, {}
+        self._records: list[Record] | None = None
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    @property
+    def records(self) -> list[Record]:
+        if self._records is None:
+            self._records = self.columns.records()
+        return self._records
 
 
 @dataclass(frozen=True)

@@ -41,3 +41,15 @@ def test_malformed_envelopes_raise_decode_error(env, reason):
     with pytest.raises(DecodeError, match=reason) as info:
         unpack(decode(body), body)
     assert info.value.body == body
+
+
+def test_columns_of_and_pack_columns_round_trip_and_refuse_what_is_not_columnar():
+    from pipeline.envelope import columns_of, pack_columns
+    records = [{"id": f"r{i}", "v": i} for i in range(25)]
+    bodies = pack_columns(["id", "v"], [[r["id"] for r in records], [r["v"] for r in records]], 25, 10)
+    assert [len(unpack(msgpack.unpackb(b))) for b in bodies] == [10, 10, 5]
+    assert bodies == pack(records, 10)  # the same bytes as packing the records
+    keys, columns, n = columns_of(msgpack.unpackb(bodies[0]))
+    assert (keys, n, columns[1]) == (["id", "v"], 10, list(range(10)))
+    assert columns_of(msgpack.unpackb(pack([{"a": 1}, {"b": 2}], 10)[0])) is None  # a list of records
+    assert columns_of({"__nsq_pipeline_pack__": 1, "n": 2, "keys": ["a"], "columns": [[1]]}) is None

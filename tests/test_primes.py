@@ -217,3 +217,14 @@ def test_classify_finds_9592_primes_up_to_100000():
     out = classify(Batch([{"number": n} for n in range(1, 100_001)]))
     assert len(out["prime"]) == 9592
     assert len(out["non_prime"]) == 100_000 - 9592
+
+
+def test_classify_columns_emits_what_classify_emits_and_declines_bad_numbers():
+    from pipeline.stage import Columns
+    records = [{"id": f"r{n}", "number": n} for n in (-3, 0, 1, 2, 17, 18, 2**61 - 1, 2**63 - 1)]
+    expected = classify(Batch(records))
+    got = classify.columns(Columns({"id": [r["id"] for r in records], "number": [r["number"] for r in records]}))
+    assert {name: cols.records() for name, cols in got.items()} == expected
+    for bad in ([1, True], [1, 2.0], [1, "2"], [1, 2**63]):
+        assert classify.columns(Columns({"id": ["a", "b"], "number": bad})) is None
+    assert classify.columns(Columns({"id": ["a"]})) is None

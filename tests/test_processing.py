@@ -10,7 +10,7 @@ from pathlib import Path
 from consumers.primes import classify
 from pipeline.codecs import decode, encode_json
 from pipeline.envelope import pack, records_of
-from pipeline.middleware import MiddlewareStack
+from pipeline.middleware import Middleware, MiddlewareStack
 from pipeline.processing import BatchProcessor
 from pipeline.topology import load_topology
 
@@ -79,3 +79,40 @@ def test_outputs_of_a_packed_topic_are_envelopes(tmp_path):
     assert len(outcome.outputs["prime"]) == 3  # 25 primes below 100, 10 per envelope
     assert len(out_records(outcome, "prime")) == 25
     assert len(outcome.outputs["non_prime"]) == 75  # not packed
+
+
+def _records_only(batch):
+    return classify(batch)  # the same function without its columnar path
+
+
+def test_the_columnar_path_publishes_what_the_record_path_would(tmp_path):
+    records = [{"id": f"r-{n}", "number": n, "tag": "x" * (n % 3)} for n in range(1, 2501)]
+    messages = [Msg(body, id=b"%016d" % i) for i, body in enumerate(pack(records, 1000))]
+    seen = []
+
+    class Sizes(Middleware):
+        def before_process_batch(self, worker, batch):
+            seen.append(len(batch))
+
+    columnar = processor(tmp_path, in_pack=1000, out_pack=1000)
+    columnar.middleware.add(Sizes())
+    calls = []
+    columnar.handler = lambda batch: calls.append(batch) or classify(batch)  # counts record-path calls
+    columnar.columns_handler = classify.columns
+    fast = columnar.process(messages)
+    slow = processor(tmp_path, _records_only, in_pack=1000, out_pack=1000).process(messages)
+
+    assert calls == [] and seen == [2500]  # the records never became dicts
+    assert fast.outputs == slow.outputs and fast.finish == messages and not fast.dead
+    assert len(out_records(fast, "prime")) == sum(1 for n in range(1, 2501) if all(n % d for d in range(2, n))) - 1
+
+
+def test_the_columnar_path_hands_a_batch_it_cannot_take_to_the_record_path(tmp_path):
+    good = pack([{"id": f"r-{n}", "number": n} for n in range(1, 11)], 100)[0]
+    other_keys = pack([{"id": "o-1", "number": 5, "extra": 1}], 100)[0]
+    bad = pack([{"id": "b-1", "number": True}], 100)[0]  # a bool is not a number
+    for second, dead in ((other_keys, 0), (bad, 1)):
+        p = processor(tmp_path, in_pack=100, out_pack=100)
+        outcome = p.process([Msg(good), Msg(second)])
+        assert len(outcome.dead) == dead and len(outcome.finish) == 2
+        assert len(out_records(outcome, "prime")) + len(out_records(outcome, "non_prime")) == 11 - dead
