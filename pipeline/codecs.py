@@ -8,6 +8,7 @@ reverse.
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Callable
 
@@ -28,11 +29,6 @@ _DIGITS_TO_9 = bytes.maketrans(b"0123456789", b"9" * 10)
 _TWENTY_DIGITS = b"9" * 20
 
 
-def _decode_json(body: bytes) -> Any:
-    if _TWENTY_DIGITS in body.translate(_DIGITS_TO_9):
-        return json.loads(body)
-    return orjson.loads(body)
-
 
 def _msgpack_default(value: Any) -> Any:
     raise TypeError(f"cannot encode {type(value).__name__} as msgpack")
@@ -48,7 +44,9 @@ def encode_msgpack(record: dict) -> bytes:
     return msgpack.packb(record, use_bin_type=True, default=_msgpack_default)
 
 
-_ENCODERS: dict[str, Callable[[dict], bytes]] = {"json": encode_json, "msgpack": encode_msgpack}
+# encode_json as a C-level callable, for map() over a batch's records
+_ENCODERS: dict[str, Callable[[dict], bytes]] = {
+    "json": functools.partial(orjson.dumps, option=orjson.OPT_SERIALIZE_NUMPY), "msgpack": encode_msgpack}
 
 
 def encoder(codec: str) -> Callable[[dict], bytes]:
@@ -90,8 +88,8 @@ def decode(body: bytes) -> dict:
     if codec is None:
         raise DecodeError(_undetected_reason(body), body)
     try:
-        if codec == "json":
-            record = _decode_json(body)
+        if codec == "json":  # a run of 20 digits: the exact decoder (see _TWENTY_DIGITS)
+            record = json.loads(body) if _TWENTY_DIGITS in body.translate(_DIGITS_TO_9) else orjson.loads(body)
         else:
             record = msgpack.unpackb(body, raw=False)
     except (ValueError, msgpack.UnpackException) as e:

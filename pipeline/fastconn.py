@@ -213,7 +213,7 @@ class FastConn(nsq.AsyncConn):
             if end - pos - 4 < size:
                 break
             start, pos = pos + 4, pos + 4 + size
-            if batch and buf[start:start + 4] == _FRAME_MESSAGE:
+            if batch and buf.startswith(_FRAME_MESSAGE, start):
                 timestamp, attempts = _MESSAGE_HEADER.unpack_from(buf, start + 4)
                 messages.append(FastMessage(self, bytes(buf[start + 14:start + 30]), bytes(buf[start + 30:pos]),
                                             timestamp, attempts))

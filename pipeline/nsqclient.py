@@ -36,16 +36,19 @@ def parse_address(address: str) -> tuple[str, int]:
 
 def encode_mpub(topic: str, bodies: Sequence[bytes]) -> bytes:
     """Return the MPUB command frame for ``bodies``."""
-    parts = [_U32.pack(len(bodies))]
-    for body in bodies:
-        parts.append(_U32.pack(len(body)))
-        parts.append(body)
-    payload = b"".join(parts)
+    parts: list = [None] * (2 * len(bodies))
+    parts[0::2] = map(_U32.pack, map(len, bodies))  # size, body, size, body ... without a Python loop
+    parts[1::2] = bodies
+    payload = _U32.pack(len(bodies)) + b"".join(parts)
     return b"MPUB " + topic.encode() + b"\n" + _U32.pack(len(payload)) + payload
 
 
 def chunked(bodies: Sequence[bytes], max_count: int, max_bytes: int = MAX_BODY_SIZE - 4096):
     """Yield slices of ``bodies`` with at most ``max_count`` items and ``max_bytes`` payload."""
+    if len(bodies) <= max_count and sum(map(len, bodies)) + 4 * len(bodies) <= max_bytes:
+        if bodies:
+            yield bodies  # the common case, decided without a Python loop
+        return
     start, size = 0, 0
     for i, body in enumerate(bodies):
         cost = len(body) + 4

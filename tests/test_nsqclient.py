@@ -22,6 +22,9 @@ def test_chunks_respect_count_and_bytes_and_keep_everything():
     parts = list(chunked(bodies, max_count=100, max_bytes=14 * 4))
     assert [len(p) for p in parts] == [4] * 6 + [1]
     assert sum(len(p) for p in parts) == 25
+    assert list(chunked(bodies, max_count=25, max_bytes=14 * 25)) == [bodies]  # exactly at both limits: one
+    assert list(chunked(bodies, max_count=25, max_bytes=14 * 25 - 1)) != [bodies]
+    assert list(chunked([], max_count=10)) == []
 
 
 def test_a_body_larger_than_the_byte_limit_still_goes_out_alone():
