@@ -85,6 +85,8 @@ class Worker:
         # A keyed stage's state moves batch by batch: one batch at a time from
         # handler to checkpoint, so a checkpoint never holds unpublished effects.
         self._serial = asyncio.Lock() if self.spec.keyed else None
+        self._keyed_queue: list = []
+        self._keyed_runner: asyncio.Future | None = None
         self._gap_timer = None
         self.stats: Counter[str] = Counter()
         self.draining = False
@@ -247,9 +249,29 @@ class Worker:
             messages = self._take_pending()
         if not messages:
             return
-        task = asyncio.ensure_future(self._process(messages))
+        if self._serial is not None:
+            # Keyed: batches run one at a time, so whatever arrives while one is
+            # published and checkpointed joins the next: one publish and one
+            # checkpoint for all of it (group commit; the batch grows with load).
+            self._keyed_queue += messages
+            if self._keyed_runner is None:
+                self._keyed_runner = self._start(self._run_keyed_queue())
+            return
+        self._start(self._process(messages))
+
+    def _start(self, coroutine) -> asyncio.Future:
+        task = asyncio.ensure_future(coroutine)
         self._active.add(task)
         task.add_done_callback(self._active.discard)
+        return task
+
+    async def _run_keyed_queue(self) -> None:
+        try:
+            while self._keyed_queue:
+                messages, self._keyed_queue = self._keyed_queue, []
+                await self._process(messages)
+        finally:
+            self._keyed_runner = None
 
     # -- processing --------------------------------------------------------
 
@@ -339,9 +361,7 @@ class Worker:
 
     def _expire_gaps(self) -> None:
         if not self.draining and self.processor.sequencer.expiry_due():
-            task = asyncio.ensure_future(self._process([]))
-            self._active.add(task)
-            task.add_done_callback(self._active.discard)
+            self._start(self._process([]))
 
     def _on_handler_error(self, count: int, error: BaseException) -> None:
         self.stats["handler_errors"] += 1
