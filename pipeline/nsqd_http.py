@@ -53,3 +53,14 @@ def topic_message_count(http: str, topic: str) -> int:
         if t["topic_name"] == topic:
             return int(t["message_count"])
     return 0
+
+
+def channel_backlog(http: str, topic: str, channel: str) -> int:
+    """Messages of ``topic/channel`` nsqd still holds for delivery: queued, on disk or deferred (0 if none)."""
+    for t in stats(http, topic).get("topics") or []:
+        if t["topic_name"] != topic:
+            continue
+        for c in t.get("channels") or []:
+            if c["channel_name"] == channel:
+                return int(c["depth"]) + int(c["backend_depth"]) + int(c["deferred_count"])
+    return 0

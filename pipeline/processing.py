@@ -348,6 +348,9 @@ class KeyedProcessor(BatchProcessor):
         super().__init__(*args, **kwargs)
         self.key_field, self.seq_field, self.sequencer = key_field, seq_field, sequencer
         self.columns_handler = None  # keyed records go through the sequencer one by one
+        # Whether a gap that waited gap_max_ms may be given up now; the worker
+        # allows it only when nsqd holds nothing more for the partition.
+        self.may_give_up: Callable[[], bool] = lambda: True
         self.duplicates = self.parked = 0
 
     def process(self, messages: list) -> Outcome:
@@ -361,7 +364,8 @@ class KeyedProcessor(BatchProcessor):
                                    None if unit.packed else message.body, i if unit.packed else None)
                 ready += self._offer(entry, outcome)
             outcome.finish.append(message)
-        ready += self.sequencer.expire()
+        if self.sequencer.expiry_due() and self.may_give_up():
+            ready += self.sequencer.expire()
         self._apply_in_order(ready, outcome)
         return outcome
 

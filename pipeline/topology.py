@@ -295,15 +295,16 @@ class StageSpec(_Spec):
                     " in `seq` order once, and checkpoints its state before it FINs.",
     )
     gap_max_count: int = Field(
-        10000, ge=1, le=1000000,
+        100000, ge=1, le=10000000,
         description="Keyed stages: records parked per key while waiting for a missing `seq`, before giving up on"
                     " it. Parked records are part of every checkpoint, so this also bounds its size.",
     )
     gap_max_ms: int | None = Field(
         None, ge=1, le=3600000,
         description="Keyed stages: longest wait, in milliseconds, for a missing `seq` before it is counted as a"
-                    " gap; must exceed msg_timeout, since a crashed replica's messages come back only after it,"
-                    " behind any backlog (default: 2 x msg_timeout + 10 s).",
+                    " gap; must exceed msg_timeout, since a crashed replica's messages come back only after it"
+                    " (default: 2 x msg_timeout + 10 s). A gap is given up only once nsqd also holds nothing more"
+                    " for the partition: a message behind a backlog is late, not lost.",
     )
 
     @property

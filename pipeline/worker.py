@@ -80,12 +80,16 @@ class Worker:
             self.checkpoint = Checkpoint(topology.var_dir / "state" / f"{stage_name}-{replica}.ckpt")
             self.processor = KeyedProcessor(*args, on_error=self._on_handler_error, key_field=source.key,
                                             seq_field=source.seq, sequencer=self._new_sequencer())
+            self.processor.may_give_up = lambda: self._gaps_may_go
         else:
             self.processor = BatchProcessor(*args, on_error=self._on_handler_error)
         # A keyed stage's state moves batch by batch: one batch at a time from
         # handler to checkpoint, so a checkpoint never holds unpublished effects.
         self._serial = asyncio.Lock() if self.spec.keyed else None
         self._keyed_queue: list = []
+        self._gaps_may_go = False  # set while a check found nsqd holding nothing more for the partition
+        self._backlog_check: asyncio.Future | None = None
+        self._gap_wait_logged = 0.0
         self._keyed_runner: asyncio.Future | None = None
         self._gap_timer = None
         self.stats: Counter[str] = Counter()
@@ -360,8 +364,46 @@ class Worker:
             self.stats["gaps"] = gaps
 
     def _expire_gaps(self) -> None:
-        if not self.draining and self.processor.sequencer.expiry_due():
-            self._start(self._process([]))
+        if not self.draining and self._backlog_check is None and self.processor.sequencer.expiry_due():
+            self._backlog_check = self._start(self._give_up_gaps_if_drained())
+
+    async def _give_up_gaps_if_drained(self) -> None:
+        """Give up the gaps that waited gap_max_ms, unless nsqd still holds messages that may fill them.
+
+        A crashed replica's messages come back after msg_timeout at the end of
+        the channel's queue: behind a backlog they can take far longer than
+        gap_max_ms, and are still on their way, not lost.
+        """
+        try:
+            backlog = await asyncio.to_thread(self._input_backlog)
+            if backlog:
+                self._log_waiting_gap(backlog)
+                return
+            self._gaps_may_go = True
+            await self._process([])
+        finally:
+            self._gaps_may_go = False
+            self._backlog_check = None
+
+    def _input_backlog(self) -> int | None:
+        """Messages nsqd holds for this replica's channel (None when an nsqd cannot say)."""
+        total = 0
+        for http in self.topology.nsqd_http_addresses():
+            try:
+                total += nsqd_http.channel_backlog(http, self.input_topic, self.spec.channel)
+            except nsqd_http.NsqdHTTPError as e:
+                log.warning("stage %s replica %d: cannot read the backlog of %s (%s); not giving up a gap",
+                            self.name, self.replica, self.input_topic, e)
+                return None
+        return total
+
+    def _log_waiting_gap(self, backlog: int | None) -> None:
+        now = time.monotonic()
+        if now - self._gap_wait_logged >= 10.0:
+            self._gap_wait_logged = now
+            log.info("stage %s replica %d: a gap waited %d ms; still waiting, %s messages queued for %s",
+                     self.name, self.replica, self.spec.gap_wait_ms, "unknown" if backlog is None else backlog,
+                     self.input_topic)
 
     def _on_handler_error(self, count: int, error: BaseException) -> None:
         self.stats["handler_errors"] += 1

@@ -115,3 +115,14 @@ def test_records_without_key_or_seq_are_dead_lettered(tmp_path):
     outcome = p.process([Msg({"id": "x", "seq": 1, "v": 1}), Msg({"id": "y", "key": "A", "seq": "1", "v": 1})])
     assert sorted(d.reason.split(" must")[0] for d in outcome.dead) == ["field 'key'", "field 'seq'"]
     assert sums(outcome) == []
+
+
+def test_a_gap_is_given_up_only_when_the_worker_allows_it(tmp_path):
+    p = keyed(tmp_path)
+    p.sequencer.gap_max_s = 0.0  # every gap is due at once
+    allowed = [False]
+    p.may_give_up = lambda: allowed[0]
+    assert sums(p.process([tick("A", 2, 20)])) == [] and p.sequencer.parked_count() == 1
+    assert sums(p.process([])) == []  # nsqd still holds messages: seq 1 may be among them
+    allowed[0] = True
+    assert sums(p.process([])) == [("A", 2, 20)] and p.sequencer.gaps == 1

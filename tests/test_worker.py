@@ -208,3 +208,13 @@ def test_the_worker_identifies_with_the_stage_output_buffer_settings(nsqd, tmp_p
             await worker.drain()
 
     assert asyncio.run(identified()) == (40, -1)  # and nsqd accepted them: the connection is up
+
+
+def test_channel_backlog_counts_queued_and_deferred_messages(nsqd, topic):
+    from pipeline import nsqd_http
+    assert nsqd_http.channel_backlog(nsqd.http, topic, "c") == 0  # no such topic yet
+    nsqd_http.create_channel(nsqd.http, topic, "c")
+    with NsqPublisher(nsqd.tcp) as publisher:
+        publisher.publish(topic, [b'{"n": %d}' % i for i in range(7)])
+    nsqd_http.request(nsqd.http, "/pub", {"topic": topic, "defer": "60000"}, body=b'{"n": 7}')
+    assert wait_until(lambda: nsqd_http.channel_backlog(nsqd.http, topic, "c") == 8, 10)
