@@ -37,6 +37,7 @@ from tornado.ioloop import PeriodicCallback
 from . import nsqd_http
 from .errors import PublishError
 from .fastconn import FastReader
+from .metrics import WorkerMetrics
 from .middleware import Middleware, MiddlewareStack
 from .keyed import Checkpoint, Sequencer
 from .processing import BatchProcessor, Dead, KeyedProcessor
@@ -72,6 +73,8 @@ class Worker:
         self.handler = handler or load_handler(self.spec.handler, StageContext(
             stage_name, replica, topology.var_dir, dict(self.spec.params)))
         self.middleware = MiddlewareStack(middleware)
+        if (metrics := WorkerMetrics.for_replica(self.spec, stage_name, replica)) is not None:
+            self.middleware.add(metrics)
         self.dead_topic = topology.dead_letter_topic(stage_name)
         self.input_topic = topology.input_topic(stage_name, replica)
         args = (self, stage_name, self.spec, topology, self.handler, self.middleware)
