@@ -285,6 +285,22 @@ def bench(bench_args: tuple[str, ...]) -> None:
     sys.exit(run_bench(list(bench_args), prog="pipeline bench"))
 
 
+@main.command()
+@click.option("--interval", type=click.FloatRange(min=0.05), default=None,
+              help="Seconds between samples (default: monitor.interval of the topology).")
+@topology_option
+def monitor(interval: float | None, topology_path: str) -> None:
+    """Sample NSQ, supervisord, workers and the host into health.db; serve NSQ metrics; send the daily report."""
+    import signal
+
+    from .monitor import Monitor
+    from .topology import load_topology
+    running = Monitor(load_topology(topology_path, environment=True), interval=interval)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: running.stop())
+    running.run()
+
+
 @contextlib.contextmanager
 def _progress(label: str, total: int):
     """Show a progress bar while the block runs; yields ``advance(done)``."""
