@@ -345,6 +345,21 @@ def report(since: str, out_dir: Path | None, send: bool, topology_path: str) -> 
     sys.exit(0 if built.health.verdict == "OK" else 1)
 
 
+@main.command()
+@click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
+              help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print the table once (rates over one interval) and exit.")
+@topology_option
+def top(interval: float, once: bool, topology_path: str) -> None:
+    """A live table of every stage and channel: rates, depth, in flight, requeues, dead letters, restarts, p99."""
+    from .top import run
+    from .views import console
+    try:
+        run(load(topology_path), console(), interval=interval, once=once)
+    except KeyboardInterrupt:
+        pass
+
+
 @contextlib.contextmanager
 def _progress(label: str, total: int):
     """Show a progress bar while the block runs; yields ``advance(done)``."""
