@@ -64,6 +64,7 @@ class Monitor:
         self.supervisor = Supervisor(topology) if topology.path is not None else None
         self._procs: dict[int, psutil.Process] = {}
         self._dead_subs: dict[tuple[str, str], NsqSubscriber] = {}
+        self._stats: dict[str, dict | None] = {}  # the last /stats of each nsqd, by http address
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server = None
@@ -160,8 +161,9 @@ class Monitor:
 
     def _sample_nsq(self, now: float) -> None:
         rows, health = [], []
+        self._stats = {}
         for node in self.nodes():
-            stats = fetch_stats(node)
+            stats = self._stats[node.http] = fetch_stats(node)
             health.append((now, node.name, node.http, (stats or {}).get("health", "unreachable")))
             if stats:
                 rows += [tuple(vars(r).values()) for r in channel_rows(now, node, stats)]
@@ -226,7 +228,7 @@ class Monitor:
         for node in self.topology.nsq.nsqd:
             for name in self.topology.stages:
                 topic = self.topology.dead_letter_topic(name)
-                if (node.tcp, topic) in self._dead_subs or not _has_other_channel(node, topic):
+                if (node.tcp, topic) in self._dead_subs or not _has_other_channel(self._stats.get(node.http), topic):
                     continue
                 try:
                     self._dead_subs[(node.tcp, topic)] = NsqSubscriber(node.tcp, topic, DEAD_CHANNEL, rdy=100)
@@ -234,9 +236,8 @@ class Monitor:
                     log.warning("cannot watch %s on %s: %s", topic, node.tcp, e)
 
 
-def _has_other_channel(node, topic: str) -> bool:
-    stats = fetch_stats(NsqdNode(node.name, node.http)) or {}
-    for t in stats.get("topics") or []:
+def _has_other_channel(stats: dict | None, topic: str) -> bool:
+    for t in (stats or {}).get("topics") or []:
         if t["topic_name"] == topic:
             return any(c["channel_name"] != DEAD_CHANNEL for c in t.get("channels") or [])
     return False

@@ -105,8 +105,11 @@ class ReportSpec(_Section):
                                                        " verdict is WARN.")
     depth_growth_minutes: float = Field(60.0, gt=0, description="A channel whose depth has only grown for this"
                                                                 " long makes the verdict WARN.")
-    chaos_result: str = Field("chaos/last.json", description="A chaos run's result file (relative to var_dir);"
-                                                             " a failed run in the window makes the verdict CRIT.")
+    chaos_result: str = Field(
+        "chaos/last.json",
+        description="A chaos run's result file (relative to var_dir), JSON `{\"ok\": bool, \"finished_at\": epoch"
+                    " seconds, \"scenario\": name, \"failures\": [...]}`; a failed run in the window makes the"
+                    " verdict CRIT.")
 
     def send_time(self, day: dt.date) -> dt.datetime:
         """The moment the report of ``day`` is due, as an aware datetime."""

@@ -1,17 +1,23 @@
 """The monitor: NSQ stats as Prometheus metrics, samples in health.db, retention."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from nsqhttp import channel_stats, topic_stats
+from nsqhttp import channel_stats, topic_stats, wait_until
 from pipeline import nsqd_http
 from pipeline.healthdb import HealthDB
 from pipeline.monitor import Monitor
 from pipeline.nsqclient import NsqPublisher
+from pipeline.processes import free_port
 from pipeline.topology import load_topology
 
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -84,3 +90,51 @@ def test_health_db_size_bound_drops_the_oldest_first(tmp_path):
     assert db.size_bytes() <= 100_000
     assert kept and max(kept) == 19999.0 and min(kept) > 0
     db.close()
+
+
+def run_cli(*args, env=None, **kwargs):
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+@pytest.mark.integration
+def test_pipeline_monitor_serves_samples_and_stops_cleanly_on_sigterm(nsqd, tmp_path, topic):
+    # Given a topology whose monitor listens on a free port
+    port = free_port()
+    nsqd_http.create_channel(nsqd.http, topic, "idle")
+    topology = write_topology(tmp_path, nsqd, monitor={"interval": 0.1, "listen": f"127.0.0.1:{port}"})
+    proc = run_cli("monitor", "-t", str(topology.path))
+    try:
+        # When it has run for a few samples
+        samples = wait_until(lambda: _scrape_or_none(port), 30, message="monitor never served /metrics")
+        wait_until(lambda: (_scrape_or_none(port) or {}).get(("pipeline_monitor_samples_total", ()), 0) >= 3, 10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    # Then it served NSQ metrics, wrote health.db, and exited 0 on SIGTERM
+    assert proc.returncode == 0, err
+    assert samples[("nsq_channel_depth", (("channel", "idle"), ("nsqd", "n0"), ("topic", topic)))] == 0
+    assert HealthDB(tmp_path / "var" / "health.db").sample_count("nsqd") >= 3
+
+
+def _scrape_or_none(port):
+    try:
+        return scrape(port)
+    except OSError:
+        return None
+
+
+def test_pipeline_monitor_refuses_to_start_without_the_smtp_password(tmp_path):
+    doc = {"nsq": {"nsqd": [{"name": "n0", "tcp": "127.0.0.1:1", "http": "127.0.0.1:2"}]},
+           "report": {"to": ["ops@example.com"], "from": "np@example.com",
+                      "smtp": {"host": "127.0.0.1", "user": "np", "password_env": "NP_TEST_UNSET_PASSWORD"}}}
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    proc = run_cli("monitor", "-t", str(path))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err.strip().endswith("report.smtp.password_env: environment variable NP_TEST_UNSET_PASSWORD "
+                                "(the SMTP password) is not set")
+    assert not (tmp_path / "var").exists()  # nothing started
