@@ -161,3 +161,19 @@ def test_pipeline_check_reports_a_bad_report_section_with_its_place(tmp_path, ov
     assert result.returncode == 1
     line = result.stderr.strip()
     assert re.fullmatch(rf"{re.escape(str(path))}:\d+:\d+: report{re.escape(expected)}", line), line
+
+
+def test_an_unreachable_nsqd_a_failed_chaos_run_and_slow_records_give_their_reasons(tmp_path):
+    topology = load_topology(write_topology(tmp_path, report={
+        "to": ["ops@example.com"], "from": "np@example.com", "smtp": {"host": "127.0.0.1"}, "e2e_p99_max": 0.05}))
+    db = HealthDB(tmp_path / "health.db")
+    fill_day(db)  # its records' p99 is 0.1 s, above the 0.05 s allowed here
+    db.insert("nsqd", [(T0, "n0", "127.0.0.1:2", "unreachable")])
+    (topology.var_dir / "chaos").mkdir(parents=True)
+    (topology.var_dir / "chaos" / "last.json").write_text(json.dumps(
+        {"ok": False, "finished_at": T0 - 600, "scenario": "kill-nsqd", "failures": ["3 ids lost"]}))
+    health = assess(topology, db, T0 - DAY, T0, topology.report)
+    assert health.verdict == "CRIT"
+    assert reasons(health) == {"nsqd": "CRIT", "chaos": "CRIT", "e2e_p99": "WARN"}
+    texts = " | ".join(r.text for r in health.reasons)
+    assert "nsqd n0 is unreachable" in texts and "chaos run kill-nsqd failed: 3 ids lost" in texts
