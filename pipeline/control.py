@@ -195,7 +195,8 @@ class Supervisor:
             log("supervisord is not running")
             return
         rpc = self.rpc()
-        order = [*self.topology.stages, "nsqadmin", *(f"nsqd-{n.name}" for n in self.topology.nsq.nsqd),
+        # the monitor first: samples of nsqd going down on purpose would read as an outage in the report
+        order = ["monitor", *self.topology.stages, "nsqadmin", *(f"nsqd-{n.name}" for n in self.topology.nsq.nsqd),
                  *(f"nsqlookupd-{i}" for i in range(len(self.topology.nsq.lookupd)))]
         groups = {p.group for p in self.processes()}
         for group in [g for g in order if g in groups]:
