@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -26,7 +27,7 @@ import urllib.request
 from typing import Callable
 
 import psutil
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from prometheus_client.exposition import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -39,7 +40,7 @@ from .observe_spec import MonitorSpec
 log = logging.getLogger(__name__)
 
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-DEAD_CHANNEL = "monitor#ephemeral"
+DEAD_CHANNEL = f"monitor-{os.getpid()}#ephemeral"  # one per monitor: two monitors would split the messages
 SCRAPE_TIMEOUT = 2.0
 WORKER_COUNTERS = {"pipeline_messages_in": "messages_in", "pipeline_messages_finished": "finished",
                    "pipeline_messages_requeued": "requeued", "pipeline_dead_lettered": "dead_lettered",
@@ -55,12 +56,14 @@ class Monitor:
         interval: seconds between samples (default: ``monitor.interval`` of the topology).
     """
 
-    def __init__(self, topology, *, clock: Callable[[], float] = time.time, interval: float | None = None):
+    def __init__(self, topology, *, clock: Callable[[], float] = time.time, interval: float | None = None,
+                 db_path: str | os.PathLike[str] | None = None):
         self.topology = topology
         self.spec = topology.monitor or MonitorSpec()
         self.clock = clock
         self.interval = interval if interval is not None else self.spec.interval
-        self.db = HealthDB(topology.var_dir / "health.db", self.spec.retention_days, self.spec.max_db_mb * 2**20)
+        self.db = HealthDB(db_path or topology.var_dir / "health.db", self.spec.retention_days,
+                           self.spec.max_db_mb * 2**20)
         self.supervisor = Supervisor(topology) if topology.path is not None else None
         self._procs: dict[int, psutil.Process] = {}
         self._dead_subs: dict[tuple[str, str], NsqSubscriber] = {}
@@ -69,6 +72,7 @@ class Monitor:
         self._threads: list[threading.Thread] = []
         self._server = None
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
         self.samples = Counter("pipeline_monitor_samples", "Samples taken.", registry=self.registry)
         self.last_sample = Gauge("pipeline_monitor_last_sample_timestamp_seconds", "When the last sample was taken.",
                                  registry=self.registry)
@@ -80,9 +84,9 @@ class Monitor:
 
     # -- running -----------------------------------------------------------------
 
-    def start(self) -> None:
-        """Serve metrics (when ``listen`` is set) and start the sampling and report threads."""
-        if self.spec.listen:
+    def start(self, serve: bool = True) -> None:
+        """Serve metrics (when ``listen`` is set and ``serve``) and start the sampling and report threads."""
+        if self.spec.listen and serve:
             self.serve(self.spec.listen)
         self._spawn(self._sample_loop, "monitor-sampler")
         if self.reporter is not None:
@@ -239,8 +243,12 @@ class Monitor:
 def _has_other_channel(stats: dict | None, topic: str) -> bool:
     for t in (stats or {}).get("topics") or []:
         if t["topic_name"] == topic:
-            return any(c["channel_name"] != DEAD_CHANNEL for c in t.get("channels") or [])
+            return any(not _is_monitor_channel(c["channel_name"]) for c in t.get("channels") or [])
     return False
+
+
+def _is_monitor_channel(name: str) -> bool:
+    return name.startswith("monitor-") and name.endswith("#ephemeral")
 
 
 def _dead_row(now: float, topic: str, body: bytes) -> tuple:

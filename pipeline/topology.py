@@ -147,6 +147,17 @@ def _address(value: str) -> str:
 Address = Annotated[str, AfterValidator(_address), TypeDoc("address", "host:port, port 1..65535")]
 
 
+def _metrics_host(value: str) -> str:
+    host = f"[{value}]" if ":" in value else value
+    if not _valid_host(host):
+        raise _problem(f"host {value!r} is not an IPv4 address, host name or IPv6 address")
+    return value
+
+
+MetricsHost = Annotated[str, AfterValidator(_metrics_host),
+                        TypeDoc("host", "an IPv4 address, host name or IPv6 address")]
+
+
 class _Spec(BaseModel):
     """Base of every topology model: unknown keys are errors, values are immutable."""
 
@@ -312,7 +323,7 @@ class StageSpec(_Spec):
         description="Base port of the replicas' Prometheus endpoints: replica k serves `/metrics` on"
                     " `metrics_port + k`; 0 or null: no endpoint.",
     )
-    metrics_host: str = Field("127.0.0.1", min_length=1, description="Address the metrics endpoints listen on.")
+    metrics_host: MetricsHost = Field("127.0.0.1", description="Address the metrics endpoints listen on.")
 
     @property
     def output_topics(self) -> dict[str, str]:

@@ -14,14 +14,16 @@ import pytest
 import yaml
 from aiosmtpd.controller import Controller
 
-from nsqhttp import http_pub, wait_until
+from nsqhttp import channel_stats, http_pub, wait_until
 from pipeline import nsqd_http
+from pipeline.healthdb import HealthDB
 from pipeline.mailer import LAST_SLOT
 from pipeline.monitor import Monitor
 from pipeline.processes import free_port
 from pipeline.report import build_report
 from pipeline.topology import load_topology
 from producers.numbers import produce_numbers
+from test_monitor import scrape
 from test_supervise import Deployment
 
 pytestmark = pytest.mark.integration
@@ -75,16 +77,19 @@ def smtp():
         server.stop()
 
 
+# The report time is 12 h away from the real clock, so a monitor on the real clock (the one supervisord
+# runs) never sends during a test; the monitors under test get a clock the test moves past it.
+SLOT = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=12)).replace(minute=0, second=0, microsecond=0)
+
+
 def report_section(port: int) -> dict:
-    return {"at": "08:00", "timezone": "UTC", "to": ["ops@example.com"], "from": "pipeline@example.com",
+    return {"at": SLOT.strftime("%H:%M"), "timezone": "UTC", "to": ["ops@example.com"], "from": "pipeline@example.com",
             "smtp": {"host": "127.0.0.1", "port": port, "security": "none", "timeout": 5}}
 
 
-TODAY = dt.datetime.now(dt.timezone.utc).date()
-
-
-def at(hour: int, minute: int, second: int = 0) -> dt.datetime:
-    return dt.datetime.combine(TODAY, dt.time(hour, minute, second), tzinfo=dt.timezone.utc)
+def at(seconds: float) -> dt.datetime:
+    """The report time plus ``seconds`` (negative: before it)."""
+    return SLOT + dt.timedelta(seconds=seconds)
 
 
 def test_smtp_down_at_send_time_keeps_sampling_retries_and_sends_once_back(nsqd, tmp_path, smtp):
@@ -93,24 +98,24 @@ def test_smtp_down_at_send_time_keeps_sampling_retries_and_sends_once_back(nsqd,
            "report": report_section(smtp.port)}
     path = tmp_path / "topology.yaml"
     path.write_text(yaml.safe_dump(doc))
-    clock = Clock(at(7, 59, 50))
+    clock = Clock(at(-10))
     monitor = Monitor(load_topology(path), clock=clock, interval=0.05)
     monitor.start()
     try:
         wait_until(lambda: monitor.db.sample_count("nsqd") >= 2, 10, message="monitor never sampled")
         assert not smtp.inbox.messages
-        # When the clock passes 08:00 while SMTP is down
-        clock.set(at(8, 0, 5))
+        # When the clock passes the report time while SMTP is down
+        clock.set(at(5))
         wait_until(lambda: monitor.reporter.failures >= 1, 10, message="no send attempt")
         # Then sampling goes on, and nothing is marked sent
         samples = monitor.db.sample_count("nsqd")
         wait_until(lambda: monitor.db.sample_count("nsqd") >= samples + 3, 10, message="sampling stopped")
-        assert monitor.db.meta(LAST_SLOT) < at(8, 0).timestamp()
+        assert monitor.db.meta(LAST_SLOT) < at(0).timestamp()
         # When SMTP is back and the back-off has passed
         smtp.start()
-        clock.set(at(8, 2))
+        clock.set(at(120))
         wait_until(lambda: smtp.inbox.messages, 15, message="report never sent once SMTP was back")
-        wait_until(lambda: monitor.db.meta(LAST_SLOT) == at(8, 0).timestamp(), 5, message="slot not recorded")
+        wait_until(lambda: monitor.db.meta(LAST_SLOT) == at(0).timestamp(), 5, message="slot not recorded")
         assert monitor.reporter.tick() is False  # sent once: nothing more is due today
     finally:
         monitor.close()
@@ -148,21 +153,24 @@ def parts(msg) -> tuple[str, str, list[bytes]]:
 
 
 def test_scheduled_report_is_ok_for_a_clean_run_and_warn_after_dead_letters_and_a_killed_worker(nsq_bin, smtp):
-    # Given the primes pipeline under supervisord, with worker metrics and a daily report at 08:00 UTC
+    # Given the primes pipeline under supervisord, with worker metrics and a daily report
     d = Deployment(msg_timeout=10)
     monitor = None
     try:
         doc = yaml.safe_load(d.path.read_text())
         doc["stages"]["primes"]["metrics_port"] = consecutive_free_ports(2)
         doc["report"] = report_section(smtp.port)
+        exporter = free_port()
+        doc["monitor"] = {"interval": 0.5, "listen": f"127.0.0.1:{exporter}"}  # supervisord runs this one
         d.path.write_text(yaml.safe_dump(doc, sort_keys=False))
         d.topology = load_topology(d.path)
         smtp.start()
         d.up()
-        d.checked_outputs()  # numbers.dead has a channel, so the monitor may watch it
-        clock = Clock(at(7, 30))
-        monitor = Monitor(d.topology, clock=clock, interval=0.2)
-        monitor.start()
+        d.checked_outputs()  # numbers.dead has a channel, so the monitors may watch it
+        # The test's own monitor, on its own health.db, with a clock the test moves
+        clock = Clock(at(-1800))
+        monitor = Monitor(d.topology, clock=clock, interval=0.2, db_path=d.dir / "test-health.db")
+        monitor.start(serve=False)  # the port is supervisord's monitor's
         # When 2,000 numbers are classified cleanly
         produce_numbers(d.tcp, "numbers", 1, 2000, run_id="s")
         finished = lambda: sum(max((w.finished for w in monitor.db.workers(0) if w.replica == k), default=0)  # noqa
@@ -171,7 +179,12 @@ def test_scheduled_report_is_ok_for_a_clean_run_and_warn_after_dead_letters_and_
         # Then a report of the run so far is OK
         clean = build_report(d.topology, monitor.db, until=clock())
         assert clean.health.verdict == "OK", clean.health.reasons
-        assert not smtp.inbox.messages  # 08:00 has not come yet
+        assert not smtp.inbox.messages  # the report time has not come yet
+        # and the monitor that supervisord runs serves the depth nsqd reports, and samples into var/health.db
+        assert {p.name: p.state for p in d.supervisor().processes()}["monitor"] == "RUNNING"
+        labels = (("channel", "primes"), ("nsqd", "n0"), ("topic", "numbers"))
+        assert scrape(exporter)[("nsq_channel_depth", labels)] == channel_stats(d.http, "numbers", "primes")["depth"]
+        assert HealthDB(d.dir / "var" / "health.db").sample_count("nsqd") >= 1
 
         # When 3 undecodable messages are dead-lettered and a replica is SIGKILLed (supervisord restarts it)
         for i in range(3):
@@ -184,9 +197,9 @@ def test_scheduled_report_is_ok_for_a_clean_run_and_warn_after_dead_letters_and_
         wait_until(lambda: any(c.topic == "numbers.dead" and c.channel == "" and c.messages == 3
                                for c in monitor.db.channels(0)), 10, message="dead letters never sampled")
         wait_until(lambda: monitor.db.dead_letters(0), 10, message="no dead-letter sample")
-        # and the clock passes 08:00
-        clock.set(at(8, 0, 5))
-        wait_until(lambda: smtp.inbox.messages, 60, message="no report received after 08:00")
+        # and the clock passes the report time
+        clock.set(at(5))
+        wait_until(lambda: smtp.inbox.messages, 60, message="no report received after the report time")
     finally:
         if monitor is not None:
             monitor.close()
