@@ -59,7 +59,7 @@ class StageRow:
 
     stage: str
     replicas: int
-    processed: int
+    processed: int | None  # None: no metrics sampled from its replicas
     dead_letters: int
     requeued: int
     publish_errors: int
@@ -154,9 +154,10 @@ def stage_table(topology, workers: list[WorkerSample], processes: list[ProcessSa
     for name, stage in topology.stages.items():
         series = [[w for w in per_replica.get((name, k), []) if w.up] for k in range(stage.replicas)]
         grow = lambda attr: int(sum(increase([getattr(w, attr) for w in s]) for s in series))  # noqa: E731
-        rows.append(StageRow(name, stage.replicas, grow("finished"), grow("dead_lettered"), grow("requeued"),
-                             grow("publish_errors"), sum(n for p, n in restarts.items() if p.startswith(f"{name}:")),
-                             p99_of_buckets(_bucket_increase(series))))
+        processed = grow("finished") if any(series) else None
+        restarted = sum(n for p, n in restarts.items() if p.startswith(f"{name}:"))
+        rows.append(StageRow(name, stage.replicas, processed, grow("dead_lettered"), grow("requeued"),
+                             grow("publish_errors"), restarted, p99_of_buckets(_bucket_increase(series))))
     return rows
 
 

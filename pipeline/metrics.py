@@ -47,7 +47,7 @@ HANDLER_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
 SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000, 100000)
 # Worker.stats keys exported as counters: key -> (metric name, help)
 RUNTIME_COUNTERS = {
-    "received": ("messages_in", "Messages received from nsqd."),
+    "received": ("messages_in", "Messages received from nsqd, per input topic (an envelope counts once)."),
     "finished": ("messages_finished", "Messages FINished after their outputs were acknowledged."),
     "requeued": ("messages_requeued", "Messages requeued (handler failure, failed publish or drain)."),
     "deferred": ("messages_deferred", "Keyed messages sent back to nsqd because they came early."),
@@ -104,8 +104,12 @@ class RuntimeCollector(Collector):
         names, values = list(self.labels), list(self.labels.values())
         stats = _copy(self.worker.stats)
         for key, (name, doc) in RUNTIME_COUNTERS.items():
-            family = CounterMetricFamily(f"{NS}_{name}", doc, labels=names)
-            family.add_metric(values, stats.get(key, 0))
+            if key == "received":  # per topic, like messages_out (a keyed replica reads its partition)
+                family = CounterMetricFamily(f"{NS}_{name}", doc, labels=[*names, "topic"])
+                family.add_metric([*values, self.worker.input_topic], stats.get(key, 0))
+            else:
+                family = CounterMetricFamily(f"{NS}_{name}", doc, labels=names)
+                family.add_metric(values, stats.get(key, 0))
             yield family
         out = CounterMetricFamily(f"{NS}_messages_out", "Messages published and acknowledged, per topic.",
                                   labels=[*names, "topic"])

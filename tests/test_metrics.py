@@ -63,7 +63,7 @@ def test_scraped_counters_match_what_the_replica_processed(nsqd, tmp_path, topic
         workers.stop_all()
     primes, others = len(got[names.prime]), len(got[names.non_prime])
     assert primes == 303 and primes + others == 2000
-    assert value(samples, "pipeline_messages_in_total") == 2001
+    assert value(samples, "pipeline_messages_in_total", topic=names.input) == 2001
     assert value(samples, "pipeline_messages_out_total", topic=names.prime) == primes
     assert value(samples, "pipeline_messages_out_total", topic=names.non_prime) == others
     assert value(samples, "pipeline_messages_out_total", topic=names.dead) == 1
