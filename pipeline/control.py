@@ -229,6 +229,8 @@ def preflight_ports(topology) -> None:
     wanted += [(l.tcp, "nsqlookupd tcp") for l in nsq.lookupd] + [(l.http, "nsqlookupd http") for l in nsq.lookupd]
     if nsq.admin:
         wanted.append((nsq.admin, "nsqadmin http"))
+    if getattr(topology, "monitor", None) is not None and topology.monitor.listen:
+        wanted.append((topology.monitor.listen, "monitor metrics"))
     for address, what in wanted:
         host, port = split_address(address)
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:

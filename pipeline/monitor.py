@@ -87,7 +87,10 @@ class Monitor:
     def start(self, serve: bool = True) -> None:
         """Serve metrics (when ``listen`` is set and ``serve``) and start the sampling and report threads."""
         if self.spec.listen and serve:
-            self.serve(self.spec.listen)
+            try:
+                self.serve(self.spec.listen)
+            except OSError as e:  # sampling and the report matter more than the endpoint
+                log.error("cannot serve metrics on %s: %s; sampling without them", self.spec.listen, e)
         self._spawn(self._sample_loop, "monitor-sampler")
         if self.reporter is not None:
             self._spawn(self._report_loop, "monitor-report")
