@@ -112,6 +112,7 @@ class HealthDB:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # effective on a new file: lets prune give space back
         self._db.execute("PRAGMA journal_mode=WAL")  # readers (report, top) never block the sampler
+        self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: no corruption; a crash may lose the last samples
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:

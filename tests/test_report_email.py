@@ -218,3 +218,18 @@ def test_scheduled_report_is_ok_for_a_clean_run_and_warn_after_dead_letters_and_
     for png in images:
         assert matplotlib.image.imread(io.BytesIO(png), format="png").std() > 0.01
     assert html.count("src='cid:") == len(images)
+
+
+def test_pipeline_report_send_delivers_the_report_now(tmp_path, smtp):
+    from test_report import fill_day, run_cli, write_topology
+    path = write_topology(tmp_path, report_section(smtp.port))
+    db = HealthDB(tmp_path / "var" / "health.db")
+    fill_day(db)
+    db.close()
+    smtp.start()
+    result = run_cli("report", "--since", "40000d", "--send", "-t", str(path))
+    assert result.returncode == 0, result.stderr  # a healthy day: OK
+    assert "sent to ops@example.com: [OK]" in result.stdout
+    [msg] = smtp.inbox.messages
+    text, html, images = parts(msg)
+    assert msg["X-Pipeline-Verdict"] == "OK" and "- no problems found" in text and len(images) == 2
