@@ -285,6 +285,81 @@ def bench(bench_args: tuple[str, ...]) -> None:
     sys.exit(run_bench(list(bench_args), prog="pipeline bench"))
 
 
+@main.command()
+@click.option("--interval", type=click.FloatRange(min=0.05), default=None,
+              help="Seconds between samples (default: monitor.interval of the topology).")
+@topology_option
+def monitor(interval: float | None, topology_path: str) -> None:
+    """Sample NSQ, supervisord, workers and the host into health.db; serve NSQ metrics; send the daily report."""
+    import signal
+
+    from .monitor import Monitor
+    from .topology import load_topology
+    running = Monitor(load_topology(topology_path, environment=True), interval=interval)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: running.stop())
+    running.run()
+
+
+@main.command()
+@click.option("--since", default="24h", show_default=True, help="How far back: 24h, 90m, 2d ...")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write report.txt, report.html and report.eml into this folder.")
+@click.option("--send", is_flag=True, help="Send it to the topology's report recipients.")
+@topology_option
+def report(since: str, out_dir: Path | None, send: bool, topology_path: str) -> None:
+    """Build the health report from health.db now (prints the text unless --out or --send)."""
+    import time
+
+    from .healthdb import HealthDB
+    from .report import build_report, parse_duration, render_text, to_email, write_files
+    from .topology import load_topology
+    try:
+        seconds = parse_duration(since)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--since") from None
+    topology = load_topology(topology_path, environment=send)
+    if send and topology.report is None:
+        raise click.UsageError(f"--send needs a report section in {topology_path}")
+    db_path = topology.var_dir / "health.db"
+    if not db_path.exists():
+        raise click.UsageError(f"no samples yet: {db_path} does not exist (is `pipeline monitor` running?)")
+    db = HealthDB(db_path)
+    now = time.time()
+    built = build_report(topology, db, until=now, since=now - seconds)
+    spec = topology.report
+    if out_dir is not None:
+        for path in write_files(built, out_dir, *((spec.sender, list(spec.to)) if spec else ())):
+            click.echo(str(path))
+    if send:
+        import smtplib
+
+        from .mailer import send_email
+        try:
+            send_email(spec, to_email(built, spec.sender, list(spec.to)))
+        except (OSError, smtplib.SMTPException) as e:
+            raise click.ClickException(f"report not sent via {spec.smtp.host}:{spec.smtp.port}: {e}") from None
+        click.echo(f"sent to {', '.join(spec.to)}: {built.subject}")
+    if out_dir is None and not send:
+        click.echo(render_text(built), nl=False)
+    sys.exit(0 if built.health.verdict == "OK" else 1)
+
+
+@main.command()
+@click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
+              help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print the table once (rates over one interval) and exit.")
+@topology_option
+def top(interval: float, once: bool, topology_path: str) -> None:
+    """A live table of every stage and channel: rates, depth, in flight, requeues, dead letters, restarts, p99."""
+    from .top import run
+    from .views import console
+    try:
+        run(load(topology_path), console(), interval=interval, once=once)
+    except KeyboardInterrupt:
+        pass
+
+
 @contextlib.contextmanager
 def _progress(label: str, total: int):
     """Show a progress bar while the block runs; yields ``advance(done)``."""

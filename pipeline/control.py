@@ -195,7 +195,8 @@ class Supervisor:
             log("supervisord is not running")
             return
         rpc = self.rpc()
-        order = [*self.topology.stages, "nsqadmin", *(f"nsqd-{n.name}" for n in self.topology.nsq.nsqd),
+        # the monitor first: samples of nsqd going down on purpose would read as an outage in the report
+        order = ["monitor", *self.topology.stages, "nsqadmin", *(f"nsqd-{n.name}" for n in self.topology.nsq.nsqd),
                  *(f"nsqlookupd-{i}" for i in range(len(self.topology.nsq.lookupd)))]
         groups = {p.group for p in self.processes()}
         for group in [g for g in order if g in groups]:
@@ -228,6 +229,8 @@ def preflight_ports(topology) -> None:
     wanted += [(l.tcp, "nsqlookupd tcp") for l in nsq.lookupd] + [(l.http, "nsqlookupd http") for l in nsq.lookupd]
     if nsq.admin:
         wanted.append((nsq.admin, "nsqadmin http"))
+    if getattr(topology, "monitor", None) is not None and topology.monitor.listen:
+        wanted.append((topology.monitor.listen, "monitor metrics"))
     for address, what in wanted:
         host, port = split_address(address)
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:

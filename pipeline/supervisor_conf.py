@@ -30,7 +30,7 @@ WORKER_STARTSECS = 2  # a worker with a broken handler fails well within this (t
 WORKER_STARTRETRIES = 3
 RESTARTER_BASE, RESTARTER_MAX = 1, 60  # seconds of back-off before a FATAL worker is started again
 
-PRIORITY = {"restarter": 10, "nsqlookupd": 100, "nsqd": 200, "nsqadmin": 300, "worker": 400}
+PRIORITY = {"restarter": 10, "nsqlookupd": 100, "nsqd": 200, "nsqadmin": 300, "worker": 400, "monitor": 500}
 
 
 def conf_path(topology_path: Path) -> Path:
@@ -65,6 +65,8 @@ def render(topology) -> str:
     var = var_path(topology)
     sections = [*_supervisord(var), *_nsq_programs(topology, var), _restarter(var)]
     sections += [_stage(topology, name, stage, var) for name, stage in topology.stages.items()]
+    if getattr(topology, "monitor", None) is not None:
+        sections.append(_monitor(topology, var))
     header = ("; Rendered by `pipeline render` from the topology; do not edit by hand.\n"
               "; `pipeline up` starts supervisord with NSQ_PIPELINE_BIN and NSQ_PIPELINE_PYTHON set.\n")
     return header + "\n".join(_format(title, options) for title, options in sections)
@@ -160,3 +162,11 @@ def _stage(topology, name: str, stage, var: str) -> tuple[str, dict]:
     }
     return f"program:{name}", options
 
+
+
+def _monitor(topology, var: str) -> tuple[str, dict]:
+    """`pipeline monitor`: samples into health.db, serves NSQ metrics, sends the daily report."""
+    topology_file = f"{HERE}/{Path(topology.path).name}" if topology.path else "topology.yaml"
+    argv = [PYTHON, "-m", "pipeline.cli", "monitor", "-t", topology_file]
+    name, options = _daemon("monitor", argv, "monitor", var, stopwaitsecs=15)
+    return name, {**options, "directory": HERE, "environment": 'PYTHONUNBUFFERED="1"'}

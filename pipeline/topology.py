@@ -30,6 +30,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, 
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .errors import TopologyError
+from .observe_spec import MonitorSpec, ReportSpec, environment_problems
 
 __all__ = [
     "BatchSpec", "LookupdSpec", "NsqSpec", "NsqdSpec", "ProducerSpec", "StageSpec", "TopicSpec", "Topology",
@@ -39,7 +40,7 @@ __all__ = [
 NSQ_NAME_MAX = 64
 DEAD_LETTER_SUFFIX = ".dead"
 # supervisord program (and log file) names the pipeline uses for itself
-RESERVED_STAGE_NAMES = ("nsqd", "nsqlookupd", "nsqadmin", "restarter", "supervisord")
+RESERVED_STAGE_NAMES = ("nsqd", "nsqlookupd", "nsqadmin", "restarter", "supervisord", "monitor")
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
@@ -144,6 +145,17 @@ def _address(value: str) -> str:
 
 
 Address = Annotated[str, AfterValidator(_address), TypeDoc("address", "host:port, port 1..65535")]
+
+
+def _metrics_host(value: str) -> str:
+    host = f"[{value}]" if ":" in value else value
+    if not _valid_host(host):
+        raise _problem(f"host {value!r} is not an IPv4 address, host name or IPv6 address")
+    return value
+
+
+MetricsHost = Annotated[str, AfterValidator(_metrics_host),
+                        TypeDoc("host", "an IPv4 address, host name or IPv6 address")]
 
 
 class _Spec(BaseModel):
@@ -314,6 +326,12 @@ class StageSpec(_Spec):
     params: dict[str, Any] = Field(
         default_factory=dict, description="Parameters of the stage, passed to a stage class as `context.params`.",
     )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Base port of the replicas' Prometheus endpoints: replica k serves `/metrics` on"
+                    " `metrics_port + k`; 0 or null: no endpoint.",
+    )
+    metrics_host: MetricsHost = Field("127.0.0.1", description="Address the metrics endpoints listen on.")
 
     @property
     def output_topics(self) -> dict[str, str]:
@@ -366,13 +384,15 @@ class Topology(_Spec):
         topology.dead_letter_topic("primes")   # "numbers.dead"
 
     Rules: a producer's topic is declared; a stage is not named after the pipeline's own programs
-    (nsqd, nsqlookupd, nsqadmin, restarter, supervisord, alone or followed by `-...`).
+    (nsqd, nsqlookupd, nsqadmin, restarter, supervisord, monitor, alone or followed by `-...`).
     """
 
     nsq: NsqSpec = Field(description="Where the NSQ cluster is.")
     topics: dict[TopicName, TopicSpec] = Field(default_factory=dict, description="The topics, by name.")
     stages: dict[LocalName, StageSpec] = Field(default_factory=dict, description="The stages, by name.")
     producers: dict[LocalName, ProducerSpec] = Field(default_factory=dict, description="The producers, by name.")
+    monitor: MonitorSpec | None = Field(None, description="`pipeline monitor` (a supervisord program when set).")
+    report: ReportSpec | None = Field(None, description="The daily health report email (sent by the monitor).")
     _path: Path | None = PrivateAttr(None)
 
     @model_validator(mode="after")
@@ -405,8 +425,28 @@ class Topology(_Spec):
                 problems.append((("stages", name, "channel"), reason, stage.channel))
         for name, producer in self.producers.items():
             problems += self._undeclared(("producers", name, "topic"), producer.topic)
+        problems += self._metrics_port_rules()
         _raise_problems("Topology", problems)
         return self
+
+    def _metrics_port_rules(self) -> Problems:
+        """Replicas' metrics ports (base + k) must not collide with another stage's or with NSQ's."""
+        taken = {split_address(a)[1]: f"nsq.{'.'.join(map(str, loc))}" for loc, a in self.nsq._addresses()}
+        problems: Problems = []
+        for name, stage in self.stages.items():
+            if not stage.metrics_port:
+                continue
+            ports = range(stage.metrics_port, stage.metrics_port + stage.replicas)
+            if ports[-1] > 65535:
+                problems.append((("stages", name, "metrics_port"), f"replica {stage.replicas - 1} would listen on "
+                                 f"port {ports[-1]}, above 65535", stage.metrics_port))
+                continue
+            clash = next((p for p in ports if p in taken), None)
+            if clash is not None:
+                reason = f"port {clash} (replica {clash - stage.metrics_port}) is already used by {taken[clash]}"
+                problems.append((("stages", name, "metrics_port"), reason, stage.metrics_port))
+            taken.update({p: f"stages.{name}.metrics_port (replica {p - stage.metrics_port})" for p in ports})
+        return problems
 
     def _keyed_rules(self, name: str, stage: StageSpec) -> Problems:
         topic = self.topics.get(stage.input)
@@ -691,7 +731,7 @@ def _yaml_error(shown: str, error: yaml.YAMLError) -> TopologyError:
     return TopologyError(shown, line, col, "", f"invalid YAML: {reason}")
 
 
-def _load(path: str | os.PathLike[str]) -> _Outcome:
+def _load(path: str | os.PathLike[str], environment: bool = False) -> _Outcome:
     """Read, parse and validate a topology file, collecting every problem in file order."""
     shown = os.fspath(path)
     try:
@@ -706,32 +746,36 @@ def _load(path: str | os.PathLike[str]) -> _Outcome:
     except ValidationError as e:
         cause = e
         problems += [_to_topology_error(shown, positions, err) for err in e.errors(include_url=False)]
+    if environment and topology is not None:  # e.g. the SMTP password's variable: checked where it is needed
+        problems += [TopologyError(shown, *positions.locate(loc), ".".join(loc), reason)
+                     for loc, reason in environment_problems(topology)]
     if problems:
         return _Outcome(None, sorted(problems, key=lambda p: (p.line, p.col)), cause)
     topology._path = Path(shown)
     return _Outcome(topology, [])
 
 
-def load_topology(path: str | os.PathLike[str]) -> Topology:
+def load_topology(path: str | os.PathLike[str], *, environment: bool = False) -> Topology:
     """Load and validate a topology file.
 
     Parameters:
         path: the topology file; error messages show it exactly as given.
+        environment: also check what the environment must provide (the SMTP password's variable).
 
     Raises:
         TopologyError: the file cannot be read, is not YAML, or breaks the schema;
             the first problem in file order, as ``PATH:LINE:COL: field: reason``.
     """
-    outcome = _load(path)
+    outcome = _load(path, environment)
     if outcome.topology is None:
         raise outcome.problems[0] from outcome.cause
     return outcome.topology
 
 
-def validate_topology(path: str | os.PathLike[str]) -> list[TopologyError]:
+def validate_topology(path: str | os.PathLike[str], *, environment: bool = True) -> list[TopologyError]:
     """Return every problem of a topology file, sorted by line; empty when it is valid.
 
     Cross-field rules (declared topics, timeouts, channels) are checked once the
     fields they compare are themselves valid.
     """
-    return _load(path).problems
+    return _load(path, environment).problems

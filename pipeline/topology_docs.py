@@ -66,6 +66,9 @@ def _nested_model(annotation: Any) -> tuple[type[BaseModel] | None, str]:
         return inner, ".<name>" + suffix
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation, ""
+    if origin in (Union, UnionType):  # an optional section, e.g. `report: ReportSpec | None`
+        inner = [a for a in args if a is not type(None)]
+        return _nested_model(inner[0]) if len(inner) == 1 else (None, "")
     return None, ""
 
 
@@ -77,7 +80,7 @@ def _section(model: type[BaseModel], where: str) -> str:
     lines += ["| field | type | default | bounds | description |", "|---|---|---|---|---|"]
     for name, info in model.model_fields.items():
         kind = _type(info.annotation, info.metadata)
-        cells = [f"`{name}`", kind, _default(info), _bounds(info), info.description or ""]
+        cells = [f"`{info.alias or name}`", kind, _default(info), _bounds(info), info.description or ""]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

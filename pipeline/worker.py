@@ -37,6 +37,7 @@ from tornado.ioloop import PeriodicCallback
 from . import nsqd_http
 from .errors import PublishError
 from .fastconn import FastReader, finish_all
+from .metrics import WorkerMetrics
 from .middleware import Middleware, MiddlewareStack
 from .keyed import Checkpoint, Sequencer
 from .processing import BatchProcessor, Dead, KeyedEntry, KeyedProcessor
@@ -71,6 +72,8 @@ class Worker:
         self.handler = handler or load_handler(self.spec.handler, StageContext(
             stage_name, replica, topology.var_dir, dict(self.spec.params)))
         self.middleware = MiddlewareStack(middleware)
+        if (metrics := WorkerMetrics.for_replica(self.spec, stage_name, replica)) is not None:
+            self.middleware.add(metrics)
         self.dead_topic = topology.dead_letter_topic(stage_name)
         self.input_topic = topology.input_topic(stage_name, replica)
         args = (self, stage_name, self.spec, topology, self.handler, self.middleware)
@@ -175,8 +178,6 @@ class Worker:
         logging.getLogger("nsq").setLevel(logging.CRITICAL)
         self.reader.close()
         self.publisher.close()
-        if self.checkpoint is not None:
-            self.stats.update(duplicates=self.processor.duplicates, parked=self.processor.parked)
         log.info("stage %s replica %d stopped: %s", self.name, self.replica, dict(self.stats))
         self._done.set()
 
@@ -304,6 +305,7 @@ class Worker:
             self._requeue_backoff(message)
         if self.checkpoint is not None:
             self._report_gaps()
+            self.stats.update(duplicates=self.processor.duplicates, parked=self.processor.parked)
         outputs = outcome.outputs
         if outcome.dead:
             outputs[self.dead_topic] = [self._dead_letter(dead) for dead in outcome.dead]
