@@ -45,7 +45,6 @@ from .stage import Handler, StageContext, load_handler
 
 log = logging.getLogger(__name__)
 
-LOOKUPD_POLL_INTERVAL = 10
 CONNECT_TIMEOUT = 30.0
 MAX_REQUEUE_DELAY = 3600.0
 GAP_CHECK_MS = 100  # how often a keyed stage looks for gaps that waited long enough
@@ -134,7 +133,8 @@ class Worker:
     def _discovery(self) -> dict:
         lookupds = self.topology.lookupd_http_addresses()
         if lookupds:
-            return {"lookupd_http_addresses": lookupds, "lookupd_poll_interval": LOOKUPD_POLL_INTERVAL}
+            return {"lookupd_http_addresses": lookupds,
+                    "lookupd_poll_interval": self.topology.nsq.lookupd_poll_interval}
         return {"nsqd_tcp_addresses": self.topology.nsqd_tcp_addresses()}
 
     def stop(self) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -69,6 +69,52 @@ def nsq_cluster(nsq_bin: Path, tmp_path: Path) -> Iterator[NsqCluster]:
             _stop(nsqd)
         finally:
             _stop(lookupd)
+
+
+@dataclass
+class NsqFactory:
+    """Starts nsqd and nsqlookupd processes for one test (free 127.0.0.1 ports) and stops them all after it.
+
+    ``restart`` starts a stopped nsqd again on the same ports and data dir,
+    as an operator would after a node loss.
+    """
+
+    root: Path
+    started: list[NsqProcess] = field(default_factory=list)
+
+    def lookupd(self, name: str = "nsqlookupd") -> NsqProcess:
+        """Start one nsqlookupd."""
+        process = start_nsqlookupd(self.root / f"{name}.log", name=name)
+        self.started.append(process)
+        return process
+
+    def nsqd(self, name: str = "nsqd", *, lookupd_tcp=(), extra=(), tcp: str | None = None,
+             http: str | None = None) -> NsqProcess:
+        """Start one nsqd with its data in ``root/<name>``, registered with ``lookupd_tcp``."""
+        process = start_nsqd(self.root / name, name=name, lookupd_tcp=list(lookupd_tcp), extra=list(extra),
+                             tcp=tcp, http=http)
+        self.started.append(process)
+        return process
+
+    def restart(self, process: NsqProcess, *, lookupd_tcp=(), extra=()) -> NsqProcess:
+        """Start ``process`` (stopped) again with the same name, ports and data dir."""
+        assert not process.alive(), f"{process.name} is still running"
+        return self.nsqd(process.name, lookupd_tcp=lookupd_tcp, extra=extra, tcp=process.tcp, http=process.http)
+
+    def stop_all(self) -> None:
+        """Stop every process started, nsqd first, and fail if one survives."""
+        for process in sorted(self.started, key=lambda p: p.name.startswith("nsqlookupd")):
+            _stop(process)
+
+
+@pytest.fixture
+def nsq_factory(nsq_bin: Path, tmp_path: Path) -> Iterator[NsqFactory]:
+    """Yield an :class:`NsqFactory` whose processes are stopped at teardown."""
+    factory = NsqFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
 
 
 @pytest.fixture
