@@ -1,0 +1,193 @@
+"""Several nsqd behind several nsqlookupd: spreading, node loss and return, discovery without one lookupd.
+
+The integration test runs 3 nsqd and 2 nsqlookupd on free 127.0.0.1 ports,
+two `primes` workers as subprocesses that find the nodes through the
+lookupds, and the numbers producer spreading 100,000 records over the nodes.
+Mid-run one nsqd is stopped with SIGTERM (its queue is persisted) and one
+lookupd is SIGKILLed; the nsqd is started again 10 s later on the same ports
+and data dir. Every id must come out of the stage, and the workers must have
+consumed from all three nodes, the returned one included.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import defaultdict
+
+import pytest
+import yaml
+
+from harness import Workers
+from nsqhttp import channel_stats, lookupd_nodes, wait_until
+from pipeline import nsqd_http
+from pipeline.codecs import decode
+from pipeline.errors import PublishError, TopologyError
+from pipeline.nsqclient import NsqSubscriber
+from pipeline.topology import load_topology
+from producers.numbers import produce_numbers
+
+COUNT = 100_000
+CHANNEL = "primes"
+CHECK = "check"
+DOWN_FOR = 10.0  # seconds the stopped nsqd stays down
+
+
+def write_topology(tmp_path, nodes, lookupds, topic: str, **nsq) -> tuple:
+    outputs = {"prime": f"{topic}_prime", "non_prime": f"{topic}_non_prime"}
+    doc = {
+        "nsq": {"nsqd": [{"name": n.name, "tcp": n.tcp, "http": n.http} for n in nodes],
+                "lookupd": [{"tcp": lk.tcp, "http": lk.http} for lk in lookupds],
+                "var_dir": str(tmp_path / "var"), **nsq},
+        "topics": {topic: {}, outputs["prime"]: {}, outputs["non_prime"]: {"codec": "msgpack"}},
+        "stages": {"primes": {"handler": "stages_for_tests:throttled_classify", "input": topic, "channel": CHANNEL,
+                              "outputs": outputs, "replicas": 2, "max_in_flight": 200,
+                              "batch": {"size": 100, "wait_ms": 5}}},
+    }
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path, list(outputs.values())
+
+
+def test_lookupd_poll_interval_is_a_topology_setting_the_worker_uses(tmp_path):
+    from pipeline.worker import Worker
+
+    class Node:
+        def __init__(self, i):
+            self.name, self.tcp, self.http = f"n{i}", f"127.0.0.1:{4000 + i}", f"127.0.0.1:{4100 + i}"
+
+    path, _ = write_topology(tmp_path, [Node(0), Node(1)], [Node(2)], "t", lookupd_poll_interval=2)
+    worker = Worker(load_topology(path), "primes")
+    assert worker._discovery() == {"lookupd_http_addresses": ["127.0.0.1:4102"], "lookupd_poll_interval": 2}
+    path, _ = write_topology(tmp_path, [Node(0)], [Node(2)], "t", lookupd_poll_interval=0)
+    with pytest.raises(TopologyError, match=r"topology.yaml:\d+:\d+: nsq.lookupd_poll_interval: must be >= 1"):
+        load_topology(path)
+
+
+class Collector:
+    """Reads the stage's outputs on every node, reconnecting to nodes that come and go."""
+
+    def __init__(self, nodes, topics):
+        self.targets = [(n, t) for n in nodes for t in topics]
+        self.subs: dict[tuple[str, str], NsqSubscriber] = {}
+        self.ids: set[str] = set()
+        self.received = 0
+
+    def poll(self) -> None:
+        for node, topic in self.targets:
+            key = (node.tcp, topic)
+            try:
+                if key not in self.subs:
+                    self.subs[key] = NsqSubscriber(node.tcp, topic, CHECK, timeout=1.0)
+                for message in self.subs[key].messages(timeout=0.02):
+                    self.ids.add(decode(message.body)["id"])
+                    self.received += 1
+            except PublishError:  # the node is down: try again on the next poll
+                sub = self.subs.pop(key, None)
+                if sub is not None:
+                    sub.close()
+
+    def close(self) -> None:
+        for sub in self.subs.values():
+            sub.close()
+
+
+class Consumption:
+    """Messages the workers finished per nsqd, from each node's /stats (each client's finish_count)."""
+
+    def __init__(self, nodes, topic):
+        self.nodes, self.topic = nodes, topic
+        self.finished: dict[str, dict[tuple, int]] = defaultdict(dict)
+        self.last = 0.0
+
+    def sample(self, every: float = 0.3) -> None:
+        if time.monotonic() - self.last < every:
+            return
+        self.last = time.monotonic()
+        for node in self.nodes:
+            try:
+                stats = channel_stats(node.http, self.topic, CHANNEL)
+            except OSError:
+                continue
+            for client in (stats or {}).get("clients") or []:
+                key = (client["remote_address"], client["connect_ts"])
+                self.finished[node.name][key] = max(self.finished[node.name].get(key, 0), client["finish_count"])
+
+    def per_node(self, since: int = 0) -> dict[str, int]:
+        return {n.name: sum(c for (_, ts), c in self.finished[n.name].items() if ts >= since) for n in self.nodes}
+
+
+@pytest.mark.integration
+def test_three_nsqd_two_lookupd_lose_a_node_and_a_lookupd_and_deliver_every_id(nsq_factory, tmp_path, topic):
+    # Given: 2 lookupds, 3 nsqd registered with both, two workers discovering the nodes through the lookupds.
+    lookupds = [nsq_factory.lookupd(f"nsqlookupd-{i}") for i in range(2)]
+    registry = [lk.tcp for lk in lookupds]
+    nodes = [nsq_factory.nsqd(f"n{i}", lookupd_tcp=registry) for i in range(3)]
+    for lk in lookupds:
+        wait_until(lambda: len(lookupd_nodes(lk.http)) == 3, 10.0, message=f"nodes never all registered with {lk.http}")
+    path, outputs = write_topology(tmp_path, nodes, lookupds, topic, lookupd_poll_interval=1)
+    for node in nodes:
+        for out in outputs:
+            nsqd_http.create_channel(node.http, out, CHECK)
+    workers = Workers(path)
+    collector, consumption = Collector(nodes, outputs), Consumption(nodes, topic)
+    try:
+        for replica in range(2):
+            workers.start(replica)
+        for node in nodes:
+            workers.wait_subscribed(node.http, topic, 2)
+        victim = nodes[1]
+
+        # When: the producer spreads 100,000 numbers over the nodes; at 30,000 acknowledged the
+        # victim nsqd gets SIGTERM and lookupd 0 SIGKILL; the victim returns 10 s later.
+        progress: list[int] = []
+        produced: dict[str, object] = {}
+
+        def produce() -> None:
+            try:
+                produced["acked"] = produce_numbers([n.tcp for n in nodes], topic, 1, COUNT, rate=20_000,
+                                                    chunk=250, run_id="mn", on_progress=progress.append)
+            except Exception as e:  # reported by the assertion below
+                produced["error"] = e
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        wait_until(lambda: progress and progress[-1] >= 30_000, 30.0, message="producer made no progress")
+        consumption.sample(every=0)
+        backlog = channel_stats(victim.http, topic, CHANNEL)
+        victim.stop()
+        os.kill(lookupds[0].pid, signal.SIGKILL)
+        lookupds[0].stop()
+        stopped_at = time.monotonic()
+        while time.monotonic() - stopped_at < DOWN_FOR:  # the node stays down; meanwhile outputs are read
+            collector.poll()
+            consumption.sample()
+        returned_at = int(time.time())
+        restarted = nsq_factory.restart(victim, lookupd_tcp=registry)
+        consumption.nodes = [restarted if n is victim else n for n in nodes]
+        collector.targets = [(restarted if n is victim else n, t) for n, t in collector.targets]
+
+        deadline = time.monotonic() + 60.0
+        while len(collector.ids) < COUNT and time.monotonic() < deadline:
+            collector.poll()
+            consumption.sample()
+        producer.join(10.0)
+        consumption.sample(every=0)
+    finally:
+        collector.close()
+        workers.stop_all()
+
+    # Then: every id came out, the producer counted each record once, and every node was consumed from.
+    assert "error" not in produced and produced.get("acked") == COUNT, produced
+    missing = COUNT - len(collector.ids)
+    assert missing == 0, f"{missing} ids never delivered; workers:\n{workers.log_tail()}"
+    assert collector.ids == {f"mn-{n}" for n in range(1, COUNT + 1)}
+    per_node, after_return = consumption.per_node(), consumption.per_node(since=returned_at)
+    backlog_at_stop = backlog["depth"] + backlog["in_flight_count"]
+    print(f"\nconsumed per node: {per_node}; from {victim.name} after its return: {after_return[victim.name]}; "
+          f"its backlog at SIGTERM: {backlog_at_stop}; outputs received: {collector.received} "
+          f"({collector.received - COUNT} duplicates)")
+    assert all(count > 0 for count in per_node.values()), per_node
+    assert backlog_at_stop > 0, "the stopped node had nothing queued; the test proves nothing about persistence"
+    assert after_return[victim.name] > 0, "nothing was consumed from the node after it returned"
