@@ -191,3 +191,32 @@ def test_three_nsqd_two_lookupd_lose_a_node_and_a_lookupd_and_deliver_every_id(n
     assert all(count > 0 for count in per_node.values()), per_node
     assert backlog_at_stop > 0, "the stopped node had nothing queued; the test proves nothing about persistence"
     assert after_return[victim.name] > 0, "nothing was consumed from the node after it returned"
+
+
+@pytest.mark.integration
+def test_status_shows_each_nodes_health_and_registration(nsq_factory, tmp_path, topic):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from pipeline.status import collect
+    from pipeline.views import print_status
+
+    # Given: 2 lookupds and 2 nsqd registered with both; then one nsqd and one lookupd are stopped.
+    lookupds = [nsq_factory.lookupd(f"nsqlookupd-{i}") for i in range(2)]
+    nodes = [nsq_factory.nsqd(f"n{i}", lookupd_tcp=[lk.tcp for lk in lookupds]) for i in range(2)]
+    path, _ = write_topology(tmp_path, nodes, lookupds, topic)
+    nsqd_http.create_channel(nodes[0].http, topic, CHANNEL)
+    report = collect(load_topology(path), interval=0.0)
+    assert [(n.name, n.health, n.lookupds) for n in report.nsqd] == [("n0", "OK", 2), ("n1", "OK", 2)]
+    nodes[1].stop()
+    lookupds[1].stop()
+    # When: status is collected. Then: the lost nsqd and lookupd are unreachable, n0 is listed by 1 of 2.
+    wait_until(lambda: len(lookupd_nodes(lookupds[0].http)) == 1, 10.0, message="n1 never unregistered")
+    report = collect(load_topology(path), interval=0.0)
+    assert [(n.name, n.health, n.lookupds) for n in report.nsqd] == [("n0", "OK", 1), ("n1", "unreachable", 0)]
+    assert [(lk.health, lk.nodes) for lk in report.lookupd] == [("OK", 1), ("unreachable", 0)]
+    assert not report.healthy and report.to_dict()["lookupd"][1]["health"] == "unreachable"
+    out = StringIO()
+    print_status(report, Console(file=out, width=200))
+    assert "nsqlookupd" in out.getvalue() and "1/2" in out.getvalue() and "unreachable" in out.getvalue()
