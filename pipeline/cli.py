@@ -178,10 +178,14 @@ def produce_ticks_cmd(symbols: int, count: int | None, seed: int, replay_path: s
 @main.command()
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-",
               show_default=True, help="Where to write the config ('-': stdout).")
+@click.option("--compose", is_flag=True,
+              help="Render the docker compose file instead (addresses must name their services).")
 @topology_option
-def render(output: str, topology_path: str) -> None:
-    """Print the supervisord configuration of the topology."""
+def render(output: str, compose: bool, topology_path: str) -> None:
+    """Print the supervisord configuration of the topology (or, with --compose, its compose file)."""
     from .supervisor_conf import render as render_conf
+    if compose:
+        from .compose import render_compose as render_conf
     text = render_conf(load(topology_path))
     if output == "-":
         click.echo(text, nl=False)
