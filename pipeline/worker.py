@@ -117,8 +117,8 @@ class Worker:
             self._restore_checkpoint()
             self._gap_timer = PeriodicCallback(self._expire_gaps, GAP_CHECK_MS)
             self._gap_timer.start()
-        for http in self.topology.nsqd_http_addresses():
-            await asyncio.to_thread(nsqd_http.create_channel, http, self.input_topic, spec.channel)
+        await asyncio.to_thread(nsqd_http.create_channel_on_nodes, self.topology.nsqd_http_addresses(),
+                                self.input_topic, spec.channel)
         self.publisher = Publisher(self.topology.nsqd_tcp_addresses())
         await self.publisher.wait_connected(CONNECT_TIMEOUT)
         self.reader = FastReader(

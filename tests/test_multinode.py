@@ -220,3 +220,33 @@ def test_status_shows_each_nodes_health_and_registration(nsq_factory, tmp_path, 
     out = StringIO()
     print_status(report, Console(file=out, width=200))
     assert "nsqlookupd" in out.getvalue() and "1/2" in out.getvalue() and "unreachable" in out.getvalue()
+
+
+@pytest.mark.integration
+def test_a_worker_starts_while_a_node_is_down_and_consumes_from_it_once_it_is_up(nsq_factory, tmp_path, topic):
+    # Given: two nsqd in the topology, n1 down when the worker starts.
+    lookupd = nsq_factory.lookupd()
+    up, down = (nsq_factory.nsqd(f"n{i}", lookupd_tcp=[lookupd.tcp]) for i in range(2))
+    down.stop()
+    path, outputs = write_topology(tmp_path, [up, down], [lookupd], topic, lookupd_poll_interval=1)
+    for out in outputs:
+        nsqd_http.create_channel(up.http, out, CHECK)
+    workers = Workers(path)
+    collector = None
+    try:
+        workers.start(0)
+        workers.wait_subscribed(up.http, topic, 1)
+        # When: n1 comes up and records are published to it alone.
+        back = nsq_factory.restart(down, lookupd_tcp=[lookupd.tcp])
+        for out in outputs:
+            nsqd_http.create_channel(back.http, out, CHECK)
+        assert produce_numbers([back.tcp], topic, 1, 1000, run_id="late") == 1000
+        # Then: the worker found n1 through the lookupd and classified every record.
+        collector = Collector([up, back], outputs)
+        wait_until(lambda: collector.poll() or len(collector.ids) == 1000, 30.0,
+                   message="records published to the late node were not consumed")
+    finally:
+        if collector is not None:
+            collector.close()
+        workers.stop_all()
+    assert collector.ids == {f"late-{n}" for n in range(1, 1001)}
