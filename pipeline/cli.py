@@ -183,10 +183,11 @@ def produce_ticks_cmd(symbols: int, count: int | None, seed: int, replay_path: s
 @topology_option
 def render(output: str, compose: bool, topology_path: str) -> None:
     """Print the supervisord configuration of the topology (or, with --compose, its compose file)."""
-    from .supervisor_conf import render as render_conf
     if compose:
-        from .compose import render_compose as render_conf
-    text = render_conf(load(topology_path))
+        from .compose import render_compose as render_text
+    else:
+        from .supervisor_conf import render as render_text
+    text = render_text(load(topology_path))
     if output == "-":
         click.echo(text, nl=False)
     else:
