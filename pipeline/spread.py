@@ -139,10 +139,28 @@ class SpreadPublisher:
             conn = self._connect(address)
             conn.send_mpub(batch.topic, batch.bodies)
         except PublishError as e:
-            self._lost(address, e)
+            self._lost(address, self._salvage(address) or e)
             return False
         pending.append(batch)
         return True
+
+    def _salvage(self, address: str) -> PublishError | None:
+        """After a failed send, take the answers the node sent before it closed; return its refusal, if any.
+
+        nsqd closes the connection after refusing a batch, so the next send
+        fails first; the refusal (and the OKs before it) are still readable.
+        """
+        while self._pending[address] and address in self._conns:
+            batch = self._pending[address][0]
+            try:
+                self._conns[address].await_answer()
+            except PublishRefused as e:
+                batch.refused_by[address] = str(e)
+                return e
+            except PublishError:
+                return None
+            self._acknowledged(address)
+        return None
 
     def _wait_until_up(self, address: str, batch: _Batch) -> None:
         # Every eligible node is in its back-off: wait for the first to come back,
@@ -178,12 +196,15 @@ class SpreadPublisher:
         except PublishError as e:
             self._lost(address, e)
             return False
-        self._pending[address].popleft()
+        self._acknowledged(address)
+        return True
+
+    def _acknowledged(self, address: str) -> None:
+        batch = self._pending[address].popleft()
         self.pool.succeeded(address)
         self.acked += len(batch.bodies)
         self.acked_records += batch.records
         self.by_node[address] += len(batch.bodies)
-        return True
 
     def _lost(self, address: str, error: Exception) -> None:
         """The node failed: mark it down and queue its unacknowledged batches, in order, first."""

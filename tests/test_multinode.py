@@ -11,7 +11,10 @@ consumed from all three nodes, the returned one included.
 from __future__ import annotations
 
 import os
+import random
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -25,10 +28,12 @@ from pipeline import nsqd_http
 from pipeline.codecs import decode
 from pipeline.errors import PublishError, TopologyError
 from pipeline.nsqclient import NsqSubscriber
+from pipeline.processes import free_port
 from pipeline.topology import load_topology
 from producers.numbers import produce_numbers
 
 COUNT = 100_000
+NETNS_COUNT = 30_000  # the same scenario across network namespaces, shorter
 CHANNEL = "primes"
 CHECK = "check"
 DOWN_FOR = 10.0  # seconds the stopped nsqd stays down
@@ -118,12 +123,35 @@ class Consumption:
         return {n.name: sum(c for (_, ts), c in self.finished[n.name].items() if ts >= since) for n in self.nodes}
 
 
+class Loopback:
+    """The scenario's processes on 127.0.0.1, free ports."""
+
+    label = "loopback"
+
+    def __init__(self, factory):
+        self.factory = factory
+
+    def lookupd(self, i: int):
+        return self.factory.lookupd(f"nsqlookupd-{i}")
+
+    def nsqd(self, i: int, registry: list[str]):
+        return self.factory.nsqd(f"n{i}", lookupd_tcp=registry)
+
+    def restart(self, process, registry: list[str]):
+        return self.factory.restart(process, lookupd_tcp=registry)
+
+
 @pytest.mark.integration
 def test_three_nsqd_two_lookupd_lose_a_node_and_a_lookupd_and_deliver_every_id(nsq_factory, tmp_path, topic):
+    node_loss_scenario(Loopback(nsq_factory), tmp_path, topic, COUNT)
+
+
+def node_loss_scenario(cluster, tmp_path, topic: str, count: int) -> None:
+    """3 nsqd, 2 lookupds, 2 workers; ``count`` numbers; one nsqd down for 10 s and one lookupd killed."""
     # Given: 2 lookupds, 3 nsqd registered with both, two workers discovering the nodes through the lookupds.
-    lookupds = [nsq_factory.lookupd(f"nsqlookupd-{i}") for i in range(2)]
+    lookupds = [cluster.lookupd(i) for i in range(2)]
     registry = [lk.tcp for lk in lookupds]
-    nodes = [nsq_factory.nsqd(f"n{i}", lookupd_tcp=registry) for i in range(3)]
+    nodes = [cluster.nsqd(i, registry) for i in range(3)]
     for lk in lookupds:
         wait_until(lambda: len(lookupd_nodes(lk.http)) == 3, 10.0, message=f"nodes never all registered with {lk.http}")
     path, outputs = write_topology(tmp_path, nodes, lookupds, topic, lookupd_poll_interval=1)
@@ -139,21 +167,21 @@ def test_three_nsqd_two_lookupd_lose_a_node_and_a_lookupd_and_deliver_every_id(n
             workers.wait_subscribed(node.http, topic, 2)
         victim = nodes[1]
 
-        # When: the producer spreads 100,000 numbers over the nodes; at 30,000 acknowledged the
+        # When: the producer spreads the numbers over the nodes; at 30% acknowledged the
         # victim nsqd gets SIGTERM and lookupd 0 SIGKILL; the victim returns 10 s later.
         progress: list[int] = []
         produced: dict[str, object] = {}
 
         def produce() -> None:
             try:
-                produced["acked"] = produce_numbers([n.tcp for n in nodes], topic, 1, COUNT, rate=20_000,
+                produced["acked"] = produce_numbers([n.tcp for n in nodes], topic, 1, count, rate=20_000,
                                                     chunk=250, run_id="mn", on_progress=progress.append)
             except Exception as e:  # reported by the assertion below
                 produced["error"] = e
 
         producer = threading.Thread(target=produce)
         producer.start()
-        wait_until(lambda: progress and progress[-1] >= 30_000, 30.0, message="producer made no progress")
+        wait_until(lambda: progress and progress[-1] >= count * 0.3, 30.0, message="producer made no progress")
         consumption.sample(every=0)
         backlog = channel_stats(victim.http, topic, CHANNEL)
         victim.stop()
@@ -164,12 +192,12 @@ def test_three_nsqd_two_lookupd_lose_a_node_and_a_lookupd_and_deliver_every_id(n
             collector.poll()
             consumption.sample()
         returned_at = int(time.time())
-        restarted = nsq_factory.restart(victim, lookupd_tcp=registry)
+        restarted = cluster.restart(victim, registry)
         consumption.nodes = [restarted if n is victim else n for n in nodes]
         collector.targets = [(restarted if n is victim else n, t) for n, t in collector.targets]
 
         deadline = time.monotonic() + 60.0
-        while len(collector.ids) < COUNT and time.monotonic() < deadline:
+        while len(collector.ids) < count and time.monotonic() < deadline:
             collector.poll()
             consumption.sample()
         producer.join(10.0)
@@ -179,18 +207,107 @@ def test_three_nsqd_two_lookupd_lose_a_node_and_a_lookupd_and_deliver_every_id(n
         workers.stop_all()
 
     # Then: every id came out, the producer counted each record once, and every node was consumed from.
-    assert "error" not in produced and produced.get("acked") == COUNT, produced
-    missing = COUNT - len(collector.ids)
+    assert "error" not in produced and produced.get("acked") == count, produced
+    missing = count - len(collector.ids)
     assert missing == 0, f"{missing} ids never delivered; workers:\n{workers.log_tail()}"
-    assert collector.ids == {f"mn-{n}" for n in range(1, COUNT + 1)}
+    assert collector.ids == {f"mn-{n}" for n in range(1, count + 1)}
     per_node, after_return = consumption.per_node(), consumption.per_node(since=returned_at)
     backlog_at_stop = backlog["depth"] + backlog["in_flight_count"]
-    print(f"\nconsumed per node: {per_node}; from {victim.name} after its return: {after_return[victim.name]}; "
+    print(f"\n[{cluster.label}] {count} numbers; consumed per node: {per_node}; "
+          f"from {victim.name} after its return: {after_return[victim.name]}; "
           f"its backlog at SIGTERM: {backlog_at_stop}; outputs received: {collector.received} "
-          f"({collector.received - COUNT} duplicates)")
-    assert all(count > 0 for count in per_node.values()), per_node
+          f"({collector.received - count} duplicates)")
+    assert all(n > 0 for n in per_node.values()), per_node
     assert backlog_at_stop > 0, "the stopped node had nothing queued; the test proves nothing about persistence"
     assert after_return[victim.name] > 0, "nothing was consumed from the node after it returned"
+
+
+class Netns:
+    """Each nsqd on its own test host: a network namespace joined to this one by a veth pair.
+
+    Node k lives at 10.X.Y.(4k+2) in namespace ``<prefix>k``; this side of its
+    link is 10.X.Y.(4k+1). The lookupds, workers and producer stay here; the
+    lookupds listen on the first link's address, which every namespace reaches
+    through its default route (a local address of this namespace).
+    """
+
+    label = "netns"
+
+    def __init__(self, factory):
+        self.factory = factory
+        self.prefix = f"mn{os.getpid() % 100000}x"
+        self.net = self._free_net()
+        self.namespaces: list[str] = []
+
+    @staticmethod
+    def _free_net() -> str:
+        used = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, check=True).stdout
+        for _ in range(50):
+            net = f"10.{random.randint(200, 250)}.{random.randint(0, 255)}"
+            if f" {net}." not in used:
+                return net
+        raise AssertionError("no free 10.x.y.0/24 for the test hosts")
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why namespaces cannot be used here, or None when they can."""
+        if shutil.which("ip") is None:
+            return "the ip command (iproute2) is not installed"
+        name = f"mnprobe{os.getpid() % 100000}"
+        added = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+        if added.returncode != 0:
+            return f"ip netns is not permitted here: {added.stderr.strip()}"
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        return None
+
+    def _ip(self, *args: str, namespace: str | None = None) -> None:
+        prefix = ["ip", "netns", "exec", namespace] if namespace else []
+        subprocess.run([*prefix, "ip", *args], check=True, capture_output=True, text=True)
+
+    def host(self, k: int) -> tuple[str, str]:
+        """Create test host k (once); return (its address, this side's address)."""
+        ns, here, there = f"{self.prefix}{k}", f"{self.net}.{4 * k + 1}", f"{self.net}.{4 * k + 2}"
+        if ns not in self.namespaces:
+            self._ip("netns", "add", ns)
+            self.namespaces.append(ns)
+            self._ip("link", "add", f"{ns}a", "type", "veth", "peer", "name", f"{ns}b")
+            self._ip("link", "set", f"{ns}b", "netns", ns)
+            self._ip("addr", "add", f"{here}/30", "dev", f"{ns}a")
+            self._ip("link", "set", f"{ns}a", "up")
+            for args in (("addr", "add", f"{there}/30", "dev", f"{ns}b"), ("link", "set", f"{ns}b", "up"),
+                         ("link", "set", "lo", "up"), ("route", "add", "default", "via", here)):
+                self._ip(*args, namespace=ns)
+        return there, here
+
+    def lookupd(self, i: int):
+        _, here = self.host(0)
+        return self.factory.lookupd(f"nsqlookupd-{i}", tcp=f"{here}:{free_port()}", http=f"{here}:{free_port()}")
+
+    def nsqd(self, i: int, registry: list[str]):
+        there, _ = self.host(i)
+        return self.factory.nsqd(f"n{i}", lookupd_tcp=registry, tcp=f"{there}:4150", http=f"{there}:4151",
+                                 extra=[f"--broadcast-address={there}"],
+                                 prefix=["ip", "netns", "exec", f"{self.prefix}{i}"])
+
+    def restart(self, process, registry: list[str]):
+        return self.factory.restart(process, lookupd_tcp=registry)
+
+    def close(self) -> None:
+        for ns in self.namespaces:  # deleting a namespace deletes its end of the veth, and so the pair
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.mark.integration
+def test_the_node_loss_scenario_with_each_nsqd_on_its_own_test_host(nsq_factory, tmp_path, topic):
+    why = Netns.unavailable()
+    if why:
+        pytest.skip(f"network namespaces unavailable: {why}")
+    hosts = Netns(nsq_factory)
+    try:
+        node_loss_scenario(hosts, tmp_path, topic, NETNS_COUNT)
+    finally:
+        nsq_factory.stop_all()  # before the namespaces go (stop_all again at teardown is a no-op)
+        hosts.close()
 
 
 @pytest.mark.integration
