@@ -91,11 +91,19 @@ class NodePool:
         node.published += 1
 
     def failed(self, address: str, error: object = "") -> None:
-        """Record a refusal or a lost connection: skip the node for its back-off."""
+        """Record a refusal or a lost connection: skip the node for its back-off.
+
+        Failures reported while the node is already skipped (the other
+        batches of a connection that closed) do not lengthen the back-off:
+        it doubles only when the node fails again after it.
+        """
         node = self.nodes[address]
-        node.failures += 1
         node.last_error = str(error)
-        node.down_until = self.clock() + min(self.backoff * 2 ** (node.failures - 1), self.max_backoff)
+        now = self.clock()
+        if not node.up(now):
+            return
+        node.failures += 1
+        node.down_until = now + min(self.backoff * 2 ** (node.failures - 1), self.max_backoff)
 
     def is_up(self, address: str) -> bool:
         """True when ``address`` is not in its back-off."""

@@ -57,7 +57,9 @@ def test_pool_backoff_doubles_per_consecutive_failure_and_success_resets_it() ->
     pool = NodePool(["a", "b"], backoff=1.0, max_backoff=3.0, clock=clock)
     for expected in (1.0, 2.0, 3.0, 3.0):
         pool.failed("a")
+        pool.failed("a", "another batch of the same lost connection")  # no longer
         assert pool.nodes["a"].down_until - clock.now == expected
+        clock.now = pool.nodes["a"].down_until
     pool.succeeded("a")
     assert pool.is_up("a") and pool.nodes["a"].failures == 0 and pool.nodes["a"].published == 1
 
@@ -65,9 +67,11 @@ def test_pool_backoff_doubles_per_consecutive_failure_and_success_resets_it() ->
 def test_pool_with_every_node_down_offers_the_first_to_return_and_honours_exclude() -> None:
     clock = Clock()
     pool = NodePool(["a", "b"], backoff=1.0, clock=clock)
-    pool.failed("a")
     pool.failed("b")
-    pool.failed("b")
+    clock.now += 1.0
+    pool.failed("b")  # second failure in a row: down for 2 s
+    pool.failed("a")  # first: down for 1 s
+    assert not pool.is_up("a") and not pool.is_up("b")
     assert pool.pick() == "a"
     assert pool.pick(exclude={"a"}) == "b"
     assert pool.pick(exclude={"a", "b"}) is None
