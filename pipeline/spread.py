@@ -28,7 +28,7 @@ from .errors import PublishError, PublishRefused
 from .nodepool import NodeHealth, NodePool
 from .nsqclient import NsqPublisher
 
-FAILOVER_TIMEOUT = 60.0
+FAILOVER_TIMEOUT = 5.0  # a batch no node takes within this long fails the publish
 
 
 @dataclass
