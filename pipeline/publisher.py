@@ -100,7 +100,7 @@ class Publisher:
                 if isinstance(data, nsq.Error):
                     errors[address] = str(data)
                     self.pool.failed(address, data)
-                    if len(errors) > 1 or len(self.pool.order) > 1:
+                    if len(self.pool.order) > 1:
                         log.warning("MPUB %s to %s failed (%s); trying the next nsqd", topic, address, data)
                     attempt()
                 else:
