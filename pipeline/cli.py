@@ -126,12 +126,12 @@ def produce_numbers_cmd(start: int, count: int, rate: float, producer_name: str,
     spec = topology.producers.get(producer_name)
     if spec is None:
         raise click.BadParameter(f"no producer {producer_name!r} in {topology_path}", param_hint="--producer")
-    address = topology.nsqd_tcp_addresses()[0]
+    address = topology.nsqd_tcp_addresses()  # several nodes: spread round-robin, with failover
     with _progress(f"publishing to {spec.topic}", count) as advance:
         acked = produce_numbers(address, spec.topic, start, count, rate=rate or spec.rate, chunk=spec.chunk,
                                 codec=topology.codec_for(spec.topic), pack=topology.pack_for(spec.topic),
                                 run_id=run_id, on_progress=advance)
-    click.echo(f"published {acked} records to {spec.topic} on {address}")
+    click.echo(f"published {acked} records to {spec.topic} on {', '.join(address)}")
 
 
 @produce.command("ticks")
@@ -167,22 +167,27 @@ def produce_ticks_cmd(symbols: int, count: int | None, seed: int, replay_path: s
         records = replay_ticks(replay_path, run_id=run_id)
     else:
         total, records = count, synthetic_ticks(symbols, count, seed=seed, run_id=run_id)
-    address = topology.nsqd_tcp_addresses()[0]
+    address = topology.nsqd_tcp_addresses()  # several nodes: partitions spread, with failover
     with _progress(f"publishing to {spec.topic}", total) as advance:
         acked = produce_ticks(address, spec.topic, records, spec=topology.topics[spec.topic],
                               rate=rate or (spec.rate if speed == "max" else 0), speed=speed, chunk=spec.chunk,
                               on_progress=advance)
-    click.echo(f"published {acked} ticks to {spec.topic} on {address}")
+    click.echo(f"published {acked} ticks to {spec.topic} on {', '.join(address)}")
 
 
 @main.command()
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-",
               show_default=True, help="Where to write the config ('-': stdout).")
+@click.option("--compose", is_flag=True,
+              help="Render the docker compose file instead (addresses must name their services).")
 @topology_option
-def render(output: str, topology_path: str) -> None:
-    """Print the supervisord configuration of the topology."""
-    from .supervisor_conf import render as render_conf
-    text = render_conf(load(topology_path))
+def render(output: str, compose: bool, topology_path: str) -> None:
+    """Print the supervisord configuration of the topology (or, with --compose, its compose file)."""
+    if compose:
+        from .compose import render_compose as render_text
+    else:
+        from .supervisor_conf import render as render_text
+    text = render_text(load(topology_path))
     if output == "-":
         click.echo(text, nl=False)
     else:

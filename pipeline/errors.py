@@ -45,6 +45,14 @@ class PublishError(PipelineError):
     """Raised when nsqd refuses a publish, the connection drops, or no OK arrives in time."""
 
 
+class PublishRefused(PublishError):
+    """Raised when nsqd answered a publish with an error frame (the node is up but said no)."""
+
+
+class ComposeError(PipelineError):
+    """Raised when a topology cannot be rendered as a compose deployment (an address is not a service name)."""
+
+
 class HandlerLoadError(PipelineError):
     """Raised when a stage's ``handler`` import path does not name a callable."""
 

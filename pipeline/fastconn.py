@@ -295,14 +295,18 @@ class FastReader(nsq.Reader):
 class FastWriter(nsq.Writer):
     """pynsq's ``Writer`` on :class:`FastConn` connections, with MPUB frames built in one join."""
 
-    def mpub(self, topic: str, msg, callback=None):
-        """Publish several bodies in one MPUB, as pynsq's ``Writer.mpub`` (whose framing is quadratic)."""
+    def mpub(self, topic: str, msg, callback=None, conn_id: str | None = None):
+        """Publish several bodies in one MPUB, as pynsq's ``Writer.mpub`` (whose framing is quadratic).
+
+        ``conn_id`` (``host:port``) picks the connection; by default a random open one.
+        """
         bodies = [msg] if isinstance(msg, bytes) else list(msg)
         if callback is None:
             callback = functools.partial(self._finish_pub, command="mpub", topic=topic, msg=bodies)
-        open_connections = [conn for conn in self.conns.values() if conn.connected()]
+        open_connections = [conn for conn in self.conns.values() if conn.connected()
+                            and (conn_id is None or conn.id == conn_id)]
         if not open_connections:
-            error = protocol.SendError("no open connections")
+            error = protocol.SendError("no open connections" if conn_id is None else f"{conn_id} is not connected")
             callback(None, error)
             return None
         conn = random.choice(open_connections)

@@ -17,7 +17,7 @@ import struct
 from collections import deque
 from typing import Iterable, Sequence
 
-from .errors import PublishError
+from .errors import PublishError, PublishRefused
 
 MAGIC_V2 = b"  V2"
 FRAME_RESPONSE, FRAME_ERROR, FRAME_MESSAGE = 0, 1, 2
@@ -154,6 +154,20 @@ class NsqPublisher(_Connection):
             acked += self._await_ok()
         return acked
 
+    def await_answer(self) -> int:
+        """Wait for the oldest outstanding answer; return how many messages its OK acknowledged.
+
+        Raises:
+            PublishRefused: nsqd answered with an error frame.
+            PublishError: the connection closed or no answer came within the timeout.
+        """
+        return self._await_ok()
+
+    @property
+    def outstanding(self) -> int:
+        """MPUB commands sent and not answered yet."""
+        return len(self._pending)
+
     def _await_ok(self) -> int:
         while True:
             frame, data = self._read_frame()
@@ -164,7 +178,7 @@ class NsqPublisher(_Connection):
             if frame == FRAME_RESPONSE and data == b"OK":
                 self.acked += count
                 return count
-            raise PublishError(f"nsqd at {self.address} refused a publish: {data.decode(errors='replace')}")
+            raise PublishRefused(f"nsqd at {self.address} refused a publish: {data.decode(errors='replace')}")
 
 
 def publish_records(address: str, topic: str, bodies: Iterable[bytes], chunk: int = 500) -> int:

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
 
 from .errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 
 class NsqdHTTPError(PipelineError):
@@ -64,3 +67,25 @@ def channel_backlog(http: str, topic: str, channel: str) -> int:
             if c["channel_name"] == channel:
                 return int(c["depth"]) + int(c["backend_depth"]) + int(c["deferred_count"])
     return 0
+
+
+def create_channel_on_nodes(https: list[str], topic: str, channel: str) -> list[str]:
+    """Create ``topic`` and ``channel`` on every reachable nsqd; return the nodes that could not be reached.
+
+    A node that is down does not stop a consumer from starting: its channel
+    was persisted with its metadata if it existed, and a consumer's SUB
+    creates it otherwise.
+
+    Raises:
+        NsqdHTTPError: no node could be reached (the last node's error).
+    """
+    missed: list[str] = []
+    for http in https:
+        try:
+            create_channel(http, topic, channel)
+        except NsqdHTTPError as e:
+            if len(missed) == len(https) - 1:
+                raise
+            log.warning("cannot create %s/%s on nsqd %s (down?): %s", topic, channel, http, e)
+            missed.append(http)
+    return missed

@@ -18,6 +18,7 @@ from tornado.concurrent import Future
 
 from .errors import PublishError
 from .fastconn import FastWriter
+from .nodepool import NodeHealth, NodePool
 from .nsqclient import chunked
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,11 @@ MPUB_MAX_COUNT = 2000
 class Publisher:
     """Publishes encoded message bodies to nsqd through a pynsq ``Writer``.
 
+    With several nsqd nodes, each MPUB goes to the next healthy node in turn
+    (:class:`~pipeline.nodepool.NodePool`); a node that refuses it or loses
+    its connection is skipped for a back-off and the MPUB goes to the next.
+    pynsq reconnects lost connections every ``reconnect_interval`` seconds.
+
     Parameters:
         nsqd_tcp_addresses: the nsqd nodes to publish to.
         reconnect_interval: seconds between reconnection attempts.
@@ -35,6 +41,7 @@ class Publisher:
 
     def __init__(self, nsqd_tcp_addresses: Sequence[str], reconnect_interval: float = 1.0, **conn_kwargs):
         self.writer = FastWriter(list(nsqd_tcp_addresses), reconnect_interval=reconnect_interval, **conn_kwargs)
+        self.pool = NodePool(list(nsqd_tcp_addresses))  # pynsq names a connection by its host:port, as given
 
     def connected(self) -> bool:
         """True when at least one connection to nsqd is ready to publish."""
@@ -71,18 +78,47 @@ class Publisher:
             raise PublishError(f"no OK from nsqd within {timeout:g}s") from None
 
     def _mpub(self, topic: str, bodies: Sequence[bytes]) -> Future:
+        """One MPUB, to the next healthy node; on a refusal or a lost connection, to the next one.
+
+        The future resolves with the OK of the node that took it, or fails once
+        every connected node has failed it (the worker then requeues its inputs).
+        """
         future: Future = Future()
+        bodies = list(bodies)
+        errors: dict[str, str] = {}
 
-        def on_answer(conn, data) -> None:
-            if future.done():
+        def attempt() -> None:
+            address = self.pool.pick(exclude=errors, usable=self._connected)
+            if address is None:
+                tried = "; ".join(f"{a}: {e}" for a, e in errors.items()) or "no connection to nsqd"
+                future.set_exception(PublishError(f"MPUB {topic} ({len(bodies)} messages): {tried}"))
                 return
-            if isinstance(data, nsq.Error):
-                future.set_exception(PublishError(f"MPUB {topic} ({len(bodies)} messages): {data}"))
-            else:
-                future.set_result(data)
 
-        self.writer.mpub(topic, list(bodies), callback=on_answer)
+            def on_answer(conn, data) -> None:
+                if future.done():
+                    return
+                if isinstance(data, nsq.Error):
+                    errors[address] = str(data)
+                    self.pool.failed(address, data)
+                    if len(self.pool.order) > 1:
+                        log.warning("MPUB %s to %s failed (%s); trying the next nsqd", topic, address, data)
+                    attempt()
+                else:
+                    self.pool.succeeded(address)
+                    future.set_result(data)
+
+            self.writer.mpub(topic, bodies, callback=on_answer, conn_id=address)
+
+        attempt()
         return future
+
+    def _connected(self, address: str) -> bool:
+        conn = self.writer.conns.get(address)
+        return conn is not None and conn.connected()
+
+    def health(self) -> list[NodeHealth]:
+        """Each nsqd's health as this publisher sees it."""
+        return self.pool.snapshot()
 
     def close(self) -> None:
         """Close every connection; answers still outstanding fail their futures."""

@@ -5,12 +5,14 @@ facts. Rates come from two ``/stats`` samples taken ``interval`` seconds apart.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 
 from . import nsqd_http
 from .control import Supervisor
 from .restarter import read_restarts
+from .topology import split_address
 
 
 @dataclass
@@ -43,11 +45,23 @@ class ChannelRow:
 
 @dataclass
 class NsqdRow:
-    """One nsqd's health."""
+    """One nsqd's health, and how many lookupds list it (consumers find it only through them)."""
 
     name: str
     http: str
     health: str
+    lookupds: int = 0  # lookupds that list this node as a producer
+    depth: int = 0  # messages queued on the node, every topic and channel
+    clients: int = 0  # consumer connections
+
+
+@dataclass
+class LookupdRow:
+    """One nsqlookupd's health and the nsqd nodes registered with it."""
+
+    http: str
+    health: str
+    nodes: int
 
 
 @dataclass
@@ -58,12 +72,13 @@ class Status:
     processes: list[ProcessRow] = field(default_factory=list)
     nsqd: list[NsqdRow] = field(default_factory=list)
     channels: list[ChannelRow] = field(default_factory=list)
+    lookupd: list[LookupdRow] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
-        """True when supervisord runs, every process is RUNNING and every nsqd says OK."""
+        """True when supervisord runs, every process is RUNNING, every nsqd says OK and every lookupd answers."""
         return (self.supervisord and all(p.state == "RUNNING" for p in self.processes)
-                and all(n.health == "OK" for n in self.nsqd))
+                and all(n.health == "OK" for n in self.nsqd) and all(lk.health == "OK" for lk in self.lookupd))
 
     def to_dict(self) -> dict:
         """The report as plain data, for ``--json``."""
@@ -83,11 +98,29 @@ def collect(topology, interval: float = 1.0) -> Status:
     started = time.monotonic()
     time.sleep(interval)  # the rate is a difference of two samples, not synchronisation
     elapsed = time.monotonic() - started
+    registered: list[set[tuple[str, int]]] = []
+    for lookupd in topology.nsq.lookupd:
+        nodes = _lookupd_nodes(lookupd.http)
+        status.lookupd.append(LookupdRow(lookupd.http, "unreachable" if nodes is None else "OK", len(nodes or ())))
+        registered.append(nodes or set())
     for n in topology.nsq.nsqd:
         second = _stats(n.http)
-        status.nsqd.append(NsqdRow(n.name, n.http, second.get("health", "unreachable") if second else "unreachable"))
-        status.channels += _rows(n.name, first.get(n.name) or {}, second or {}, elapsed)
+        rows = _rows(n.name, first.get(n.name) or {}, second or {}, elapsed)
+        status.nsqd.append(NsqdRow(
+            n.name, n.http, second.get("health", "unreachable") if second else "unreachable",
+            lookupds=sum(split_address(n.tcp) in nodes for nodes in registered),
+            depth=sum(r.depth for r in rows if r.channel), clients=sum(r.clients for r in rows)))
+        status.channels += rows
     return status
+
+
+def _lookupd_nodes(http: str) -> set[tuple[str, int]] | None:
+    """The (broadcast address, TCP port) of every nsqd registered with the lookupd; None if it does not answer."""
+    try:
+        producers = json.loads(nsqd_http.request(http, "/nodes", method="GET")).get("producers") or []
+    except (nsqd_http.NsqdHTTPError, ValueError):
+        return None
+    return {(p["broadcast_address"], int(p["tcp_port"])) for p in producers}
 
 
 def _stats(http: str) -> dict | None:

@@ -195,6 +195,12 @@ class NsqSpec(_Spec):
         "var", min_length=1,
         description="Directory for all state (NSQ data, logs, health.db), relative to the topology file.",
     )
+    lookupd_poll_interval: int = Field(
+        5, ge=1, le=3600,
+        description="Seconds between a worker's queries of the lookupds for the nsqd nodes carrying its input"
+                    " (one lookupd per query, in turn, with up to 30% jitter): a new or returning nsqd is"
+                    " consumed from within about this long.",
+    )
 
     @model_validator(mode="after")
     def _check_unique(self) -> NsqSpec:

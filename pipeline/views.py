@@ -48,11 +48,21 @@ def print_status(report, console: Console) -> None:
         procs.add_row(p.name, p.state, str(p.pid or "-"), _uptime(p.uptime_s), str(p.restarts), style=style)
     console.print(procs)
     nodes = Table(title="nsqd")
-    for column in ("node", "http", "health"):
+    for column in ("node", "http", "health", "lookupds", "depth", "clients"):
         nodes.add_column(column)
+    lookupds = len(report.lookupd)
     for n in report.nsqd:
-        nodes.add_row(n.name, n.http, n.health, style=None if n.health == "OK" else "red")
+        # a node some lookupd does not list is invisible to the consumers asking that lookupd
+        style = None if n.health == "OK" and n.lookupds == lookupds else "red"
+        nodes.add_row(n.name, n.http, n.health, f"{n.lookupds}/{lookupds}", str(n.depth), str(n.clients), style=style)
     console.print(nodes)
+    if report.lookupd:
+        table = Table(title="nsqlookupd")
+        for column in ("http", "health", "nsqd registered"):
+            table.add_column(column)
+        for lk in report.lookupd:
+            table.add_row(lk.http, lk.health, str(lk.nodes), style=None if lk.health == "OK" else "red")
+        console.print(table)
     console.print(_channels(report.channels))
 
 

@@ -46,7 +46,6 @@ from .stage import Handler, StageContext, load_handler
 
 log = logging.getLogger(__name__)
 
-LOOKUPD_POLL_INTERVAL = 10
 CONNECT_TIMEOUT = 30.0
 MAX_REQUEUE_DELAY = 3600.0
 GAP_CHECK_MS = 100  # how often a keyed stage looks for gaps that waited long enough
@@ -127,8 +126,8 @@ class Worker:
             self._restore_checkpoint()
             self._gap_timer = PeriodicCallback(self._expire_gaps, GAP_CHECK_MS)
             self._gap_timer.start()
-        for http in self.topology.nsqd_http_addresses():
-            await asyncio.to_thread(nsqd_http.create_channel, http, self.input_topic, spec.channel)
+        await asyncio.to_thread(nsqd_http.create_channel_on_nodes, self.topology.nsqd_http_addresses(),
+                                self.input_topic, spec.channel)
         self.publisher = Publisher(self.topology.nsqd_tcp_addresses())
         await self.publisher.wait_connected(CONNECT_TIMEOUT)
         self.reader = FastReader(
@@ -143,7 +142,8 @@ class Worker:
     def _discovery(self) -> dict:
         lookupds = self.topology.lookupd_http_addresses()
         if lookupds:
-            return {"lookupd_http_addresses": lookupds, "lookupd_poll_interval": LOOKUPD_POLL_INTERVAL}
+            return {"lookupd_http_addresses": lookupds,
+                    "lookupd_poll_interval": self.topology.nsq.lookupd_poll_interval}
         return {"nsqd_tcp_addresses": self.topology.nsqd_tcp_addresses()}
 
     def stop(self) -> None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 import uuid
 from itertools import islice
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from pipeline import envelope
 from pipeline.codecs import encoder
-from pipeline.nsqclient import NsqPublisher
+from pipeline.spread import SpreadPublisher
 
 
 def number_records(start: int, count: int, run_id: str | None = None) -> Iterator[dict]:
@@ -27,12 +27,15 @@ def number_records(start: int, count: int, run_id: str | None = None) -> Iterato
         yield {"id": f"{run}-{number}", "ts": time.time_ns(), "number": number}
 
 
-def produce_numbers(address: str, topic: str, start: int, count: int, *, rate: float = 0.0,
+def produce_numbers(address: str | Sequence[str], topic: str, start: int, count: int, *, rate: float = 0.0,
                     chunk: int = 500, codec: str = "json", pack: int = 1, run_id: str | None = None,
                     on_progress: Callable[[int], None] | None = None) -> int:
     """Publish ``count`` numbers to ``topic`` on the nsqd at ``address``; return how many nsqd acknowledged.
 
-    It returns only once every MPUB was acknowledged (or raises), so the result is ``count``.
+    ``address`` may list several nsqd nodes: chunks then go to them round-robin,
+    and a node that fails hands its unacknowledged chunks to the next
+    (:class:`~pipeline.spread.SpreadPublisher`). It returns only once every
+    MPUB was acknowledged (or raises), so the result is ``count``.
 
     Parameters:
         rate: records per second; 0 publishes as fast as nsqd accepts.
@@ -47,14 +50,15 @@ def produce_numbers(address: str, topic: str, start: int, count: int, *, rate: f
     records = number_records(start, count, run_id)
     started = time.monotonic()
     sent = 0
-    with NsqPublisher(address) as pub:
+    with SpreadPublisher([address] if isinstance(address, str) else list(address)) as pub:
         while sent < count:
             size = min(chunk * pack, count - sent)
             batch = list(islice(records, size))
-            pub.send_mpub(topic, envelope.pack(batch, pack) if pack > 1 else [encode(r) for r in batch])
+            pub.send_mpub(topic, envelope.pack(batch, pack) if pack > 1 else [encode(r) for r in batch],
+                          records=size)
             sent += size
             if on_progress:
-                on_progress(min(pub.acked * pack, sent))
+                on_progress(pub.acked_records)
             if rate > 0:
                 _pace(started, sent, rate)
         pub.flush()

@@ -19,16 +19,16 @@ import math
 import os
 import time
 import uuid
-from collections import deque
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from pipeline import envelope
 from pipeline.codecs import encoder
 from pipeline.errors import PipelineError, PublishError
-from pipeline.nsqclient import NsqPublisher, chunked
+from pipeline.nsqclient import chunked
 from pipeline.partition import Router
+from pipeline.spread import SpreadPublisher
 from pipeline.topology import TopicSpec
 
 #: One second of trading time in years (252 days of 6.5 hours): the default GBM step.
@@ -199,7 +199,8 @@ def parse_speed(speed: str | float) -> float | None:
     return factor
 
 
-def produce_ticks(address: str, topic: str, records: Iterable[dict], *, spec: TopicSpec | None = None,
+def produce_ticks(address: str | Sequence[str], topic: str, records: Iterable[dict], *,
+                  spec: TopicSpec | None = None,
                   rate: float = 0.0, speed: str | float = "max", chunk: int = 500,
                   on_progress: Callable[[int], None] | None = None) -> int:
     """Publish ``records`` to ``topic`` on the nsqd at ``address``; return how many nsqd acknowledged.
@@ -208,7 +209,10 @@ def produce_ticks(address: str, topic: str, records: Iterable[dict], *, spec: To
     by ``spec.key``; the topic itself when unpartitioned), encoded with
     ``spec.codec`` or packed into envelopes of ``spec.pack`` records. One
     connection carries every MPUB, and a partition's records are sent in
-    the order given, so nsqd receives each partition in order. It returns
+    the order given, so nsqd receives each partition in order. With several
+    nsqd nodes in ``address``, each partition stays on one node while it is
+    up and moves to the next when it fails (per-key ``seq`` keeps the order
+    keyed stages need across a failover). It returns
     once every MPUB was acknowledged (or raises), so the result is the number
     of records. A bad record (a :class:`ReplayError` from the iterator, a
     missing key) stops the run after every record before it was published
@@ -282,17 +286,16 @@ class _Pacer:
 class _Sender:
     """Buffers records per physical topic and publishes them in pipelined MPUBs on one connection."""
 
-    def __init__(self, address: str, router: Router, spec: TopicSpec, chunk: int,
+    def __init__(self, address: str | Sequence[str], router: Router, spec: TopicSpec, chunk: int,
                  on_progress: Callable[[int], None] | None):
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, not {chunk!r}")
         self.address, self.router, self.chunk, self.on_progress = address, router, chunk, on_progress
         self.pack, self.encode = spec.pack, encoder(spec.codec)
         self.buffers: dict[str, list[dict]] = {t: [] for t in router.topics}
-        self.pending: deque[tuple[int, int]] = deque()  # (messages, records) of each unanswered MPUB
         self.acked = 0  # records acknowledged
-        self._counted = 0  # messages of self.pub.acked already turned into records
-        self.pub = NsqPublisher(address)
+        self.partitioned = len(router.topics) > 1
+        self.pub = SpreadPublisher([address] if isinstance(address, str) else list(address))
         self.last_send = time.monotonic()
 
     def __enter__(self) -> _Sender:
@@ -326,8 +329,8 @@ class _Sender:
         self._keep_alive()
         start = 0
         for part in chunked(bodies, self.chunk):
-            self.pub.send_mpub(topic, part)
-            self.pending.append((len(part), sum(sizes[start:start + len(part)])))
+            self.pub.send_mpub(topic, part, records=sum(sizes[start:start + len(part)]),
+                               key=topic if self.partitioned else None)
             start += len(part)
         self.last_send = time.monotonic()
         self._count_acks()
@@ -339,14 +342,10 @@ class _Sender:
             return
         self.pub.flush()
         self._count_acks()
-        self.pub.close()
-        self.pub, self._counted = NsqPublisher(self.address), 0
+        self.pub.close()  # it reconnects on the next send
 
     def _count_acks(self) -> None:
         before = self.acked
-        while self.pending and self.pending[0][0] <= self.pub.acked - self._counted:
-            messages, records = self.pending.popleft()
-            self._counted += messages
-            self.acked += records
+        self.acked = self.pub.acked_records
         if self.on_progress and self.acked != before:
             self.on_progress(self.acked)

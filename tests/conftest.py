@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from nsqhttp import lookupd_nodes, wait_until
 from pipeline.install import install_nsq
-from pipeline.processes import NsqProcess, start_nsqd, start_nsqlookupd
+from pipeline.processes import NsqProcess, nsqd_args, start_nsqd, start_nsqlookupd, start_process
 
 REGISTER_TIMEOUT = 10.0
 
@@ -69,6 +69,64 @@ def nsq_cluster(nsq_bin: Path, tmp_path: Path) -> Iterator[NsqCluster]:
             _stop(nsqd)
         finally:
             _stop(lookupd)
+
+
+@dataclass
+class NsqFactory:
+    """Starts nsqd and nsqlookupd processes for one test (free 127.0.0.1 ports) and stops them all after it.
+
+    ``restart`` starts a stopped nsqd again on the same ports and data dir with
+    the same options, as an operator would after a node loss. ``prefix`` runs
+    an nsqd under a wrapper, e.g. ``ip netns exec NAME`` (the wrapper must exec it).
+    """
+
+    root: Path
+    started: list[NsqProcess] = field(default_factory=list)
+    options: dict[str, dict] = field(default_factory=dict)
+
+    def lookupd(self, name: str = "nsqlookupd", *, tcp: str | None = None, http: str | None = None) -> NsqProcess:
+        """Start one nsqlookupd."""
+        process = start_nsqlookupd(self.root / f"{name}.log", name=name, tcp=tcp, http=http)
+        self.started.append(process)
+        return process
+
+    def nsqd(self, name: str = "nsqd", *, lookupd_tcp=(), extra=(), tcp: str | None = None,
+             http: str | None = None, prefix=()) -> NsqProcess:
+        """Start one nsqd with its data in ``root/<name>``, registered with ``lookupd_tcp``."""
+        self.options[name] = {"extra": list(extra), "prefix": list(prefix)}
+        if prefix:
+            data_dir = self.root / name
+            data_dir.mkdir(parents=True, exist_ok=True)
+            argv = [*prefix, *nsqd_args(tcp=tcp, http=http, data_dir=data_dir, lookupd_tcp=list(lookupd_tcp),
+                                        extra=list(extra))]
+            process = start_process(name, argv, http=http, tcp=tcp, data_dir=data_dir,
+                                    log_path=data_dir / f"{name}.log")
+        else:
+            process = start_nsqd(self.root / name, name=name, lookupd_tcp=list(lookupd_tcp), extra=list(extra),
+                                 tcp=tcp, http=http)
+        self.started.append(process)
+        return process
+
+    def restart(self, process: NsqProcess, *, lookupd_tcp=()) -> NsqProcess:
+        """Start ``process`` (stopped) again with the same name, ports, data dir and options."""
+        assert not process.alive(), f"{process.name} is still running"
+        return self.nsqd(process.name, lookupd_tcp=lookupd_tcp, tcp=process.tcp, http=process.http,
+                         **self.options[process.name])
+
+    def stop_all(self) -> None:
+        """Stop every process started, nsqd first, and fail if one survives."""
+        for process in sorted(self.started, key=lambda p: p.name.startswith("nsqlookupd")):
+            _stop(process)
+
+
+@pytest.fixture
+def nsq_factory(nsq_bin: Path, tmp_path: Path) -> Iterator[NsqFactory]:
+    """Yield an :class:`NsqFactory` whose processes are stopped at teardown."""
+    factory = NsqFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
 
 
 @pytest.fixture

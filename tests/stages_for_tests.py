@@ -1,6 +1,8 @@
 """Stage handlers used only by tests."""
 from __future__ import annotations
 
+import time
+
 from consumers.primes import classify
 
 
@@ -37,3 +39,9 @@ class RunningSum:
     def restore(self, data: bytes) -> None:
         import msgpack
         self.sums = msgpack.unpackb(data)
+
+
+def throttled_classify(batch):
+    """Classify like primes, 20 ms slower per batch: consumers fall behind, so nsqd holds a backlog."""
+    time.sleep(0.02)  # throughput limit, not synchronisation
+    return classify(batch)

@@ -11,6 +11,7 @@ import yaml
 
 from nsqhttp import topic_stats
 from pipeline import nsqd_http
+from pipeline import spread as spread_module
 from pipeline.codecs import decode
 from pipeline.envelope import is_envelope, records_of
 from pipeline.errors import PublishError
@@ -342,7 +343,7 @@ def test_a_long_pause_reconnects_without_losing_or_reordering(nsqd, topic, tmp_p
             closed.append(self)
             super().close()
 
-    monkeypatch.setattr(ticks_module, "NsqPublisher", CountingPublisher)
+    monkeypatch.setattr(spread_module, "NsqPublisher", CountingPublisher)  # the producer's connections
     spec = TopicSpec(partitions=2, key="symbol", pack=3)
     for name in partition_topics(topic, 2):
         nsqd_http.create_channel(nsqd.http, name, CHANNEL)
