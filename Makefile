@@ -11,6 +11,7 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 	@$(PIPELINE) install-nsq >/dev/null
+	@$(PIPELINE) install-toxiproxy >/dev/null
 
 # Reinstall only when the package metadata changes, so a second `make setup` is fast.
 $(STAMP): pyproject.toml

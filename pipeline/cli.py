@@ -87,6 +87,16 @@ def install_nsq_cmd(dest: Path | None) -> None:
     click.echo(str(path))
 
 
+@main.command("install-toxiproxy")
+@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the binaries (default: this environment's bin folder).")
+def install_toxiproxy_cmd(dest: Path | None) -> None:
+    """Install toxiproxy-server and toxiproxy-cli (pinned) for the chaos harness."""
+    from .install_toxiproxy import install_toxiproxy
+    path = install_toxiproxy(dest, log=lambda line: click.echo(line, err=True))
+    click.echo(str(path))
+
+
 @main.command()
 @click.argument("stage")
 @click.option("--replica", type=click.IntRange(min=0), default=0, show_default=True,
