@@ -7,7 +7,7 @@ PIPELINE := $(VENV)/bin/pipeline
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test down clean bench
+.PHONY: setup demo test down clean bench chaos
 
 setup: $(STAMP)
 	@$(PIPELINE) install-nsq >/dev/null
@@ -32,6 +32,13 @@ test: setup
 # several minutes, so not part of `make test`. Writes bench/results.{json,md}.
 bench: setup
 	$(PY) -m benchmarks.run
+
+# The chaos suite: every scenario in chaos/scenarios in full, then the soak (1,000,000
+# records under scenario 1 combined with 5-7); long, so not part of `make test`.
+# Writes docs/RELIABILITY.md. A quick proof: make chaos CHAOS_ARGS='--only-soak --soak-records 3000 --soak-duration 10'
+CHAOS_ARGS ?=
+chaos: setup
+	$(PIPELINE) chaos suite $(CHAOS_ARGS)
 
 down:
 	@if [ -x $(PIPELINE) ]; then $(PIPELINE) down; else echo "nothing to stop (no $(VENV))"; fi

@@ -62,8 +62,8 @@ class Fault:
         """Undo a lasting fault (no-op for instantaneous ones)."""
 
 
-def _running(ctx: FaultContext, group: str) -> list:
-    return sorted((p for p in ctx.env.supervisor.processes() if p.group == group and p.state == "RUNNING" and p.pid),
+def _running(ctx: FaultContext, group: str, state: str = "RUNNING") -> list:
+    return sorted((p for p in ctx.env.supervisor.processes() if p.group == group and p.state == state and p.pid),
                   key=lambda p: p.name)
 
 
@@ -80,9 +80,10 @@ def _signal(ctx: FaultContext, process, sig: signal.Signals) -> str:
 class _SignalFault(Fault):
     group = ""
     signame = "KILL"
+    state = "RUNNING"
 
     def inject(self, ctx: FaultContext) -> str | None:
-        candidates = _running(ctx, self.group)
+        candidates = _running(ctx, self.group, self.state)
         if not candidates:
             return None
         self.victim = ctx.rng.choice(candidates)
@@ -104,7 +105,7 @@ class KillWorkerFault(_SignalFault):
 
     def __init__(self, spec: KillWorker):
         super().__init__(spec)
-        self.signame = spec.signal
+        self.signame, self.state = spec.signal, spec.target
 
 
 @register("nsqd_restart")

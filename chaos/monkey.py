@@ -10,11 +10,13 @@ read back and replayed with the same seed.
 from __future__ import annotations
 
 import heapq
+import json
 import itertools
 import random
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .environment import ChaosEnvironment
 from .faults import PLUGINS, Fault, FaultContext
@@ -22,13 +24,18 @@ from .faults import PLUGINS, Fault, FaultContext
 
 @dataclass
 class FaultLog:
-    """What the monkey did: (seconds since the method began, text)."""
+    """What the monkey did: (seconds since the method began, text), also appended to ``path`` as JSON lines."""
 
+    path: Path | None = None
     started: float = field(default_factory=time.time)
     entries: list[tuple[float, str]] = field(default_factory=list)
 
     def add(self, text: str) -> None:
-        self.entries.append((round(time.time() - self.started, 3), text))
+        entry = (round(time.time() - self.started, 3), text)
+        self.entries.append(entry)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
 
 
 class Monkey:
@@ -38,11 +45,12 @@ class Monkey:
         self.ctx = FaultContext(env, random.Random(seed))
         self.faults: list[Fault] = [PLUGINS[spec.fault](spec) for spec in faults]
         self.duration = duration
-        self.log = FaultLog()
+        self.log = FaultLog(env.folder / "faults.jsonl")
         self.injected = 0
         self._heals: list[tuple[float, int, Fault]] = []
         self._seq = itertools.count()
         self._active: set[Fault] = set()
+        self._healing = threading.Lock()
 
     def run(self, stop: threading.Event) -> None:
         """Inject on schedule, heal what is due; heal everything before returning."""
@@ -62,7 +70,9 @@ class Monkey:
                     stop.wait(min(due_heal, due_tick) - now)
                     continue
                 if due_heal <= due_tick:
-                    self._heal(heapq.heappop(self._heals)[2])
+                    with self._healing:
+                        if self._heals:
+                            self._heal_one(heapq.heappop(self._heals)[2])
                 else:
                     _, i = heapq.heappop(ticks)
                     self._tick(self.faults[i], i)
@@ -102,12 +112,15 @@ class Monkey:
 
     def heal_all(self) -> None:
         """Heal every outstanding lasting fault (runs even when the method is interrupted)."""
-        while self._heals:
-            fault = heapq.heappop(self._heals)[2]
-            try:
-                self._heal(fault)
-            except Exception as e:  # keep healing the others; the rollbacks run after this too
-                self.log.add(f"heal of {fault.spec.fault} failed: {e}")
+        with self._healing:
+            while self._heals:
+                self._heal_one(heapq.heappop(self._heals)[2])
+
+    def _heal_one(self, fault: Fault) -> None:
+        try:
+            self._heal(fault)
+        except Exception as e:  # keep healing the others; the rollbacks run after this too
+            self.log.add(f"heal of {fault.spec.fault} failed: {e}")
 
 
 class RecoveryTracker:

@@ -137,10 +137,15 @@ def _method(env: ChaosEnvironment, monkey: Monkey, workload, seed: int, folder: 
                threading.Thread(target=monkey.run, args=(stop,), name="monkey", daemon=True)]
     for thread in threads:
         thread.start()
-    # join with a timeout: the main thread must stay interruptible by Ctrl-C
-    while any(thread.is_alive() for thread in threads):
+    try:
+        # join with a timeout: the main thread must stay interruptible by Ctrl-C
+        while any(thread.is_alive() for thread in threads):
+            for thread in threads:
+                thread.join(timeout=0.2)
+    finally:
+        stop.set()  # on Ctrl-C: the monkey heals what it injected, the producer stops
         for thread in threads:
-            thread.join(timeout=0.2)
+            thread.join(timeout=15)
 
 
 def _rollbacks(env: ChaosEnvironment, rollbacks: list[str]) -> None:

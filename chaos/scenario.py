@@ -97,6 +97,9 @@ class KillWorker(_Fault):
 
     fault: Literal["kill_worker"]
     signal: Literal["KILL", "TERM", "STOP"] = Field(description="KILL, TERM, or STOP (then CONT after duration).")
+    target: Literal["RUNNING", "STARTING"] = Field(
+        "RUNNING", description="Which replicas are victims: RUNNING ones, or STARTING ones (killing a process"
+                               " before startsecs is a failed start: repeated, supervisord's FATAL path).")
 
 
 class RestartNsqd(_Fault):

@@ -338,6 +338,37 @@ def chaos_run(scenario_name: str, seed: int | None, records: int | None, duratio
     sys.exit(0 if result.passed else 1)
 
 
+@chaos.command("suite")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of every run's fault schedule.")
+@click.option("--soak-records", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              help="Records of the soak (scenario 1 combined with 5-7).")
+@click.option("--soak-duration", type=click.FloatRange(min=0.1), default=None,
+              help="Seconds of faults in the soak (default: the scenario's).")
+@click.option("--only-soak", is_flag=True, help="Run the soak alone.")
+@click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), default=Path("docs/RELIABILITY.md"),
+              show_default=True, help="Where to write the reliability report.")
+def chaos_suite(seed: int, soak_records: int, soak_duration: float | None, only_soak: bool, markdown: Path) -> None:
+    """Run every scenario in full, then the soak; write the reliability report; exit 1 unless all pass."""
+    from rich.console import Console
+
+    from chaos.report import print_result, write_reliability
+    from chaos.run import run_scenario
+    from chaos.scenario import list_scenarios, load_scenario
+    scenarios = [load_scenario(p) for p in list_scenarios()]  # all validated before any runs
+    results = []
+    for scenario in scenarios:
+        if scenario.name != "soak" and only_soak:
+            continue
+        records, duration = (soak_records, soak_duration) if scenario.name == "soak" else (None, None)
+        result = run_scenario(scenario, seed=seed, records=records, duration=duration,
+                              log=lambda line, n=scenario.name: click.echo(f"chaos {n}: {line}", err=True))
+        print_result(result, Console())
+        results.append(result)
+        write_reliability(results, markdown)
+    click.echo(f"wrote {markdown}")
+    sys.exit(0 if all(r.passed for r in results) else 1)
+
+
 @chaos.command("check")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
 def chaos_check(paths: tuple[str, ...]) -> None:
