@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +123,7 @@ class ChaosEnvironment:
                 self.toxiproxy.stop()
             for name, pid in self._pids.items():  # anything supervisord left behind
                 if pid and pid_alive(pid):
-                    os.kill(pid, 18)  # SIGCONT, so a stopped process can die
+                    os.kill(pid, signal.SIGCONT)  # so a stopped process can die
                     stop_pid(pid, grace=5)
 
     def resume_all(self) -> None:
@@ -130,7 +131,7 @@ class ChaosEnvironment:
         for process in self.supervisor.processes():
             if process.pid:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, 18)
+                    os.kill(process.pid, signal.SIGCONT)
 
     def _record(self, name: str, pid: int) -> None:
         if pid:

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from .run import RunResult
 
+SOAK_RECORDS = 1_000_000
 FIELDS = ("acked", "lost", "unexpected", "duplicated", "dead_lettered", "poison_not_dead_lettered", "misclassified",
           "kills", "point_kills", "fatal", "recovered", "recovery_p50", "recovery_p99")
 
@@ -47,12 +48,20 @@ def reliability_markdown(results: list[RunResult]) -> str:
     """docs/RELIABILITY.md from soak results: configuration, counts, faults, recovery."""
     lines = ["# Reliability", "",
              f"Written by `make chaos` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the chaos"
-             " harness's reports (`pipeline chaos run`). Targets: lost 0, unexpected 0, recovery p99 <= 3 s.", ""]
+             " harness's reports (`pipeline chaos run`). Targets: lost 0, unexpected 0, recovery p99 <= 3 s.",
+             "Recovery is the time from a worker's SIGKILL (or SIGTERM) until its successor is subscribed to"
+             " nsqd with RDY above 0 (or received a message); `lost` counts records nsqd acknowledged to the"
+             " producer that reached neither an output nor the dead-letter topic.", ""]
     for result in results:
         c, r = result.config, result.report
-        lines += [f"## {result.scenario} (seed {result.seed}): {'PASS' if result.passed else 'FAIL'}", "",
+        lines += [f"## {result.scenario} (seed {result.seed}): {'PASS' if result.passed else 'FAIL'}", ""]
+        if result.scenario == "soak" and (c.get("records") or 0) < SOAK_RECORDS:
+            lines += [f"**Short run:** {c.get('records'):,} records and {c.get('duration'):g} s of faults, not the"
+                      f" {SOAK_RECORDS:,} records of the full soak.", ""]
+        lines += [
                   "| configuration | value |", "|---|---|",
-                  f"| nsqd | v{c.get('nsqd_version')} {' '.join(c.get('nsqd_args') or []) or '(default flags)'} |",
+                  f"| nsqd | v{c.get('nsqd_version')}: `{' '.join(c.get('nsqd_flags') or [])}` (other flags at"
+                  " their defaults, e.g. `--mem-queue-size=10000 --sync-every=2500 --sync-timeout=2s`) |",
                   *(f"| {k} | {c.get(k)} |" for k in ("replicas", "msg_timeout", "max_in_flight", "max_tries",
                                                        "publish_timeout", "records", "rate", "duration")),
                   f"| supervisord | {c.get('supervisord')} |", "",
@@ -65,7 +74,8 @@ def reliability_markdown(results: list[RunResult]) -> str:
             lines += ["Failures: " + "; ".join(result.failures), ""]
         kinds: dict[str, int] = {}
         for _, text in result.faults:
-            key = " ".join(text.split()[:2])
+            words = text.split()
+            key = f"{words[0]} {words[1].partition(':')[0]}" if len(words) > 1 else text
             kinds[key] = kinds.get(key, 0) + 1
         lines += ["Faults by kind: " + (", ".join(f"{k} ×{n}" for k, n in sorted(kinds.items())) or "none"), ""]
     return "\n".join(lines)

@@ -14,7 +14,6 @@ or an exception anywhere still heals every fault and stops every process.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import uuid
@@ -91,9 +90,13 @@ def run_scenario(scenario: Scenario, *, seed: int = 0, records: int | None = Non
                 log(f"method: {workload.records} records at {workload.rate:g}/s, faults for {method_s:g} s "
                     f"(seed {seed})")
                 monkey = Monkey(env, list(scenario.method.faults), seed, method_s)
+                sampler = threading.Thread(target=_sample_during, args=(env, scenario.steady_state, result, stop),
+                                           name="probes", daemon=True)
+                sampler.start()
                 try:
                     _method(env, monkey, workload, seed, folder, stop)
                 finally:
+                    sampler.join(timeout=5)
                     stop.set()
                     monkey.heal_all()
                     _rollbacks(env, scenario.rollbacks)
@@ -122,11 +125,23 @@ def run_scenario(scenario: Scenario, *, seed: int = 0, records: int | None = Non
 
 def _config(env: ChaosEnvironment, scenario: Scenario, workload, method_s: float) -> dict:
     stage = env.topology.stage(STAGE)
-    return {"nsqd_version": "1.3.0", "nsqd_args": list(env.nsqd.args), "replicas": stage.replicas,
+    rendered = env.supervisor.conf.read_text().splitlines()
+    nsqd_command = next((line.partition("=")[2] for line in rendered
+                         if line.startswith("command=") and "/nsqd\"" in line), "")
+    flags = [a.strip('"') for a in nsqd_command.split()]
+    return {"nsqd_version": "1.3.0", "nsqd_args": list(env.nsqd.args),
+            "nsqd_flags": [a for a in flags if a.startswith("--")], "replicas": stage.replicas,
             "msg_timeout": stage.msg_timeout, "max_in_flight": stage.max_in_flight, "max_tries": stage.max_tries,
             "publish_timeout": stage.publish_timeout, "records": workload.records, "rate": workload.rate,
-            "poison": workload.poison, "duration": method_s, "supervisord": {"startsecs": 2, "startretries": 3,
-                                                                              "autorestart": True}}
+            "poison": workload.poison, "duration": method_s, "supervisord": _supervisord_settings(env)}
+
+
+def _supervisord_settings(env: ChaosEnvironment) -> str:
+    from pipeline import supervisor_conf as sc
+    stage = env.topology.stage(STAGE)
+    return (f"autorestart=true, startsecs={sc.WORKER_STARTSECS}, startretries={sc.WORKER_STARTRETRIES}, "
+            f"worker stopwaitsecs={sc.worker_stopwaitsecs(stage)}, nsqd stopwaitsecs={sc.NSQD_STOPWAITSECS}, "
+            f"restarter back-off {sc.RESTARTER_BASE}-{sc.RESTARTER_MAX} s after FATAL")
 
 
 def _method(env: ChaosEnvironment, monkey: Monkey, workload, seed: int, folder: Path, stop: threading.Event) -> None:
@@ -226,6 +241,24 @@ def _probes(env: ChaosEnvironment, probes: list[Probe], when: str, result: RunRe
                 result.failures.append(f"steady state {when}: {probe.probe} = {value:g}, expected {probe.tolerance}")
                 break
             time.sleep(0.2)
+
+
+def _sample_during(env: ChaosEnvironment, probes: list[Probe], result: RunResult, stop: threading.Event) -> None:
+    """Sample the ``during`` probes every 0.5 s until the method ends; note the worst value outside tolerance."""
+    during = [p for p in probes if p.when == "during"]
+    worst: dict[int, float] = {}
+    while during and not stop.wait(0.5):
+        for i, probe in enumerate(during):
+            try:
+                value = _probe_value(env, probe)
+            except Exception:
+                continue  # supervisord or nsqd busy: the next sample will do
+            if not probe.tolerance.accepts(value):
+                worst[i] = max(worst.get(i, value), value) if probe.tolerance.max is not None else min(
+                    worst.get(i, value), value)
+    for i, value in worst.items():
+        result.failures.append(f"steady state during the method: {during[i].probe} = {value:g}, "
+                               f"expected {during[i].tolerance}")
 
 
 def _check(env: ChaosEnvironment, folder: Path, sinks: Sinks, monkey: Monkey, tracker: RecoveryTracker) -> Report:

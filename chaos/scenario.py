@@ -69,7 +69,9 @@ class Probe(_Spec):
                     " backlog: depth + in-flight + deferred on the pipeline's channels; worker_rss_mb: the largest"
                     " resident memory of a worker.")
     tolerance: Tolerance = Field(description="The range the probe's value must fall in.")
-    when: Literal["before", "after", "both"] = Field("both", description="When the probe is checked.")
+    when: Literal["before", "after", "both", "during"] = Field(
+        "both", description="When the probe is checked: before and/or after the method, or sampled every"
+                            " 0.5 s while the faults run (every sample must be within tolerance).")
 
 
 Interval = Annotated[list[Annotated[float, Field(ge=0.05, le=3600)]], Field(min_length=2, max_length=2)]

@@ -10,7 +10,6 @@ the records carries no valid number and must end on the dead-letter topic.
 """
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
@@ -118,8 +117,3 @@ class JournalingProducer:
                 pub = None
                 stop.wait(RETRY_S)
         return None
-
-
-def write_summary(path: Path, **fields) -> None:
-    """Write a small JSON file (atomically enough for a report)."""
-    path.write_text(json.dumps(fields, indent=1))

@@ -115,9 +115,10 @@ def _nsq_programs(topology, var: str) -> list[tuple[str, dict]]:
     for i, n in enumerate(nsq.nsqd):
         # nsqd derives its node id (part of every message id) from the hostname,
         # so nodes on one host would share one; each gets its own.
-        extra = [f"--node-id={i}", *_broadcast(n), *n.args]
+        extra = [f"--node-id={i}", *_broadcast_port(n), *n.args]
+        broadcast = split_address(n.proxy_tcp)[0] if n.proxy_tcp else "127.0.0.1"
         argv = nsqd_args(tcp=n.tcp, http=n.http, data_dir=f"{var}/nsqd/{n.name}", lookupd_tcp=lookupd_tcp,
-                         extra=extra, binary=f"{BIN}/nsqd")
+                         broadcast=broadcast, extra=extra, binary=f"{BIN}/nsqd")
         programs.append(_daemon(f"nsqd-{n.name}", argv, "nsqd", var, NSQD_STOPWAITSECS))
     if nsq.admin and nsq.lookupd:
         argv = nsqadmin_args(http=nsq.admin, lookupd_http=[l.http for l in nsq.lookupd], binary=f"{BIN}/nsqadmin")
@@ -125,12 +126,9 @@ def _nsq_programs(topology, var: str) -> list[tuple[str, dict]]:
     return programs
 
 
-def _broadcast(nsqd) -> list[str]:
-    """Flags that make lookupd hand out ``proxy_tcp`` instead of nsqd's own address."""
-    if nsqd.proxy_tcp is None:
-        return []
-    host, port = split_address(nsqd.proxy_tcp)
-    return [f"--broadcast-address={host}", f"--broadcast-tcp-port={port}"]
+def _broadcast_port(nsqd) -> list[str]:
+    """With ``proxy_tcp``, lookupd hands out the proxy's port (and host) instead of nsqd's own."""
+    return [f"--broadcast-tcp-port={split_address(nsqd.proxy_tcp)[1]}"] if nsqd.proxy_tcp else []
 
 
 def _restarter(var: str) -> tuple[str, dict]:

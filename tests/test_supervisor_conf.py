@@ -58,7 +58,8 @@ def test_nsqd_behind_a_proxy_advertises_the_proxy(tmp_path) -> None:
     topology = load_topology(path)
     command = next(line for line in render(topology).splitlines() if "nsqd\"" in line and line.startswith("command="))
     assert "--tcp-address=127.0.0.1:7150" in command
-    assert command.endswith("--broadcast-address=127.0.0.1 --broadcast-tcp-port=7250 --mem-queue-size=0")
+    assert command.endswith("--node-id=0 --broadcast-tcp-port=7250 --mem-queue-size=0")
+    assert command.count("--broadcast-address=127.0.0.1") == 1
     assert topology.nsqd_tcp_addresses() == ["127.0.0.1:7250"]
 
 
