@@ -10,7 +10,8 @@ recovery observations, so it can be run again on a finished run's folder.
 - ``dead_lettered``: ids on the dead-letter topic; ``poison_not_dead_lettered``:
   poison records that came out anywhere else or nowhere;
 - ``misclassified``: a number on ``prime`` that is not prime, or the reverse;
-- ``recovery``: seconds from a worker kill until its successor received a message.
+- ``running``: seconds from a worker kill until supervisord reports its successor RUNNING (after startsecs);
+- ``recovery``: seconds from a worker kill until its successor is subscribed with RDY > 0 (or got a message).
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ class Report:
     point_kills: int = 0
     fatal: int = 0
     recovered: int = 0
+    running_p50: float | None = None
+    running_p99: float | None = None
     recovery_p50: float | None = None
     recovery_p99: float | None = None
     lost_ids: list[str] = field(default_factory=list)
@@ -84,8 +87,11 @@ def check(journal: Journal, arrivals: list[Arrival], dead_topic: str, *, kills: 
     report.poison_not_dead_lettered = len(poison - dead)
     report.misclassified = sum(1 for a in arrivals if a.topic != dead_topic and isinstance(a.number, int)
                                and a.prime is not None and a.prime != is_prime(a.number))
-    recoveries = recovery_times(kills, first_running or {}, consuming or {})
+    running, recoveries = recovery_times(kills, first_running or {}, consuming or {})
     report.kills, report.recovered = len(kills), len(recoveries)
+    if running:
+        report.running_p50 = round(statistics.median(running), 3)
+        report.running_p99 = round(_percentile(running, 0.99), 3)
     if recoveries:
         report.recovery_p50 = round(statistics.median(recoveries), 3)
         report.recovery_p99 = round(_percentile(recoveries, 0.99), 3)
@@ -93,15 +99,22 @@ def check(journal: Journal, arrivals: list[Arrival], dead_topic: str, *, kills: 
 
 
 def recovery_times(kills: list[Kill], first_running: dict[int, tuple[str, float]],
-                   consuming: dict[int, float]) -> list[float]:
-    """Seconds from each worker kill to the first message its successor received."""
-    times = []
+                   consuming: dict[int, float]) -> tuple[list[float], list[float]]:
+    """Seconds from each worker kill to its successor's RUNNING, and to its successor consuming again.
+
+    A kill whose successor died before it got there has no time (``recovered`` < ``kills``).
+    """
+    running, consumed = [], []
     for kill in kills:
         successors = sorted((t, pid) for pid, (name, t) in first_running.items()
                             if name == kill.name and pid != kill.pid and t >= kill.t - 0.5)
-        if successors and successors[0][1] in consuming:
-            times.append(max(0.0, consuming[successors[0][1]] - kill.t))
-    return times
+        if not successors:
+            continue
+        t_running, pid = successors[0]
+        running.append(max(0.0, t_running - kill.t))
+        if pid in consuming:
+            consumed.append(max(0.0, consuming[pid] - kill.t))
+    return running, consumed
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -42,7 +42,11 @@ def test_recovery_is_kill_to_the_successor_consuming() -> None:
     first_running = {10: ("primes:primes-0", 50.0), 11: ("primes:primes-0", 100.4),
                      20: ("primes:primes-1", 50.0), 21: ("primes:primes-1", 200.9)}
     consuming = {11: 101.5, 21: 202.0}
-    assert recovery_times(kills, first_running, consuming) == [1.5, 2.0]
+    running, consumed = recovery_times(kills, first_running, consuming)
+    assert [round(t, 3) for t in running] == [0.4, 0.9]
+    assert consumed == [1.5, 2.0]
+    # a successor that never consumed (killed again first) has a RUNNING time but no recovery
+    assert recovery_times(kills, first_running, {11: 101.5}) == (running, [1.5])
 
 
 def test_dead_letter_arrivals_carry_the_original_id() -> None:
