@@ -223,6 +223,8 @@ class NsqSpec(_Spec):
         for section, nodes in (("nsqd", self.nsqd), ("lookupd", self.lookupd)):
             for i, node in enumerate(nodes):
                 found += [((section, i, "tcp"), node.tcp), ((section, i, "http"), node.http)]
+                if getattr(node, "proxy_tcp", None) is not None:
+                    found.append(((section, i, "proxy_tcp"), node.proxy_tcp))
         if self.admin is not None:
             found.append((("admin",), self.admin))
         return found

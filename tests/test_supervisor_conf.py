@@ -74,3 +74,17 @@ def test_nsqd_args_must_be_flags(tmp_path) -> None:
                                                        "http": "127.0.0.1:7151", "args": ["rm -rf"]}]}}))
     with pytest.raises(TopologyError, match=r"nsq\.nsqd\.0\.args\.0: nsqd flag 'rm -rf' must look like"):
         load_topology(path)
+
+
+def test_a_proxy_address_may_not_be_another_listener(tmp_path) -> None:
+    import pytest
+    import yaml
+
+    from pipeline.errors import TopologyError
+    from pipeline.topology import load_topology
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump({"nsq": {"nsqd": [{"name": "n0", "tcp": "127.0.0.1:7150", "http": "127.0.0.1:7151",
+                                                       "proxy_tcp": "127.0.0.1:7151"}]}}))
+    with pytest.raises(TopologyError, match=r"nsq\.nsqd\.0\.proxy_tcp: address 127\.0\.0\.1:7151 is already used by "
+                                            r"nsq\.nsqd\.0\.http"):
+        load_topology(path)
