@@ -59,3 +59,7 @@ class HandlerLoadError(PipelineError):
 
 class StageOutputError(PipelineError):
     """Raised when a stage emits to a topic that is not among its declared outputs."""
+
+
+class ScenarioError(TopologyError):
+    """Raised when a chaos scenario file cannot be read or breaks its schema (``PATH:LINE:COL: field: reason``)."""

@@ -19,6 +19,7 @@ import math
 from pathlib import Path, PurePosixPath
 
 from .processes import nsqadmin_args, nsqd_args, nsqlookupd_args
+from .topology import split_address
 
 BIN = "%(ENV_NSQ_PIPELINE_BIN)s"
 PYTHON = "%(ENV_NSQ_PIPELINE_PYTHON)s"
@@ -116,13 +117,20 @@ def _nsq_programs(topology, var: str) -> list[tuple[str, dict]]:
     for i, n in enumerate(nsq.nsqd):
         # nsqd derives its node id (part of every message id) from the hostname,
         # so nodes on one host would share one; each gets its own.
+        extra = [f"--node-id={i}", *_broadcast_port(n), *n.args]
+        broadcast = split_address(n.proxy_tcp)[0] if n.proxy_tcp else "127.0.0.1"
         argv = nsqd_args(tcp=n.tcp, http=n.http, data_dir=f"{var}/nsqd/{n.name}", lookupd_tcp=lookupd_tcp,
-                         extra=[f"--node-id={i}"], binary=f"{BIN}/nsqd")
+                         broadcast=broadcast, extra=extra, binary=f"{BIN}/nsqd")
         programs.append(_daemon(f"nsqd-{n.name}", argv, "nsqd", var, NSQD_STOPWAITSECS))
     if nsq.admin and nsq.lookupd:
         argv = nsqadmin_args(http=nsq.admin, lookupd_http=[l.http for l in nsq.lookupd], binary=f"{BIN}/nsqadmin")
         programs.append(_daemon("nsqadmin", argv, "nsqadmin", var))
     return programs
+
+
+def _broadcast_port(nsqd) -> list[str]:
+    """With ``proxy_tcp``, lookupd hands out the proxy's port (and host) instead of nsqd's own."""
+    return [f"--broadcast-tcp-port={split_address(nsqd.proxy_tcp)[1]}"] if nsqd.proxy_tcp else []
 
 
 def _restarter(var: str) -> tuple[str, dict]:

@@ -158,6 +158,12 @@ MetricsHost = Annotated[str, AfterValidator(_metrics_host),
                         TypeDoc("host", "an IPv4 address, host name or IPv6 address")]
 
 
+def _nsqd_flag(value: str) -> str:
+    if not re.fullmatch(r"--[a-z][a-z0-9-]*(=.*)?", value):
+        raise _problem(f"nsqd flag {value!r} must look like --name or --name=value")
+    return value
+
+
 class _Spec(BaseModel):
     """Base of every topology model: unknown keys are errors, values are immutable."""
 
@@ -171,6 +177,16 @@ class NsqdSpec(_Spec):
     name: NsqdName = Field(description="Name of this nsqd; its data lives in `<var_dir>/nsqd/<name>/`.")
     tcp: Address = Field(description="TCP address for producers and consumers (nsqd `--tcp-address`).")
     http: Address = Field(description="HTTP address for /pub, /stats and /ping (nsqd `--http-address`).")
+    proxy_tcp: Address | None = Field(
+        None, description="Address clients connect to instead of `tcp` (a Toxiproxy listener in a chaos run);"
+                          " nsqd registers it with lookupd (`--broadcast-address`, `--broadcast-tcp-port`).")
+    args: list[Annotated[str, AfterValidator(_nsqd_flag)]] = Field(
+        default_factory=list, description="Extra nsqd flags, e.g. `[--mem-queue-size=0]`; they come last.")
+
+    @property
+    def client_tcp(self) -> str:
+        """The TCP address clients use: ``proxy_tcp`` when set, else ``tcp``."""
+        return self.proxy_tcp or self.tcp
 
 
 class LookupdSpec(_Spec):
@@ -225,6 +241,8 @@ class NsqSpec(_Spec):
         for section, nodes in (("nsqd", self.nsqd), ("lookupd", self.lookupd)):
             for i, node in enumerate(nodes):
                 found += [((section, i, "tcp"), node.tcp), ((section, i, "http"), node.http)]
+                if getattr(node, "proxy_tcp", None) is not None:
+                    found.append(((section, i, "proxy_tcp"), node.proxy_tcp))
         if self.admin is not None:
             found.append((("admin",), self.admin))
         return found
@@ -530,8 +548,8 @@ class Topology(_Spec):
         return self.stage(stage_name).input + DEAD_LETTER_SUFFIX
 
     def nsqd_tcp_addresses(self) -> list[str]:
-        """Return the TCP addresses of every nsqd, in file order."""
-        return [nsqd.tcp for nsqd in self.nsq.nsqd]
+        """Return the TCP addresses clients use for every nsqd (its ``proxy_tcp`` if set), in file order."""
+        return [nsqd.client_tcp for nsqd in self.nsq.nsqd]
 
     def nsqd_http_addresses(self) -> list[str]:
         """Return the HTTP addresses of every nsqd, in file order."""

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 
 from tornado.ioloop import PeriodicCallback
 
-from . import nsqd_http
+from . import faultpoints, nsqd_http
 from .errors import PublishError
 from .fastconn import FastReader, finish_all
 from .metrics import WorkerMetrics
@@ -70,7 +70,7 @@ class Worker:
         self.replica = replica
         self.handler = handler or load_handler(self.spec.handler, StageContext(
             stage_name, replica, topology.var_dir, dict(self.spec.params)))
-        self.middleware = MiddlewareStack(middleware)
+        self.middleware = MiddlewareStack([*middleware, *faultpoints.from_environment()])
         if (metrics := WorkerMetrics.for_replica(self.spec, stage_name, replica)) is not None:
             self.middleware.add(metrics)
         self.dead_topic = topology.dead_letter_topic(stage_name)

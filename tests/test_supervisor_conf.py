@@ -42,3 +42,49 @@ def test_render_has_what_operations_rely_on():
 def test_conf_lives_beside_its_topology(tmp_path):
     assert conf_path(tmp_path / "topology.yaml") == tmp_path / "supervisord.conf"
     assert conf_path(tmp_path / "prod.yaml") == tmp_path / "prod.supervisord.conf"
+
+
+def test_nsqd_behind_a_proxy_advertises_the_proxy(tmp_path) -> None:
+    # A chaos run routes clients through Toxiproxy: lookupd must hand out the proxy's port,
+    # clients use it, and nsqd still listens on its own address with the extra flags last.
+    import yaml
+
+    from pipeline.supervisor_conf import render
+    from pipeline.topology import load_topology
+    doc = {"nsq": {"nsqd": [{"name": "n0", "tcp": "127.0.0.1:7150", "http": "127.0.0.1:7151",
+                             "proxy_tcp": "127.0.0.1:7250", "args": ["--mem-queue-size=0"]}]}}
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    topology = load_topology(path)
+    command = next(line for line in render(topology).splitlines() if "nsqd\"" in line and line.startswith("command="))
+    assert "--tcp-address=127.0.0.1:7150" in command
+    assert command.endswith("--node-id=0 --broadcast-tcp-port=7250 --mem-queue-size=0")
+    assert command.count("--broadcast-address=127.0.0.1") == 1
+    assert topology.nsqd_tcp_addresses() == ["127.0.0.1:7250"]
+
+
+def test_nsqd_args_must_be_flags(tmp_path) -> None:
+    import pytest
+    import yaml
+
+    from pipeline.errors import TopologyError
+    from pipeline.topology import load_topology
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump({"nsq": {"nsqd": [{"name": "n0", "tcp": "127.0.0.1:7150",
+                                                       "http": "127.0.0.1:7151", "args": ["rm -rf"]}]}}))
+    with pytest.raises(TopologyError, match=r"nsq\.nsqd\.0\.args\.0: nsqd flag 'rm -rf' must look like"):
+        load_topology(path)
+
+
+def test_a_proxy_address_may_not_be_another_listener(tmp_path) -> None:
+    import pytest
+    import yaml
+
+    from pipeline.errors import TopologyError
+    from pipeline.topology import load_topology
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump({"nsq": {"nsqd": [{"name": "n0", "tcp": "127.0.0.1:7150", "http": "127.0.0.1:7151",
+                                                       "proxy_tcp": "127.0.0.1:7151"}]}}))
+    with pytest.raises(TopologyError, match=r"nsq\.nsqd\.0\.proxy_tcp: address 127\.0\.0\.1:7151 is already used by "
+                                            r"nsq\.nsqd\.0\.http"):
+        load_topology(path)

@@ -1,0 +1,123 @@
+"""The checker: compares the producer's journal with what the sinks saw, Jepsen-style.
+
+Separate from the monkey: it reads only the journal, the arrivals and the
+recovery observations, so it can be run again on a finished run's folder.
+
+- ``acked``: ids whose publish nsqd acknowledged;
+- ``lost``: acked, but neither delivered (prime/non_prime) nor dead-lettered;
+- ``unexpected``: arrived but never sent;
+- ``duplicated``: ids delivered more than once (at-least-once allows it);
+- ``dead_lettered``: ids on the dead-letter topic; ``poison_not_dead_lettered``:
+  poison records that came out anywhere else or nowhere;
+- ``misclassified``: a number on ``prime`` that is not prime, or the reverse;
+- ``running``: seconds from a worker kill until supervisord reports its successor RUNNING (after startsecs);
+- ``recovery``: seconds from a worker kill until its successor is subscribed with RDY > 0 (or got a message).
+"""
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from .faults import Kill
+from .sink import Arrival
+from .workload import Journal
+
+
+def is_prime(n: int) -> bool:
+    """Trial division: the checker's reference, independent of the stage's numba kernel."""
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    f = 3
+    while f * f <= n:
+        if n % f == 0:
+            return False
+        f += 2
+    return True
+
+
+@dataclass
+class Report:
+    """The checker's findings for one run."""
+
+    acked: int = 0
+    sent: int = 0
+    arrived: int = 0
+    delivered: int = 0
+    lost: int = 0
+    unexpected: int = 0
+    duplicated: int = 0
+    dead_lettered: int = 0
+    poison: int = 0
+    poison_not_dead_lettered: int = 0
+    misclassified: int = 0
+    kills: int = 0
+    point_kills: int = 0
+    fatal: int = 0
+    recovered: int = 0
+    running_p50: float | None = None
+    running_p99: float | None = None
+    recovery_p50: float | None = None
+    recovery_p99: float | None = None
+    lost_ids: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["lost_ids"] = data["lost_ids"][:20]
+        return data
+
+
+def check(journal: Journal, arrivals: list[Arrival], dead_topic: str, *, kills: list[Kill] = (),
+          first_running: dict[int, tuple[str, float]] | None = None,
+          consuming: dict[int, float] | None = None) -> Report:
+    """Compare ``journal`` with ``arrivals``; measure recovery from ``kills``."""
+    report = Report(acked=len(journal.acked), sent=len(journal.sent), arrived=len(arrivals))
+    delivered = Counter(a.id for a in arrivals if a.topic != dead_topic)
+    dead = {a.id for a in arrivals if a.topic == dead_topic}
+    report.delivered = len(delivered)
+    report.dead_lettered = len(dead)
+    report.duplicated = sum(1 for count in delivered.values() if count > 1)
+    lost = sorted(journal.acked - delivered.keys() - dead)
+    report.lost, report.lost_ids = len(lost), lost
+    report.unexpected = len((delivered.keys() | dead) - journal.sent.keys())
+    poison = {i for i, n in journal.sent.items() if not isinstance(n, int) and i in journal.acked}
+    report.poison = len(poison)
+    report.poison_not_dead_lettered = len(poison - dead)
+    report.misclassified = sum(1 for a in arrivals if a.topic != dead_topic and isinstance(a.number, int)
+                               and a.prime is not None and a.prime != is_prime(a.number))
+    running, recoveries = recovery_times(kills, first_running or {}, consuming or {})
+    report.kills, report.recovered = len(kills), len(recoveries)
+    if running:
+        report.running_p50 = round(statistics.median(running), 3)
+        report.running_p99 = round(_percentile(running, 0.99), 3)
+    if recoveries:
+        report.recovery_p50 = round(statistics.median(recoveries), 3)
+        report.recovery_p99 = round(_percentile(recoveries, 0.99), 3)
+    return report
+
+
+def recovery_times(kills: list[Kill], first_running: dict[int, tuple[str, float]],
+                   consuming: dict[int, float]) -> tuple[list[float], list[float]]:
+    """Seconds from each worker kill to its successor's RUNNING, and to its successor consuming again.
+
+    A kill whose successor died before it got there has no time (``recovered`` < ``kills``).
+    """
+    running, consumed = [], []
+    for kill in kills:
+        successors = sorted((t, pid) for pid, (name, t) in first_running.items()
+                            if name == kill.name and pid != kill.pid and t >= kill.t - 0.5)
+        if not successors:
+            continue
+        t_running, pid = successors[0]
+        running.append(max(0.0, t_running - kill.t))
+        if pid in consuming:
+            consumed.append(max(0.0, consuming[pid] - kill.t))
+    return running, consumed
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]

@@ -1,0 +1,179 @@
+"""The private pipeline a chaos run works on: supervisord, nsqd behind Toxiproxy, the primes stage.
+
+:class:`ChaosEnvironment` writes a topology into the run's folder with free
+127.0.0.1 ports: one nsqlookupd, one nsqd whose clients (the workers) reach
+it through a Toxiproxy proxy (``proxy_tcp``: lookupd hands out the proxy's
+port), and the primes stage. supervisord runs all of it with
+``NSQ_PIPELINE_FAULTPOINTS`` in its environment, so the workers load the fault
+point middleware. The harness's own instruments (journaling producer, sinks,
+/stats) talk to nsqd directly. ``pids.json`` in the run folder lists every
+process the environment started, for a test to check they are gone.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pipeline import faultpoints, nsqd_http
+from pipeline.control import Supervisor
+from pipeline.processes import free_port, pid_alive, stop_pid
+from pipeline.topology import Topology, load_topology
+
+from .scenario import PipelineSpec
+from .toxiproxy import ToxiproxyServer
+
+STAGE = "primes"
+PROXY = "nsqd-n0"
+SINK_CHANNEL = "chaos_sink"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topics of a chaos run."""
+
+    input: str = "numbers"
+    prime: str = "prime"
+    non_prime: str = "non_prime"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.input}.dead"
+
+    @property
+    def sinks(self) -> list[str]:
+        """The topics the checker's sinks read."""
+        return [self.prime, self.non_prime, self.dead]
+
+
+class ChaosEnvironment:
+    """Start with :meth:`start` (or ``with``); :meth:`stop` stops everything it started, whatever state it is in."""
+
+    def __init__(self, folder: Path, spec: PipelineSpec):
+        self.folder = Path(folder).absolute()
+        self.spec = spec
+        self.topics = Topics()
+        self.toxiproxy: ToxiproxyServer | None = None
+        self.supervisor: Supervisor | None = None
+        self.topology: Topology | None = None
+        self.faultpoints_path = self.folder / "faultpoints.json"
+        self._pids: dict[str, int] = {}
+
+    # -- addresses --------------------------------------------------------------------------
+
+    @property
+    def nsqd(self):
+        return self.topology.nsq.nsqd[0]
+
+    @property
+    def nsqd_tcp(self) -> str:
+        """nsqd's own TCP address (the harness's instruments bypass the proxy)."""
+        return self.nsqd.tcp
+
+    @property
+    def nsqd_http(self) -> str:
+        return self.nsqd.http
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def __enter__(self) -> ChaosEnvironment:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start Toxiproxy and the pipeline; return once every replica is subscribed."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.faultpoints_path.unlink(missing_ok=True)
+        self.toxiproxy = ToxiproxyServer.start(self.folder / "var" / "log" / "toxiproxy.log")
+        self._record("toxiproxy", self.toxiproxy.pid)
+        self.topology = load_topology(self._write_topology())
+        self.toxiproxy.create_proxy(PROXY, listen=self.nsqd.proxy_tcp, upstream=self.nsqd.tcp)
+        self.supervisor = Supervisor(self.topology)
+        with _environ(faultpoints.ENV, str(self.faultpoints_path)):
+            self.supervisor.up(log=lambda line: None)
+        self._record("supervisord", self.supervisor.rpc().supervisor.getPID())
+        for process in self.supervisor.processes():
+            self._record(process.full_name, process.pid)
+        for topic in self.topics.sinks:
+            nsqd_http.create_channel(self.nsqd_http, topic, SINK_CHANNEL)
+
+    def stop(self) -> None:
+        """Resume stopped processes, stop supervisord (and the pipeline with it) and Toxiproxy."""
+        try:
+            if self.supervisor is not None and self.supervisor.running():
+                self.resume_all()
+                for process in self.supervisor.processes():
+                    self._record(process.full_name, process.pid)
+                # The run is over, so no `down` in dependency order: supervisord's own
+                # shutdown stops everything (workers first, by priority) in a third of the time.
+                rpc = self.supervisor.rpc()
+                pid = rpc.supervisor.getPID()
+                rpc.supervisor.shutdown()
+                stop_pid(pid, grace=90)
+        finally:
+            if self.toxiproxy is not None:
+                self.toxiproxy.stop()
+            for name, pid in self._pids.items():  # anything supervisord left behind
+                if pid and pid_alive(pid):
+                    os.kill(pid, signal.SIGCONT)  # so a stopped process can die
+                    stop_pid(pid, grace=5)
+
+    def resume_all(self) -> None:
+        """SIGCONT every process supervisord runs (a rollback: a stopped process never heals)."""
+        for process in self.supervisor.processes():
+            if process.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGCONT)
+
+    def _record(self, name: str, pid: int) -> None:
+        if pid:
+            self._pids.setdefault(name, pid)
+            if self._pids[name] != pid:
+                self._pids[f"{name}@{pid}"] = pid
+            (self.folder / "pids.json").write_text(json.dumps(self._pids, indent=1))
+
+    def note_pid(self, name: str, pid: int) -> None:
+        """Remember a process the run saw (e.g. a restarted worker) for the leftover check."""
+        self._record(name, pid)
+
+    # -- topology ---------------------------------------------------------------------------
+
+    def _write_topology(self) -> Path:
+        spec, topics = self.spec, self.topics
+        address = lambda: f"127.0.0.1:{free_port()}"  # noqa: E731
+        nsq = {"nsqd": [{"name": "n0", "tcp": address(), "http": address(), "proxy_tcp": address(),
+                         "args": list(spec.nsqd_args)}],
+               "lookupd": [{"tcp": address(), "http": address()}],
+               "var_dir": "var"}
+        stage = {"handler": "consumers.primes:classify", "input": topics.input, "channel": STAGE,
+                 "outputs": [topics.prime, topics.non_prime], "replicas": spec.replicas,
+                 "max_in_flight": spec.max_in_flight, "batch": {"size": min(spec.batch_size, spec.max_in_flight),
+                                                                "wait_ms": 5},
+                 "max_tries": spec.max_tries, "msg_timeout": spec.msg_timeout,
+                 "publish_timeout": spec.publish_timeout, "requeue_delay": 0.2, "max_backoff_duration": 1.0}
+        doc = {"nsq": nsq, "topics": {t: {"codec": "json"} for t in (topics.input, topics.prime, topics.non_prime)},
+               "stages": {STAGE: stage}, "producers": {"numbers": {"topic": topics.input}}}
+        path = self.folder / "topology.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old

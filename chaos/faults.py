@@ -1,0 +1,180 @@
+"""Fault plugins: each a small class with ``inject`` and, for a lasting fault, ``heal``.
+
+A plugin is registered under the name a scenario's ``fault:`` uses. ``inject``
+returns one line for the fault log, or None when there was nothing to hit
+(e.g. no RUNNING worker). Processes are found through supervisord's XML-RPC,
+so a victim is always the process supervisord currently runs under that name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .environment import PROXY, STAGE, ChaosEnvironment
+from .scenario import FaultPoint, KillWorker, Toxic
+
+PLUGINS: dict[str, type[Fault]] = {}
+
+
+def register(name: str) -> Callable[[type[Fault]], type[Fault]]:
+    """Class decorator: make a plugin available as ``fault: name``."""
+    def add(cls: type[Fault]) -> type[Fault]:
+        PLUGINS[name] = cls
+        return cls
+    return add
+
+
+@dataclass
+class Kill:
+    """One signal sent to a process, for the recovery measurement."""
+
+    name: str
+    pid: int
+    signal: str
+    t: float
+
+
+@dataclass
+class FaultContext:
+    """What plugins act on and where they report."""
+
+    env: ChaosEnvironment
+    rng: random.Random
+    kills: list[Kill] = field(default_factory=list)
+    stopped: set[int] = field(default_factory=set)
+
+
+class Fault:
+    """Base class of fault plugins; ``spec`` is the validated scenario entry."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def inject(self, ctx: FaultContext) -> str | None:
+        raise NotImplementedError
+
+    def heal(self, ctx: FaultContext) -> None:
+        """Undo a lasting fault (no-op for instantaneous ones)."""
+
+
+def _running(ctx: FaultContext, group: str, state: str = "RUNNING") -> list:
+    return sorted((p for p in ctx.env.supervisor.processes() if p.group == group and p.state == state and p.pid),
+                  key=lambda p: p.name)
+
+
+def _signal(ctx: FaultContext, process, sig: signal.Signals) -> str:
+    ctx.env.note_pid(process.full_name, process.pid)
+    os.kill(process.pid, sig)
+    if sig == signal.SIGSTOP:
+        ctx.stopped.add(process.pid)
+    else:
+        ctx.kills.append(Kill(process.full_name, process.pid, sig.name, time.time()))
+    return f"{sig.name} {process.full_name} pid {process.pid}"
+
+
+class _SignalFault(Fault):
+    group = ""
+    signame = "KILL"
+    state = "RUNNING"
+
+    def inject(self, ctx: FaultContext) -> str | None:
+        candidates = _running(ctx, self.group, self.state)
+        if not candidates:
+            return None
+        self.victim = ctx.rng.choice(candidates)
+        return _signal(ctx, self.victim, signal.Signals[f"SIG{self.signame}"])
+
+    def heal(self, ctx: FaultContext) -> None:
+        victim = getattr(self, "victim", None)
+        if victim is not None and victim.pid in ctx.stopped:
+            ctx.stopped.discard(victim.pid)
+            try:
+                os.kill(victim.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+@register("kill_worker")
+class KillWorkerFault(_SignalFault):
+    group = STAGE
+
+    def __init__(self, spec: KillWorker):
+        super().__init__(spec)
+        self.signame, self.state = spec.signal, spec.target
+
+
+@register("nsqd_restart")
+class RestartNsqdFault(_SignalFault):
+    group = "nsqd-n0"
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.signame = spec.signal
+
+
+@register("nsqd_stop")
+class StopNsqdFault(_SignalFault):
+    group, signame = "nsqd-n0", "STOP"
+
+
+@register("lookupd_kill")
+class KillLookupdFault(_SignalFault):
+    group, signame = "nsqlookupd-0", "KILL"
+
+
+@register("toxic")
+class ToxicFault(Fault):
+    def __init__(self, spec: Toxic):
+        super().__init__(spec)
+        self.name = f"chaos_{spec.toxic}"
+
+    def inject(self, ctx: FaultContext) -> str | None:
+        ctx.env.toxiproxy.add_toxic(PROXY, self.name, self.spec.toxic, dict(self.spec.attributes),
+                                    stream=self.spec.stream)
+        return f"toxic {self.spec.toxic} {dict(self.spec.attributes)} on {PROXY} {self.spec.stream}"
+
+    def heal(self, ctx: FaultContext) -> None:
+        if any(t["name"] == self.name for t in ctx.env.toxiproxy.toxics(PROXY)):
+            ctx.env.toxiproxy.remove_toxic(PROXY, self.name)
+
+
+@register("proxy_down")
+class ProxyDownFault(Fault):
+    def inject(self, ctx: FaultContext) -> str | None:
+        ctx.env.toxiproxy.set_enabled(PROXY, False)
+        return f"proxy {PROXY} down"
+
+    def heal(self, ctx: FaultContext) -> None:
+        ctx.env.toxiproxy.set_enabled(PROXY, True)
+
+
+@register("fault_point")
+class FaultPointFault(Fault):
+    def __init__(self, spec: FaultPoint):
+        super().__init__(spec)
+
+    def inject(self, ctx: FaultContext) -> str | None:
+        path = ctx.env.faultpoints_path
+        armed = json.loads(path.read_text()) if path.exists() else {}
+        armed.update({self.spec.point: self.spec.chance, "grace": self.spec.grace})
+        _write_atomic(path, armed)
+        return f"fault point {self.spec.point} armed (chance {self.spec.chance:g}, grace {self.spec.grace:g} s)"
+
+    def heal(self, ctx: FaultContext) -> None:
+        disarm_fault_points(ctx.env)
+
+
+def disarm_fault_points(env: ChaosEnvironment) -> None:
+    """Disarm every worker fault point (the workers notice within 0.2 s)."""
+    env.faultpoints_path.unlink(missing_ok=True)
+
+
+def _write_atomic(path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)

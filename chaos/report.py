@@ -1,0 +1,86 @@
+"""Show a chaos run: a readable table (rich), and docs/RELIABILITY.md for the soak."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .run import RunResult
+
+SOAK_RECORDS = 1_000_000
+FIELDS = ("acked", "lost", "unexpected", "duplicated", "dead_lettered", "poison_not_dead_lettered", "misclassified",
+          "kills", "point_kills", "fatal", "recovered", "running_p50", "running_p99", "recovery_p50", "recovery_p99")
+
+
+def print_result(result: RunResult, console: Console) -> None:
+    """Print the checker's figures (before and after replay), the fault log summary and the verdict."""
+    table = Table(title=f"chaos {result.scenario} (seed {result.seed})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    if result.after_replay is not None:
+        table.add_column("after replay", justify="right")
+    for name in FIELDS:
+        row = [name, _fmt(getattr(result.report, name, None))]
+        if result.after_replay is not None:
+            row.append(_fmt(getattr(result.after_replay, name)))
+        table.add_row(*row)
+    table.add_row("faults injected", str(result.injected))
+    table.add_row("worker restarts", str(result.restarts))
+    table.add_row("drained", "yes" if result.drained else "NO")
+    console.print(table)
+    for t, text in result.faults[:30]:
+        console.print(f"  {t:8.3f}s  {text}")
+    if len(result.faults) > 30:
+        console.print(f"  ... {len(result.faults) - 30} more in {result.folder / 'report.json'}")
+    verdict = "[green]PASS[/green]" if result.passed else "[red]FAIL[/red]: " + "; ".join(result.failures)
+    console.print(f"{verdict}  (report: {result.folder / 'report.json'}, replay with --seed {result.seed})")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f} s" if isinstance(value, float) else f"{value:,}"
+
+
+def reliability_markdown(results: list[RunResult]) -> str:
+    """docs/RELIABILITY.md from soak results: configuration, counts, faults, recovery."""
+    lines = ["# Reliability", "",
+             f"Written by `make chaos` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the chaos"
+             " harness's reports (`pipeline chaos run`). Targets: lost 0, unexpected 0, recovery p99 <= 3 s.",
+             "Recovery is the time from a worker's SIGKILL (or SIGTERM) until its successor is subscribed to"
+             " nsqd with RDY above 0 (or received a message); `lost` counts records nsqd acknowledged to the"
+             " producer that reached neither an output nor the dead-letter topic.", ""]
+    for result in results:
+        c, r = result.config, result.report
+        lines += [f"## {result.scenario} (seed {result.seed}): {'PASS' if result.passed else 'FAIL'}", ""]
+        if result.scenario == "soak" and (c.get("records") or 0) < SOAK_RECORDS:
+            lines += [f"**Short run:** {c.get('records'):,} records and {c.get('duration'):g} s of faults, not the"
+                      f" {SOAK_RECORDS:,} records of the full soak.", ""]
+        lines += [
+                  "| configuration | value |", "|---|---|",
+                  f"| nsqd | v{c.get('nsqd_version')}: `{' '.join(c.get('nsqd_flags') or [])}` (other flags at"
+                  " their defaults, e.g. `--mem-queue-size=10000 --sync-every=2500 --sync-timeout=2s`) |",
+                  *(f"| {k} | {c.get(k)} |" for k in ("replicas", "msg_timeout", "max_in_flight", "max_tries",
+                                                       "publish_timeout", "records", "rate", "duration")),
+                  f"| supervisord | {c.get('supervisord')} |", "",
+                  "| result | value |", "|---|---|"]
+        if r is not None:
+            lines += [f"| {name} | {_fmt(getattr(r, name))} |" for name in FIELDS]
+        lines += [f"| faults injected | {result.injected} |", f"| worker restarts | {result.restarts} |",
+                  f"| drained | {'yes' if result.drained else 'no'} |", ""]
+        if result.failures:
+            lines += ["Failures: " + "; ".join(result.failures), ""]
+        kinds: dict[str, int] = {}
+        for _, text in result.faults:
+            words = text.split()
+            key = f"{words[0]} {words[1].partition(':')[0]}" if len(words) > 1 else text
+            kinds[key] = kinds.get(key, 0) + 1
+        lines += ["Faults by kind: " + (", ".join(f"{k} ×{n}" for k, n in sorted(kinds.items())) or "none"), ""]
+    return "\n".join(lines)
+
+
+def write_reliability(results: list[RunResult], path: Path) -> None:
+    """Write :func:`reliability_markdown` to ``path``."""
+    path.write_text(reliability_markdown(results))

@@ -1,0 +1,300 @@
+"""One chaos run: validate, start the environment, hypothesis, method, rollbacks, drain, check, report.
+
+Example::
+
+    from chaos.run import run_scenario
+    from chaos.scenario import find_scenario, load_scenario
+
+    result = run_scenario(load_scenario(find_scenario("monkey")), seed=7, records=3000)
+    assert result.passed, result.failures
+
+Rollbacks and teardown run in ``finally`` blocks, so a Ctrl-C (KeyboardInterrupt)
+or an exception anywhere still heals every fault and stops every process.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pipeline import nsqd_http
+
+from .checker import Report, check
+from .environment import SINK_CHANNEL, STAGE, ChaosEnvironment
+from .faults import disarm_fault_points
+from .monkey import Monkey, RecoveryTracker
+from .replay import replay_missing
+from .scenario import Probe, Scenario
+from .sink import Sinks
+from .workload import Journal, JournalingProducer
+
+DRAIN_TIMEOUT = 120.0
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    """What a run found: the report (and after replay), probe and expectation failures, the fault log."""
+
+    scenario: str
+    seed: int
+    folder: Path
+    report: Report | None = None
+    after_replay: Report | None = None
+    replayed: int = 0
+    faults: list[tuple[float, str]] = field(default_factory=list)
+    injected: int = 0
+    restarts: int = 0
+    drained: bool = False
+    failures: list[str] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {"scenario": self.scenario, "seed": self.seed, "folder": str(self.folder), "passed": self.passed,
+                "failures": self.failures, "drained": self.drained, "injected": self.injected,
+                "worker_restarts": self.restarts, "replayed": self.replayed, "config": self.config,
+                "report": self.report.to_dict() if self.report else None,
+                "after_replay": self.after_replay.to_dict() if self.after_replay else None,
+                "fault_log": self.faults}
+
+
+def run_scenario(scenario: Scenario, *, seed: int = 0, records: int | None = None, duration: float | None = None,
+                 folder: Path | None = None, log: Log = lambda line: None) -> RunResult:
+    """Run ``scenario`` on a fresh private pipeline; return what the checker found.
+
+    ``records`` and ``duration`` override the scenario's workload size and method duration.
+    """
+    workload = scenario.workload.model_copy(update={"records": records} if records else {})
+    method_s = duration if duration is not None else scenario.method.duration
+    folder = Path(folder or Path("var") / "chaos" / f"{scenario.name}-{seed}-{time.strftime('%Y%m%dT%H%M%S')}")
+    result = RunResult(scenario.name, seed, folder.absolute())
+    env = ChaosEnvironment(folder, scenario.pipeline)
+    stop = threading.Event()
+    try:
+        log(f"starting the pipeline in {folder}")
+        env.start()
+        result.config = _config(env, scenario, workload, method_s)
+        sinks = Sinks(env.nsqd_tcp, env.topics.sinks, SINK_CHANNEL, env.topics.dead, folder / "arrivals.jsonl").start()
+        tracker = RecoveryTracker(env, STAGE).start()
+        try:
+            _probes(env, scenario.steady_state, "before", result, sinks)
+            if not result.failures:
+                log(f"method: {workload.records} records at {workload.rate:g}/s, faults for {method_s:g} s "
+                    f"(seed {seed})")
+                monkey = Monkey(env, list(scenario.method.faults), seed, method_s)
+                sampler = threading.Thread(target=_sample_during, args=(env, scenario.steady_state, result, stop),
+                                           name="probes", daemon=True)
+                sampler.start()
+                try:
+                    _method(env, monkey, workload, seed, folder, stop)
+                finally:
+                    sampler.join(timeout=5)
+                    stop.set()
+                    monkey.heal_all()
+                    _rollbacks(env, scenario.rollbacks)
+                    result.faults, result.injected = monkey.log.entries, monkey.injected
+                log("healed; draining")
+                result.drained = _drain(env, sinks, scenario.pipeline.msg_timeout)
+                _probes(env, scenario.steady_state, "after", result, sinks)
+                result.report = _check(env, folder, sinks, monkey, tracker)
+                if scenario.replay:
+                    result.replayed = replay_missing(folder, env.nsqd_tcp, env.topics.input)
+                    log(f"replayed {result.replayed} missing records; draining")
+                    _drain(env, sinks, scenario.pipeline.msg_timeout)
+                    result.after_replay = _check(env, folder, sinks, monkey, tracker)
+            result.restarts = tracker.restarts
+        finally:
+            tracker.stop()
+            sinks.stop()
+    finally:
+        stop.set()
+        log("stopping the pipeline")
+        env.stop()
+    _expect(scenario, result)
+    (folder / "report.json").write_text(json.dumps(result.to_dict(), indent=1))
+    return result
+
+
+def _config(env: ChaosEnvironment, scenario: Scenario, workload, method_s: float) -> dict:
+    stage = env.topology.stage(STAGE)
+    rendered = env.supervisor.conf.read_text().splitlines()
+    nsqd_command = next((line.partition("=")[2] for line in rendered
+                         if line.startswith("command=") and "/nsqd\"" in line), "")
+    flags = [a.strip('"') for a in nsqd_command.split()]
+    return {"nsqd_version": "1.3.0", "nsqd_args": list(env.nsqd.args),
+            "nsqd_flags": [a for a in flags if a.startswith("--")], "replicas": stage.replicas,
+            "msg_timeout": stage.msg_timeout, "max_in_flight": stage.max_in_flight, "max_tries": stage.max_tries,
+            "publish_timeout": stage.publish_timeout, "records": workload.records, "rate": workload.rate,
+            "poison": workload.poison, "duration": method_s, "supervisord": _supervisord_settings(env)}
+
+
+def _supervisord_settings(env: ChaosEnvironment) -> str:
+    from pipeline import supervisor_conf as sc
+    stage = env.topology.stage(STAGE)
+    return (f"autorestart=true, startsecs={sc.WORKER_STARTSECS}, startretries={sc.WORKER_STARTRETRIES}, "
+            f"worker stopwaitsecs={sc.worker_stopwaitsecs(stage)}, nsqd stopwaitsecs={sc.NSQD_STOPWAITSECS}, "
+            f"restarter back-off {sc.RESTARTER_BASE}-{sc.RESTARTER_MAX} s after FATAL")
+
+
+def _method(env: ChaosEnvironment, monkey: Monkey, workload, seed: int, folder: Path, stop: threading.Event) -> None:
+    producer = JournalingProducer(env.nsqd_tcp, env.topics.input, folder / "journal.jsonl",
+                                  run_id=uuid.uuid4().hex[:8], records=workload.records, rate=workload.rate,
+                                  chunk=workload.chunk, poison=workload.poison, seed=seed)
+    threads = [threading.Thread(target=producer.run, args=(stop,), name="producer", daemon=True),
+               threading.Thread(target=monkey.run, args=(stop,), name="monkey", daemon=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        # join with a timeout: the main thread must stay interruptible by Ctrl-C
+        while any(thread.is_alive() for thread in threads):
+            for thread in threads:
+                thread.join(timeout=0.2)
+    finally:
+        stop.set()  # on Ctrl-C: the monkey heals what it injected, the producer stops
+        for thread in threads:
+            thread.join(timeout=15)
+
+
+def _rollbacks(env: ChaosEnvironment, rollbacks: list[str]) -> None:
+    """Always run every rollback; the scenario's list only orders them first."""
+    actions = {"resume_processes": env.resume_all, "remove_toxics": env.toxiproxy.reset,
+               "disarm_fault_points": lambda: disarm_fault_points(env), "start_workers": lambda: _start_workers(env)}
+    for name in [*rollbacks, *(a for a in actions if a not in rollbacks)]:
+        actions[name]()
+
+
+def _start_workers(env: ChaosEnvironment) -> None:
+    rpc = env.supervisor.rpc()
+    for p in env.supervisor.processes():
+        if p.state in ("FATAL", "STOPPED", "EXITED", "BACKOFF"):
+            try:
+                rpc.supervisor.startProcess(p.full_name, False)
+            except Exception:
+                pass  # already starting (the restarter got there first)
+
+
+def backlog(env: ChaosEnvironment) -> int:
+    """Depth + in-flight + deferred of the stage's and the sinks' channels (and topics' own depth)."""
+    try:
+        stats = nsqd_http.stats(env.nsqd_http)
+    except nsqd_http.NsqdHTTPError:
+        return -1
+    total = 0
+    for topic in stats.get("topics") or []:
+        total += topic.get("depth", 0)
+        for channel in topic.get("channels") or []:
+            if channel["channel_name"] in (STAGE, SINK_CHANNEL):
+                total += channel.get("depth", 0) + channel.get("in_flight_count", 0) + channel.get("deferred_count", 0)
+    return total
+
+
+def _drain(env: ChaosEnvironment, sinks: Sinks, msg_timeout: float) -> bool:
+    """Wait until the backlog is 0 and nothing arrived for longer than msg_timeout; False at the deadline."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT + 3 * msg_timeout
+    while time.monotonic() < deadline:
+        if backlog(env) == 0 and sinks.quiet_for() > msg_timeout + 0.5:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _probe_value(env: ChaosEnvironment, probe: Probe) -> float:
+    if probe.probe == "workers_running":
+        return sum(1 for p in env.supervisor.processes() if p.group == STAGE and p.state == "RUNNING")
+    if probe.probe == "nsqd_up":
+        try:
+            nsqd_http.request(env.nsqd_http, "/ping", method="GET", timeout=1.0)
+            return 1
+        except nsqd_http.NsqdHTTPError:
+            return 0
+    if probe.probe == "worker_rss_mb":
+        return max((_rss_mb(p.pid) for p in env.supervisor.processes() if p.group == STAGE and p.pid), default=0)
+    return backlog(env)
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _probes(env: ChaosEnvironment, probes: list[Probe], when: str, result: RunResult, sinks: Sinks) -> None:
+    """Check the hypothesis; a probe gets up to 30 s to come within tolerance (processes restart)."""
+    for probe in probes:
+        if probe.when not in (when, "both"):
+            continue
+        deadline = time.monotonic() + 30.0
+        while not probe.tolerance.accepts(value := _probe_value(env, probe)):
+            if time.monotonic() > deadline:
+                result.failures.append(f"steady state {when}: {probe.probe} = {value:g}, expected {probe.tolerance}")
+                break
+            time.sleep(0.2)
+
+
+def _sample_during(env: ChaosEnvironment, probes: list[Probe], result: RunResult, stop: threading.Event) -> None:
+    """Sample the ``during`` probes every 0.5 s until the method ends; note the worst value outside tolerance."""
+    during = [p for p in probes if p.when == "during"]
+    worst: dict[int, float] = {}
+    while during and not stop.wait(0.5):
+        for i, probe in enumerate(during):
+            try:
+                value = _probe_value(env, probe)
+            except Exception:
+                continue  # supervisord or nsqd busy: the next sample will do
+            if not probe.tolerance.accepts(value):
+                worst[i] = max(worst.get(i, value), value) if probe.tolerance.max is not None else min(
+                    worst.get(i, value), value)
+    for i, value in worst.items():
+        result.failures.append(f"steady state during the method: {during[i].probe} = {value:g}, "
+                               f"expected {during[i].tolerance}")
+
+
+def _check(env: ChaosEnvironment, folder: Path, sinks: Sinks, monkey: Monkey, tracker: RecoveryTracker) -> Report:
+    consuming: dict[int, float] = {}
+    point_kills = 0
+    events = Path(str(env.faultpoints_path) + ".events")
+    if events.exists():
+        for line in events.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event["event"] in ("subscribed", "consuming"):
+                consuming[event["pid"]] = min(event["t"], consuming.get(event["pid"], event["t"]))
+            else:
+                point_kills += 1
+    report = check(Journal.read(folder / "journal.jsonl"), list(sinks.arrivals), env.topics.dead,
+                   kills=[k for k in monkey.ctx.kills if k.name.startswith(f"{STAGE}:") and k.signal != "SIGSTOP"],
+                   first_running=dict(tracker.first_running), consuming=consuming)
+    report.point_kills, report.fatal = point_kills, tracker.fatal
+    return report
+
+
+def _expect(scenario: Scenario, result: RunResult) -> None:
+    if result.report is None:
+        result.failures.append("no report: the method did not run")
+        return
+    if not result.drained:
+        result.failures.append("the pipeline did not drain")
+    for key, tolerance in scenario.expect.items():
+        report = result.after_replay if key == "lost_after_replay" else result.report
+        if report is None:
+            result.failures.append(f"{key}: no report after replay (replay: false)")
+            continue
+        value = getattr(report, "lost" if key == "lost_after_replay" else key)
+        if value is None or not tolerance.accepts(value):
+            result.failures.append(f"{key} = {value}, expected {tolerance}")
+
+

@@ -1,0 +1,90 @@
+"""The checker's sinks: record every record that arrives on the pipeline's outputs and dead-letter topic.
+
+One thread per topic reads it through its own channel straight from nsqd
+(not through the proxy: the sinks are instruments, not the system under
+test), reconnecting when nsqd restarts. Each arrival is appended to
+``arrivals.jsonl`` as ``{"topic", "id", "number", "attempts", "t"}`` before
+the message is finished, and kept in memory for the checker.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.codecs import decode
+from pipeline.errors import PipelineError
+from pipeline.nsqclient import NsqSubscriber
+
+RECONNECT_S = 0.2
+
+
+@dataclass(frozen=True, slots=True)  # slots: a soak keeps a million of them
+class Arrival:
+    """One record seen by a sink."""
+
+    topic: str
+    id: str
+    number: object
+    attempts: int
+    t: float
+    prime: bool | None = None
+
+
+def parse_arrival(topic: str, dead_topic: str, body: bytes, attempts: int) -> Arrival:
+    """Turn a message body into an :class:`Arrival` (a dead letter's id comes from its raw body)."""
+    record = decode(body)
+    if topic == dead_topic:
+        try:
+            record = decode(record["body"].encode()) if "body" in record else {}
+        except (PipelineError, KeyError, AttributeError):
+            record = {}
+    return Arrival(topic, str(record.get("id")), record.get("number"), attempts, time.time(), record.get("prime"))
+
+
+class Sinks:
+    """Reader threads over ``topics``; :meth:`stop` ends them, :attr:`arrivals` holds what came."""
+
+    def __init__(self, nsqd_tcp: str, topics: list[str], channel: str, dead_topic: str, journal: Path):
+        self.nsqd_tcp, self.topics, self.channel, self.dead_topic = nsqd_tcp, topics, channel, dead_topic
+        self.arrivals: list[Arrival] = []
+        self.last_arrival = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._file = open(journal, "a", buffering=1)
+        self._threads = [threading.Thread(target=self._read, args=(t,), name=f"sink-{t}", daemon=True)
+                         for t in topics]
+
+    def start(self) -> Sinks:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._file.close()
+
+    def _read(self, topic: str) -> None:
+        while not self._stop.is_set():
+            try:
+                with NsqSubscriber(self.nsqd_tcp, topic, self.channel, rdy=500, timeout=2.0) as sub:
+                    while not self._stop.is_set():
+                        for message in sub.messages(timeout=0.2):
+                            self._record(parse_arrival(topic, self.dead_topic, message.body, message.attempts))
+            except (PipelineError, OSError):
+                self._stop.wait(RECONNECT_S)  # nsqd restarting or stopped: try again
+
+    def _record(self, arrival: Arrival) -> None:
+        with self._lock:
+            self.arrivals.append(arrival)
+            self.last_arrival = time.monotonic()
+            self._file.write(json.dumps({"topic": arrival.topic, "id": arrival.id, "number": arrival.number,
+                                         "attempts": arrival.attempts, "t": arrival.t, "prime": arrival.prime}) + "\n")
+
+    def quiet_for(self) -> float:
+        """Seconds since the last arrival."""
+        return time.monotonic() - self.last_arrival

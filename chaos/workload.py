@@ -1,0 +1,119 @@
+"""The journaling producer: publishes numbers and journals every id nsqd acknowledged.
+
+Each chunk is journaled as ``{"sent": [[id, number], ...]}`` before its MPUB
+and ``{"acked": [ids]}`` after nsqd's OK, one JSON line each, flushed. A
+publish that fails (nsqd restarting, stopped, killed) is retried on a new
+connection until it is acknowledged or the producer is stopped; a chunk that
+was sent but never acknowledged stays in ``sent`` only, so its records may
+arrive (not ``unexpected``) but need not (not ``lost``). A share ``poison`` of
+the records carries no valid number and must end on the dead-letter topic.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from pipeline.errors import PipelineError
+from pipeline.nsqclient import NsqPublisher
+
+RETRY_S = 0.2
+
+
+@dataclass
+class Journal:
+    """What the producer sent and what nsqd acknowledged, read back from ``journal.jsonl``."""
+
+    sent: dict[str, object] = field(default_factory=dict)   # id -> number (poison: a string)
+    acked: set[str] = field(default_factory=set)
+
+    @classmethod
+    def read(cls, path: Path) -> Journal:
+        journal = cls()
+        if not path.exists():
+            return journal
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    entry = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                for record_id, number in entry.get("sent", ()):
+                    journal.sent[record_id] = number
+                journal.acked.update(entry.get("acked", ()))
+        return journal
+
+
+def make_record(record_id: str, number: object) -> bytes:
+    """The message body for one journaled record."""
+    return orjson.dumps({"id": record_id, "ts": time.time_ns(), "number": number})
+
+
+class JournalingProducer:
+    """Publishes ``records`` numbers to ``topic`` at ``rate``; run it in a thread with :meth:`run`."""
+
+    def __init__(self, nsqd_tcp: str, topic: str, journal: Path, *, run_id: str, records: int, rate: float,
+                 chunk: int = 50, poison: float = 0.0, seed: int = 0, start: int = 1):
+        self.nsqd_tcp, self.topic, self.journal = nsqd_tcp, topic, journal
+        self.run_id, self.records, self.rate, self.chunk = run_id, records, rate, chunk
+        self.poison, self.start = poison, start
+        self.rng = random.Random(seed)
+        self.acked = 0
+        self.errors = 0
+        self.poisoned = 0
+        self.done = threading.Event()
+
+    def _chunks(self):
+        for first in range(self.start, self.start + self.records, self.chunk):
+            batch = []
+            for n in range(first, min(first + self.chunk, self.start + self.records)):
+                if self.poison and self.rng.random() < self.poison:
+                    self.poisoned += 1
+                    batch.append((f"{self.run_id}-{n}", f"poison-{n}"))
+                else:
+                    batch.append((f"{self.run_id}-{n}", n))
+            yield batch
+
+    def run(self, stop: threading.Event) -> None:
+        """Publish everything (or until ``stop``), journaling as it goes."""
+        began = time.monotonic()
+        sent = 0
+        pub: NsqPublisher | None = None
+        with open(self.journal, "ab") as journal:
+            try:
+                for batch in self._chunks():
+                    journal.write(orjson.dumps({"sent": batch}) + b"\n")
+                    journal.flush()
+                    pub = self._publish(pub, batch, stop)
+                    if pub is None:
+                        return
+                    journal.write(orjson.dumps({"acked": [i for i, _ in batch]}) + b"\n")
+                    journal.flush()
+                    self.acked += len(batch)
+                    sent += len(batch)
+                    ahead = began + sent / self.rate - time.monotonic()
+                    if ahead > 0 and stop.wait(ahead):
+                        return
+            finally:
+                if pub is not None:
+                    pub.close()
+                self.done.set()
+
+    def _publish(self, pub: NsqPublisher | None, batch: list, stop: threading.Event) -> NsqPublisher | None:
+        bodies = [make_record(i, n) for i, n in batch]
+        while not stop.is_set():
+            try:
+                pub = pub or NsqPublisher(self.nsqd_tcp, timeout=3.0, window=1)
+                pub.mpub(self.topic, bodies)
+                return pub
+            except (PipelineError, OSError):
+                self.errors += 1
+                if pub is not None:
+                    pub.close()
+                pub = None
+                stop.wait(RETRY_S)
+        return None

@@ -1,0 +1,63 @@
+"""The checker's arithmetic: lost, unexpected, duplicated, dead-lettered, misclassified, recovery."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from chaos.checker import check, is_prime, recovery_times
+from chaos.faults import Kill
+from chaos.replay import missing_records
+from chaos.sink import Arrival, parse_arrival
+from chaos.workload import Journal
+
+DEAD = "numbers.dead"
+
+
+def _arrival(topic: str, record_id: str, number, prime=None) -> Arrival:
+    return Arrival(topic, record_id, number, 1, 0.0, prime)
+
+
+def test_counts_each_kind_of_anomaly() -> None:
+    journal = Journal(sent={"r-2": 2, "r-3": 3, "r-4": 4, "r-5": 5, "r-p": "poison", "r-x": 9},
+                      acked={"r-2", "r-3", "r-4", "r-5", "r-p"})
+    arrivals = [_arrival("prime", "r-2", 2, True), _arrival("prime", "r-2", 2, True),   # duplicated
+                _arrival("prime", "r-4", 4, True),                                      # misclassified
+                _arrival("non_prime", "r-x", 9, False),                                 # sent, not acked: fine
+                _arrival("non_prime", "zz-1", 1, False),                                # never sent
+                _arrival(DEAD, "r-p", "poison")]
+    report = check(journal, arrivals, DEAD)
+    assert (report.acked, report.sent) == (5, 6)
+    assert report.lost_ids == ["r-3", "r-5"] and report.lost == 2
+    assert (report.unexpected, report.duplicated, report.dead_lettered) == (1, 1, 1)
+    assert (report.poison, report.poison_not_dead_lettered, report.misclassified) == (1, 0, 1)
+
+
+def test_reference_primes() -> None:
+    assert [n for n in range(30) if is_prime(n)] == [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]
+
+
+def test_recovery_is_kill_to_the_successor_consuming() -> None:
+    kills = [Kill("primes:primes-0", 10, "SIGKILL", 100.0), Kill("primes:primes-1", 20, "SIGKILL", 200.0)]
+    first_running = {10: ("primes:primes-0", 50.0), 11: ("primes:primes-0", 100.4),
+                     20: ("primes:primes-1", 50.0), 21: ("primes:primes-1", 200.9)}
+    consuming = {11: 101.5, 21: 202.0}
+    running, consumed = recovery_times(kills, first_running, consuming)
+    assert [round(t, 3) for t in running] == [0.4, 0.9]
+    assert consumed == [1.5, 2.0]
+    # a successor that never consumed (killed again first) has a RUNNING time but no recovery
+    assert recovery_times(kills, first_running, {11: 101.5}) == (running, [1.5])
+
+
+def test_dead_letter_arrivals_carry_the_original_id() -> None:
+    body = orjson.dumps({"reason": "bad", "body": orjson.dumps({"id": "r-9", "number": "x"}).decode()})
+    arrival = parse_arrival(DEAD, DEAD, body, 1)
+    assert (arrival.id, arrival.number) == ("r-9", "x")
+
+
+def test_missing_records_are_acked_ids_no_sink_saw(tmp_path: Path) -> None:
+    (tmp_path / "journal.jsonl").write_bytes(
+        orjson.dumps({"sent": [["r-1", 1], ["r-2", 2], ["r-3", 3]]}) + b"\n"
+        + orjson.dumps({"acked": ["r-1", "r-2"]}) + b"\n" + b'{"acked": ["r-3"')   # cut short by a crash
+    (tmp_path / "arrivals.jsonl").write_bytes(orjson.dumps({"topic": "prime", "id": "r-2"}) + b"\n")
+    assert missing_records(tmp_path) == [("r-1", 1)]

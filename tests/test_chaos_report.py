@@ -1,0 +1,41 @@
+"""The chaos run's table and the reliability report say what the checker found, and the verdict."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from chaos.checker import Report
+from chaos.report import print_result, reliability_markdown
+from chaos.run import RunResult
+
+
+def _result(**report) -> RunResult:
+    result = RunResult("soak", 7, Path("/tmp/run"), report=Report(acked=20000, kills=9, recovered=8,
+                                                                  recovery_p99=3.4, **report),
+                       faults=[(1.2, "SIGKILL primes:primes-0 pid 10"), (3.0, "SIGKILL primes:primes-1 pid 11"),
+                               (4.0, "toxic latency {'latency': 300} on nsqd-n0 downstream")],
+                       injected=3, drained=True, config={"records": 20000, "duration": 20.0, "msg_timeout": 10.0,
+                                                         "nsqd_flags": ["--mem-queue-size=0"]})
+    return result
+
+
+def test_table_shows_figures_fault_log_and_verdict() -> None:
+    console = Console(record=True, width=200)
+    result = _result(lost=2)
+    result.failures.append("lost = 2, expected <= 0")
+    print_result(result, console)
+    text = console.export_text()
+    assert "acked" in text and "20,000" in text
+    assert "recovery_p99" in text and "3.400 s" in text
+    assert "SIGKILL primes:primes-1 pid 11" in text
+    assert "FAIL: lost = 2, expected <= 0" in text and "--seed 7" in text
+
+
+def test_reliability_markdown_flags_a_short_soak() -> None:
+    text = reliability_markdown([_result()])
+    assert "## soak (seed 7): PASS" in text
+    assert "**Short run:** 20,000 records and 20 s of faults, not the 1,000,000 records" in text
+    assert "`--mem-queue-size=0`" in text
+    assert "| recovery_p99 | 3.400 s |" in text
+    assert "Faults by kind: SIGKILL primes ×2, toxic latency ×1" in text
