@@ -72,6 +72,11 @@ class MiddlewareStack:
         """Append ``middleware``: its before-hooks run last, its after-hooks first."""
         self.middleware.append(middleware)
 
+    def implements(self, hook: str) -> bool:
+        """Whether some middleware overrides ``hook`` (so a per-message hook costs nothing when none does)."""
+        base = getattr(Middleware, hook)
+        return any(getattr(type(m), hook, base) is not base for m in self.middleware)
+
     def emit_before(self, hook: str, *args: Any, **kwargs: Any) -> None:
         """Call ``hook`` on every middleware in order."""
         for m in self.middleware:

@@ -221,7 +221,7 @@ class Worker:
 
     def _on_messages(self, messages: list) -> None:
         """Take the messages of one read from nsqd (FastMessages: asynchronous, answered after their batch)."""
-        if self.middleware.middleware:
+        if self.middleware.implements("after_receive"):  # once per read, not per message
             for message in messages:
                 self.middleware.emit_before("after_receive", self, message)
         if self.draining:

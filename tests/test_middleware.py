@@ -40,3 +40,16 @@ def test_a_failing_hook_is_logged_critical_and_the_others_still_run(caplog):
 
 def test_hooks_default_to_no_ops():
     MiddlewareStack([Middleware()]).emit_after("after_ack", None, [], [])
+
+
+def test_the_stack_knows_which_hooks_are_implemented():
+    from pipeline.middleware import Middleware, MiddlewareStack
+
+    class OnReceive(Middleware):
+        def after_receive(self, worker, message):
+            pass
+
+    stack = MiddlewareStack([Middleware()])
+    assert not stack.implements("after_receive")
+    stack.add(OnReceive())
+    assert stack.implements("after_receive") and not stack.implements("after_ack")
