@@ -197,9 +197,13 @@ class WorkerMetrics(Middleware):
 
     def after_process_batch(self, worker: Worker, batch: Batch, *, result, exception) -> None:
         self._handler.observe(time.perf_counter() - self._handler_started)
-        self._batch_size.observe(len(batch.records))
+        self._batch_size.observe(len(batch))
         if exception is None:
-            self.e2e.observe_many(e2e_seconds(batch.records, time.time_ns()))
+            columns = getattr(batch, "columns", None)  # the columnar path: never build records for metrics
+            if columns is not None:
+                self.e2e.observe_many(_seconds_since(columns.get("ts") or [], time.time_ns()))
+            else:
+                self.e2e.observe_many(e2e_seconds(batch.records, time.time_ns()))
 
     def before_publish(self, worker: Worker, outputs: Mapping[str, Sequence[bytes]]) -> None:
         # Publishes of different batches overlap; each batch has its own outputs dict.
@@ -234,7 +238,10 @@ class WorkerMetrics(Middleware):
 
 def e2e_seconds(records: Sequence[Any], now_ns: int) -> np.ndarray:
     """Seconds from each record's ``ts`` (ns since epoch) to ``now_ns``; records without one are skipped."""
-    stamps = [r.get("ts") for r in records if isinstance(r, dict)]
+    return _seconds_since([r.get("ts") for r in records if isinstance(r, dict)], now_ns)
+
+
+def _seconds_since(stamps: Sequence[Any], now_ns: int) -> np.ndarray:
     stamps = [t for t in stamps if type(t) is int and t > 0]
     if not stamps:
         return np.empty(0)

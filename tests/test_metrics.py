@@ -78,3 +78,18 @@ def test_scraped_counters_match_what_the_replica_processed(nsqd, tmp_path, topic
     assert value(samples, "pipeline_handler_seconds_count") == value(samples, "pipeline_batch_size_count") > 0
     assert value(samples, "pipeline_publish_seconds_count") >= value(samples, "pipeline_batches_total") > 0
     assert samples[("process_resident_memory_bytes", ())] > 10e6
+
+
+def test_a_columnar_batch_is_measured_without_building_its_records():
+    import time as _time
+
+    from pipeline.metrics import WorkerMetrics
+    from pipeline.stage import ColumnBatch, Columns
+    metrics = WorkerMetrics("primes", 0, None)
+    now = _time.time_ns()
+    batch = ColumnBatch(Columns({"id": ["a", "b"], "ts": [now - 2_000_000_000, now - 1_000_000_000]}))
+    metrics.before_process_batch(None, batch)
+    metrics.after_process_batch(None, batch, result={}, exception=None)
+    assert batch._records is None  # the records were never materialised
+    counts, total = metrics.e2e.snapshot()
+    assert counts[-1][1] == 2 and 2.9 < total < 3.5
