@@ -285,6 +285,19 @@ def bench(bench_args: tuple[str, ...]) -> None:
     sys.exit(run_bench(list(bench_args), prog="pipeline bench"))
 
 
+@main.command()
+@topology_option
+def gateway(topology_path: str) -> None:
+    """Serve the authenticated /pub and /mpub edge of the topology's gateway section until SIGTERM."""
+    import asyncio
+
+    from .gateway import serve
+    topology = load(topology_path)
+    if topology.gateway is None:
+        raise click.UsageError(f"{topology_path} has no gateway section")
+    asyncio.run(serve(topology))
+
+
 @contextlib.contextmanager
 def _progress(label: str, total: int):
     """Show a progress bar while the block runs; yields ``advance(done)``."""

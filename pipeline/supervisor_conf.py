@@ -30,7 +30,8 @@ WORKER_STARTSECS = 2  # a worker with a broken handler fails well within this (t
 WORKER_STARTRETRIES = 3
 RESTARTER_BASE, RESTARTER_MAX = 1, 60  # seconds of back-off before a FATAL worker is started again
 
-PRIORITY = {"restarter": 10, "nsqlookupd": 100, "nsqd": 200, "nsqadmin": 300, "worker": 400}
+PRIORITY = {"restarter": 10, "nsqlookupd": 100, "auth": 150, "nsqd": 200, "nsqadmin": 300, "gateway": 350,
+            "worker": 400}
 
 
 def conf_path(topology_path: Path) -> Path:
@@ -65,6 +66,7 @@ def render(topology) -> str:
     var = var_path(topology)
     sections = [*_supervisord(var), *_nsq_programs(topology, var), _restarter(var)]
     sections += [_stage(topology, name, stage, var) for name, stage in topology.stages.items()]
+    sections += _edge_programs(topology, var)
     header = ("; Rendered by `pipeline render` from the topology; do not edit by hand.\n"
               "; `pipeline up` starts supervisord with NSQ_PIPELINE_BIN and NSQ_PIPELINE_PYTHON set.\n")
     return header + "\n".join(_format(title, options) for title, options in sections)
@@ -136,8 +138,23 @@ def _restarter(var: str) -> tuple[str, dict]:
     return "eventlistener:restarter", options
 
 
+def _topology_file(topology) -> str:
+    return f"{HERE}/{Path(topology.path).name}" if topology.path else "topology.yaml"
+
+
+def _edge_programs(topology, var: str) -> list[tuple[str, dict]]:
+    """The auth server and the gateway, when the topology has them (secrets come from supervisord's environment)."""
+    programs = []
+    for kind, command, on in (("auth", "auth-server", topology.auth), ("gateway", "gateway", topology.gateway)):
+        if on is not None:
+            argv = [PYTHON, "-m", "pipeline.cli", command, "-t", _topology_file(topology)]
+            name, options = _daemon(kind, argv, kind, var)
+            programs.append((name, {**options, "directory": HERE, "environment": 'PYTHONUNBUFFERED="1"'}))
+    return programs
+
+
 def _stage(topology, name: str, stage, var: str) -> tuple[str, dict]:
-    topology_file = f"{HERE}/{Path(topology.path).name}" if topology.path else "topology.yaml"
+    topology_file = _topology_file(topology)
     argv = [PYTHON, "-m", "pipeline.cli", "worker", name, "--replica", "%(process_num)d", "-t", topology_file]
     options = {
         "command": _command(argv),

@@ -66,6 +66,9 @@ def _nested_model(annotation: Any) -> tuple[type[BaseModel] | None, str]:
         return inner, ".<name>" + suffix
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation, ""
+    if origin is Union or isinstance(annotation, UnionType):  # an optional section: `X | None`
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        return (models[0], "") if len(models) == 1 else (None, "")
     return None, ""
 
 
@@ -77,7 +80,7 @@ def _section(model: type[BaseModel], where: str) -> str:
     lines += ["| field | type | default | bounds | description |", "|---|---|---|---|---|"]
     for name, info in model.model_fields.items():
         kind = _type(info.annotation, info.metadata)
-        cells = [f"`{name}`", kind, _default(info), _bounds(info), info.description or ""]
+        cells = [f"`{info.alias or name}`", kind, _default(info), _bounds(info), info.description or ""]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

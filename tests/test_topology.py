@@ -163,7 +163,7 @@ BROKEN = [
      "outputs, replicas, max_in_flight, batch, max_tries, msg_timeout, requeue_delay, max_backoff_duration, "
      "publish_timeout, output_buffer_timeout, keyed, gap_max_count, gap_max_ms, params"),
     ("unknown-top-level-key", "producers:", "producer:",
-     "topology.yaml:18:1: producer: unknown field; expected one of: nsq, topics, stages, producers"),
+     "topology.yaml:18:1: producer: unknown field; expected one of: nsq, topics, stages, producers, gateway, auth, tls"),
     ("undeclared-output", "[prime, non_prime]", "[prime, composite]",
      "topology.yaml:13:22: stages.primes.outputs.1: topic 'composite' is not declared under topics "
      "(declared: numbers, prime, non_prime)"),
