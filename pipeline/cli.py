@@ -130,7 +130,7 @@ def produce_numbers_cmd(start: int, count: int, rate: float, producer_name: str,
     with _progress(f"publishing to {spec.topic}", count) as advance:
         acked = produce_numbers(address, spec.topic, start, count, rate=rate or spec.rate, chunk=spec.chunk,
                                 codec=topology.codec_for(spec.topic), pack=topology.pack_for(spec.topic),
-                                run_id=run_id, on_progress=advance)
+                                run_id=run_id, on_progress=advance, security=_security(topology, producer_name))
     click.echo(f"published {acked} records to {spec.topic} on {address}")
 
 
@@ -171,7 +171,7 @@ def produce_ticks_cmd(symbols: int, count: int | None, seed: int, replay_path: s
     with _progress(f"publishing to {spec.topic}", total) as advance:
         acked = produce_ticks(address, spec.topic, records, spec=topology.topics[spec.topic],
                               rate=rate or (spec.rate if speed == "max" else 0), speed=speed, chunk=spec.chunk,
-                              on_progress=advance)
+                              on_progress=advance, security=_security(topology, producer_name))
     click.echo(f"published {acked} ticks to {spec.topic} on {address}")
 
 
@@ -296,6 +296,25 @@ def gateway(topology_path: str) -> None:
     if topology.gateway is None:
         raise click.UsageError(f"{topology_path} has no gateway section")
     asyncio.run(serve(topology))
+
+
+@main.command("auth-server")
+@topology_option
+def auth_server(topology_path: str) -> None:
+    """Answer nsqd's --auth-http-address from the topology's identities until SIGTERM."""
+    import asyncio
+
+    from .authserver import serve
+    topology = load(topology_path)
+    if topology.auth is None:
+        raise click.UsageError(f"{topology_path} has no auth section")
+    asyncio.run(serve(topology))
+
+
+def _security(topology, identity: str | None):
+    """TLS and AUTH for a blocking client of ``identity`` (nothing when the topology has neither)."""
+    from .security import client_security
+    return client_security(topology, identity)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import math
 from pathlib import Path, PurePosixPath
 
 from .processes import nsqadmin_args, nsqd_args, nsqlookupd_args
+from .security import nsqd_security_args
 
 BIN = "%(ENV_NSQ_PIPELINE_BIN)s"
 PYTHON = "%(ENV_NSQ_PIPELINE_PYTHON)s"
@@ -117,7 +118,7 @@ def _nsq_programs(topology, var: str) -> list[tuple[str, dict]]:
         # nsqd derives its node id (part of every message id) from the hostname,
         # so nodes on one host would share one; each gets its own.
         argv = nsqd_args(tcp=n.tcp, http=n.http, data_dir=f"{var}/nsqd/{n.name}", lookupd_tcp=lookupd_tcp,
-                         extra=[f"--node-id={i}"], binary=f"{BIN}/nsqd")
+                         extra=[f"--node-id={i}", *nsqd_security_args(topology)], binary=f"{BIN}/nsqd")
         programs.append(_daemon(f"nsqd-{n.name}", argv, "nsqd", var, NSQD_STOPWAITSECS))
     if nsq.admin and nsq.lookupd:
         argv = nsqadmin_args(http=nsq.admin, lookupd_http=[l.http for l in nsq.lookupd], binary=f"{BIN}/nsqadmin")

@@ -201,7 +201,7 @@ def parse_speed(speed: str | float) -> float | None:
 
 def produce_ticks(address: str, topic: str, records: Iterable[dict], *, spec: TopicSpec | None = None,
                   rate: float = 0.0, speed: str | float = "max", chunk: int = 500,
-                  on_progress: Callable[[int], None] | None = None) -> int:
+                  on_progress: Callable[[int], None] | None = None, security=None) -> int:
     """Publish ``records`` to ``topic`` on the nsqd at ``address``; return how many nsqd acknowledged.
 
     Each record goes to the physical topic of its partition (``<topic>.<k>``
@@ -232,7 +232,7 @@ def produce_ticks(address: str, topic: str, records: Iterable[dict], *, spec: To
         raise ValueError(f"pace by rate (>= 0) or by speed, not both: rate={rate!r}, speed={speed!r}")
     spec = spec or TopicSpec()
     pacer = _Pacer(rate, factor)
-    with _Sender(address, Router.for_spec(topic, spec), spec, chunk, on_progress) as sender:
+    with _Sender(address, Router.for_spec(topic, spec), spec, chunk, on_progress, security) as sender:
         try:
             for record in records:
                 wait = pacer.wait(record)
@@ -283,7 +283,7 @@ class _Sender:
     """Buffers records per physical topic and publishes them in pipelined MPUBs on one connection."""
 
     def __init__(self, address: str, router: Router, spec: TopicSpec, chunk: int,
-                 on_progress: Callable[[int], None] | None):
+                 on_progress: Callable[[int], None] | None, security=None):
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, not {chunk!r}")
         self.address, self.router, self.chunk, self.on_progress = address, router, chunk, on_progress
@@ -292,7 +292,8 @@ class _Sender:
         self.pending: deque[tuple[int, int]] = deque()  # (messages, records) of each unanswered MPUB
         self.acked = 0  # records acknowledged
         self._counted = 0  # messages of self.pub.acked already turned into records
-        self.pub = NsqPublisher(address)
+        self.security = security  # TLS and AUTH, a pipeline.security.ClientSecurity
+        self.pub = NsqPublisher(address, security=security)
         self.last_send = time.monotonic()
 
     def __enter__(self) -> _Sender:
@@ -340,7 +341,7 @@ class _Sender:
         self.pub.flush()
         self._count_acks()
         self.pub.close()
-        self.pub, self._counted = NsqPublisher(self.address), 0
+        self.pub, self._counted = NsqPublisher(self.address, security=self.security), 0
 
     def _count_acks(self) -> None:
         before = self.acked
