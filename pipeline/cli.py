@@ -311,6 +311,20 @@ def auth_server(topology_path: str) -> None:
     asyncio.run(serve(topology))
 
 
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/tls"),
+              show_default=True, help="Folder for the CA, nsqd's and the clients' certificates and keys.")
+@click.option("--host", "hosts", multiple=True, default=("127.0.0.1", "localhost"), show_default=True,
+              help="A host name or IP address nsqd's certificate is valid for (repeatable).")
+def certs(out_dir: Path, hosts: tuple[str, ...]) -> None:
+    """Create a development CA and certificates for TLS between the pipeline and nsqd."""
+    from .certs import create_dev_certs
+    paths = create_dev_certs(out_dir, list(hosts))
+    click.echo(f"wrote a CA, nsqd's certificate ({', '.join(hosts)}) and a client certificate to {out_dir}/;"
+               " add to topology.yaml:", err=True)
+    click.echo(paths.topology_section(), nl=False)
+
+
 def _security(topology, identity: str | None):
     """TLS and AUTH for a blocking client of ``identity`` (nothing when the topology has neither)."""
     from .security import client_security

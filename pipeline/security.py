@@ -90,7 +90,7 @@ def nsqd_security_args(topology) -> list[str]:
     if tls is not None:
         args += [f"--tls-cert={resolve(topology, tls.cert)}", f"--tls-key={resolve(topology, tls.key)}",
                  f"--tls-root-ca-file={resolve(topology, tls.root_ca_file)}",
-                 f"--tls-min-version={tls.min_version}", f"--tls-required={'true' if tls.required else 'false'}"]
+                 f"--tls-min-version={tls.min_version}", f"--tls-required={'tcp-https' if tls.required else 'false'}"]
         if tls.client_auth_policy != "none":
             args.append(f"--tls-client-auth-policy={tls.client_auth_policy}")
     if topology.auth is not None:

@@ -418,7 +418,9 @@ class TlsSpec(_Spec):
     root_ca_file: str = Field(
         min_length=1, description="CA that signed the certificates; clients verify nsqd with it, nsqd verifies"
                                   " clients with it (nsqd `--tls-root-ca-file`).")
-    required: bool = Field(True, description="Refuse TCP clients that do not upgrade to TLS (nsqd `--tls-required`).")
+    required: bool = Field(
+        True, description="Refuse TCP clients that do not upgrade to TLS (nsqd `--tls-required=tcp-https`; the"
+                          " plain HTTP port, on loopback, stays usable for stats and topic creation).")
     client_auth_policy: Literal["none", "require", "require-verify"] = Field(
         "none", description="Client certificates nsqd asks for (nsqd `--tls-client-auth-policy`).")
     min_version: Literal["tls1.2", "tls1.3"] = Field(
