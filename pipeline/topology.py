@@ -778,6 +778,8 @@ def _read(shown: str) -> tuple[dict[str, Any], _Positions]:
         raise TopologyError(shown, 0, 0, "", "cannot read: not UTF-8 text") from e
     except yaml.YAMLError as e:
         raise _yaml_error(shown, e) from e
+    except RecursionError as e:  # PyYAML and our position walk recurse once per nesting level
+        raise TopologyError(shown, 0, 0, "", "invalid YAML: nested too deeply") from e
     if not isinstance(data, dict):
         what = "the file is empty" if data is None else f"got {type(data).__name__}"
         reason = f"top level must be a mapping with sections nsq, topics, stages, producers; {what}"
