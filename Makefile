@@ -7,7 +7,7 @@ PIPELINE := $(VENV)/bin/pipeline
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test down clean bench
+.PHONY: setup demo test down clean bench fuzz
 
 setup: $(STAMP)
 	@$(PIPELINE) install-nsq >/dev/null
@@ -31,6 +31,12 @@ test: setup
 # several minutes, so not part of `make test`. Writes bench/results.{json,md}.
 bench: setup
 	$(PY) -m benchmarks.run
+
+# Generated bad messages mixed with good ones through a running primes pipeline: no worker
+# crashes, every bad one dead-lettered with a reason, every good one delivered. FUZZ_COUNT=1000 for a quick run.
+FUZZ_COUNT ?= 100000
+fuzz: setup
+	$(PY) tests/fuzz_pipeline.py --count $(FUZZ_COUNT)
 
 down:
 	@if [ -x $(PIPELINE) ]; then $(PIPELINE) down; else echo "nothing to stop (no $(VENV))"; fi
