@@ -74,6 +74,9 @@ def check(topology_path: str) -> None:
         click.echo(str(error), err=True)
     if errors:
         sys.exit(1)
+    from .security import exposure_warnings
+    for warning in exposure_warnings(load(topology_path)):
+        click.echo(f"{topology_path}: warning: {warning}", err=True)
     click.echo(f"{topology_path}: ok")
 
 

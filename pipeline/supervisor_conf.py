@@ -122,6 +122,8 @@ def _nsq_programs(topology, var: str) -> list[tuple[str, dict]]:
         programs.append(_daemon(f"nsqd-{n.name}", argv, "nsqd", var, NSQD_STOPWAITSECS))
     if nsq.admin and nsq.lookupd:
         argv = nsqadmin_args(http=nsq.admin, lookupd_http=[l.http for l in nsq.lookupd], binary=f"{BIN}/nsqadmin")
+        if nsq.admin_users:  # privileged actions only for these users, as the proxy in front names them
+            argv += [f"--acl-http-header={nsq.admin_acl_header}", *(f"--admin-user={u}" for u in nsq.admin_users)]
         programs.append(_daemon("nsqadmin", argv, "nsqadmin", var))
     return programs
 

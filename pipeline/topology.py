@@ -179,6 +179,13 @@ class NsqSpec(_Spec):
         default_factory=list, description="The nsqlookupd nodes; without any, consumers connect to nsqd directly."
     )
     admin: Address | None = Field(None, description="HTTP address of nsqadmin (`--http-address`); null: no nsqadmin.")
+    admin_users: list[str] = Field(
+        default_factory=list,
+        description="Users allowed nsqadmin's privileged actions (nsqadmin `--admin-user`), as named by the"
+                    " authenticating proxy in `admin_acl_header`; empty: every visitor is an admin.")
+    admin_acl_header: str = Field(
+        "X-Forwarded-User", min_length=1,
+        description="Header the authenticating proxy puts the user name in (nsqadmin `--acl-http-header`).")
     var_dir: str = Field(
         "var", min_length=1,
         description="Directory for all state (NSQ data, logs, health.db), relative to the topology file.",

@@ -60,3 +60,53 @@ def test_sections_load_with_their_defaults(tmp_path):
     assert topology.topics["numbers"].schema_ == {"number": "integer"}
     assert (topology.gateway.max_msg_size, topology.gateway.max_body_size) == (1048576, 5242880)
     assert (topology.auth.ttl, topology.tls.required, topology.tls.min_version) == (3600, True, "tls1.2")
+
+
+def check(tmp_path, text: str):
+    import subprocess
+    import sys
+    from pathlib import Path
+    path = tmp_path / "topology.yaml"
+    path.write_text(text)
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "check", "-t", str(path)], cwd=root,
+                          capture_output=True, text=True, timeout=60)
+
+
+EXPOSED = textwrap.dedent("""\
+    nsq:
+      nsqd: [{name: n0, tcp: 0.0.0.0:4150, http: 127.0.0.1:4151}]
+      lookupd: [{tcp: 10.1.2.3:4160, http: 127.0.0.1:4161}]
+      admin: 0.0.0.0:4171
+    topics: {numbers: {}}
+    """)
+
+
+def test_check_warns_about_every_exposed_listener_without_protection(tmp_path):
+    result = check(tmp_path, EXPOSED)
+    assert result.returncode == 0 and result.stdout.strip().endswith("topology.yaml: ok")
+    warnings = [line.split(": warning: ", 1)[1] for line in result.stderr.strip().splitlines()]
+    assert warnings == [
+        "nsq.nsqd.0.tcp 0.0.0.0:4150 is not loopback and has no TLS or auth",
+        "nsq.lookupd.0.tcp 10.1.2.3:4160 is not loopback: nsqlookupd has no authentication",
+        "nsq.admin 0.0.0.0:4171 is not loopback: nsqadmin treats every visitor as an admin; put it behind an "
+        "authenticating proxy (docs/SECURITY.md)",
+    ]
+
+
+def test_check_is_quiet_when_exposed_nsqd_has_tls_and_auth(tmp_path):
+    text = EXPOSED.replace("  lookupd: [{tcp: 10.1.2.3:4160, http: 127.0.0.1:4161}]\n", "").replace(
+        "  admin: 0.0.0.0:4171\n", "")
+    text += "auth: {http: 127.0.0.1:4181}\ntls: {cert: c, key: k, root_ca_file: ca}\n"
+    result = check(tmp_path, text)
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_check_of_the_default_topology_has_no_warning():
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "check"], cwd=root, capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (0, "")
