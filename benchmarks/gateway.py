@@ -2,8 +2,9 @@
 
 The rule:
 
-1. a fresh nsqd, and ``pipeline gateway`` in front of it with one bearer token
-   (no rate limit) that may publish to the topic ``gw``;
+1. a fresh nsqd, and :data:`PROCESSES` ``pipeline gateway`` processes sharing
+   one port (SO_REUSEPORT) in front of it, with one bearer token (no rate
+   limit) that may publish to the topic ``gw``;
 2. :data:`CONNECTIONS` keep-alive HTTP/1.1 connections, each keeping
    :data:`DEPTH` requests pipelined, send N ``POST /pub?topic=gw`` requests of one
    JSON record each (the same bytes as the drain contenders' records) from an
@@ -13,7 +14,7 @@ The rule:
    is a message in nsqd. Afterwards nsqd's message count on ``gw`` must be N
    and every answer a 200, else the run fails.
 
-Figures: messages/s, the gateway's CPU per million messages and its peak RSS.
+Figures: messages/s, the gateway processes' CPU per million messages and their largest peak RSS.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from .procstat import cpu_seconds, peak_rss_mb
 TOPIC = "gw"
 BASE_COUNT = 200_000  # at scale 1: ten seconds at the 20,000 msg/s target
 CONNECTIONS = 8
+PROCESSES = 2  # one per core of the project's machine
 DEPTH = 16  # pipelined requests in flight per connection
 TOKEN_ENV = "NSQ_BENCH_GATEWAY_TOKEN"
 TOKEN = "bench-" + "t" * 32
@@ -56,6 +58,7 @@ class GatewaySample:
     nsqd_cpu_s_per_million: float
     connections: int
     depth: int
+    processes: int
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,7 +70,7 @@ def write_topology(path: Path, broker: Broker) -> Path:
         "nsq": {"nsqd": [{"name": "n0", "tcp": broker.tcp, "http": broker.process.http}],
                 "var_dir": str(path.parent / "var")},
         "topics": {TOPIC: {"codec": "json"}},
-        "gateway": {"http": f"127.0.0.1:{free_port()}",
+        "gateway": {"http": f"127.0.0.1:{free_port()}", "processes": PROCESSES,
                     "tokens": {"bench": {"secret": {"env": TOKEN_ENV}, "topics": [TOPIC]}}},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,28 +123,31 @@ def gateway_once(workdir: Path, count: int, connections: int = CONNECTIONS, dept
     """
     bodies = [encode_json({"id": f"bench-{n}", "ts": 0, "number": n}) for n in range(1, count + 1)]
     broker = Broker.start(workdir / "nsqd", MEM_QUEUE_SIZE)
-    gateway = None
+    gateways = []
     try:
         nsqd_http.create_topic(broker.process.http, TOPIC)
         topology = write_topology(workdir / "topology.yaml", broker)
         address = yaml.safe_load(topology.read_text())["gateway"]["http"]
         os.environ[TOKEN_ENV] = TOKEN
         try:
-            gateway = start_process("gateway", [sys.executable, "-m", "pipeline.cli", "gateway", "-t", str(topology)],
-                                    http=address, log_path=workdir / "gateway.log", ping_timeout=30)
+            for k in range(PROCESSES):  # each is up once it listens (it connects to nsqd first)
+                gateways.append(start_process(
+                    f"gateway-{k}", [sys.executable, "-m", "pipeline.cli", "gateway", "-t", str(topology)],
+                    http=address, log_path=workdir / f"gateway-{k}.log", ping_timeout=30))
         finally:
             del os.environ[TOKEN_ENV]
-        cpu0, nsqd0, start = cpu_seconds(gateway.pid), cpu_seconds(broker.pid), time.perf_counter()
+        pids = [g.pid for g in gateways]
+        cpu0, nsqd0, start = sum(map(cpu_seconds, pids)), cpu_seconds(broker.pid), time.perf_counter()
         ok = asyncio.run(asyncio.wait_for(_load(address, bodies, connections, depth), RUN_TIMEOUT))
         seconds = time.perf_counter() - start
-        cpu, nsqd_cpu = cpu_seconds(gateway.pid) - cpu0, cpu_seconds(broker.pid) - nsqd0
-        rss = peak_rss_mb(gateway.pid)
+        cpu, nsqd_cpu = sum(map(cpu_seconds, pids)) - cpu0, cpu_seconds(broker.pid) - nsqd0
+        rss = max(map(peak_rss_mb, pids))
         landed = nsqd_http.topic_message_count(broker.process.http, TOPIC)
         if ok != count or landed != count:
             raise BenchError(f"gateway: {ok} of {count} answered 200, nsqd holds {landed}")
         return GatewaySample(count, seconds, count / seconds, cpu * 1e6 / count, rss, nsqd_cpu * 1e6 / count,
-                             connections, depth).to_dict()
+                             connections, depth, PROCESSES).to_dict()
     finally:
-        if gateway is not None:
+        for gateway in gateways:
             gateway.stop()
         broker.stop()

@@ -94,11 +94,13 @@ RULES = (
     "table shows their median (min–max) over runs. Input rate = ticks / publishing time. Backlog = messages "
     "queued or in flight on the workers' channels when the last tick was published; kept up = every feature "
     f"record was out within {ticks.KEPT_UP_S:g} s after that. Peak RSS: VmHWM of each worker.",
-    f"gateway: a fresh nsqd and `pipeline gateway` in front of it (one token, no rate limit); "
+    f"gateway: a fresh nsqd and {gateway.PROCESSES} `pipeline gateway` processes sharing its port in front of it "
+    "(SO_REUSEPORT; one token, no rate limit); "
     f"{gateway.CONNECTIONS} keep-alive HTTP/1.1 connections with {gateway.DEPTH} pipelined requests each send "
     f"N = {gateway.BASE_COUNT:,} x scale single-message POST /pub requests (one JSON record each) from an asyncio "
     "client in the bench process; the clock runs from the first request to the last 200 (each 200 comes after "
-    "nsqd's OK); every answer must be 200 and nsqd's message count N. CPU and peak RSS are the gateway's.",
+    "nsqd's OK); every answer must be 200 and nsqd's message count N. CPU is the gateway processes' sum, peak "
+    "RSS the largest one's.",
     "Ratios compare records/s medians from the same run (batched / primes2: batched drains "
     f"{BATCHED_COUNT // 1_000_000}x as many records); a target is informational and never fails the command.",
 )
@@ -149,8 +151,9 @@ def new_results(args: argparse.Namespace) -> dict:
                              "kind": "ticks", "processes": 2 * ticks.PARTITIONS,
                              "records": ticks_count(args.scale), "rate": args.tick_rate}
     if GATEWAY in args.only:
-        contenders[GATEWAY] = {"label": f"gateway single-message /pub, {gateway.CONNECTIONS} keep-alive connections",
-                               "kind": "gateway", "processes": 1,
+        contenders[GATEWAY] = {"label": f"gateway single-message /pub, {gateway.PROCESSES} processes, "
+                                        f"{gateway.CONNECTIONS} keep-alive connections",
+                               "kind": "gateway", "processes": gateway.PROCESSES,
                                "records": max(1, round(gateway.BASE_COUNT * args.scale))}
     for entry in contenders.values():
         entry.update(repeats=args.repeats, status="ok", samples=[], errors=[], summary={})

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import nsq
 from tornado.concurrent import Future
 from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 from tornado.web import Application, RequestHandler, stream_request_body
 
 from .codecs import decode
@@ -321,6 +322,8 @@ class PublishHandler(RequestHandler):
 
 async def serve(topology, *, ready=None) -> None:
     """Run the gateway until SIGTERM or SIGINT; ``ready()`` is called once it listens."""
+    # One INFO line per request would cost more than the request; refusals still log (4xx/5xx are warnings).
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)
     gateway = Gateway(topology)
     try:
         await gateway.publisher.wait_connected(CONNECT_TIMEOUT)
@@ -328,7 +331,8 @@ async def serve(topology, *, ready=None) -> None:
         log.warning("%s; starting anyway, answering 503 until it connects", e)
     host, port = split_address(topology.gateway.http)
     server = HTTPServer(gateway.application(), max_body_size=2 * topology.gateway.max_body_size + 65536)
-    server.listen(port, address=host.strip("[]"))
+    # reuse_port: the `processes` replicas supervisord starts share the port; the kernel spreads connections
+    server.add_sockets(bind_sockets(port, address=host.strip("[]"), reuse_port=True))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -152,7 +152,11 @@ def _edge_programs(topology, var: str) -> list[tuple[str, dict]]:
         if on is not None:
             argv = [PYTHON, "-m", "pipeline.cli", command, "-t", _topology_file(topology)]
             name, options = _daemon(kind, argv, kind, var)
-            programs.append((name, {**options, "directory": HERE, "environment": 'PYTHONUNBUFFERED="1"'}))
+            options = {**options, "directory": HERE, "environment": 'PYTHONUNBUFFERED="1"'}
+            if kind == "gateway" and on.processes > 1:  # they share the port (SO_REUSEPORT)
+                options.update(numprocs=on.processes, process_name="%(program_name)s-%(process_num)d",
+                               **_logs(var, "%(program_name)s-%(process_num)d"))
+            programs.append((name, options))
     return programs
 
 

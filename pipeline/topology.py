@@ -397,6 +397,10 @@ class GatewaySpec(_Spec):
     max_body_size: int = Field(
         5242880, ge=1, le=1073741824, description="Largest `/mpub` body, in bytes (nsqd `--max-body-size`).")
     publish_timeout: float = Field(5.0, ge=0.1, le=600, description="Seconds to wait for nsqd's OK before a 503.")
+    processes: int = Field(
+        1, ge=1, le=64,
+        description="Gateway processes sharing the port (SO_REUSEPORT; supervisord `numprocs`); a rate limit"
+                    " applies per process.")
 
 
 class AuthSpec(_Spec):

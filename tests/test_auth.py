@@ -27,7 +27,9 @@ from pipeline.security import ClientSecurity
 from pipeline.tail import tail_channel
 from pipeline.topology import load_topology
 
-SECRETS = {"primes": "s-primes-" + "1" * 20, "numbers": "s-numbers-" + "2" * 20, "tail": "s-tail-" + "3" * 20}
+SECRETS = {"primes": "s-primes-" + "1" * 20, "numbers": "s-numbers-" + "2" * 20, "tail": "s-tail-" + "3" * 20,
+           "gateway": "s-gateway-" + "4" * 20}
+GATEWAY_TOKEN = "t-" + "5" * 30
 
 
 @dataclass
@@ -49,6 +51,8 @@ def write_topology(tmp: Path, tcp: str, http: str, auth: str, topics: dict[str, 
                               "replicas": 1, "batch": {"size": 16, "wait_ms": 5}}},
         "producers": {"numbers": {"topic": topics["input"]}},
         "auth": {"http": auth, "ttl": 60},
+        "gateway": {"http": f"127.0.0.1:{free_port()}",
+                    "tokens": {"t": {"secret": {"env": "GW_AUTH_TOKEN"}, "topics": [topics["input"]]}}},
     }
     path = tmp / "topology.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -194,3 +198,26 @@ def test_rendered_config_supervises_the_auth_server_and_tells_nsqd_about_it(tmp_
     section = text[text.index("[program:auth]"):].split("\n\n")[0]
     assert '"%(ENV_NSQ_PIPELINE_PYTHON)s" -m pipeline.cli auth-server -t "%(here)s/topology.yaml"' in section
     assert "priority=150" in section  # before nsqd (200), which asks it from its first client on
+
+
+@pytest.mark.integration
+def test_gateway_publishes_with_its_own_identity(secured, monkeypatch):
+    import http.client
+    t = secured.topics
+    address = yaml.safe_load(secured.path.read_text())["gateway"]["http"]
+    monkeypatch.setenv("GW_AUTH_TOKEN", GATEWAY_TOKEN)
+    monkeypatch.setenv("NSQ_SECRET_GATEWAY", SECRETS["gateway"])
+    before = nsqd_http.topic_message_count(secured.nsqd.http, t["input"])
+    gateway = start_process("gateway", [sys.executable, "-m", "pipeline.cli", "gateway", "-t", str(secured.path)],
+                            http=address, log_path=secured.path.parent / "gateway.log", ping_timeout=20)
+    try:
+        host, port = address.split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("POST", f"/pub?topic={t['input']}", body=b'{"number": 3}',
+                     headers={"Authorization": f"Bearer {GATEWAY_TOKEN}"})
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"OK")
+        conn.close()
+        assert nsqd_http.topic_message_count(secured.nsqd.http, t["input"]) == before + 1
+    finally:
+        gateway.stop()

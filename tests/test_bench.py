@@ -237,5 +237,5 @@ def test_tiny_gateway_run_publishes_every_message_through_the_gateway(nsq_bin, t
     [target] = [t for t in results["targets"] if t["name"] == "gateway single-message /pub msg/s"]
     assert target["status"] in {"PASS", "MISS"} and target["target"] == ">= 20,000"
     markdown = (out / "results.md").read_text()
-    assert "gateway: gateway single-message /pub, 8 keep-alive connections:" in markdown
+    assert "gateway: gateway single-message /pub, 2 processes, 8 keep-alive connections:" in markdown
     assert "| gateway single-message /pub msg/s >= 20,000 |" in markdown

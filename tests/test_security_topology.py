@@ -110,3 +110,14 @@ def test_check_of_the_default_topology_has_no_warning():
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "check"], cwd=root, capture_output=True,
                             text=True, timeout=60)
     assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_rendered_config_runs_the_gateway_processes_on_one_port(tmp_path):
+    from pipeline.supervisor_conf import render
+    path = tmp_path / "topology.yaml"
+    path.write_text(BASE + "gateway:\n  http: 127.0.0.1:4180\n  processes: 3\n  tokens:\n"
+                           "    a: {secret: {env: T}, topics: [numbers]}\n")
+    section = render(load_topology(path)).split("[program:gateway]\n")[1].split("\n\n")[0]
+    assert '-m pipeline.cli gateway -t "%(here)s/topology.yaml"' in section
+    assert "numprocs=3" in section and "process_name=%(program_name)s-%(process_num)d" in section
+    assert "stdout_logfile=%(here)s/var/log/%(program_name)s-%(process_num)d.log" in section
