@@ -289,7 +289,12 @@ class PublishHandler(RequestHandler):
                 raise self._too_big(self.size)
             messages = self._messages(b"".join(self.chunks))
             self.gateway.check(self.topic, messages)
-            wait = self.token.bucket.take(len(messages))
+            bucket = self.token.bucket
+            if bucket.rate and len(messages) > bucket.burst:
+                raise GatewayError(429, "RATE_LIMITED", f"{len(messages)} messages are more than token "
+                                                        f"{self.token.name!r} may send at once ({bucket.burst:g});"
+                                                        " split the /mpub")
+            wait = bucket.take(len(messages))
             if wait:
                 self.set_header("Retry-After", str(math.ceil(wait)))
                 raise GatewayError(429, "RATE_LIMITED", f"token {self.token.name!r} is over its rate; "

@@ -39,7 +39,7 @@ __all__ = [
 NSQ_NAME_MAX = 64
 DEAD_LETTER_SUFFIX = ".dead"
 # supervisord program (and log file) names the pipeline uses for itself
-RESERVED_STAGE_NAMES = ("nsqd", "nsqlookupd", "nsqadmin", "restarter", "supervisord")
+RESERVED_STAGE_NAMES = ("nsqd", "nsqlookupd", "nsqadmin", "restarter", "supervisord", "auth", "gateway")
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
@@ -450,7 +450,7 @@ class Topology(_Spec):
         topology.dead_letter_topic("primes")   # "numbers.dead"
 
     Rules: a producer's topic is declared; a stage is not named after the pipeline's own programs
-    (nsqd, nsqlookupd, nsqadmin, restarter, supervisord, alone or followed by `-...`).
+    (nsqd, nsqlookupd, nsqadmin, restarter, supervisord, auth, gateway, alone or followed by `-...`).
     """
 
     nsq: NsqSpec = Field(description="Where the NSQ cluster is.")

@@ -160,6 +160,8 @@ def test_over_the_rate_is_429_with_retry_after(gw):
     status, body, headers = gw.post(f"/pub?topic={gw.free}", b"3", token=SLOW)
     assert (status, body["error"]) == (429, "RATE_LIMITED") and int(headers["Retry-After"]) > 0
     assert gw.post(f"/pub?topic={gw.free}", b"4")[0] == 200  # another token is not limited
+    status, body, _ = gw.post(f"/mpub?topic={gw.free}", b"a\nb\nc", token=SLOW)  # over the burst: never fits
+    assert (status, body["message"]) == (429, "3 messages are more than token 'slow' may send at once (2); split the /mpub")
     assert gw.count(gw.free) == 3
 
 

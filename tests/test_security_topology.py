@@ -121,3 +121,11 @@ def test_rendered_config_runs_the_gateway_processes_on_one_port(tmp_path):
     assert '-m pipeline.cli gateway -t "%(here)s/topology.yaml"' in section
     assert "numprocs=3" in section and "process_name=%(program_name)s-%(process_num)d" in section
     assert "stdout_logfile=%(here)s/var/log/%(program_name)s-%(process_num)d.log" in section
+
+
+@pytest.mark.parametrize("name", ["auth", "gateway", "gateway-2"])
+def test_stage_cannot_take_the_name_of_the_edge_programs(tmp_path, name):
+    path = tmp_path / "topology.yaml"
+    path.write_text(BASE.replace("stages: {}", f"stages:\n  {name}: {{handler: 'm:f', input: numbers, channel: c}}"))
+    with pytest.raises(TopologyError, match=f"stages.{name}: .*auth, gateway"):
+        load_topology(path)
