@@ -39,7 +39,7 @@ HUGE_EVERY = 5000  # one body near nsqd's size limit per this many bad messages 
 
 
 def _deep(rng: random.Random) -> bytes:
-    depth = rng.choice([1100, 5000, 20_000])
+    depth = rng.choice([1100, 2000, 5000])  # past orjson's 1024 and Python's recursion limit
     return b'{"number": 123456789012345678901234, "a": ' + b"[" * depth + b"]" * depth + b"}"
 
 
