@@ -66,7 +66,10 @@ BAD_KINDS = {
     "msgpack truncated": lambda rng: msgpack.packb({"id": "p", "number": 7, "pad": "x" * 20})[:rng.randrange(2, 20)],
     "bad envelope": lambda rng: msgpack.packb(rng.choice([{envelope.MARKER: 2}, {envelope.MARKER: 1, "records": [1]},
                                                           {envelope.MARKER: 1, "keys": ["number"], "columns": [[1]],
-                                                           "n": 3}])),
+                                                           "n": 3},
+                                                          {envelope.MARKER: 1, "keys": ["number"], "columns": [[1]],
+                                                           "n": []},
+                                                          {envelope.MARKER: 1, "keys": [[1]], "columns": [[1]], "n": 1}])),
     "invalid utf-8": lambda rng: b'{"id": "u", "number": "\xff\xfe"}',
     "nan": lambda rng: b'{"id": "n", "number": NaN}',
 }

@@ -14,7 +14,7 @@ import string
 import msgpack
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline import envelope
@@ -92,6 +92,8 @@ def test_pathological_bodies_are_decode_errors_with_a_reason(body):
 
 
 @FUZZ
+@example(fields={"n": [], "keys": [None, None], "columns": [None, None]}, version=1)  # crashed: unhashable 'n'
+@example(fields={"n": 1, "keys": [[1]], "columns": [[2]]}, version=1)  # crashed: a list as a record key
 @given(fields=st.dictionaries(st.sampled_from(["records", "keys", "columns", "n", "x"]), MSGPACK_VALUES, max_size=4),
        version=st.sampled_from([1, 1, 2, "1", None]))
 def test_random_envelopes_unpack_to_records_or_a_decode_error(fields, version):
