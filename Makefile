@@ -7,7 +7,7 @@ PIPELINE := $(VENV)/bin/pipeline
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test down clean bench soak chaos
+.PHONY: setup demo test down clean bench soak chaos fuzz
 
 setup: $(STAMP)
 	@$(PIPELINE) install-nsq >/dev/null
@@ -47,6 +47,12 @@ soak: setup
 CHAOS_ARGS ?=
 chaos: setup
 	$(PIPELINE) chaos suite $(CHAOS_ARGS)
+
+# Generated bad messages mixed with good ones through a running primes pipeline: no worker
+# crashes, every bad one dead-lettered with a reason, every good one delivered. FUZZ_COUNT=1000 for a quick run.
+FUZZ_COUNT ?= 100000
+fuzz: setup
+	$(PY) tests/fuzz_pipeline.py --count $(FUZZ_COUNT)
 
 down:
 	@if [ -x $(PIPELINE) ]; then $(PIPELINE) down; else echo "nothing to stop (no $(VENV))"; fi

@@ -90,9 +90,11 @@ DRAIN_CONTENDERS = (
 RESTART = "restart"
 #: (e) tick -> feature -> signal latency of the keyed market pipeline (see :mod:`benchmarks.ticks`).
 TICKS = "ticks"
+#: Single-message /pub throughput of `pipeline gateway` (see :mod:`benchmarks.gateway`).
+GATEWAY = "gateway"
 #: Figures whose code lands with other issues; the report says so instead of leaving them out silently.
 PENDING: dict[str, str] = {}
-ALL_NAMES = (*(c.name for c in DRAIN_CONTENDERS), RESTART, TICKS, *PENDING)
+ALL_NAMES = (*(c.name for c in DRAIN_CONTENDERS), RESTART, TICKS, GATEWAY, *PENDING)
 
 
 def textbook_argv(broker: Broker) -> list[str]:

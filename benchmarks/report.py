@@ -16,6 +16,8 @@ from rich.table import Table
 DRAIN_METRICS = ("records_per_s", "seconds", "cpu_s_per_million", "nsqd_cpu_s_per_million", "peak_rss_mb",
                  "startup_cpu_s", "nsqd_peak_rss_mb")
 RESTART_METRICS = ("seconds",)
+GATEWAY_METRICS = ("records_per_s", "seconds", "cpu_s_per_million", "peak_rss_mb", "nsqd_cpu_s_per_million")
+GATEWAY_TARGET = 20_000
 TICKS_METRICS = ("input_rate", "feature_p50_ms", "feature_p99_ms", "feature_p999_ms", "signal_p50_ms",
                  "signal_p99_ms", "signal_p999_ms", "backlog_at_end", "caught_up_s", "peak_rss_mb")
 TICKS_HEADER = ("figure", "ticks", "runs", "input ticks/s", "tick->feature ms p50 / p99 / p99.9",
@@ -80,6 +82,8 @@ def targets(results: dict) -> list[dict]:
         ("batched records/s", median(results, "batched", "records_per_s"), ">=", 2_000_000, "{:,.0f}"),
         ("worker peak RSS MB (worst run)", max(rss) if rss else None, "<=", 200, "{:.0f}"),
         ("restart-to-consuming s", median(results, "restart", "seconds"), "<=", 2, "{:.2f}"),
+        ("gateway single-message /pub msg/s", median(results, "gateway", "records_per_s"), ">=", GATEWAY_TARGET,
+         "{:,.0f}"),
     ]
     return [_check(*check) for check in checks] + [ticks_target(results)]
 
@@ -192,6 +196,11 @@ def other_lines(results: dict) -> list[str]:
             lines.append(f"{name}: {entry['label']}: {_figure(entry['summary'], 'seconds', '{:.2f}')} s ({runs})")
         elif entry["kind"] == "ticks":
             lines.append(f"{name} = {entry['label']} ({len(entry['samples'])}/{entry['repeats']} runs)")
+        elif entry["kind"] == "gateway":
+            s = entry["summary"]
+            lines.append(f"{name}: {entry['label']}: {_figure(s, 'records_per_s', '{:,.0f}')} msg/s, gateway CPU "
+                         f"{_figure(s, 'cpu_s_per_million', '{:.1f}')} s/M messages, peak RSS "
+                         f"{_figure(s, 'peak_rss_mb', '{:.0f}')} MB ({len(entry['samples'])}/{entry['repeats']} runs)")
         elif entry["status"] == "not available yet":
             lines.append(f"{name}: {entry['label']}: not available yet")
         for error in entry.get("errors", []):

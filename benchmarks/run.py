@@ -34,8 +34,8 @@ from pipeline.errors import PipelineError
 from pipeline.install import nsq_binary
 from producers.numbers import number_records
 
-from . import drain, report, restart, ticks
-from .contenders import (ALL_NAMES, BATCHED_BATCH, BATCHED_COUNT, BATCHED_PACK, DRAIN_CONTENDERS, PENDING,
+from . import drain, gateway, report, restart, ticks
+from .contenders import (ALL_NAMES, BATCHED_BATCH, BATCHED_COUNT, BATCHED_PACK, DRAIN_CONTENDERS, GATEWAY, PENDING,
                          RESTART, STAGE_BATCH, STAGE_MAX_IN_FLIGHT, TICKS)
 from .procstat import load_average, machine_info
 
@@ -95,6 +95,13 @@ RULES = (
     "table shows their median (min–max) over runs. Input rate = ticks / publishing time. Backlog = messages "
     "queued or in flight on the workers' channels when the last tick was published; kept up = every feature "
     f"record was out within {ticks.KEPT_UP_S:g} s after that. Peak RSS: VmHWM of each worker.",
+    f"gateway: a fresh nsqd and {gateway.PROCESSES} `pipeline gateway` processes sharing its port in front of it "
+    "(SO_REUSEPORT; one token, no rate limit); "
+    f"{gateway.CONNECTIONS} keep-alive HTTP/1.1 connections with {gateway.DEPTH} pipelined requests each send "
+    f"N = {gateway.BASE_COUNT:,} x scale single-message POST /pub requests (one JSON record each) from an asyncio "
+    "client in the bench process; the clock runs from the first request to the last 200 (each 200 comes after "
+    "nsqd's OK); every answer must be 200 and nsqd's message count N. CPU is the gateway processes' sum, peak "
+    "RSS the largest one's.",
     "Ratios compare records/s medians from the same run (batched / primes2: batched drains "
     f"{BATCHED_COUNT // 1_000_000}x as many records); a target is informational and never fails the command.",
 )
@@ -149,6 +156,11 @@ def new_results(args: argparse.Namespace) -> dict:
                                       f"{2 * ticks.PARTITIONS} workers, {args.tick_rate:,.0f} ticks/s",
                              "kind": "ticks", "processes": 2 * ticks.PARTITIONS,
                              "records": ticks_count(args.scale), "rate": args.tick_rate}
+    if GATEWAY in args.only:
+        contenders[GATEWAY] = {"label": f"gateway single-message /pub, {gateway.PROCESSES} processes, "
+                                        f"{gateway.CONNECTIONS} keep-alive connections",
+                               "kind": "gateway", "processes": gateway.PROCESSES,
+                               "records": max(1, round(gateway.BASE_COUNT * args.scale))}
     for entry in contenders.values():
         entry.update(repeats=args.repeats, status="ok", samples=[], errors=[], summary={})
     for name, label in PENDING.items():
@@ -226,6 +238,10 @@ def run_all(args: argparse.Namespace, results: dict, workroot: Path, progress: C
             ok &= _one_run(entries[TICKS], f"{TICKS} run {rep}/{args.repeats}", progress,
                            lambda d=workdir: ticks.ticks_once(d, ticks_count(args.scale), args.tick_rate,
                                                               args.output_buffer_size))
+        if GATEWAY in entries:
+            workdir = workroot / f"{GATEWAY}-{rep}"
+            ok &= _one_run(entries[GATEWAY], f"{GATEWAY} run {rep}/{args.repeats}", progress,
+                           lambda d=workdir: gateway.gateway_once(d, entries[GATEWAY]["records"]))
     return ok
 
 
@@ -261,6 +277,8 @@ def finish(results: dict) -> None:
             entry["summary"] = report.summarize(entry["samples"], report.RESTART_METRICS)
         elif entry["kind"] == "ticks":
             entry["summary"] = report.summarize(entry["samples"], report.TICKS_METRICS)
+        elif entry["kind"] == "gateway":
+            entry["summary"] = report.summarize(entry["samples"], report.GATEWAY_METRICS)
         elif entry["kind"] != "pending":
             entry["summary"] = report.summarize(entry["samples"], report.DRAIN_METRICS)
     results["ratios"] = report.ratios(results)

@@ -74,6 +74,9 @@ def check(topology_path: str) -> None:
         click.echo(str(error), err=True)
     if errors:
         sys.exit(1)
+    from .security import exposure_warnings
+    for warning in exposure_warnings(load(topology_path)):
+        click.echo(f"{topology_path}: warning: {warning}", err=True)
     click.echo(f"{topology_path}: ok")
 
 
@@ -140,7 +143,8 @@ def produce_numbers_cmd(start: int, count: int, rate: float, producer_name: str,
     with _progress(f"publishing to {spec.topic}", count) as advance:
         acked = produce_numbers(address, spec.topic, start, count, rate=rate or spec.rate, chunk=spec.chunk,
                                 codec=topology.codec_for(spec.topic), pack=topology.pack_for(spec.topic),
-                                run_id=run_id, on_progress=advance)
+                                run_id=run_id, on_progress=advance,
+                               security=_security(topology, producer_name))
     click.echo(f"published {acked} records to {spec.topic} on {', '.join(address)}")
 
 
@@ -181,7 +185,8 @@ def produce_ticks_cmd(symbols: int, count: int | None, seed: int, replay_path: s
     with _progress(f"publishing to {spec.topic}", total) as advance:
         acked = produce_ticks(address, spec.topic, records, spec=topology.topics[spec.topic],
                               rate=rate or (spec.rate if speed == "max" else 0), speed=speed, chunk=spec.chunk,
-                              on_progress=advance)
+                              on_progress=advance,
+                              security=_security(topology, producer_name))
     click.echo(f"published {acked} ticks to {spec.topic} on {', '.join(address)}")
 
 
@@ -477,6 +482,52 @@ def replay(missing: bool, run_folder: Path, topic: str, nsqd_tcp: str | None) ->
         nsqd_tcp = load(str(run_folder / "topology.yaml")).nsq.nsqd[0].tcp
     count = replay_missing(run_folder, nsqd_tcp, topic)
     click.echo(f"replayed {count} missing records to {topic} on {nsqd_tcp}")
+
+
+@main.command()
+@topology_option
+def gateway(topology_path: str) -> None:
+    """Serve the authenticated /pub and /mpub edge of the topology's gateway section until SIGTERM."""
+    import asyncio
+
+    from .gateway import serve
+    topology = load(topology_path)
+    if topology.gateway is None:
+        raise click.UsageError(f"{topology_path} has no gateway section")
+    asyncio.run(serve(topology))
+
+
+@main.command("auth-server")
+@topology_option
+def auth_server(topology_path: str) -> None:
+    """Answer nsqd's --auth-http-address from the topology's identities until SIGTERM."""
+    import asyncio
+
+    from .authserver import serve
+    topology = load(topology_path)
+    if topology.auth is None:
+        raise click.UsageError(f"{topology_path} has no auth section")
+    asyncio.run(serve(topology))
+
+
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/tls"),
+              show_default=True, help="Folder for the CA, nsqd's and the clients' certificates and keys.")
+@click.option("--host", "hosts", multiple=True, default=("127.0.0.1", "localhost"), show_default=True,
+              help="A host name or IP address nsqd's certificate is valid for (repeatable).")
+def certs(out_dir: Path, hosts: tuple[str, ...]) -> None:
+    """Create a development CA and certificates for TLS between the pipeline and nsqd."""
+    from .certs import create_dev_certs
+    paths = create_dev_certs(out_dir, list(hosts))
+    click.echo(f"wrote a CA, nsqd's certificate ({', '.join(hosts)}) and a client certificate to {out_dir}/;"
+               " add to topology.yaml:", err=True)
+    click.echo(paths.topology_section(), nl=False)
+
+
+def _security(topology, identity: str | None):
+    """TLS and AUTH for a blocking client of ``identity`` (nothing when the topology has neither)."""
+    from .security import client_security
+    return client_security(topology, identity)
 
 
 @contextlib.contextmanager

@@ -92,8 +92,10 @@ def decode(body: bytes) -> dict:
             record = json.loads(body) if _TWENTY_DIGITS in body.translate(_DIGITS_TO_9) else orjson.loads(body)
         else:
             record = msgpack.unpackb(body, raw=False)
+    except RecursionError as e:  # the exact (stdlib) JSON path recurses once per nesting level
+        raise DecodeError(f"invalid {codec}: nested too deeply", body) from e
     except (ValueError, msgpack.UnpackException) as e:
-        raise DecodeError(f"invalid {codec}: {e}", body) from e
+        raise DecodeError(f"invalid {codec}: {e or type(e).__name__}", body) from e
     if not isinstance(record, dict):
         raise DecodeError(f"invalid {codec}: not a mapping", body)
     return record

@@ -59,9 +59,11 @@ def unpack(envelope: dict, body: bytes = b"") -> list[dict]:
     keys, columns = envelope.get("keys"), envelope.get("columns")
     if not isinstance(keys, list) or not isinstance(columns, list) or len(keys) != len(columns):
         raise DecodeError("envelope needs 'keys' and as many 'columns'", body)
-    lengths = {len(c) if isinstance(c, list) else -1 for c in columns}
-    if not keys or lengths != {envelope.get("n")}:
+    n = envelope.get("n")
+    if not keys or type(n) is not int or any(not isinstance(c, list) or len(c) != n for c in columns):
         raise DecodeError("envelope columns must be lists of length 'n'", body)
+    if not all(isinstance(k, str) for k in keys):  # a list as a key would not even make a dict
+        raise DecodeError("envelope keys must be strings", body)
     return [dict(zip(keys, row)) for row in zip(*columns)]
 
 

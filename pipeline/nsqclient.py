@@ -12,6 +12,7 @@ Example::
 """
 from __future__ import annotations
 
+import json
 import socket
 import struct
 from collections import deque
@@ -61,9 +62,13 @@ def chunked(bodies: Sequence[bytes], max_count: int, max_bytes: int = MAX_BODY_S
 
 
 class _Connection:
-    """A blocking NSQ TCP connection: connect, send commands, read frames."""
+    """A blocking NSQ TCP connection: connect, send commands, read frames.
 
-    def __init__(self, address: str, timeout: float):
+    With ``security`` (a :class:`pipeline.security.ClientSecurity`) it sends
+    IDENTIFY, upgrades to TLS and sends AUTH as nsqd asks, before anything else.
+    """
+
+    def __init__(self, address: str, timeout: float, security=None):
         self.address = address
         try:
             self._sock = socket.create_connection(parse_address(address), timeout=timeout)
@@ -72,6 +77,40 @@ class _Connection:
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buf = bytearray()
         self._send(MAGIC_V2)
+        if security is not None and security.active:
+            try:
+                self._negotiate(security)
+            except BaseException:
+                self.close()
+                raise
+
+    def _negotiate(self, security) -> None:
+        tls = security.ssl_context is not None
+        identify = json.dumps({"feature_negotiation": True, "tls_v1": tls, "user_agent": "nsq-pipeline"}).encode()
+        self._send(b"IDENTIFY\n" + _U32.pack(len(identify)) + identify)
+        features = self._expect("IDENTIFY")
+        features = json.loads(features) if features.startswith(b"{") else {}
+        if tls and not features.get("tls_v1"):
+            raise PublishError(f"nsqd at {self.address} does not offer TLS (start it with --tls-cert/--tls-key)")
+        if tls:
+            host = parse_address(self.address)[0]
+            try:
+                self._sock = security.ssl_context.wrap_socket(self._sock, server_hostname=host)
+            except OSError as e:
+                raise PublishError(f"TLS with nsqd at {self.address} failed: {e}") from e
+            self._expect("TLS upgrade")
+        if features.get("auth_required"):
+            if not security.secret:
+                raise PublishError(f"nsqd at {self.address} requires AUTH and this client has no secret")
+            secret = security.secret.encode()
+            self._send(b"AUTH\n" + _U32.pack(len(secret)) + secret)
+            self._expect("AUTH")
+
+    def _expect(self, what: str) -> bytes:
+        frame, data = self._read_frame()
+        if frame != FRAME_RESPONSE:
+            raise PublishError(f"{what} refused by nsqd at {self.address}: {data.decode(errors='replace')}")
+        return data
 
     def __enter__(self):
         return self
@@ -120,8 +159,8 @@ class NsqPublisher(_Connection):
         window: MPUB commands sent before waiting for the oldest answer.
     """
 
-    def __init__(self, address: str, timeout: float = 10.0, window: int = 8):
-        super().__init__(address, timeout)
+    def __init__(self, address: str, timeout: float = 10.0, window: int = 8, security=None):
+        super().__init__(address, timeout, security)
         self.window = max(1, window)
         self._pending: deque[int] = deque()
         self.acked = 0  # messages nsqd has acknowledged on this connection
@@ -213,8 +252,9 @@ class NsqSubscriber(_Connection):
                 print(message.body)
     """
 
-    def __init__(self, address: str, topic: str, channel: str, rdy: int = 1000, timeout: float = 10.0):
-        super().__init__(address, timeout)
+    def __init__(self, address: str, topic: str, channel: str, rdy: int = 1000, timeout: float = 10.0,
+                 security=None):
+        super().__init__(address, timeout, security)
         self._send(b"SUB " + topic.encode() + b" " + channel.encode() + b"\n")
         frame, data = self._read_frame()
         if frame != FRAME_RESPONSE or data != b"OK":

@@ -55,8 +55,9 @@ class SpreadPublisher:
     """
 
     def __init__(self, addresses: Sequence[str], timeout: float = 10.0, window: int = 8,
-                 failover_timeout: float = FAILOVER_TIMEOUT):
+                 failover_timeout: float = FAILOVER_TIMEOUT, security=None):
         self.pool = NodePool(list(addresses))
+        self.security = security  # TLS and AUTH for every node, a pipeline.security.ClientSecurity
         self.timeout, self.window, self.failover_timeout = timeout, max(1, window), failover_timeout
         self._conns: dict[str, NsqPublisher] = {}
         self._pending: dict[str, deque[_Batch]] = {address: deque() for address in self.pool.order}
@@ -181,7 +182,8 @@ class SpreadPublisher:
         conn = self._conns.get(address)
         if conn is None:
             # NsqPublisher's own window is not used: this class keeps each node's window.
-            conn = self._conns[address] = NsqPublisher(address, timeout=self.timeout, window=1 << 30)
+            conn = self._conns[address] = NsqPublisher(address, timeout=self.timeout, window=1 << 30,
+                                                                security=self.security)
         return conn
 
     def _await_one(self, address: str) -> bool:

@@ -19,6 +19,7 @@ import math
 from pathlib import Path, PurePosixPath
 
 from .processes import nsqadmin_args, nsqd_args, nsqlookupd_args
+from .security import nsqd_security_args
 from .topology import split_address
 
 BIN = "%(ENV_NSQ_PIPELINE_BIN)s"
@@ -31,7 +32,8 @@ WORKER_STARTSECS = 2  # a worker with a broken handler fails well within this (t
 WORKER_STARTRETRIES = 3
 RESTARTER_BASE, RESTARTER_MAX = 1, 60  # seconds of back-off before a FATAL worker is started again
 
-PRIORITY = {"restarter": 10, "nsqlookupd": 100, "nsqd": 200, "nsqadmin": 300, "worker": 400, "monitor": 500}
+PRIORITY = {"restarter": 10, "nsqlookupd": 100, "auth": 150, "nsqd": 200, "nsqadmin": 300, "gateway": 350,
+            "worker": 400, "monitor": 500}
 
 
 def conf_path(topology_path: Path) -> Path:
@@ -68,6 +70,7 @@ def render(topology) -> str:
     sections += [_stage(topology, name, stage, var) for name, stage in topology.stages.items()]
     if getattr(topology, "monitor", None) is not None:
         sections.append(_monitor(topology, var))
+    sections += _edge_programs(topology, var)
     header = ("; Rendered by `pipeline render` from the topology; do not edit by hand.\n"
               "; `pipeline up` starts supervisord with NSQ_PIPELINE_BIN and NSQ_PIPELINE_PYTHON set.\n")
     return header + "\n".join(_format(title, options) for title, options in sections)
@@ -117,13 +120,15 @@ def _nsq_programs(topology, var: str) -> list[tuple[str, dict]]:
     for i, n in enumerate(nsq.nsqd):
         # nsqd derives its node id (part of every message id) from the hostname,
         # so nodes on one host would share one; each gets its own.
-        extra = [f"--node-id={i}", *_broadcast_port(n), *n.args]
+        extra = [f"--node-id={i}", *_broadcast_port(n), *nsqd_security_args(topology), *n.args]
         broadcast = split_address(n.proxy_tcp)[0] if n.proxy_tcp else "127.0.0.1"
         argv = nsqd_args(tcp=n.tcp, http=n.http, data_dir=f"{var}/nsqd/{n.name}", lookupd_tcp=lookupd_tcp,
                          broadcast=broadcast, extra=extra, binary=f"{BIN}/nsqd")
         programs.append(_daemon(f"nsqd-{n.name}", argv, "nsqd", var, NSQD_STOPWAITSECS))
     if nsq.admin and nsq.lookupd:
         argv = nsqadmin_args(http=nsq.admin, lookupd_http=[l.http for l in nsq.lookupd], binary=f"{BIN}/nsqadmin")
+        if nsq.admin_users:  # privileged actions only for these users, as the proxy in front names them
+            argv += [f"--acl-http-header={nsq.admin_acl_header}", *(f"--admin-user={u}" for u in nsq.admin_users)]
         programs.append(_daemon("nsqadmin", argv, "nsqadmin", var))
     return programs
 
@@ -146,8 +151,27 @@ def _restarter(var: str) -> tuple[str, dict]:
     return "eventlistener:restarter", options
 
 
+def _topology_file(topology) -> str:
+    return f"{HERE}/{Path(topology.path).name}" if topology.path else "topology.yaml"
+
+
+def _edge_programs(topology, var: str) -> list[tuple[str, dict]]:
+    """The auth server and the gateway, when the topology has them (secrets come from supervisord's environment)."""
+    programs = []
+    for kind, command, on in (("auth", "auth-server", topology.auth), ("gateway", "gateway", topology.gateway)):
+        if on is not None:
+            argv = [PYTHON, "-m", "pipeline.cli", command, "-t", _topology_file(topology)]
+            name, options = _daemon(kind, argv, kind, var)
+            options = {**options, "directory": HERE, "environment": 'PYTHONUNBUFFERED="1"'}
+            if kind == "gateway" and on.processes > 1:  # they share the port (SO_REUSEPORT)
+                options.update(numprocs=on.processes, process_name="%(program_name)s-%(process_num)d",
+                               **_logs(var, "%(program_name)s-%(process_num)d"))
+            programs.append((name, options))
+    return programs
+
+
 def _stage(topology, name: str, stage, var: str) -> tuple[str, dict]:
-    topology_file = f"{HERE}/{Path(topology.path).name}" if topology.path else "topology.yaml"
+    topology_file = _topology_file(topology)
     argv = [PYTHON, "-m", "pipeline.cli", "worker", name, "--replica", "%(process_num)d", "-t", topology_file]
     options = {
         "command": _command(argv),

@@ -33,6 +33,7 @@ from . import envelope
 from .codecs import decode
 from .errors import DecodeError
 from .nsqclient import NsqMessage, NsqSubscriber
+from .security import client_security
 
 #: Seconds each nsqd is waited on per turn, so a quiet node delays the others little.
 READ_TIMEOUT = 0.05
@@ -70,7 +71,8 @@ def tail_topic(topology, topic: str, *, count: int | None, out: TextIO, timeout:
     printed = 0
     try:
         for address in topology.nsqd_tcp_addresses():
-            subscribers.append(NsqSubscriber(address, topic, channel, rdy=TAIL_RDY))
+            subscribers.append(NsqSubscriber(address, topic, channel, rdy=TAIL_RDY,
+                                             security=client_security(topology, "tail")))
         while (count is None or printed < count) and (deadline is None or time.monotonic() < deadline):
             for sub in subscribers:
                 wanted = BURST if count is None else min(BURST, count - printed)

@@ -40,7 +40,8 @@ __all__ = [
 NSQ_NAME_MAX = 64
 DEAD_LETTER_SUFFIX = ".dead"
 # supervisord program (and log file) names the pipeline uses for itself
-RESERVED_STAGE_NAMES = ("nsqd", "nsqlookupd", "nsqadmin", "restarter", "supervisord", "monitor")
+RESERVED_STAGE_NAMES = ("nsqd", "nsqlookupd", "nsqadmin", "restarter", "supervisord", "monitor", "auth",
+                        "gateway")
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
@@ -207,6 +208,13 @@ class NsqSpec(_Spec):
         default_factory=list, description="The nsqlookupd nodes; without any, consumers connect to nsqd directly."
     )
     admin: Address | None = Field(None, description="HTTP address of nsqadmin (`--http-address`); null: no nsqadmin.")
+    admin_users: list[str] = Field(
+        default_factory=list,
+        description="Users allowed nsqadmin's privileged actions (nsqadmin `--admin-user`), as named by the"
+                    " authenticating proxy in `admin_acl_header`; empty: every visitor is an admin.")
+    admin_acl_header: str = Field(
+        "X-Forwarded-User", min_length=1,
+        description="Header the authenticating proxy puts the user name in (nsqadmin `--acl-http-header`).")
     var_dir: str = Field(
         "var", min_length=1,
         description="Directory for all state (NSQ data, logs, health.db), relative to the topology file.",
@@ -264,6 +272,12 @@ class TopicSpec(_Spec):
         1, ge=1, le=10000,
         description="Records per NSQ message: above 1, producers and stages publish msgpack envelopes of up to"
                     " this many records (throughput), and the envelope becomes the unit nsqd redelivers.",
+    )
+
+    schema_: dict[str, Literal["string", "integer", "number", "boolean", "object", "array"]] | None = Field(
+        None, alias="schema",
+        description="Required record fields and their types, checked by `pipeline gateway` before it publishes"
+                    " (a violation is a 400 naming the field); null: no check.",
     )
 
     @model_validator(mode="after")
@@ -398,6 +412,88 @@ class ProducerSpec(_Spec):
     rate: float = Field(0.0, ge=0, description="Messages per second; 0 means as fast as nsqd accepts them.")
 
 
+class SecretSpec(_Spec):
+    """Where a secret comes from: an environment variable, or a file only its owner may read (mode 0600).
+
+    Rules: exactly one of `env` and `file`.
+    """
+
+    env: _matching("variable", r"[A-Za-z_][A-Za-z0-9_]*", "a shell variable name") | None = Field(
+        None, description="Environment variable holding the secret.")
+    file: str | None = Field(
+        None, min_length=1,
+        description="File holding the secret (relative to the topology file); refused unless its mode is 0600 or"
+                    " stricter.")
+
+    @model_validator(mode="after")
+    def _check_one(self) -> SecretSpec:
+        if (self.env is None) == (self.file is None):
+            _raise_problems("SecretSpec", [((), "give exactly one of env and file", None)])
+        return self
+
+
+class GatewayTokenSpec(_Spec):
+    """One bearer token of `pipeline gateway`: which topics it may publish to, and how fast."""
+
+    secret: SecretSpec = Field(description="Where the token comes from (`Authorization: Bearer <token>`).")
+    topics: list[TopicName] = Field(min_length=1, description="Declared topics this token may publish to.")
+    rate: float = Field(0.0, ge=0, description="Messages per second allowed to this token; 0: no limit.")
+    burst: int = Field(0, ge=0, description="Messages above the rate allowed at once (default: one second's worth).")
+
+
+class GatewaySpec(_Spec):
+    """`pipeline gateway`: an authenticated HTTP edge compatible with nsqd's `/pub` and `/mpub`."""
+
+    http: Address = Field(description="HTTP address the gateway listens on.")
+    tokens: dict[LocalName, GatewayTokenSpec] = Field(min_length=1, description="The bearer tokens, by name.")
+    max_msg_size: int = Field(
+        1048576, ge=1, le=1073741824, description="Largest message, in bytes (nsqd `--max-msg-size`).")
+    max_body_size: int = Field(
+        5242880, ge=1, le=1073741824, description="Largest `/mpub` body, in bytes (nsqd `--max-body-size`).")
+    publish_timeout: float = Field(5.0, ge=0.1, le=600, description="Seconds to wait for nsqd's OK before a 503.")
+    processes: int = Field(
+        1, ge=1, le=64,
+        description="Gateway processes sharing the port (SO_REUSEPORT; supervisord `numprocs`); a rate limit"
+                    " applies per process.")
+
+
+class AuthSpec(_Spec):
+    """`pipeline auth-server`: nsqd's `--auth-http-address`, answering from the topology.
+
+    Each stage and producer (and `gateway`, `tail`) is an identity with a secret: a stage may subscribe to its
+    input channel and publish to its outputs and its dead-letter topic; a producer may publish to its topic.
+    """
+
+    http: Address = Field(description="HTTP address of the auth server (nsqd `--auth-http-address`).")
+    ttl: int = Field(3600, ge=1, le=86400, description="Seconds nsqd may cache an answer.")
+    secrets: dict[LocalName, SecretSpec] = Field(
+        default_factory=dict,
+        description="Secret of each identity by stage or producer name; unlisted ones read the environment"
+                    " variable `NSQ_SECRET_<NAME>` (upper case, `-` as `_`).")
+
+
+class TlsSpec(_Spec):
+    """TLS between every client and nsqd (nsqd's `--tls-*` flags; clients verify nsqd against `root_ca_file`).
+
+    Paths are relative to the topology file.
+    """
+
+    cert: str = Field(min_length=1, description="nsqd's certificate (nsqd `--tls-cert`).")
+    key: str = Field(min_length=1, description="nsqd's private key (nsqd `--tls-key`).")
+    root_ca_file: str = Field(
+        min_length=1, description="CA that signed the certificates; clients verify nsqd with it, nsqd verifies"
+                                  " clients with it (nsqd `--tls-root-ca-file`).")
+    required: bool = Field(
+        True, description="Refuse TCP clients that do not upgrade to TLS (nsqd `--tls-required=tcp-https`; the"
+                          " plain HTTP port, on loopback, stays usable for stats and topic creation).")
+    client_auth_policy: Literal["none", "require", "require-verify"] = Field(
+        "none", description="Client certificates nsqd asks for (nsqd `--tls-client-auth-policy`).")
+    min_version: Literal["tls1.2", "tls1.3"] = Field(
+        "tls1.2", description="Oldest TLS version nsqd accepts (nsqd `--tls-min-version`).")
+    client_cert: str | None = Field(None, description="Certificate the pipeline's clients present to nsqd.")
+    client_key: str | None = Field(None, description="Private key of `client_cert`.")
+
+
 class Topology(_Spec):
     """The whole pipeline: the NSQ cluster, its topics, the stages and the producers.
 
@@ -408,7 +504,7 @@ class Topology(_Spec):
         topology.dead_letter_topic("primes")   # "numbers.dead"
 
     Rules: a producer's topic is declared; a stage is not named after the pipeline's own programs
-    (nsqd, nsqlookupd, nsqadmin, restarter, supervisord, monitor, alone or followed by `-...`).
+    (nsqd, nsqlookupd, nsqadmin, restarter, supervisord, monitor, auth, gateway, alone or followed by `-...`).
     """
 
     nsq: NsqSpec = Field(description="Where the NSQ cluster is.")
@@ -417,6 +513,9 @@ class Topology(_Spec):
     producers: dict[LocalName, ProducerSpec] = Field(default_factory=dict, description="The producers, by name.")
     monitor: MonitorSpec | None = Field(None, description="`pipeline monitor` (a supervisord program when set).")
     report: ReportSpec | None = Field(None, description="The daily health report email (sent by the monitor).")
+    gateway: GatewaySpec | None = Field(None, description="The authenticated /pub edge; null: no gateway.")
+    auth: AuthSpec | None = Field(None, description="nsqd authorization from the topology; null: no auth.")
+    tls: TlsSpec | None = Field(None, description="TLS between clients and nsqd; null: plain TCP.")
     _path: Path | None = PrivateAttr(None)
 
     @model_validator(mode="after")
@@ -471,6 +570,36 @@ class Topology(_Spec):
                 problems.append((("stages", name, "metrics_port"), reason, stage.metrics_port))
             taken.update({p: f"stages.{name}.metrics_port (replica {p - stage.metrics_port})" for p in ports})
         return problems
+
+    @model_validator(mode="after")
+    def _check_security(self) -> Topology:
+        problems: Problems = []
+        if self.gateway is not None:
+            for name, token in self.gateway.tokens.items():
+                for i, topic in enumerate(token.topics):
+                    loc = ("gateway", "tokens", name, "topics", i)
+                    problems += self._undeclared(loc, topic)
+                    if topic in self.topics and self.topics[topic].partitions > 1:
+                        reason = (f"topic {topic!r} is partitioned; the gateway publishes to single topics only"
+                                  " (an /mpub across partitions could not be all-or-nothing)")
+                        problems.append((loc, reason, topic))
+        if self.auth is not None:
+            known = set(self.identities())
+            for name in self.auth.secrets:
+                if name not in known:
+                    reason = f"{name!r} is no identity; expected one of: {', '.join(sorted(known))}"
+                    problems.append((("auth", "secrets", name), reason, name))
+        if self.tls is not None and (self.tls.client_cert is None) != (self.tls.client_key is None):
+            problems.append((("tls", "client_cert"), "give client_cert and client_key together", None))
+        elif self.tls is not None and self.tls.client_auth_policy != "none" and self.tls.client_cert is None:
+            reason = f"client_auth_policy {self.tls.client_auth_policy} needs client_cert and client_key"
+            problems.append((("tls", "client_auth_policy"), reason, self.tls.client_auth_policy))
+        _raise_problems("Topology", problems)
+        return self
+
+    def identities(self) -> list[str]:
+        """The names nsqd's auth knows: every stage and producer, plus ``gateway`` and ``tail``."""
+        return [*self.stages, *(p for p in self.producers if p not in self.stages), "gateway", "tail"]
 
     def _keyed_rules(self, name: str, stage: StageSpec) -> Problems:
         topic = self.topics.get(stage.input)
@@ -665,7 +794,7 @@ def _reason(error: dict[str, Any]) -> str:
     kind, ctx = error["type"], error.get("ctx") or {}
     if kind == "extra_forbidden":
         model = _model_at(error["loc"][:-1])
-        allowed = ", ".join(model.model_fields) if model is not None else "?"
+        allowed = ", ".join(f.alias or n for n, f in model.model_fields.items()) if model is not None else "?"
         return f"unknown field; expected one of: {allowed}"
     if kind == "literal_error":
         return "must be one of: " + ", ".join(re.findall(r"'([^']*)'", ctx.get("expected", "")))
@@ -736,6 +865,8 @@ def _read(shown: str) -> tuple[dict[str, Any], _Positions]:
         raise TopologyError(shown, 0, 0, "", "cannot read: not UTF-8 text") from e
     except yaml.YAMLError as e:
         raise _yaml_error(shown, e) from e
+    except RecursionError as e:  # PyYAML and our position walk recurse once per nesting level
+        raise TopologyError(shown, 0, 0, "", "invalid YAML: nested too deeply") from e
     if not isinstance(data, dict):
         what = "the file is empty" if data is None else f"got {type(data).__name__}"
         reason = f"top level must be a mapping with sections nsq, topics, stages, producers; {what}"

@@ -66,9 +66,9 @@ def _nested_model(annotation: Any) -> tuple[type[BaseModel] | None, str]:
         return inner, ".<name>" + suffix
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation, ""
-    if origin in (Union, UnionType):  # an optional section, e.g. `report: ReportSpec | None`
-        inner = [a for a in args if a is not type(None)]
-        return _nested_model(inner[0]) if len(inner) == 1 else (None, "")
+    if origin is Union or isinstance(annotation, UnionType):  # an optional section: `X | None`
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        return (models[0], "") if len(models) == 1 else (None, "")
     return None, ""
 
 

@@ -42,6 +42,7 @@ from .middleware import Middleware, MiddlewareStack
 from .keyed import Checkpoint, Sequencer
 from .processing import BatchProcessor, Dead, KeyedEntry, KeyedProcessor
 from .publisher import Publisher
+from .security import client_options
 from .stage import Handler, StageContext, load_handler
 
 log = logging.getLogger(__name__)
@@ -128,14 +129,15 @@ class Worker:
             self._gap_timer.start()
         await asyncio.to_thread(nsqd_http.create_channel_on_nodes, self.topology.nsqd_http_addresses(),
                                 self.input_topic, spec.channel)
-        self.publisher = Publisher(self.topology.nsqd_tcp_addresses())
+        secure = client_options(self.topology, self.name)  # auth secret and TLS, when the topology has them
+        self.publisher = Publisher(self.topology.nsqd_tcp_addresses(), **secure)
         await self.publisher.wait_connected(CONNECT_TIMEOUT)
         self.reader = FastReader(
             topic=self.input_topic, channel=spec.channel, batch_handler=self._on_messages,
             max_in_flight=spec.max_in_flight, max_tries=0,  # 0: we dead-letter; pynsq would FIN and drop
             max_backoff_duration=spec.max_backoff_duration, msg_timeout=spec.msg_timeout,
             output_buffer_timeout=spec.output_buffer_timeout, output_buffer_size=spec.output_buffer_size,
-            **self._discovery())
+            **self._discovery(), **secure)
         self.middleware.emit_before("after_worker_boot", self)
         log.info("stage %s replica %d consuming %s/%s", self.name, self.replica, self.input_topic, spec.channel)
 

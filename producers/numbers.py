@@ -29,7 +29,7 @@ def number_records(start: int, count: int, run_id: str | None = None) -> Iterato
 
 def produce_numbers(address: str | Sequence[str], topic: str, start: int, count: int, *, rate: float = 0.0,
                     chunk: int = 500, codec: str = "json", pack: int = 1, run_id: str | None = None,
-                    on_progress: Callable[[int], None] | None = None) -> int:
+                    on_progress: Callable[[int], None] | None = None, security=None) -> int:
     """Publish ``count`` numbers to ``topic`` on the nsqd at ``address``; return how many nsqd acknowledged.
 
     ``address`` may list several nsqd nodes: chunks then go to them round-robin,
@@ -42,6 +42,7 @@ def produce_numbers(address: str | Sequence[str], topic: str, start: int, count:
         chunk: messages per MPUB.
         pack: records per message (msgpack envelopes when above 1, see pipeline.envelope).
         on_progress: called with the number of records acknowledged so far.
+        security: TLS and AUTH for the connection (a pipeline.security.ClientSecurity).
 
     Raises:
         PublishError: nsqd refused a chunk or could not be reached.
@@ -50,7 +51,7 @@ def produce_numbers(address: str | Sequence[str], topic: str, start: int, count:
     records = number_records(start, count, run_id)
     started = time.monotonic()
     sent = 0
-    with SpreadPublisher([address] if isinstance(address, str) else list(address)) as pub:
+    with SpreadPublisher([address] if isinstance(address, str) else list(address), security=security) as pub:
         while sent < count:
             size = min(chunk * pack, count - sent)
             batch = list(islice(records, size))

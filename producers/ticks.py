@@ -202,7 +202,7 @@ def parse_speed(speed: str | float) -> float | None:
 def produce_ticks(address: str | Sequence[str], topic: str, records: Iterable[dict], *,
                   spec: TopicSpec | None = None,
                   rate: float = 0.0, speed: str | float = "max", chunk: int = 500,
-                  on_progress: Callable[[int], None] | None = None) -> int:
+                  on_progress: Callable[[int], None] | None = None, security=None) -> int:
     """Publish ``records`` to ``topic`` on the nsqd at ``address``; return how many nsqd acknowledged.
 
     Each record goes to the physical topic of its partition (``<topic>.<k>``
@@ -236,7 +236,7 @@ def produce_ticks(address: str | Sequence[str], topic: str, records: Iterable[di
         raise ValueError(f"pace by rate (>= 0) or by speed, not both: rate={rate!r}, speed={speed!r}")
     spec = spec or TopicSpec()
     pacer = _Pacer(rate, factor)
-    with _Sender(address, Router.for_spec(topic, spec), spec, chunk, on_progress) as sender:
+    with _Sender(address, Router.for_spec(topic, spec), spec, chunk, on_progress, security) as sender:
         try:
             for record in records:
                 wait = pacer.wait(record)
@@ -287,7 +287,7 @@ class _Sender:
     """Buffers records per physical topic and publishes them in pipelined MPUBs on one connection."""
 
     def __init__(self, address: str | Sequence[str], router: Router, spec: TopicSpec, chunk: int,
-                 on_progress: Callable[[int], None] | None):
+                 on_progress: Callable[[int], None] | None, security=None):
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, not {chunk!r}")
         self.address, self.router, self.chunk, self.on_progress = address, router, chunk, on_progress
@@ -295,7 +295,7 @@ class _Sender:
         self.buffers: dict[str, list[dict]] = {t: [] for t in router.topics}
         self.acked = 0  # records acknowledged
         self.partitioned = len(router.topics) > 1
-        self.pub = SpreadPublisher([address] if isinstance(address, str) else list(address))
+        self.pub = SpreadPublisher([address] if isinstance(address, str) else list(address), security=security)
         self.last_send = time.monotonic()
 
     def __enter__(self) -> _Sender:

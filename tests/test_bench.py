@@ -219,3 +219,23 @@ def test_record_check_refuses_missing_repeated_or_misrouted_records(damage):
         out["prime"][3] = {**out["prime"][3], "prime": False}
     with pytest.raises(BenchError, match="verify"):
         check_records({topic: envelope.pack(records, 1000) for topic, records in out.items()}, 2500)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_tiny_gateway_run_publishes_every_message_through_the_gateway(nsq_bin, tmp_path):
+    assert child_pids() == []
+    out = tmp_path / "out"
+    code = run.main(["--scale", "0.002", "--repeats", "1", "--only", "gateway", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    entry = results["contenders"]["gateway"]
+    assert (code, entry["status"], entry["errors"], entry["records"]) == (0, "ok", [], 400), entry["errors"]
+    assert child_pids() == []
+    [sample] = entry["samples"]
+    assert sample["records"] == 400 and sample["records_per_s"] == pytest.approx(400 / sample["seconds"], rel=1e-3)
+    assert sample["peak_rss_mb"] > 0 and sample["cpu_s_per_million"] > 0
+    [target] = [t for t in results["targets"] if t["name"] == "gateway single-message /pub msg/s"]
+    assert target["status"] in {"PASS", "MISS"} and target["target"] == ">= 20,000"
+    markdown = (out / "results.md").read_text()
+    assert "gateway: gateway single-message /pub, 2 processes, 8 keep-alive connections:" in markdown
+    assert "| gateway single-message /pub msg/s >= 20,000 |" in markdown

@@ -164,7 +164,8 @@ BROKEN = [
      "publish_timeout, output_buffer_timeout, output_buffer_size, keyed, gap_max_count, gap_max_ms, params, "
      "metrics_port, metrics_host"),
     ("unknown-top-level-key", "producers:", "producer:",
-     "topology.yaml:18:1: producer: unknown field; expected one of: nsq, topics, stages, producers, monitor, report"),
+     "topology.yaml:18:1: producer: unknown field; expected one of: nsq, topics, stages, producers, monitor, report, "
+     "gateway, auth, tls"),
     ("undeclared-output", "[prime, non_prime]", "[prime, composite]",
      "topology.yaml:13:22: stages.primes.outputs.1: topic 'composite' is not declared under topics "
      "(declared: numbers, prime, non_prime)"),
