@@ -47,12 +47,8 @@ def _email(value: str) -> str:
 
 
 def _listen(value: str) -> str:
-    from .topology import split_address  # topology imports this module
-    try:
-        split_address(value)
-    except ValueError as e:
-        raise _problem(str(e)) from e
-    return value
+    from .topology import _address  # topology imports this module
+    return _address(value)
 
 
 ClockTime = Annotated[str, AfterValidator(_clock_time)]
