@@ -28,7 +28,8 @@ import asyncio
 import logging
 import signal
 import time
-from collections import Counter
+from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 
@@ -86,14 +87,16 @@ class Worker:
             self.processor.may_give_up = lambda: self._gaps_may_go
         else:
             self.processor = BatchProcessor(*args, on_error=self._on_handler_error)
-        # A keyed stage's state moves batch by batch: one batch at a time from
-        # handler to checkpoint, so a checkpoint never holds unpublished effects.
-        self._serial = asyncio.Lock() if self.spec.keyed else None
+        # A keyed stage's batches go through the handler one at a time, in
+        # order; their commits (publish OK, then checkpoint, then FIN) follow in
+        # the same order, so a checkpoint never holds unpublished effects.
         self._keyed_queue: list = []
+        self._commits: deque[_KeyedCommit] = deque()
+        self._committer: asyncio.Future | None = None
+        self._keyed_halted = False  # set after a runtime failure, until the commits rewound the state
         self._gaps_may_go = False  # set while a check found nsqd holding nothing more for the partition
         self._backlog_check: asyncio.Future | None = None
         self._gap_wait_logged = 0.0
-        self._keyed_runner: asyncio.Future | None = None
         self._gap_timer = None
         self.stats: Counter[str] = Counter()
         self.draining = False
@@ -170,8 +173,9 @@ class Worker:
             self._gap_timer.stop()
         self._requeue_now(self._take_pending())
         deadline = time.monotonic() + self.spec.publish_timeout + 2.0
-        if self._active:
-            await asyncio.wait(list(self._active), timeout=self.spec.publish_timeout + 1.0)
+        # Tasks may start others (a keyed batch starts its commit), so wait until none is left.
+        while self._active and time.monotonic() < deadline - 1.0:
+            await asyncio.wait(list(self._active), timeout=deadline - 1.0 - time.monotonic())
         await self._await_close_wait(deadline)
         await self._flush_connections()
         if self._active:
@@ -256,13 +260,9 @@ class Worker:
             messages = self._take_pending()
         if not messages:
             return
-        if self._serial is not None:
-            # Keyed: batches run one at a time, so whatever arrives while one is
-            # published and checkpointed joins the next: one publish and one
-            # checkpoint for all of it (group commit; the batch grows with load).
+        if self.checkpoint is not None:
             self._keyed_queue += messages
-            if self._keyed_runner is None:
-                self._keyed_runner = self._start(self._run_keyed_queue())
+            self._run_keyed()
             return
         self._start(self._process(messages))
 
@@ -272,22 +272,14 @@ class Worker:
         task.add_done_callback(self._active.discard)
         return task
 
-    async def _run_keyed_queue(self) -> None:
-        try:
-            while self._keyed_queue:
-                messages, self._keyed_queue = self._keyed_queue, []
-                await self._process(messages)
-        finally:
-            self._keyed_runner = None
-
     # -- processing --------------------------------------------------------
 
     async def _process(self, messages: list) -> None:
-        """Run one batch through handler, publish and acknowledgement."""
+        """Run one batch through handler, publish and acknowledgement (stages without keyed state)."""
         self.stats["batches"] += 1
         self.stats["received"] += len(messages)
         try:
-            await self._process_batch(messages)
+            await self._run_batch(messages)
         except Exception:
             # A bug of ours, not of the stage: give the messages back now rather
             # than leave them to the message timeout.
@@ -295,42 +287,120 @@ class Worker:
                          self.name, len(messages), exc_info=True)
             self._requeue_now(messages)
 
-    async def _process_batch(self, messages: list) -> None:
-        if self._serial is None:
-            return await self._run_batch(messages)
-        async with self._serial:
-            return await self._run_batch(messages)
-
     async def _run_batch(self, messages: list) -> None:
         outcome = self.processor.process(messages)
         for message in outcome.retry:
             self._requeue_backoff(message)
-        if self.checkpoint is not None:
-            self._report_gaps()
-            self.stats.update(duplicates=self.processor.duplicates, parked=self.processor.parked)
-        outputs = outcome.outputs
-        if outcome.dead:
-            outputs[self.dead_topic] = [self._dead_letter(dead) for dead in outcome.dead]
+        outputs = self._outputs(outcome)
         self.middleware.emit_before("before_publish", self, outputs)
         try:
             await self.publisher.publish(outputs, self.spec.publish_timeout)
         except PublishError as e:
-            self.stats["publish_errors"] += 1
-            log.warning("stage %s: publish failed, requeueing %d messages: %s", self.name, len(outcome.finish), e)
-            self.middleware.emit_after("after_publish", self, outputs, exception=e)
+            self._publish_failed(outputs, len(outcome.finish), e)
             self._requeue_now(outcome.finish)
-            if self.checkpoint is not None:
-                self._rewind()
             return
+        self._published(outputs)
+        self._finish(outcome.finish)
+        self.middleware.emit_after("after_ack", self, outcome.finish, outcome.retry)
+
+    def _outputs(self, outcome) -> dict[str, list[bytes]]:
+        outputs = outcome.outputs
+        if outcome.dead:
+            outputs[self.dead_topic] = [self._dead_letter(dead) for dead in outcome.dead]
+        return outputs
+
+    def _publish_failed(self, outputs: dict, count: int, error: BaseException) -> None:
+        self.stats["publish_errors"] += 1
+        log.warning("stage %s: publish failed, requeueing %d messages: %s", self.name, count, error)
+        self.middleware.emit_after("after_publish", self, outputs, exception=error)
+
+    def _published(self, outputs: dict) -> None:
         self.middleware.emit_after("after_publish", self, outputs, exception=None)
         for topic, bodies in outputs.items():
             self.stats[f"out:{topic}"] += len(bodies)
-        if self.checkpoint is not None:
+
+    # -- keyed batches: handler now, commit in order -------------------------
+    #
+    # A keyed replica runs its batches through the handler one at a time, as
+    # they come, and publishes each batch's outputs at once; it does not wait
+    # for the previous batch's checkpoint. The commits follow in batch order:
+    # once a batch's publish (and every earlier one's) is acknowledged, the
+    # state snapshot taken right after its handler call is written (fsynced),
+    # then its messages are FINed. Batches acknowledged while a checkpoint is
+    # being written share the next one (group commit). A failed publish
+    # rewinds: every batch not yet committed is requeued and the state goes
+    # back to the last checkpoint, as after a crash.
+
+    def _run_keyed(self) -> None:
+        """Take every queued keyed message through the handler, in order (unless halted)."""
+        while self._keyed_queue and not self._keyed_halted:
+            messages, self._keyed_queue = self._keyed_queue, []
+            self._apply_keyed(messages)
+
+    def _apply_keyed(self, messages: list) -> None:
+        """Run one keyed batch through the handler, start its publish and queue its commit."""
+        self.stats["batches"] += 1
+        self.stats["received"] += len(messages)
+        try:
+            outcome = self.processor.process(messages)
+            for message in outcome.retry:
+                self._requeue_backoff(message)
+            self._report_gaps()
+            self.stats.update(duplicates=self.processor.duplicates, parked=self.processor.parked)
+            outputs = self._outputs(outcome)
             snapshot = getattr(self.handler, "snapshot", None)
-            await asyncio.to_thread(self.checkpoint.save, self.processor.sequencer.state(),
-                                    snapshot() if snapshot else None)
-        self._finish(outcome.finish)
-        self.middleware.emit_after("after_ack", self, outcome.finish, outcome.retry)
+            state = (self.processor.sequencer.state(), snapshot() if snapshot else None)
+        except Exception as e:
+            # A bug of ours, not of the stage: the state may be half-updated, so
+            # nothing more goes through the handler until the commits before
+            # this one are done and the state is back at the last checkpoint.
+            log.critical("stage %s: batch of %d messages failed in the runtime; rewinding to the last checkpoint",
+                         self.name, len(messages), exc_info=True)
+            self._keyed_halted = True
+            failed: asyncio.Future = asyncio.get_running_loop().create_future()
+            failed.set_exception(e)
+            self._queue_commit(_KeyedCommit(messages, [], {}, failed, None))
+            return
+        self.middleware.emit_before("before_publish", self, outputs)
+        publish = self._start(self.publisher.publish(outputs, self.spec.publish_timeout))
+        publish.add_done_callback(_retrieved)  # a rewind may drop the commit before anyone reads its result
+        self._queue_commit(_KeyedCommit(outcome.finish, outcome.retry, outputs, publish, state))
+
+    def _queue_commit(self, commit: _KeyedCommit) -> None:
+        self._commits.append(commit)
+        if self._committer is None:
+            self._committer = self._start(self._run_commits())
+
+    async def _run_commits(self) -> None:
+        try:
+            while self._commits:
+                head = self._commits[0]
+                try:
+                    await asyncio.wait([head.published])
+                    head.published.result()
+                except Exception as e:
+                    if head.state is not None:  # else the runtime failed on the batch (logged already)
+                        self._publish_failed(head.outputs, len(head.finish), e)
+                    self._rewind()
+                    continue
+                group = [self._commits.popleft()]
+                while self._commits and _acknowledged(self._commits[0].published):
+                    group.append(self._commits.popleft())
+                for commit in group:
+                    self._published(commit.outputs)
+                try:
+                    await asyncio.to_thread(self.checkpoint.save, *group[-1].state)
+                except Exception:
+                    log.critical("stage %s replica %d: writing the checkpoint failed; rewinding", self.name,
+                                 self.replica, exc_info=True)
+                    self._commits.extendleft(reversed(group))
+                    self._rewind()
+                    continue
+                for commit in group:
+                    self._finish(commit.finish)
+                    self.middleware.emit_after("after_ack", self, commit.finish, commit.retry)
+        finally:
+            self._committer = None
 
     # -- keyed state ---------------------------------------------------------
 
@@ -352,12 +422,17 @@ class Worker:
                  self.replica, len(self.processor.sequencer.applied), self.processor.sequencer.parked_count())
 
     def _rewind(self) -> None:
-        """After a failed publish: back to the last checkpoint (the batch's messages are requeued).
+        """Requeue every batch not yet committed and go back to the last checkpoint, as after a crash.
 
-        The handler already applied the batch; its redelivered records would
-        otherwise be taken for duplicates and their outputs never published.
+        The handler already applied those batches; their redelivered records
+        would otherwise be taken for duplicates and their outputs never published.
         """
+        commits, self._commits = self._commits, deque()
+        for commit in commits:
+            self._requeue_now(commit.finish)
         self._restore_checkpoint()
+        self._keyed_halted = False
+        self._run_keyed()
 
     def _report_gaps(self) -> None:
         gaps = self.processor.sequencer.gaps
@@ -384,7 +459,7 @@ class Worker:
                 self._log_waiting_gap(backlog)
                 return
             self._gaps_may_go = True
-            await self._process([])
+            self._apply_keyed([])
         finally:
             self._gaps_may_go = False
             self._backlog_check = None
@@ -440,3 +515,23 @@ class Worker:
         message.requeue(backoff=True, time_ms=int(delay * 1000))
         self.stats["requeued"] += 1
 
+
+
+@dataclass(slots=True)
+class _KeyedCommit:
+    """One keyed batch between its handler call and its FIN."""
+
+    finish: list  # the messages to FIN once committed
+    retry: list  # requeued already (for the after_ack hook)
+    outputs: dict[str, list[bytes]]
+    published: asyncio.Future  # the outputs' publish
+    state: tuple[dict, bytes | None] | None  # (sequencer state, handler snapshot) right after the handler call
+
+
+def _acknowledged(future: asyncio.Future) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
