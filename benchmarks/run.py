@@ -88,7 +88,8 @@ RULES = (
     "buffering until its next send is).",
     "ticks latency: a separate reader process subscribes before publishing to a 'bench' channel on "
     "features.0..3 and signals (nsqd's --output-buffer-timeout=1ms applies to it, since it sends no IDENTIFY; "
-    "the workers identify with output_buffer_timeout 25 ms and output_buffer_size from --output-buffer-size, "
+    "the workers identify with output_buffer_timeout from --output-buffer-timeout, default 25 ms, nsqd's usual "
+    "minimum (this nsqd allows down to 1 ms), and output_buffer_size from --output-buffer-size, "
     "default 16384 as nsqd's; -1 is no buffering) and notes time.time_ns() as each message "
     "arrives. tick->feature = arrival of the tick's feature record - ts; tick->signal = arrival of a signal "
     "- ts (a signal carries its tick's ts); duplicates (same id) count once. p50/p99/p99.9 in ms per run; the "
@@ -118,6 +119,9 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m benchmarks.run
                         help=f"comma-separated figures to measure (default: all of {', '.join(ALL_NAMES)})")
     parser.add_argument("--tick-rate", type=float, default=ticks.TICK_RATE,
                         help=f"ticks/s published in the ticks figure (default {ticks.TICK_RATE:,})")
+    parser.add_argument("--output-buffer-timeout", type=int, default=ticks.OUTPUT_BUFFER_TIMEOUT,
+                        help="the keyed stages' output_buffer_timeout (ms, 1..30000) in the ticks figure "
+                             f"(default {ticks.OUTPUT_BUFFER_TIMEOUT})")
     parser.add_argument("--output-buffer-size", type=int, default=ticks.OUTPUT_BUFFER_SIZE,
                         help="the keyed stages' output_buffer_size in the ticks figure "
                              "(default 16384, as nsqd's and the stage's; -1: no buffering)")
@@ -129,6 +133,8 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m benchmarks.run
         parser.error("--tick-rate must be > 0")
     if args.output_buffer_size != -1 and not 64 <= args.output_buffer_size <= 65536:
         parser.error("--output-buffer-size must be -1 or 64..65536")
+    if not 1 <= args.output_buffer_timeout <= 30000:
+        parser.error("--output-buffer-timeout must be 1..30000 (ms)")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -172,7 +178,8 @@ def new_results(args: argparse.Namespace) -> dict:
         "settings": {"scale": args.scale, "repeats": args.repeats, "only": args.only,
                      "poll_interval_s": drain.POLL_INTERVAL, "restart_poll_interval_s": restart.POLL_INTERVAL,
                      "trickle_rate": restart.TRICKLE_RATE, "tick_rate": args.tick_rate,
-                     "output_buffer_size": args.output_buffer_size},
+                     "output_buffer_size": args.output_buffer_size,
+                     "output_buffer_timeout_ms": args.output_buffer_timeout},
         "rules": list(RULES),
         "machine": machine_info(nsq_binary("nsqd")),
         "contenders": contenders,
@@ -237,7 +244,8 @@ def run_all(args: argparse.Namespace, results: dict, workroot: Path, progress: C
             workdir = workroot / f"{TICKS}-{rep}"
             ok &= _one_run(entries[TICKS], f"{TICKS} run {rep}/{args.repeats}", progress,
                            lambda d=workdir: ticks.ticks_once(d, ticks_count(args.scale), args.tick_rate,
-                                                              args.output_buffer_size))
+                                                              args.output_buffer_size,
+                                                              args.output_buffer_timeout))
         if GATEWAY in entries:
             workdir = workroot / f"{GATEWAY}-{rep}"
             ok &= _one_run(entries[GATEWAY], f"{GATEWAY} run {rep}/{args.repeats}", progress,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -54,6 +55,7 @@ BASE_COUNT = TICK_RATE * TICK_SECONDS
 MAX_IN_FLIGHT = 500
 BATCH = {"size": 64, "wait_ms": 2}
 OUTPUT_BUFFER_SIZE = 16384  # nsqd's default; -1 (no buffering) is the other choice to compare
+OUTPUT_BUFFER_TIMEOUT = 25  # ms: nsqd's --min-output-buffer-timeout default; the bench's nsqd allows down to 1
 READ_CHANNEL = "bench"
 READER_BUFFER_TIMEOUT = "1ms"
 STAGES = (("features", "ticks", "consumers.features:Features", "features"),
@@ -66,7 +68,8 @@ POLL_INTERVAL = 0.05
 PERCENTILES = (("p50", 50.0), ("p99", 99.0), ("p999", 99.9))
 
 
-def write_topology(path: Path, broker: Broker, output_buffer_size: int = OUTPUT_BUFFER_SIZE) -> Topology:
+def write_topology(path: Path, broker: Broker, output_buffer_size: int = OUTPUT_BUFFER_SIZE,
+                   output_buffer_timeout: int = OUTPUT_BUFFER_TIMEOUT) -> Topology:
     """Write and load ticks -> features -> signals, 4 partitions, against ``broker``."""
     keyed = {"codec": "msgpack", "partitions": PARTITIONS, "key": "symbol"}
     doc = {
@@ -75,7 +78,7 @@ def write_topology(path: Path, broker: Broker, output_buffer_size: int = OUTPUT_
         "topics": {"ticks": dict(keyed), "features": {**keyed, "seq": "feature_seq"}, "signals": {"codec": "json"}},
         "stages": {name: {"handler": handler, "input": source, "channel": name, "outputs": [out], "keyed": True,
                           "replicas": PARTITIONS, "max_in_flight": MAX_IN_FLIGHT, "batch": dict(BATCH),
-                          "output_buffer_size": output_buffer_size}
+                          "output_buffer_size": output_buffer_size, "output_buffer_timeout": output_buffer_timeout}
                    for name, source, handler, out in STAGES},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +158,7 @@ def _pending(channel: dict | None) -> int:
 
 
 def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
-               output_buffer_size: int = OUTPUT_BUFFER_SIZE) -> dict:
+               output_buffer_size: int = OUTPUT_BUFFER_SIZE, output_buffer_timeout: int = OUTPUT_BUFFER_TIMEOUT) -> dict:
     """Measure the latencies for ``count`` ticks at ``rate`` on a fresh nsqd under ``workdir``; stop everything after.
 
     Raises:
@@ -164,11 +167,12 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
     # The reader sends no IDENTIFY, so it gets nsqd's default output buffer timeout: 1 ms here, so the
     # measuring hop adds no buffering. The workers ask for their stage's output_buffer_size/timeout.
     broker = Broker(start_nsqd(workdir / "nsqd", extra=[f"--mem-queue-size={max(MEM_QUEUE_SIZE, 2 * count)}",
-                                                        f"--output-buffer-timeout={READER_BUFFER_TIMEOUT}"]))
+                                                        f"--output-buffer-timeout={READER_BUFFER_TIMEOUT}",
+                                                        f"--min-output-buffer-timeout={READER_BUFFER_TIMEOUT}"]))
     launched: list[Launched] = []
     producers: list[Producer] = []
     try:
-        topology = write_topology(workdir / "topology.yaml", broker, output_buffer_size)
+        topology = write_topology(workdir / "topology.yaml", broker, output_buffer_size, output_buffer_timeout)
         features, inputs = topology.physical_topics("features"), topology.physical_topics("ticks")
         outputs = [*features, "signals"]
         for topic in outputs:
@@ -192,12 +196,16 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
         _wait_outputs(broker, launched, features, watched, WARMUP, producer.ended_at)
         measured_from = time.time_ns()  # every measured tick is stamped after this
         cpu_before = sum(cpu_seconds(p.pid) for p in workers)
+        others_before = {name: cpu_seconds(pid) for name, pid in
+                         (("nsqd", broker.pid), ("reader", reader.pid), ("producer", os.getpid()))}
         producer = _publish(broker, topology, stamped(ticks), count, rate, producers)
         published = producer.ended_at
         stats = channels(broker)
         backlog = sum(_pending(stats.get(key)) for key in watched[:2 * PARTITIONS])
         caught_up = _wait_outputs(broker, launched, features, watched, WARMUP + count, published)
         cpu = sum(cpu_seconds(p.pid) for p in workers) - cpu_before
+        others = {name: round(cpu_seconds(pid) - others_before[name], 3) for name, pid in
+                  (("nsqd", broker.pid), ("reader", reader.pid), ("producer", os.getpid()))}
         rss = {p.name: round(peak_rss_mb(p.pid), 1) for p in workers}
         reader.stop()
         if not reader_out.exists():
@@ -215,7 +223,9 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
             **{f"signal_{name}_ms": _percentile(sig_ms, q) for name, q in PERCENTILES},
             "feature_max_ms": float(feat_ms.max()) if feat_ms.size else None,
             "backlog_at_end": backlog, "caught_up_s": caught_up, "kept_up": caught_up <= KEPT_UP_S,
-            "cpu_s": cpu, "peak_rss_mb": max(rss.values()), "worker_peak_rss_mb": rss,
+            "cpu_s": cpu, "cpu_us_per_tick": {"workers": round(cpu * 1e6 / count, 1),
+                                              **{k: round(v * 1e6 / count, 1) for k, v in others.items()}},
+            "peak_rss_mb": max(rss.values()), "worker_peak_rss_mb": rss,
             "nsqd_peak_rss_mb": peak_rss_mb(broker.pid),
         }
         if sample["features"] < count:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from typing import Any, Callable
 
 import msgpack
@@ -41,7 +42,14 @@ def encode_json(record: dict) -> bytes:
 
 def encode_msgpack(record: dict) -> bytes:
     """Encode ``record`` as a msgpack map."""
-    return msgpack.packb(record, use_bin_type=True, default=_msgpack_default)
+    try:
+        pack = _packers.pack
+    except AttributeError:  # one Packer per thread (msgpack.packb would build one per call)
+        pack = _packers.pack = msgpack.Packer(use_bin_type=True, default=_msgpack_default).pack
+    return pack(record)
+
+
+_packers = threading.local()
 
 
 # encode_json as a C-level callable, for map() over a batch's records

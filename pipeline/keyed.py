@@ -89,6 +89,17 @@ class Sequencer:
             return Offer(parked=True, ready=self._skip_gap(key))
         return Offer(parked=True)
 
+    def in_order(self, key: str, seq: int) -> bool:
+        """Apply ``seq`` at once if it is ``key``'s next and nothing of ``key`` is parked; else change nothing.
+
+        The common case of :meth:`offer` without building an :class:`Offer`:
+        when it returns False, :meth:`offer` the record.
+        """
+        if seq == self.applied.get(key, 0) + 1 and key not in self._parked:
+            self.applied[key] = seq
+            return True
+        return False
+
     def expire(self) -> list[Any]:
         """Give up gaps that waited longer than ``gap_max_ms``; return the items released."""
         now, ready = self.clock(), []

@@ -22,10 +22,12 @@ what to do with it.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import PipelineError
+
+_CACHE_KEYS = 65536  # a Router remembers the partition of this many keys
 
 if TYPE_CHECKING:  # only for hints: pipeline.topology may import this module
     from .topology import TopicSpec, Topology
@@ -100,6 +102,8 @@ class Router:
     topic: str
     topics: tuple[str, ...]
     key: str | None
+    # str key -> physical topic, so a busy key is hashed once (bounded by _CACHE_KEYS)
+    _cache: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if len(self.topics) > 1 and self.key is None:
@@ -149,9 +153,21 @@ class Router:
         Raises:
             PartitionKeyError: a record has no usable key; nothing is returned.
         """
+        if len(self.topics) == 1:
+            records = list(records)
+            return {self.topics[0]: records} if records else {}
         groups: dict[str, list[dict]] = {t: [] for t in self.topics}
+        cache, field_name = self._cache, self.key
         for record in records:
-            groups[self.topic_of(record)].append(record)
+            key = record.get(field_name) if type(record) is dict else None
+            topic = cache.get(key) if type(key) is str else None
+            if topic is None:
+                topic = self.topic_of(record)
+                if type(key) is str:
+                    if len(cache) >= _CACHE_KEYS:
+                        cache.clear()
+                    cache[key] = topic
+            groups[topic].append(record)
         return {t: group for t, group in groups.items() if group}
 
 

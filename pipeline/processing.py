@@ -303,7 +303,10 @@ def _record_body(record: dict) -> bytes:
         return encode_msgpack(record)
 
 
-@dataclass(eq=False)
+_UNKNOWN = object()
+
+
+@dataclass(eq=False, slots=True)
 class KeyedEntry:
     """One keyed record and the message it came in, as much as its dead letter needs.
 
@@ -352,17 +355,23 @@ class KeyedProcessor(BatchProcessor):
         # allows it only when nsqd holds nothing more for the partition.
         self.may_give_up: Callable[[], bool] = lambda: True
         self.duplicates = self.parked = 0
+        self._handler_state: Any = _UNKNOWN
 
     def process(self, messages: list) -> Outcome:
         """Sequence the batch's records (and any whose gap expired), apply what is ready, in order."""
         outcome = Outcome()
         ready: list[KeyedEntry] = []
+        in_order, key_field, seq_field = self.sequencer.in_order, self.key_field, self.seq_field
         for unit in self._decode_all(messages, outcome):
             message = unit.message
             for i, record in enumerate(unit.records):
                 entry = KeyedEntry(record, message.id, message.attempts,
                                    None if unit.packed else message.body, i if unit.packed else None)
-                ready += self._offer(entry, outcome)
+                key, seq = record.get(key_field), record.get(seq_field)
+                if type(seq) is int and type(key) is str and key and in_order(key, seq):
+                    ready.append(entry)  # the next of its key: no Offer needed
+                else:
+                    ready += self._offer(entry, outcome)
             outcome.finish.append(message)
         if self.sequencer.expiry_due() and self.may_give_up():
             ready += self.sequencer.expire()
@@ -402,15 +411,23 @@ class KeyedProcessor(BatchProcessor):
                 outcome.dead.append(entry.dead(failure.reason + " (keyed stages do not retry)"))
 
     def _apply_records(self, entries: list[KeyedEntry], outcome: Outcome) -> None:
+        self._handler_state = _UNKNOWN  # the call changes the state, whether it returns or raises
         batch, encoded = self._run_handler([e.record for e in entries], permanent=True)
         outcome.emit(encoded)
         for index, reason in sorted(batch.rejected.items()):
             outcome.dead.append(entries[index].dead(reason))
 
-    def _snapshot(self) -> bytes | None:
-        snapshot = getattr(self.handler, "snapshot", None)
-        return snapshot() if snapshot else None
+    def handler_state(self) -> bytes | None:
+        """The handler's snapshot as of now (None for a handler without state); taken once per change."""
+        if self._handler_state is _UNKNOWN:
+            snapshot = getattr(self.handler, "snapshot", None)
+            self._handler_state = snapshot() if snapshot else None
+        return self._handler_state
 
-    def _restore(self, state: bytes | None) -> None:
+    def restore_handler(self, state: bytes | None) -> None:
+        """Put the handler back to ``state``, a :meth:`handler_state` (or a checkpoint's)."""
         if state is not None:
             self.handler.restore(state)
+        self._handler_state = _UNKNOWN if state is None else state
+
+    _snapshot, _restore = handler_state, restore_handler

@@ -348,8 +348,7 @@ class Worker:
             self._report_gaps()
             self.stats.update(duplicates=self.processor.duplicates, parked=self.processor.parked)
             outputs = self._outputs(outcome)
-            snapshot = getattr(self.handler, "snapshot", None)
-            state = (self.processor.sequencer.state(), snapshot() if snapshot else None)
+            state = (self.processor.sequencer.state(), self.processor.handler_state())
         except Exception as e:
             # A bug of ours, not of the stage: the state may be half-updated, so
             # nothing more goes through the handler until the commits before
@@ -412,12 +411,13 @@ class Worker:
         """Load the last checkpoint into the sequencer and the stage (as at a restart)."""
         saved = self.checkpoint.load()
         self.processor.sequencer = self._new_sequencer()
-        if saved is None:
+        if saved is None:  # the first start: the initial state is what a rewind goes back to
+            self.checkpoint.save(self.processor.sequencer.state(), self.processor.handler_state())
             return
         sequencer_state, handler_state = saved
         self.processor.sequencer.restore(sequencer_state)
-        if handler_state is not None and hasattr(self.handler, "restore"):
-            self.handler.restore(handler_state)
+        if hasattr(self.handler, "restore"):
+            self.processor.restore_handler(handler_state)
         log.info("stage %s replica %d restored its checkpoint (%d keys, %d records parked)", self.name,
                  self.replica, len(self.processor.sequencer.applied), self.processor.sequencer.parked_count())
 

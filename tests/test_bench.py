@@ -132,7 +132,7 @@ def test_markdown_repeats_the_table_rules_and_command(tiny_run):
 TICKS_SAMPLE_KEYS = {"ticks", "rate_target", "published", "input_rate", "publish_s", "features", "signals",
                      "duplicates", "feature_p50_ms", "feature_p99_ms", "feature_p999_ms", "signal_p50_ms",
                      "signal_p99_ms", "signal_p999_ms", "feature_max_ms", "backlog_at_end", "caught_up_s", "kept_up",
-                     "cpu_s", "peak_rss_mb", "worker_peak_rss_mb", "nsqd_peak_rss_mb"}
+                     "cpu_s", "cpu_us_per_tick", "peak_rss_mb", "worker_peak_rss_mb", "nsqd_peak_rss_mb"}
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +165,8 @@ def test_tiny_ticks_run_measures_latencies_and_stops_everything(tiny_ticks):
     assert set(sample["worker_peak_rss_mb"]) == {f"{stage}-{k}" for stage in ("features", "signals") for k in range(4)}
     assert all(mb > 0 for mb in sample["worker_peak_rss_mb"].values())
     assert sample["backlog_at_end"] >= 0 and isinstance(sample["kept_up"], bool)
+    assert set(sample["cpu_us_per_tick"]) == {"workers", "nsqd", "reader", "producer"}
+    assert all(us > 0 for us in sample["cpu_us_per_tick"].values())
     assert set(entry["summary"]) == set(report.TICKS_METRICS)
     assert all(set(figure) == SUMMARY_KEYS for figure in entry["summary"].values())
 

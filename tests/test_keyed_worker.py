@@ -72,7 +72,7 @@ def test_failed_publishes_rewind_a_keyed_replica_to_its_checkpoint_and_state_sta
 
         async def flaky(outputs, timeout):
             calls[0] += 1
-            if calls[0] in (3, 4, 12):  # nsqd refuses these MPUBs (later batches were already handled)
+            if calls[0] in (1, 4, 12):  # nsqd refuses these MPUBs (later batches were already handled)
                 failed.append(calls[0])
                 raise PublishError("injected: nsqd refused the MPUB")
             return await publish(outputs, timeout)
@@ -87,7 +87,7 @@ def test_failed_publishes_rewind_a_keyed_replica_to_its_checkpoint_and_state_sta
         running.stop()
 
     # a failed publish of a batch that an earlier failure's rewind requeued already is not counted again
-    assert failed == [3, 4, 12] and 1 <= worker.stats["publish_errors"] <= 3
+    assert failed == [1, 4, 12] and 1 <= worker.stats["publish_errors"] <= 3
     assert worker.stats["requeued"] > 3 * 16, "every batch after a failed one is requeued, not only that one"
     assert worker.stats["gaps"] == 0
     by_key = {}
