@@ -49,6 +49,9 @@ _SMALL_PRIMES = np.array(
 )
 # Miller-Rabin with these bases is exact for n < 3.3e24, so for all of uint64.
 _MR_BASES = np.array([2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37], dtype=np.uint64)
+# ... and with these for n < 4,759,123,141 (Jaeschke 1993), so for all n < 2**32.
+_MR_BASES_32 = np.array([2, 7, 61], dtype=np.uint64)
+_TWO_TO_32 = np.uint64(2**32)
 
 
 @njit(cache=True)
@@ -132,6 +135,38 @@ def _passes_base(base, d, s, n, n_inv, one, minus_one):
 
 
 @njit(cache=True)
+def _is_strong_probable_prime_u32(n):
+    """Miller-Rabin to the bases ``_MR_BASES_32`` for odd ``n`` with 61 < n < 2**32.
+
+    Below 2**32 a product of two residues fits in 64 bits, so plain ``%``
+    replaces Montgomery arithmetic, and bases 2, 7 and 61 are exact there
+    (no composite below 4,759,123,141 is a strong pseudoprime to all three).
+    """
+    one = np.uint64(1)
+    minus_one = n - one
+    d, s = minus_one, 0
+    while d & one == np.uint64(0):
+        d >>= one
+        s += 1
+    for base in _MR_BASES_32:
+        x, b, power = one, base, d
+        while power:
+            if power & one:
+                x = x * b % n
+            b = b * b % n
+            power >>= one
+        if x == one or x == minus_one:
+            continue
+        for _ in range(s - 1):
+            x = x * x % n
+            if x == minus_one:
+                break
+        else:
+            return False
+    return True
+
+
+@njit(cache=True)
 def _is_prime_u64(n):
     """Return True when ``n`` (uint64, at least 2, below 2**63) is prime."""
     for p in _SMALL_PRIMES:
@@ -139,6 +174,8 @@ def _is_prime_u64(n):
             return True
         if n % p == np.uint64(0):
             return n == p
+    if n < _TWO_TO_32:
+        return _is_strong_probable_prime_u32(n)
     return _is_strong_probable_prime(n)
 
 

@@ -87,7 +87,8 @@ def test_kernel_matches_python_miller_rabin_near(center):
 
 @pytest.mark.parametrize(
     "n",
-    [2, 3, 5, 37, 41, 71, 73, 5003, 2**31 - 1, 2**61 - 1, 2**63 - 25, 9223372036854775783],
+    [2, 3, 5, 37, 41, 61, 71, 73, 5003, 2**31 - 1, 4294967291, 4294967311, 2**61 - 1, 2**63 - 25,
+     9223372036854775783],  # 4294967291 and 4294967311: the primes either side of 2**32
 )
 def test_known_primes(n):
     assert is_prime_array(np.array([n], dtype=np.int64)).tolist() == [True]
@@ -101,6 +102,8 @@ def test_known_primes(n):
         2047, 3277, 4033,  # strong pseudoprimes to base 2
         1373653, 25326001, 3215031751, 2152302898747, 3474749660383,
         341550071728321, 3825123056546413051,  # strong pseudoprimes to the first k prime bases
+        4759123141,  # the least strong pseudoprime to 2, 7 and 61, just above the 2**32 fast path
+        2**32 - 1, 4294967297,  # 3 * 5 * 17 * 257 * 65537 and 641 * 6700417, either side of 2**32
         2**63 - 1,  # 7**2 * 73 * 127 * 337 * 92737 * 649657
         (2**31 - 1) ** 2, (2**61 - 1) * 3, 3037000493 * 3037000453,  # squares and large semiprimes
     ],
