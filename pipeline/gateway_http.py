@@ -163,8 +163,8 @@ class Connection:
             request = Request(self)
             self.unanswered.append(request)
         self.request = None
-        self.closing = True
         request.connection = b"close"
+        self.close_when_answered()
         request.fail(GatewayError(400, "BAD_REQUEST", message))
 
     # the parser's callbacks
@@ -197,7 +197,7 @@ class Connection:
             request.discard = True
             if request.expect or request.length > DISCARD_LIMIT * max(request.limit, 65536):
                 request.connection = b"close"  # its body is not coming, or too big to read and drop
-                self.closing = True
+                self.close_when_answered()
             request.fail(e)
             if self.closing:
                 raise _Stop from None
@@ -208,7 +208,8 @@ class Connection:
             return
         size = request.size + len(body)
         if size > request.limit:  # a chunked body (Content-Length was checked from the headers)
-            request.discard, request.connection, self.closing = True, b"close", True
+            request.discard, request.connection = True, b"close"
+            self.close_when_answered()
             request.fail(self._too_big(request, size))
             raise _Stop
         request.size = size
@@ -220,7 +221,7 @@ class Connection:
         if not request.discard:
             self.publish(request)
         if request.connection == b"close":
-            self.closing = True
+            self.close_when_answered()
             raise _Stop
 
     # requests
@@ -297,8 +298,18 @@ class Connection:
             if self.closing and not unanswered:
                 self.writing.add_done_callback(lambda _: stream.close())
         resume = self.resume
-        if resume is not None and not resume.done() and len(unanswered) < MAX_UNANSWERED:
-            resume.set_result(None)
+        if resume is not None and not resume.done():
+            resume.set_result(None)  # run() checks its limits again
+
+    def close_when_answered(self) -> None:
+        """Read no more requests; close the connection once every answer is written."""
+        self.closing = True
+        if not self.unanswered:
+            stream = self.stream
+            if self.writing is None or self.writing.done():
+                stream.close()
+            else:
+                self.writing.add_done_callback(lambda _: stream.close())
 
 
 class GatewayServer(TCPServer):

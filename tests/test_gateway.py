@@ -319,11 +319,13 @@ def test_pipelined_requests_are_answered_in_order_and_a_bad_one_does_not_affect_
 
 
 @pytest.mark.integration
-def test_chunked_body_over_the_limit_is_413_and_closes_the_connection(gw):
+def test_chunked_body_over_the_limit_is_413_and_closes_the_connection_as_connection_close_does(gw):
     body = chunked(b"y" * MAX_MSG, b"y")
-    [(answers, closed)] = pipelined(gw.proc.http, [raw(f"/pub?topic={gw.free}", body,
-                                                       headers=["Transfer-Encoding: chunked"])])
+    (answers, closed), (pings, ping_closed) = pipelined(
+        gw.proc.http, [raw(f"/pub?topic={gw.free}", body, headers=["Transfer-Encoding: chunked"])],
+        [raw("/ping", method="GET", token=None, headers=["Connection: close"])])
     assert [(a[0], a[1]["error"]) for a in answers] == [(413, "MSG_TOO_BIG")] and closed
+    assert [a[:2] for a in pings] == [(200, "OK")] and ping_closed  # answered from its headers, then closed
     assert gw.count(gw.free) == 0
 
 
