@@ -7,14 +7,18 @@ The rule:
    limit) that may publish to the topic ``gw``;
 2. :data:`CONNECTIONS` keep-alive HTTP/1.1 connections, each keeping
    :data:`DEPTH` requests pipelined, send N ``POST /pub?topic=gw`` requests of one
-   JSON record each (the same bytes as the drain contenders' records) from an
-   asyncio client in this process;
-3. the clock runs from the first request sent to the last ``200 OK`` read;
-   the gateway answers only after nsqd acknowledged the message, so every 200
-   is a message in nsqd. Afterwards nsqd's message count on ``gw`` must be N
-   and every answer a 200, else the run fails.
+   JSON record each (the same bytes as the drain contenders' records). The
+   client is one asyncio ``Protocol`` per connection in this process (which
+   does nothing else meanwhile): it parses every complete answer of a read at
+   once and sends as many new requests as were answered, in one write;
+3. the clock runs from the first connection opened to the last ``200 OK`` read;
+   the gateway answers only after nsqd acknowledged the message (it publishes
+   the requests of one IOLoop iteration as one MPUB), so every 200 is a message
+   in nsqd. Afterwards nsqd's message count on ``gw`` must be N and every
+   answer a 200, else the run fails.
 
-Figures: messages/s, the gateway processes' CPU per million messages and their largest peak RSS.
+Figures: messages/s, the gateway processes' CPU per million messages and their
+largest peak RSS, nsqd's CPU and the client's own (this process's) CPU per million.
 """
 from __future__ import annotations
 

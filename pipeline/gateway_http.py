@@ -130,6 +130,8 @@ class Connection:
         self.closing = False  # read nothing more; close once every answer is written
         self.resume: asyncio.Future | None = None
         self.writing: asyncio.Future | None = None
+        self.flushing = False  # a flush() is scheduled
+        self.loop = asyncio.get_running_loop()
 
     async def run(self) -> None:
         """Read and parse until the client closes, or a request ends the connection."""
@@ -282,18 +284,25 @@ class Connection:
         self.server.coalescer.add(request.topic, messages, framed, request)
 
     def answer(self, request: Request, response: bytes) -> None:
-        """Record ``request``'s answer; write every answer that is next in order."""
+        """Record ``request``'s answer; on the next IOLoop iteration, write every answer that is next in order.
+
+        Waiting one iteration lets the answers of a whole MPUB leave in one write per connection.
+        """
         request.response = response
         self.held -= request.size
         request.chunks = None
-        unanswered = self.unanswered
-        if unanswered[0] is not request:
-            return
-        out = []
+        if not self.flushing:
+            self.flushing = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write the answers that are next in order, in one write; resume reading if it waited."""
+        self.flushing = False
+        unanswered, out = self.unanswered, []
         while unanswered and unanswered[0].response is not None:
             out.append(unanswered.popleft().response)
         stream = self.stream
-        if not stream.closed():
+        if out and not stream.closed():
             self.writing = stream.write(out[0] if len(out) == 1 else b"".join(out))
             if self.closing and not unanswered:
                 self.writing.add_done_callback(lambda _: stream.close())
@@ -304,7 +313,7 @@ class Connection:
     def close_when_answered(self) -> None:
         """Read no more requests; close the connection once every answer is written."""
         self.closing = True
-        if not self.unanswered:
+        if not self.unanswered:  # otherwise flush() closes it after the last answer
             stream = self.stream
             if self.writing is None or self.writing.done():
                 stream.close()
