@@ -139,7 +139,7 @@ class Connection:
         try:
             while not self.closing:
                 if len(self.unanswered) >= MAX_UNANSWERED or self.held > self.gateway.spec.max_body_size:
-                    self.resume = asyncio.get_running_loop().create_future()
+                    self.resume = self.loop.create_future()
                     await self.resume
                 elif self.writing is not None and not self.writing.done():
                     await self.writing  # the client is not reading its answers: read no more requests
@@ -161,7 +161,7 @@ class Connection:
 
     def _bad_request(self, message: str) -> None:
         request = self.request
-        if request is None or request.response is not None or request not in self.unanswered:
+        if request is None or request.response is not None:  # between requests, or one answered from its headers
             request = Request(self)
             self.unanswered.append(request)
         self.request = None

@@ -319,14 +319,16 @@ def test_pipelined_requests_are_answered_in_order_and_a_bad_one_does_not_affect_
 
 
 @pytest.mark.integration
-def test_chunked_body_over_the_limit_is_413_and_closes_the_connection_as_connection_close_does(gw):
+def test_oversize_chunked_body_connection_close_and_malformed_http_each_close_the_connection(gw):
     body = chunked(b"y" * MAX_MSG, b"y")
-    (answers, closed), (pings, ping_closed) = pipelined(
+    (answers, closed), (pings, ping_closed), (garbled, garbled_closed) = pipelined(
         gw.proc.http, [raw(f"/pub?topic={gw.free}", body, headers=["Transfer-Encoding: chunked"])],
-        [raw("/ping", method="GET", token=None, headers=["Connection: close"])])
+        [raw("/ping", method="GET", token=None, headers=["Connection: close"])],
+        [raw(f"/pub?topic={gw.free}", b"ok"), b"POST /pub HTTP/1.1\r\nContent-Length: x\r\n\r\n"])
     assert [(a[0], a[1]["error"]) for a in answers] == [(413, "MSG_TOO_BIG")] and closed
     assert [a[:2] for a in pings] == [(200, "OK")] and ping_closed  # answered from its headers, then closed
-    assert gw.count(gw.free) == 0
+    assert [a[0] for a in garbled] == [200, 400] and garbled[1][1]["error"] == "BAD_REQUEST" and garbled_closed
+    assert gw.read(gw.free, 1) == [b"ok"] and gw.count(gw.free) == 1  # of the three, only the good one
 
 
 @pytest.mark.integration
