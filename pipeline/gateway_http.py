@@ -235,6 +235,12 @@ class Connection:
             GatewayError: 404, 405, 400 (no topic), 401/403 (token) or 413 (Content-Length over the limit).
         """
         path, _, query = request.url.partition(b"?")
+        if not path.startswith(b"/"):  # absolute-form (http://host/pub?...), which HTTP/1.1 servers must take
+            try:
+                url = httptools.parse_url(request.url)
+            except httptools.HttpParserInvalidURLError:
+                raise GatewayError(400, "BAD_REQUEST", "malformed request target") from None
+            path, query = url.path or b"", url.query or b""
         method = self.parser.get_method()
         if path in (b"/pub", b"/mpub"):
             if method not in (b"POST", b"PUT"):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nsqhttp import get_text, wait_until
 from pipeline import nsqd_http
@@ -304,18 +306,19 @@ def test_pipelined_requests_are_answered_in_order_and_a_bad_one_does_not_affect_
         raw(f"/pub?topic={gw.topic}", chunked(b'{"numb', b'er": 4}'), headers=["Transfer-Encoding: chunked"]),
         raw("/ping", method="GET", token=None),
         raw(f"/pub?topic={gw.topic}", method="GET"),
+        raw(f"http://gw/pub?topic={gw.free}", b"abs"),                            # absolute-form target
         raw(f"/pub?topic={gw.topic}", b'{"number": 5}', headers=["Connection: close"]),
     ]
     [(answers, closed)] = pipelined(gw.proc.http, requests)
     # Then: one answer per request, in order; the good ones published, in order; the connection closed at the end
-    assert [a[0] for a in answers] == [200, 400, 200, 401, 413, 403, 200, 200, 429, 200, 200, 405, 200]
+    assert [a[0] for a in answers] == [200, 400, 200, 401, 413, 403, 200, 200, 429, 200, 200, 405, 200, 200]
     assert [a[1]["error"] for a in answers if isinstance(a[1], dict)] == \
         ["SCHEMA", "UNAUTHORIZED", "MSG_TOO_BIG", "FORBIDDEN", "RATE_LIMITED", "METHOD_NOT_ALLOWED"]
     assert int(answers[8][2]["Retry-After"]) > 0 and answers[3][2]["WWW-Authenticate"].startswith("Bearer")
     assert answers[-1][2]["Connection"] == "close" and closed
     assert [decode(b)["number"] for b in gw.read(gw.topic, 5)] == [1, 2, 3, 4, 5]
-    assert gw.read(gw.free, 2) == [b"s1", b"s2"]
-    assert (gw.count(gw.topic), gw.count(gw.free), gw.count(gw.other)) == (5, 2, 0)
+    assert gw.read(gw.free, 3) == [b"s1", b"s2", b"abs"]
+    assert (gw.count(gw.topic), gw.count(gw.free), gw.count(gw.other)) == (5, 3, 0)
 
 
 @pytest.mark.integration
@@ -427,3 +430,52 @@ def test_coalescer_sends_one_mpub_per_topic_per_iteration_within_nsqds_limits():
     assert [w.answer for w in waiters] == [200, 200, 200, (503, "NSQD_TIMEOUT"), (503, "NSQD_ERROR"),
                                            (503, "NSQD_TIMEOUT")]
     assert len(publisher.mpubs[3][1]) == MPUB_MAX_COUNT + 1 and coalescer.idle()
+
+
+def _near_request(method: bytes, path: bytes, query: list[bytes], headers: list[bytes], body: bytes,
+                  framing: str) -> bytes:
+    if framing == "length":
+        headers = [*headers, b"Content-Length: %d" % len(body)]
+    elif framing == "chunked":
+        headers, body = [*headers, b"Transfer-Encoding: chunked"], chunked(body) if body else b"0\r\n\r\n"
+    elif framing == "wrong length":
+        headers = [*headers, b"Content-Length: %d" % (len(body) + 3)]
+    return (method + b" " + path + b"?" + b"".join(query) + b" HTTP/1.1\r\n"
+            + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body)
+
+
+_REQUESTS = st.one_of(
+    st.builds(
+        _near_request,
+        st.sampled_from([b"POST", b"PUT", b"GET", b"DELETE"]),
+        st.sampled_from([b"/pub", b"/mpub", b"/ping", b"/", b"http://gw/pub"]),
+        st.lists(st.sampled_from([b"topic=", b"{free}", b"{topic}", b"binary=true", b"&", b"=", b"%", b"%ff",
+                                  b"%c3%a9", b"+", b"x"]), max_size=8),
+        st.lists(st.sampled_from([f"Authorization: Bearer {WRITER}".encode(), b"Authorization: Bearer",
+                                  b"Authorization: Basic eA==", b"Expect: 100-continue", b"Connection: close",
+                                  b"Connection: keep-alive", b"X: \xff\xfe"]), max_size=3),
+        st.one_of(st.binary(max_size=60), st.sampled_from([b'{"number": 1}', b'{"number": 1}\n{"number": 2}',
+                                                            b"\x00\x00\x00\x01\x00\x00\x00\x01a"])),
+        st.sampled_from(["length", "chunked", "wrong length", "none"])),
+    st.binary(max_size=200))
+
+
+@pytest.mark.integration
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.lists(_REQUESTS, min_size=1, max_size=3))
+def test_random_bytes_never_break_the_gateway(gw, data):
+    # Given: garbage, or near-requests with odd methods, queries, headers and bodies, on one connection
+    host, port = gw.proc.http.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"".join(data).replace(b"{free}", gw.free.encode()).replace(b"{topic}", gw.topic.encode()))
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):  # the gateway closes once it read our end
+            received += chunk
+    # Then: only well-formed answers came back, no request handling failed, and the gateway still serves
+    for line in received.split(b"\r\n"):
+        if line.startswith(b"HTTP/"):
+            assert line.split(b" ")[1] in (b"100", b"200", b"400", b"401", b"403", b"404", b"405", b"413", b"429")
+    assert "Traceback" not in gw.proc.log_path.read_text()
+    assert gw.post(f"/pub?topic={gw.free}", b"still")[0] == 200
