@@ -12,6 +12,11 @@ naming the field), 401 (no or unknown token), 403 (topic not allowed), 413
 (message or body over nsqd's limits), 429 (over the token's rate) or 503
 (nsqd down or silent). An ``/mpub`` is one MPUB, which nsqd accepts or
 refuses whole, so a failure publishes none of its messages.
+
+This module holds what a request is checked against (tokens, rates, schemas,
+nsqd's limits); :mod:`pipeline.gateway_http` is the HTTP server and
+:mod:`pipeline.gateway_batch` publishes the requests of one IOLoop iteration
+to a topic as one MPUB.
 """
 from __future__ import annotations
 
@@ -24,11 +29,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-import nsq
-from tornado.concurrent import Future
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
-from tornado.web import Application, RequestHandler, stream_request_body
 
 from .codecs import decode
 from .credentials import read_secret
@@ -48,9 +49,10 @@ _U32 = struct.Struct(">I")
 class GatewayError(PipelineError):
     """Raised when a gateway request must be refused; ``status`` and ``error`` form the HTTP answer."""
 
-    def __init__(self, status: int, error: str, message: str):
+    def __init__(self, status: int, error: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.error, self.message = status, error, message
+        self.headers = headers or {}
 
 
 @dataclass
@@ -156,16 +158,16 @@ class Gateway:
         self.schemas = {name: t.schema_ for name, t in topology.topics.items() if t.schema_}
         self.publisher = Publisher(topology.nsqd_tcp_addresses(), **client_options(topology, "gateway"))
 
-    def authorize(self, header: str | None, topic: str) -> Token:
+    def authorize(self, header: bytes | None, topic: str) -> Token:
         """The token of an ``Authorization`` header, if it may publish to ``topic``.
 
         Raises:
             GatewayError: 401 without a known bearer token, 403 when the token may not publish to ``topic``.
         """
-        scheme, _, credential = (header or "").partition(" ")
-        if scheme.lower() != "bearer" or not credential.strip():
+        scheme, _, credential = (header or b"").partition(b" ")
+        given = credential.strip()
+        if scheme.lower() != b"bearer" or not given:
             raise GatewayError(401, "UNAUTHORIZED", "send 'Authorization: Bearer <token>'")
-        given = credential.strip().encode()
         # compare with every token, so the time taken does not tell which one nearly matched
         found = [t for t in self.tokens if hmac.compare_digest(t.secret, given)]
         if not found:
@@ -175,8 +177,8 @@ class Gateway:
             raise GatewayError(403, "FORBIDDEN", f"token {token.name!r} may not publish to topic {topic!r}")
         return token
 
-    def check(self, topic: str, messages: list[bytes]) -> None:
-        """Check the messages against the topic's schema and nsqd's MPUB body limit.
+    def check(self, topic: str, messages: list[bytes]) -> int:
+        """Check the messages against the topic's schema and nsqd's MPUB body limit; return their MPUB size.
 
         Raises:
             GatewayError: 400 naming the message and field, or 413 when the MPUB would be too big.
@@ -189,7 +191,7 @@ class Gateway:
                                                     f"the limit is {self.spec.max_body_size}")
         schema = self.schemas.get(topic)
         if schema is None:
-            return
+            return framed
         for i, message in enumerate(messages):
             try:
                 reason = schema_violation(decode(message), schema)
@@ -198,144 +200,50 @@ class Gateway:
             if reason is not None:
                 where = f"message {i}: " if len(messages) > 1 else ""
                 raise GatewayError(400, "SCHEMA", f"{where}{reason}")
+        return framed
 
-    async def publish(self, topic: str, messages: list[bytes]) -> None:
-        """Publish ``messages`` in one MPUB and wait for nsqd's OK.
+    def admit(self, token: Token, count: int) -> None:
+        """Take ``count`` messages from the token's rate bucket.
 
         Raises:
-            GatewayError: 503 when no nsqd is connected, it refuses, or it does not answer in time.
+            GatewayError: 429 (with ``Retry-After``) when the token is over its rate or ``count`` exceeds its burst.
         """
-        if not self.publisher.connected():
-            raise GatewayError(503, "NSQD_UNAVAILABLE", "no connection to nsqd; nothing was published")
-        future: Future = Future()
-
-        def on_answer(conn, data) -> None:
-            if not future.done():
-                future.set_result(data)
-
-        self.publisher.writer.mpub(topic, messages, callback=on_answer)
-        try:
-            answer = await asyncio.wait_for(future, self.spec.publish_timeout)
-        except asyncio.TimeoutError:
-            raise GatewayError(503, "NSQD_TIMEOUT", f"no answer from nsqd within {self.spec.publish_timeout:g}s;"
-                                                    " the messages may or may not have been published") from None
-        if isinstance(answer, nsq.Error):
-            raise GatewayError(503, "NSQD_ERROR", f"nsqd did not accept the messages: {answer}")
-
-    def application(self) -> Application:
-        """The tornado application serving ``/pub``, ``/mpub`` and ``/ping``."""
-        return Application([
-            (r"/pub", PublishHandler, {"gateway": self, "multi": False}),
-            (r"/mpub", PublishHandler, {"gateway": self, "multi": True}),
-            (r"/ping", PingHandler, {"gateway": self}),
-        ])
-
-
-class PingHandler(RequestHandler):
-    """``GET /ping``: 200 ``OK`` while nsqd is connected, else 503."""
-
-    def initialize(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-
-    def get(self) -> None:
-        if not self.gateway.publisher.connected():
-            self.set_status(503)
-            self.finish("NOK - no connection to nsqd")
+        bucket = token.bucket
+        if not bucket.rate:
             return
-        self.finish("OK")
+        if count > bucket.burst:
+            raise GatewayError(429, "RATE_LIMITED", f"{count} messages are more than token {token.name!r} may "
+                                                    f"send at once ({bucket.burst:g}); split the /mpub")
+        wait = bucket.take(count)
+        if wait:
+            raise GatewayError(429, "RATE_LIMITED", f"token {token.name!r} is over its rate; retry in {wait:.2f}s",
+                               headers={"Retry-After": str(math.ceil(wait))})
 
+    def messages(self, multi: bool, binary: bool, body: bytes) -> list[bytes]:
+        """The messages of a ``/pub`` (the body) or ``/mpub`` (newline or ``binary=true``) body.
 
-@stream_request_body
-class PublishHandler(RequestHandler):
-    """``POST /pub?topic=`` (one message) and ``POST /mpub?topic=[&binary=true]`` (many)."""
-
-    def initialize(self, gateway: Gateway, multi: bool) -> None:
-        self.gateway, self.multi = gateway, multi
-        self.limit = gateway.spec.max_body_size if multi else gateway.spec.max_msg_size
-        self.chunks: list[bytes] = []
-        self.size = 0
-
-    def prepare(self) -> None:
-        # Checked before the body is read, so an unauthorised client cannot make us buffer anything.
-        try:
-            if self.request.method not in ("POST", "PUT"):
-                raise GatewayError(405, "METHOD_NOT_ALLOWED", "use POST")
-            self.topic = self.get_query_argument("topic", "")
-            if not self.topic:
-                raise GatewayError(400, "MISSING_ARG_TOPIC", "the topic query argument is required")
-            self.token = self.gateway.authorize(self.request.headers.get("Authorization"), self.topic)
-            length = int(self.request.headers.get("Content-Length", "0") or 0)
-            if length > self.limit:
-                raise self._too_big(length)
-        except GatewayError as e:
-            self.fail(e)
-            return
-        # Let tornado read past our limit, so we answer 413 rather than it closing with a 400.
-        self.request.connection.set_max_body_size(2 * self.limit + 65536)
-
-    def _too_big(self, size: int) -> GatewayError:
-        if self.multi:
-            return GatewayError(413, "BODY_TOO_BIG", f"body of {size}+ bytes; the limit is {self.limit}")
-        return GatewayError(413, "MSG_TOO_BIG", f"message of {size}+ bytes; the limit is {self.limit}")
-
-    def data_received(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        if self.size <= self.limit:
-            self.chunks.append(chunk)
-
-    async def post(self) -> None:
-        try:
-            if self.size > self.limit:
-                raise self._too_big(self.size)
-            messages = self._messages(b"".join(self.chunks))
-            self.gateway.check(self.topic, messages)
-            bucket = self.token.bucket
-            if bucket.rate and len(messages) > bucket.burst:
-                raise GatewayError(429, "RATE_LIMITED", f"{len(messages)} messages are more than token "
-                                                        f"{self.token.name!r} may send at once ({bucket.burst:g});"
-                                                        " split the /mpub")
-            wait = bucket.take(len(messages))
-            if wait:
-                self.set_header("Retry-After", str(math.ceil(wait)))
-                raise GatewayError(429, "RATE_LIMITED", f"token {self.token.name!r} is over its rate; "
-                                                        f"retry in {wait:.2f}s")
-            await self.gateway.publish(self.topic, messages)
-        except GatewayError as e:
-            self.fail(e)
-            return
-        self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.finish("OK")
-
-    put = post
-
-    def _messages(self, body: bytes) -> list[bytes]:
-        if not self.multi:
+        Raises:
+            GatewayError: 400 for a malformed binary body, 413 for a message over ``max_msg_size``.
+        """
+        if not multi:
             return [body] if body else []
-        if self.get_query_argument("binary", "false").lower() in ("true", "1"):
-            return split_binary(body, self.gateway.spec.max_msg_size)
-        return split_newlines(body, self.gateway.spec.max_msg_size)
+        if binary:
+            return split_binary(body, self.spec.max_msg_size)
+        return split_newlines(body, self.spec.max_msg_size)
 
-    def fail(self, error: GatewayError) -> None:
-        """Answer with ``error`` as JSON."""
-        if error.status >= 500:
-            log.warning("refused %s?topic=%s: %s", self.request.path, getattr(self, "topic", ""), error.message)
-        self.set_status(error.status)
-        if error.status == 401:
-            self.set_header("WWW-Authenticate", 'Bearer realm="nsq-pipeline"')
-        self.finish({"status": error.status, "error": error.error, "message": error.message})
 
 
 async def serve(topology, *, ready=None) -> None:
     """Run the gateway until SIGTERM or SIGINT; ``ready()`` is called once it listens."""
-    # One INFO line per request would cost more than the request; refusals still log (4xx/5xx are warnings).
-    logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    from .gateway_http import GatewayServer
+
     gateway = Gateway(topology)
     try:
         await gateway.publisher.wait_connected(CONNECT_TIMEOUT)
     except PublishError as e:
         log.warning("%s; starting anyway, answering 503 until it connects", e)
     host, port = split_address(topology.gateway.http)
-    server = HTTPServer(gateway.application(), max_body_size=2 * topology.gateway.max_body_size + 65536)
+    server = GatewayServer(gateway)
     # reuse_port: the `processes` replicas supervisord starts share the port; the kernel spreads connections
     server.add_sockets(bind_sockets(port, address=host.strip("[]"), reuse_port=True))
     stop = asyncio.Event()
@@ -347,6 +255,5 @@ async def serve(topology, *, ready=None) -> None:
     if ready is not None:
         ready()
     await stop.wait()
-    server.stop()
-    await server.close_all_connections()
+    await server.shut_down(topology.gateway.publish_timeout)
     gateway.publisher.close()
