@@ -255,8 +255,8 @@ def classify_columns(columns: Columns) -> dict[str, Columns] | None:
     except OverflowError:
         return None
     flags = is_prime_array(values)
-    return {"prime": columns.take(np.flatnonzero(flags)).with_column("prime", True),
-            "non_prime": columns.take(np.flatnonzero(~flags)).with_column("prime", False)}
+    return {"prime": columns.where(flags).with_column("prime", True),
+            "non_prime": columns.where(~flags).with_column("prime", False)}
 
 
 classify.columns = classify_columns

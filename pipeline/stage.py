@@ -34,6 +34,7 @@ from __future__ import annotations
 import importlib
 import math
 import operator
+from itertools import compress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
@@ -110,6 +111,14 @@ class Columns:
             return Columns({k: [col[idx[0]]] for k, col in self.data.items()}, 1)
         pick = operator.itemgetter(*idx)
         return Columns({k: list(pick(col)) for k, col in self.data.items()}, len(idx))
+
+    def where(self, mask) -> Columns:
+        """The rows where ``mask`` (a numpy bool array of length n) is true, in order."""
+        count = int(mask.sum())
+        if count <= self.n // 4:  # few rows: picking by index is cheaper than walking the mask
+            return self.take(mask.nonzero()[0])
+        flags = mask.tolist()
+        return Columns({k: list(compress(col, flags)) for k, col in self.data.items()}, count)
 
     def with_column(self, key: str, values: Any) -> Columns:
         """A copy with column ``key`` set (kept in place if it exists); a non-list ``values`` fills every row."""

@@ -53,3 +53,18 @@ def test_columns_of_and_pack_columns_round_trip_and_refuse_what_is_not_columnar(
     assert (keys, n, columns[1]) == (["id", "v"], 10, list(range(10)))
     assert columns_of(msgpack.unpackb(pack([{"a": 1}, {"b": 2}], 10)[0])) is None  # a list of records
     assert columns_of({"__nsq_pipeline_pack__": 1, "n": 2, "keys": ["a"], "columns": [[1]]}) is None
+
+
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_columns_where_keeps_the_masked_rows_in_order_whether_few_or_many(density):
+    import numpy as np
+    from pipeline.stage import Columns
+
+    rng = np.random.default_rng(3)
+    n = 1000
+    columns = Columns({"id": [f"r-{i}" for i in range(n)], "number": list(range(n))}, n)
+    mask = rng.random(n) < density
+    picked = columns.where(mask)
+    expected = [i for i in range(n) if mask[i]]
+    assert len(picked) == len(expected)
+    assert picked["number"] == expected and picked["id"] == [f"r-{i}" for i in expected]
