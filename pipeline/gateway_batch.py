@@ -114,7 +114,7 @@ class Coalescer:
             return
         self.pending.add(batch)
         # the publisher's one-MPUB call: it tries the next nsqd on a refusal, never splits the batch
-        future = self.publisher._mpub(batch.topic, batch.messages)
+        future = self.publisher.mpub(batch.topic, batch.messages)
         batch.timer = asyncio.get_running_loop().call_later(self.timeout, self._expire, batch)
         future.add_done_callback(lambda f, b=batch: self._answered(b, f))
 

@@ -67,7 +67,7 @@ class Publisher:
             PublishError: a publish was refused, its connection closed, or the
                 deadline passed first. Some chunks may have been accepted.
         """
-        futures = [self._mpub(topic, part)
+        futures = [self.mpub(topic, part)
                    for topic, bodies in outputs.items() if bodies
                    for part in chunked(bodies, MPUB_MAX_COUNT)]
         if not futures:
@@ -77,7 +77,7 @@ class Publisher:
         except asyncio.TimeoutError:
             raise PublishError(f"no OK from nsqd within {timeout:g}s") from None
 
-    def _mpub(self, topic: str, bodies: Sequence[bytes]) -> Future:
+    def mpub(self, topic: str, bodies: Sequence[bytes]) -> Future:
         """One MPUB, to the next healthy node; on a refusal or a lost connection, to the next one.
 
         The future resolves with the OK of the node that took it, or fails once

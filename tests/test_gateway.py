@@ -393,7 +393,7 @@ class _Recorder:
     def connected(self) -> bool:
         return True
 
-    def _mpub(self, topic, bodies):
+    def mpub(self, topic, bodies):
         future = asyncio.get_running_loop().create_future()
         self.mpubs.append((topic, list(bodies), future))
         return future
