@@ -344,6 +344,14 @@ class StageSpec(_Spec):
         description="Stateful per key: replica k consumes partition k of the input, applies each key's records"
                     " in `seq` order once, and checkpoints its state before it FINs.",
     )
+    checkpoint_interval_ms: int = Field(
+        50, ge=0, le=60000,
+        description="Keyed stages: the shortest time between two checkpoints (each is fsynced, ~0.5 ms of CPU"
+                    " and several ms of disk); batches acknowledged meanwhile share the next one, and their"
+                    " messages are finished with it. A checkpoint is taken sooner once half of max_in_flight"
+                    " waits for one. Outputs are published at once whatever the interval; 0 checkpoints as"
+                    " soon as the previous one is written.",
+    )
     gap_max_count: int = Field(
         100000, ge=1, le=10000000,
         description="Keyed stages: records parked per key while waiting for a missing `seq`, before giving up on"
@@ -393,6 +401,10 @@ class StageSpec(_Spec):
             reason = (f"gap_max_ms {self.gap_max_ms} must exceed msg_timeout ({_num(self.msg_timeout)} s): the "
                       "messages of a crashed replica come back only after msg_timeout")
             problems.append((("gap_max_ms",), reason, self.gap_max_ms))
+        if self.checkpoint_interval_ms * 2 >= self.msg_timeout * 1000:
+            reason = (f"checkpoint_interval_ms {self.checkpoint_interval_ms} must be under half of msg_timeout"
+                      f" ({_num(self.msg_timeout)} s): messages wait for a checkpoint before they are finished")
+            problems.append((("checkpoint_interval_ms",), reason, self.checkpoint_interval_ms))
         if 0 <= self.output_buffer_size < 64:
             reason = f"output_buffer_size {self.output_buffer_size} must be -1 (no buffering) or at least 64"
             problems.append((("output_buffer_size",), reason, self.output_buffer_size))

@@ -94,6 +94,9 @@ class Worker:
         self._commits: deque[_KeyedCommit] = deque()
         self._committer: asyncio.Future | None = None
         self._keyed_halted = False  # set after a runtime failure, until the commits rewound the state
+        self._uncommitted = 0  # messages of the queued commits
+        self._last_checkpoint = 0.0
+        self._checkpoint_wake = asyncio.Event()  # set when a checkpoint should not wait for its interval
         self._gaps_may_go = False  # set while a check found nsqd holding nothing more for the partition
         self._backlog_check: asyncio.Future | None = None
         self._gap_wait_logged = 0.0
@@ -165,6 +168,7 @@ class Worker:
         if self.draining:
             return
         self.draining = True
+        self._checkpoint_wake.set()  # no waiting for the checkpoint interval now
         log.info("stage %s replica %d draining", self.name, self.replica)
         self.middleware.emit_before("before_worker_shutdown", self)
         self._stop_subscribing()
@@ -365,8 +369,22 @@ class Worker:
         publish.add_done_callback(_retrieved)  # a rewind may drop the commit before anyone reads its result
         self._queue_commit(_KeyedCommit(outcome.finish, outcome.retry, outputs, publish, state))
 
+    async def _checkpoint_due(self) -> None:
+        """Wait until checkpoint_interval_ms after the last checkpoint, unless half the in-flight window waits."""
+        wait = self._last_checkpoint + self.spec.checkpoint_interval_ms / 1000.0 - time.monotonic()
+        if wait <= 0 or self.draining or self._uncommitted * 2 >= self.spec.max_in_flight:
+            return
+        self._checkpoint_wake.clear()
+        try:
+            await asyncio.wait_for(self._checkpoint_wake.wait(), wait)
+        except asyncio.TimeoutError:
+            pass
+
     def _queue_commit(self, commit: _KeyedCommit) -> None:
         self._commits.append(commit)
+        self._uncommitted += len(commit.finish)
+        if self._uncommitted * 2 >= self.spec.max_in_flight:
+            self._checkpoint_wake.set()
         if self._committer is None:
             self._committer = self._start(self._run_commits())
 
@@ -382,17 +400,22 @@ class Worker:
                         self._publish_failed(head.outputs, len(head.finish), e)
                     self._rewind()
                     continue
+                await self._checkpoint_due()
                 group = [self._commits.popleft()]
                 while self._commits and _acknowledged(self._commits[0].published):
                     group.append(self._commits.popleft())
                 for commit in group:
                     self._published(commit.outputs)
+                    self._uncommitted -= len(commit.finish)
+                self._last_checkpoint = time.monotonic()
+                self.stats["checkpoints"] += 1
                 try:
                     await asyncio.to_thread(self.checkpoint.save, *group[-1].state)
                 except Exception:
                     log.critical("stage %s replica %d: writing the checkpoint failed; rewinding", self.name,
                                  self.replica, exc_info=True)
                     self._commits.extendleft(reversed(group))
+                    self._uncommitted += sum(len(commit.finish) for commit in group)
                     self._rewind()
                     continue
                 for commit in group:
@@ -428,6 +451,7 @@ class Worker:
         would otherwise be taken for duplicates and their outputs never published.
         """
         commits, self._commits = self._commits, deque()
+        self._uncommitted = 0
         for commit in commits:
             self._requeue_now(commit.finish)
         self._restore_checkpoint()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 
 import pytest
 import yaml
@@ -11,7 +12,7 @@ import yaml
 from harness import CHECK_CHANNEL, collect
 from market_reference import reference_features
 from pipeline import nsqd_http
-from pipeline.errors import PublishError
+from pipeline.errors import PublishError, TopologyError
 from pipeline.keyed import Checkpoint
 from pipeline.topology import load_topology
 from pipeline.worker import Worker
@@ -21,14 +22,14 @@ pytestmark = pytest.mark.integration
 FLOATS = ("log_return", "ema_fast", "ema_slow", "mean", "std", "zscore", "vwap", "rv")
 
 
-def features_topology(tmp_path, nsqd):
+def features_topology(tmp_path, nsqd, **stage):
     doc = {
         "nsq": {"nsqd": [{"name": "n0", "tcp": nsqd.tcp, "http": nsqd.http}], "var_dir": str(tmp_path / "var")},
         "topics": {"ticks": {"codec": "msgpack", "key": "symbol"},
                    "features": {"codec": "msgpack", "key": "symbol", "seq": "feature_seq"}},
         "stages": {"features": {"handler": "consumers.features:Features", "input": "ticks", "channel": "features",
                                 "outputs": ["features"], "keyed": True, "max_in_flight": 300,
-                                "batch": {"size": 16, "wait_ms": 1}, "params": {"window": 20}}},
+                                "batch": {"size": 16, "wait_ms": 1}, "params": {"window": 20}, **stage}},
     }
     path = tmp_path / "topology.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -102,3 +103,30 @@ def test_failed_publishes_rewind_a_keyed_replica_to_its_checkpoint_and_state_sta
     for t in ticks:
         last[t["symbol"]] = t["seq"]
     assert saved["applied"] == last  # the last checkpoint holds every tick once
+
+
+def test_a_long_checkpoint_interval_gives_way_when_half_the_in_flight_window_waits(nsqd, tmp_path):
+    # An interval far longer than the test: only the half-window rule can take the checkpoints that
+    # let the messages be finished, and each takes about max_in_flight / 2 of them.
+    topology = features_topology(tmp_path, nsqd, checkpoint_interval_ms=20_000, msg_timeout=60, max_in_flight=100)
+    ticks = list(synthetic_ticks(4, 1_000, seed=5, run_id="w"))
+    worker = Worker(topology, "features")
+    running = InProcessWorker(worker, lambda w: None)
+    try:
+        produce_ticks(nsqd.tcp, "ticks", ticks, spec=topology.topics["ticks"])
+        got = collect(nsqd.tcp, ["features"], lambda g: len(g["features"]) >= len(ticks), 30)
+        assert len(got["features"]) == len(ticks)
+        deadline = time.monotonic() + 30
+        while worker.stats["finished"] < 950 and time.monotonic() < deadline:  # the last 50 may wait
+            time.sleep(0.05)
+        assert worker.stats["finished"] >= 950
+    finally:
+        running.stop()  # draining takes the last checkpoint at once
+    assert worker.stats["finished"] == len(ticks)
+    assert 1_000 / 100 <= worker.stats["checkpoints"] <= 1_000 / 50 + 2
+
+
+def test_checkpoint_interval_must_stay_under_half_the_message_timeout(nsqd, tmp_path):
+    with pytest.raises(TopologyError, match=r":\d+:\d+: stages\.features\.checkpoint_interval_ms: checkpoint_interval_ms"
+                                            r" 10000 must be under half of msg_timeout \(20 s\)"):
+        features_topology(tmp_path, nsqd, checkpoint_interval_ms=10_000, msg_timeout=20)
