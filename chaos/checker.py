@@ -10,6 +10,8 @@ recovery observations, so it can be run again on a finished run's folder.
 - ``dead_lettered``: ids on the dead-letter topic; ``poison_not_dead_lettered``:
   poison records that came out anywhere else or nowhere;
 - ``misclassified``: a number on ``prime`` that is not prime, or the reverse;
+- ``mismatched``: (the ticks pipeline, :mod:`chaos.market_check`) features or signals that differ from the
+  offline reference;
 - ``running``: seconds from a worker kill until supervisord reports its successor RUNNING (after startsecs);
 - ``recovery``: seconds from a worker kill until its successor is subscribed with RDY > 0 (or got a message).
 """
@@ -53,6 +55,7 @@ class Report:
     poison: int = 0
     poison_not_dead_lettered: int = 0
     misclassified: int = 0
+    mismatched: int = 0
     kills: int = 0
     point_kills: int = 0
     fatal: int = 0
@@ -87,6 +90,12 @@ def check(journal: Journal, arrivals: list[Arrival], dead_topic: str, *, kills: 
     report.poison_not_dead_lettered = len(poison - dead)
     report.misclassified = sum(1 for a in arrivals if a.topic != dead_topic and isinstance(a.number, int)
                                and a.prime is not None and a.prime != is_prime(a.number))
+    return add_recovery(report, kills=kills, first_running=first_running, consuming=consuming)
+
+
+def add_recovery(report: Report, *, kills: list[Kill] = (), first_running: dict[int, tuple[str, float]] | None = None,
+                 consuming: dict[int, float] | None = None) -> Report:
+    """Fill in ``report``'s kills and recovery figures (see :func:`recovery_times`); return it."""
     running, recoveries = recovery_times(kills, first_running or {}, consuming or {})
     report.kills, report.recovered = len(kills), len(recoveries)
     if running:

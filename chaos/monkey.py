@@ -124,10 +124,11 @@ class Monkey:
 
 
 class RecoveryTracker:
-    """Polls supervisord and notes when each worker pid was first seen RUNNING."""
+    """Polls supervisord and notes when each worker pid of ``groups`` (stage names) was first seen RUNNING."""
 
-    def __init__(self, env: ChaosEnvironment, group: str, interval: float = 0.1):
-        self.env, self.group, self.interval = env, group, interval
+    def __init__(self, env: ChaosEnvironment, groups: str | tuple[str, ...], interval: float = 0.1):
+        self.env, self.interval = env, interval
+        self.groups = (groups,) if isinstance(groups, str) else tuple(groups)
         self.first_running: dict[int, tuple[str, float]] = {}
         self.fatal = 0  # times a worker was seen entering FATAL
         self._fatal_now: set[str] = set()
@@ -146,11 +147,11 @@ class RecoveryTracker:
         while not self._stop.is_set():
             try:
                 for p in self.env.supervisor.processes():
-                    if p.group == self.group and p.state == "FATAL" and p.name not in self._fatal_now:
+                    if p.group in self.groups and p.state == "FATAL" and p.name not in self._fatal_now:
                         self.fatal += 1
                     self._fatal_now = {n for n in self._fatal_now if n != p.name} | (
                         {p.name} if p.state == "FATAL" else set())
-                    if p.group == self.group and p.state == "RUNNING" and p.pid not in self.first_running:
+                    if p.group in self.groups and p.state == "RUNNING" and p.pid not in self.first_running:
                         self.first_running[p.pid] = (p.full_name, time.time())
                         self.env.note_pid(p.full_name, p.pid)
             except Exception:

@@ -11,7 +11,7 @@ from .run import RunResult
 
 SOAK_RECORDS = 1_000_000
 FIELDS = ("acked", "lost", "unexpected", "duplicated", "dead_lettered", "poison_not_dead_lettered", "misclassified",
-          "kills", "point_kills", "fatal", "recovered", "running_p50", "running_p99", "recovery_p50", "recovery_p99")
+          "mismatched", "kills", "point_kills", "fatal", "recovered", "running_p50", "running_p99", "recovery_p50", "recovery_p99")
 
 
 def print_result(result: RunResult, console: Console) -> None:
