@@ -65,6 +65,8 @@ class Report:
     recovery_p50: float | None = None
     recovery_p99: float | None = None
     lost_ids: list[str] = field(default_factory=list)
+    #: One entry per kill: [process, kill time (epoch s), seconds to RUNNING, seconds to consuming] (None: never).
+    recovery_log: list[list] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -96,7 +98,7 @@ def check(journal: Journal, arrivals: list[Arrival], dead_topic: str, *, kills: 
 def add_recovery(report: Report, *, kills: list[Kill] = (), first_running: dict[int, tuple[str, float]] | None = None,
                  consuming: dict[int, float] | None = None) -> Report:
     """Fill in ``report``'s kills and recovery figures (see :func:`recovery_times`); return it."""
-    running, recoveries = recovery_times(kills, first_running or {}, consuming or {})
+    running, recoveries = recovery_times(kills, first_running or {}, consuming or {}, log=report.recovery_log)
     report.kills, report.recovered = len(kills), len(recoveries)
     if running:
         report.running_p50 = round(statistics.median(running), 3)
@@ -108,21 +110,26 @@ def add_recovery(report: Report, *, kills: list[Kill] = (), first_running: dict[
 
 
 def recovery_times(kills: list[Kill], first_running: dict[int, tuple[str, float]],
-                   consuming: dict[int, float]) -> tuple[list[float], list[float]]:
+                   consuming: dict[int, float], log: list | None = None) -> tuple[list[float], list[float]]:
     """Seconds from each worker kill to its successor's RUNNING, and to its successor consuming again.
 
     A kill whose successor died before it got there has no time (``recovered`` < ``kills``).
+    ``log`` gets one ``[name, kill time, to RUNNING, to consuming]`` per kill (None where there is no time).
     """
     running, consumed = [], []
     for kill in kills:
         successors = sorted((t, pid) for pid, (name, t) in first_running.items()
                             if name == kill.name and pid != kill.pid and t >= kill.t - 0.5)
-        if not successors:
-            continue
-        t_running, pid = successors[0]
-        running.append(max(0.0, t_running - kill.t))
-        if pid in consuming:
-            consumed.append(max(0.0, consuming[pid] - kill.t))
+        to_running = to_consuming = None
+        if successors:
+            t_running, pid = successors[0]
+            to_running = round(max(0.0, t_running - kill.t), 3)
+            running.append(to_running)
+            if pid in consuming:
+                to_consuming = round(max(0.0, consuming[pid] - kill.t), 3)
+                consumed.append(to_consuming)
+        if log is not None:
+            log.append([kill.name, round(kill.t, 3), to_running, to_consuming])
     return running, consumed
 
 

@@ -51,7 +51,8 @@ def reliability_markdown(results: list[RunResult]) -> str:
              " harness's reports (`pipeline chaos run`). Targets: lost 0, unexpected 0, recovery p99 <= 3 s.",
              "Recovery is the time from a worker's SIGKILL (or SIGTERM) until its successor is subscribed to"
              " nsqd with RDY above 0 (or received a message); `lost` counts records nsqd acknowledged to the"
-             " producer that reached neither an output nor the dead-letter topic.", ""]
+             " producer that reached neither an output nor the dead-letter topic.", "",
+             *_summary(results)]
     for result in results:
         c, r = result.config, result.report
         lines += [f"## {result.scenario} (seed {result.seed}): {'PASS' if result.passed else 'FAIL'}", ""]
@@ -60,6 +61,7 @@ def reliability_markdown(results: list[RunResult]) -> str:
                       f" {SOAK_RECORDS:,} records of the full soak.", ""]
         lines += [
                   "| configuration | value |", "|---|---|",
+                  f"| workload | {c.get('workload', 'numbers')}: stages {', '.join(c.get('stages') or ['primes'])} |",
                   f"| nsqd | v{c.get('nsqd_version')}: `{' '.join(c.get('nsqd_flags') or [])}` (other flags at"
                   " their defaults, e.g. `--mem-queue-size=10000 --sync-every=2500 --sync-timeout=2s`) |",
                   *(f"| {k} | {c.get(k)} |" for k in ("replicas", "msg_timeout", "max_in_flight", "max_tries",
@@ -79,6 +81,21 @@ def reliability_markdown(results: list[RunResult]) -> str:
             kinds[key] = kinds.get(key, 0) + 1
         lines += ["Faults by kind: " + (", ".join(f"{k} ×{n}" for k, n in sorted(kinds.items())) or "none"), ""]
     return "\n".join(lines)
+
+
+def _summary(results: list[RunResult]) -> list[str]:
+    """One line per run: the verdict and the figures the targets are about."""
+    if len(results) < 2:
+        return []
+    names = ("lost", "unexpected", "duplicated", "dead_lettered", "mismatched", "kills", "recovery_p50",
+             "recovery_p99")
+    lines = ["| scenario | verdict | " + " | ".join(names) + " | faults injected |",
+             "|---" * (len(names) + 3) + "|"]
+    for result in results:
+        figures = [_fmt(getattr(result.report, name, None)) for name in names]
+        lines.append(f"| {result.scenario} | {'PASS' if result.passed else 'FAIL'} | " + " | ".join(figures)
+                     + f" | {result.injected} |")
+    return [*lines, ""]
 
 
 def write_reliability(results: list[RunResult], path: Path) -> None:
