@@ -13,7 +13,10 @@ recovery observations, so it can be run again on a finished run's folder.
 - ``mismatched``: (the ticks pipeline, :mod:`chaos.market_check`) features or signals that differ from the
   offline reference;
 - ``running``: seconds from a worker kill until supervisord reports its successor RUNNING (after startsecs);
-- ``recovery``: seconds from a worker kill until its successor is subscribed with RDY > 0 (or got a message).
+- ``recovery``: seconds from a worker kill until its successor is subscribed with RDY > 0 (or got a message);
+- ``recovery_clear``: the same over the kills with no broker or network fault in force (nsqd or nsqlookupd
+  not RUNNING, nsqd stopped, a toxic, the proxy down) from the kill until the successor consumed: the
+  workers' own recovery, which those faults would otherwise hide behind their duration.
 """
 from __future__ import annotations
 
@@ -64,6 +67,9 @@ class Report:
     running_p99: float | None = None
     recovery_p50: float | None = None
     recovery_p99: float | None = None
+    recovered_clear: int = 0
+    recovery_clear_p50: float | None = None
+    recovery_clear_p99: float | None = None
     lost_ids: list[str] = field(default_factory=list)
     #: One entry per kill: [process, kill time (epoch s), seconds to RUNNING, seconds to consuming] (None: never).
     recovery_log: list[list] = field(default_factory=list)
@@ -96,10 +102,19 @@ def check(journal: Journal, arrivals: list[Arrival], dead_topic: str, *, kills: 
 
 
 def add_recovery(report: Report, *, kills: list[Kill] = (), first_running: dict[int, tuple[str, float]] | None = None,
-                 consuming: dict[int, float] | None = None) -> Report:
-    """Fill in ``report``'s kills and recovery figures (see :func:`recovery_times`); return it."""
+                 consuming: dict[int, float] | None = None, disturbances: list[list] = ()) -> Report:
+    """Fill in ``report``'s kills and recovery figures (see :func:`recovery_times`); return it.
+
+    ``disturbances``: [start, end] (end None: until now) of the broker and network faults.
+    """
     running, recoveries = recovery_times(kills, first_running or {}, consuming or {}, log=report.recovery_log)
     report.kills, report.recovered = len(kills), len(recoveries)
+    clear = [entry[3] for entry in report.recovery_log
+             if entry[3] is not None and not _disturbed(entry[1], entry[1] + entry[3], disturbances)]
+    report.recovered_clear = len(clear)
+    if clear:
+        report.recovery_clear_p50 = round(statistics.median(clear), 3)
+        report.recovery_clear_p99 = round(_percentile(clear, 0.99), 3)
     if running:
         report.running_p50 = round(statistics.median(running), 3)
         report.running_p99 = round(_percentile(running, 0.99), 3)
@@ -131,6 +146,11 @@ def recovery_times(kills: list[Kill], first_running: dict[int, tuple[str, float]
         if log is not None:
             log.append([kill.name, round(kill.t, 3), to_running, to_consuming])
     return running, consumed
+
+
+def _disturbed(start: float, end: float, disturbances: list[list]) -> bool:
+    """Tell whether any disturbance overlaps [start, end]."""
+    return any(s <= end and (e is None or e >= start) for s, e in disturbances)
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -47,10 +47,15 @@ class FaultContext:
     rng: random.Random
     kills: list[Kill] = field(default_factory=list)
     stopped: set[int] = field(default_factory=set)
+    #: [start, end] (epoch s; end None while in force) of every toxic, proxy down and nsqd stop.
+    disturbances: list[list] = field(default_factory=list)
 
 
 class Fault:
     """Base class of fault plugins; ``spec`` is the validated scenario entry."""
+
+    #: While a broker or network fault is in force: its [start, end] in FaultContext.disturbances.
+    disturbance: list | None = None
 
     def __init__(self, spec):
         self.spec = spec

@@ -289,7 +289,8 @@ def _check(env: ChaosEnvironment, folder: Path, sinks: Sinks, monkey: Monkey, tr
                 point_kills += 1
     recovery = {"kills": [k for k in monkey.ctx.kills if k.name.partition(":")[0] in env.stages
                           and k.signal != "SIGSTOP"],
-                "first_running": dict(tracker.first_running), "consuming": consuming}
+                "first_running": dict(tracker.first_running), "consuming": consuming,
+                "disturbances": [*monkey.ctx.disturbances, *tracker.down]}
     journal = Journal.read(folder / "journal.jsonl")
     if env.kind == "ticks":
         topics = env.topics

@@ -198,7 +198,7 @@ Rollback = Literal["resume_processes", "remove_toxics", "disarm_fault_points", "
 ROLLBACKS: tuple[str, ...] = ("resume_processes", "remove_toxics", "disarm_fault_points", "start_workers")
 ExpectKey = Literal["lost", "unexpected", "duplicated", "dead_lettered", "misclassified", "mismatched",
                     "lost_after_replay",
-                    "recovery_p99", "poison_not_dead_lettered", "fatal", "point_kills", "kills"]
+                    "recovery_p99", "recovery_clear_p99", "poison_not_dead_lettered", "fatal", "point_kills", "kills"]
 
 
 class Scenario(_Spec):

@@ -46,7 +46,7 @@ def test_reliability_markdown_summarises_every_run_and_names_the_ticks_workload(
                       injected=10, drained=True,
                       config={"workload": "ticks", "stages": ["features", "signals"], "records": 20000})
     text = reliability_markdown([ticks, _result()])
-    assert "| 13_ticks_monkey | PASS | 0 | 0 | 0 | 0 | 0 | 10 | - | - | 10 |" in text
+    assert "| 13_ticks_monkey | PASS | 0 | 0 | 0 | 0 | 0 | 10 | - | - | - | 10 |" in text
     assert "| soak | PASS |" in text
     assert "| workload | ticks: stages features, signals |" in text
     assert "| mismatched | 0 |" in text
