@@ -82,8 +82,8 @@ class Report:
 
 def check(journal: Journal, arrivals: list[Arrival], dead_topic: str, *, kills: list[Kill] = (),
           first_running: dict[int, tuple[str, float]] | None = None,
-          consuming: dict[int, float] | None = None) -> Report:
-    """Compare ``journal`` with ``arrivals``; measure recovery from ``kills``."""
+          consuming: dict[int, float] | None = None, disturbances: list[list] = ()) -> Report:
+    """Compare ``journal`` with ``arrivals``; measure recovery from ``kills`` (see :func:`add_recovery`)."""
     report = Report(acked=len(journal.acked), sent=len(journal.sent), arrived=len(arrivals))
     delivered = Counter(a.id for a in arrivals if a.topic != dead_topic)
     dead = {a.id for a in arrivals if a.topic == dead_topic}
@@ -98,7 +98,8 @@ def check(journal: Journal, arrivals: list[Arrival], dead_topic: str, *, kills: 
     report.poison_not_dead_lettered = len(poison - dead)
     report.misclassified = sum(1 for a in arrivals if a.topic != dead_topic and isinstance(a.number, int)
                                and a.prime is not None and a.prime != is_prime(a.number))
-    return add_recovery(report, kills=kills, first_running=first_running, consuming=consuming)
+    return add_recovery(report, kills=kills, first_running=first_running, consuming=consuming,
+                        disturbances=disturbances)
 
 
 def add_recovery(report: Report, *, kills: list[Kill] = (), first_running: dict[int, tuple[str, float]] | None = None,

@@ -70,7 +70,8 @@ def reliability_markdown(results: list[RunResult]) -> str:
                   " their defaults, e.g. `--mem-queue-size=10000 --sync-every=2500 --sync-timeout=2s`) |",
                   *(f"| {k} | {c.get(k)} |" for k in ("replicas", "msg_timeout", "max_in_flight", "max_tries",
                                                        "publish_timeout", "records", "rate", "duration")),
-                  f"| supervisord | {c.get('supervisord')} |", "",
+                  f"| supervisord | {c.get('supervisord')} |",
+                  *([f"| host | {c['host']} |"] if c.get("host") else []), "",
                   "| result | value |", "|---|---|"]
         if r is not None:
             lines += [f"| {name} | {_fmt(getattr(r, name))} |" for name in FIELDS]

@@ -14,6 +14,7 @@ or an exception anywhere still heals every fault and stops every process.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -137,7 +138,9 @@ def _config(env: ChaosEnvironment, scenario: Scenario, workload, method_s: float
             "msg_timeout": stage.msg_timeout, "max_in_flight": stage.max_in_flight, "max_tries": stage.max_tries,
             "publish_timeout": stage.publish_timeout, "records": workload.records, "rate": workload.rate,
             "poison": workload.poison, "duration": method_s, "supervisord": _supervisord_settings(env),
-            "workload": workload.kind, "stages": list(env.stages)}
+            "workload": workload.kind, "stages": list(env.stages),
+            # recovery is mostly a worker's CPU-bound start (imports, numba): the host's load matters
+            "host": f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} when the run started"}
 
 
 def _supervisord_settings(env: ChaosEnvironment) -> str:

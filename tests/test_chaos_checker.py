@@ -5,7 +5,7 @@ from pathlib import Path
 
 import orjson
 
-from chaos.checker import Report, add_recovery, check, is_prime, recovery_times
+from chaos.checker import check, is_prime, recovery_times
 from chaos.faults import Kill
 from chaos.replay import missing_records
 from chaos.sink import Arrival, parse_arrival
@@ -71,8 +71,8 @@ def test_clear_recovery_leaves_out_kills_during_a_broker_or_network_fault() -> N
     consuming = {20: 101.0, 21: 209.0, 22: 302.0}
     report = check(Journal(), [], DEAD, kills=kills, first_running=first_running, consuming=consuming)
     assert (report.recovered, report.recovery_p99) == (3, 9.0)
-    report = add_recovery(Report(), kills=kills, first_running=first_running, consuming=consuming,
-                          disturbances=[[203.0, 208.5], [400.0, None]])
+    report = check(Journal(), [], DEAD, kills=kills, first_running=first_running, consuming=consuming,
+                   disturbances=[[203.0, 208.5], [400.0, None]])
     assert (report.recovered, report.recovered_clear) == (3, 2)
     assert (report.recovery_clear_p50, report.recovery_clear_p99) == (1.5, 2.0)
     assert report.recovery_log[1] == ["primes:primes-1", 200.0, 2.0, 9.0]
