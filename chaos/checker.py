@@ -10,8 +10,13 @@ recovery observations, so it can be run again on a finished run's folder.
 - ``dead_lettered``: ids on the dead-letter topic; ``poison_not_dead_lettered``:
   poison records that came out anywhere else or nowhere;
 - ``misclassified``: a number on ``prime`` that is not prime, or the reverse;
+- ``mismatched``: (the ticks pipeline, :mod:`chaos.market_check`) features or signals that differ from the
+  offline reference;
 - ``running``: seconds from a worker kill until supervisord reports its successor RUNNING (after startsecs);
-- ``recovery``: seconds from a worker kill until its successor is subscribed with RDY > 0 (or got a message).
+- ``recovery``: seconds from a worker kill until its successor is subscribed with RDY > 0 (or got a message);
+- ``recovery_clear``: the same over the kills with no broker or network fault in force (nsqd or nsqlookupd
+  not RUNNING, nsqd stopped, a toxic, the proxy down) from the kill until the successor consumed: the
+  workers' own recovery, which those faults would otherwise hide behind their duration.
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ class Report:
     poison: int = 0
     poison_not_dead_lettered: int = 0
     misclassified: int = 0
+    mismatched: int = 0
     kills: int = 0
     point_kills: int = 0
     fatal: int = 0
@@ -61,7 +67,12 @@ class Report:
     running_p99: float | None = None
     recovery_p50: float | None = None
     recovery_p99: float | None = None
+    recovered_clear: int = 0
+    recovery_clear_p50: float | None = None
+    recovery_clear_p99: float | None = None
     lost_ids: list[str] = field(default_factory=list)
+    #: One entry per kill: [process, kill time (epoch s), seconds to RUNNING, seconds to consuming] (None: never).
+    recovery_log: list[list] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -71,8 +82,8 @@ class Report:
 
 def check(journal: Journal, arrivals: list[Arrival], dead_topic: str, *, kills: list[Kill] = (),
           first_running: dict[int, tuple[str, float]] | None = None,
-          consuming: dict[int, float] | None = None) -> Report:
-    """Compare ``journal`` with ``arrivals``; measure recovery from ``kills``."""
+          consuming: dict[int, float] | None = None, disturbances: list[list] = ()) -> Report:
+    """Compare ``journal`` with ``arrivals``; measure recovery from ``kills`` (see :func:`add_recovery`)."""
     report = Report(acked=len(journal.acked), sent=len(journal.sent), arrived=len(arrivals))
     delivered = Counter(a.id for a in arrivals if a.topic != dead_topic)
     dead = {a.id for a in arrivals if a.topic == dead_topic}
@@ -87,8 +98,24 @@ def check(journal: Journal, arrivals: list[Arrival], dead_topic: str, *, kills: 
     report.poison_not_dead_lettered = len(poison - dead)
     report.misclassified = sum(1 for a in arrivals if a.topic != dead_topic and isinstance(a.number, int)
                                and a.prime is not None and a.prime != is_prime(a.number))
-    running, recoveries = recovery_times(kills, first_running or {}, consuming or {})
+    return add_recovery(report, kills=kills, first_running=first_running, consuming=consuming,
+                        disturbances=disturbances)
+
+
+def add_recovery(report: Report, *, kills: list[Kill] = (), first_running: dict[int, tuple[str, float]] | None = None,
+                 consuming: dict[int, float] | None = None, disturbances: list[list] = ()) -> Report:
+    """Fill in ``report``'s kills and recovery figures (see :func:`recovery_times`); return it.
+
+    ``disturbances``: [start, end] (end None: until now) of the broker and network faults.
+    """
+    running, recoveries = recovery_times(kills, first_running or {}, consuming or {}, log=report.recovery_log)
     report.kills, report.recovered = len(kills), len(recoveries)
+    clear = [entry[3] for entry in report.recovery_log
+             if entry[3] is not None and not _disturbed(entry[1], entry[1] + entry[3], disturbances)]
+    report.recovered_clear = len(clear)
+    if clear:
+        report.recovery_clear_p50 = round(statistics.median(clear), 3)
+        report.recovery_clear_p99 = round(_percentile(clear, 0.99), 3)
     if running:
         report.running_p50 = round(statistics.median(running), 3)
         report.running_p99 = round(_percentile(running, 0.99), 3)
@@ -99,22 +126,32 @@ def check(journal: Journal, arrivals: list[Arrival], dead_topic: str, *, kills: 
 
 
 def recovery_times(kills: list[Kill], first_running: dict[int, tuple[str, float]],
-                   consuming: dict[int, float]) -> tuple[list[float], list[float]]:
+                   consuming: dict[int, float], log: list | None = None) -> tuple[list[float], list[float]]:
     """Seconds from each worker kill to its successor's RUNNING, and to its successor consuming again.
 
     A kill whose successor died before it got there has no time (``recovered`` < ``kills``).
+    ``log`` gets one ``[name, kill time, to RUNNING, to consuming]`` per kill (None where there is no time).
     """
     running, consumed = [], []
     for kill in kills:
         successors = sorted((t, pid) for pid, (name, t) in first_running.items()
                             if name == kill.name and pid != kill.pid and t >= kill.t - 0.5)
-        if not successors:
-            continue
-        t_running, pid = successors[0]
-        running.append(max(0.0, t_running - kill.t))
-        if pid in consuming:
-            consumed.append(max(0.0, consuming[pid] - kill.t))
+        to_running = to_consuming = None
+        if successors:
+            t_running, pid = successors[0]
+            to_running = round(max(0.0, t_running - kill.t), 3)
+            running.append(to_running)
+            if pid in consuming:
+                to_consuming = round(max(0.0, consuming[pid] - kill.t), 3)
+                consumed.append(to_consuming)
+        if log is not None:
+            log.append([kill.name, round(kill.t, 3), to_running, to_consuming])
     return running, consumed
+
+
+def _disturbed(start: float, end: float, disturbances: list[list]) -> bool:
+    """Tell whether any disturbance overlaps [start, end]."""
+    return any(s <= end and (e is None or e >= start) for s, e in disturbances)
 
 
 def _percentile(values: list[float], q: float) -> float:

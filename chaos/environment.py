@@ -1,9 +1,11 @@
-"""The private pipeline a chaos run works on: supervisord, nsqd behind Toxiproxy, the primes stage.
+"""The private pipeline a chaos run works on: supervisord, nsqd behind Toxiproxy, the stages under test.
 
 :class:`ChaosEnvironment` writes a topology into the run's folder with free
 127.0.0.1 ports: one nsqlookupd, one nsqd whose clients (the workers) reach
 it through a Toxiproxy proxy (``proxy_tcp``: lookupd hands out the proxy's
-port), and the primes stage. supervisord runs all of it with
+port), and the stages under test: the primes stage, or (workload ``kind:
+ticks``) the features and signals stages of the repository's topology.yaml,
+with their handlers and params, one replica per partition. supervisord runs all of it with
 ``NSQ_PIPELINE_FAULTPOINTS`` in its environment, so the workers load the fault
 point middleware. The harness's own instruments (journaling producer, sinks,
 /stats) talk to nsqd directly. ``pids.json`` in the run folder lists every
@@ -31,6 +33,8 @@ from .toxiproxy import ToxiproxyServer
 STAGE = "primes"
 PROXY = "nsqd-n0"
 SINK_CHANNEL = "chaos_sink"
+MARKET_STAGES = ("features", "signals")
+DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "topology.yaml"
 
 
 @dataclass(frozen=True)
@@ -50,14 +54,48 @@ class Topics:
         """The topics the checker's sinks read."""
         return [self.prime, self.non_prime, self.dead]
 
+    @property
+    def dead_topics(self) -> tuple[str, ...]:
+        return (self.dead,)
+
+
+@dataclass(frozen=True)
+class TickTopics:
+    """The topics of a ticks run: ``ticks`` and ``features`` partitioned, ``signals`` not."""
+
+    partitions: int
+    input: str = "ticks"
+    features: str = "features"
+    signals: str = "signals"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.input}.dead"
+
+    @property
+    def dead_topics(self) -> tuple[str, ...]:
+        return (self.dead, f"{self.features}.dead")
+
+    @property
+    def feature_topics(self) -> list[str]:
+        return [f"{self.features}.{k}" for k in range(self.partitions)] if self.partitions > 1 else [self.features]
+
+    @property
+    def sinks(self) -> list[str]:
+        """The topics the checker's sinks read: every partition of features, signals and both dead letters."""
+        return [*self.feature_topics, self.signals, *self.dead_topics]
+
 
 class ChaosEnvironment:
     """Start with :meth:`start` (or ``with``); :meth:`stop` stops everything it started, whatever state it is in."""
 
-    def __init__(self, folder: Path, spec: PipelineSpec):
+    def __init__(self, folder: Path, spec: PipelineSpec, kind: str = "numbers"):
         self.folder = Path(folder).absolute()
         self.spec = spec
-        self.topics = Topics()
+        self.kind = kind
+        self.topics = TickTopics(spec.replicas) if kind == "ticks" else Topics()
+        #: The stages the monkey's worker faults hit and the probes and recovery tracker watch.
+        self.stages: tuple[str, ...] = MARKET_STAGES if kind == "ticks" else (STAGE,)
         self.toxiproxy: ToxiproxyServer | None = None
         self.supervisor: Supervisor | None = None
         self.topology: Topology | None = None
@@ -146,24 +184,56 @@ class ChaosEnvironment:
 
     # -- topology ---------------------------------------------------------------------------
 
+    @property
+    def channels(self) -> set[str]:
+        """The channels of the stages under test."""
+        return {self.topology.stage(name).channel for name in self.stages}
+
     def _write_topology(self) -> Path:
-        spec, topics = self.spec, self.topics
+        spec = self.spec
         address = lambda: f"127.0.0.1:{free_port()}"  # noqa: E731
         nsq = {"nsqd": [{"name": "n0", "tcp": address(), "http": address(), "proxy_tcp": address(),
                          "args": list(spec.nsqd_args)}],
                "lookupd": [{"tcp": address(), "http": address()}],
                "var_dir": "var"}
+        doc = self._ticks_pipeline() if self.kind == "ticks" else self._primes_pipeline()
+        path = self.folder / "topology.yaml"
+        path.write_text(yaml.safe_dump({"nsq": nsq, **doc}, sort_keys=False))
+        return path
+
+    def _runtime_options(self) -> dict:
+        spec = self.spec
+        return {"max_in_flight": spec.max_in_flight, "max_tries": spec.max_tries, "msg_timeout": spec.msg_timeout,
+                "publish_timeout": spec.publish_timeout, "requeue_delay": 0.2, "max_backoff_duration": 1.0}
+
+    def _ticks_pipeline(self) -> dict:
+        """topology.yaml's features and signals stages (handlers, params, batches) on ``replicas`` partitions."""
+        default = load_topology(DEFAULT_TOPOLOGY)
+        topics, n = self.topics, self.spec.replicas
+        stages = {}
+        for name, source in zip(MARKET_STAGES, (topics.input, topics.features)):
+            stage = default.stage(name)
+            output = topics.features if name == "features" else topics.signals
+            stages[name] = {"handler": stage.handler, "input": source, "channel": name, "outputs": [output],
+                            "keyed": True, "replicas": n, "params": dict(stage.params),
+                            "batch": {"size": min(stage.batch.size, self.spec.max_in_flight),
+                                      "wait_ms": stage.batch.wait_ms}, **self._runtime_options()}
+        return {"topics": {topics.input: {"codec": "msgpack", "partitions": n, "key": "symbol"},
+                           topics.features: {"codec": "msgpack", "partitions": n, "key": "symbol",
+                                             "seq": "feature_seq"},
+                           topics.signals: {"codec": "json"}},
+                "stages": stages, "producers": {"ticks": {"topic": topics.input}}}
+
+    def _primes_pipeline(self) -> dict:
+        spec, topics = self.spec, self.topics
         stage = {"handler": "consumers.primes:classify", "input": topics.input, "channel": STAGE,
                  "outputs": [topics.prime, topics.non_prime], "replicas": spec.replicas,
                  "max_in_flight": spec.max_in_flight, "batch": {"size": min(spec.batch_size, spec.max_in_flight),
                                                                 "wait_ms": 5},
                  "max_tries": spec.max_tries, "msg_timeout": spec.msg_timeout,
                  "publish_timeout": spec.publish_timeout, "requeue_delay": 0.2, "max_backoff_duration": 1.0}
-        doc = {"nsq": nsq, "topics": {t: {"codec": "json"} for t in (topics.input, topics.prime, topics.non_prime)},
-               "stages": {STAGE: stage}, "producers": {"numbers": {"topic": topics.input}}}
-        path = self.folder / "topology.yaml"
-        path.write_text(yaml.safe_dump(doc, sort_keys=False))
-        return path
+        return {"topics": {t: {"codec": "json"} for t in (topics.input, topics.prime, topics.non_prime)},
+                "stages": {STAGE: stage}, "producers": {"numbers": {"topic": topics.input}}}
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .environment import PROXY, STAGE, ChaosEnvironment
+from .environment import PROXY, ChaosEnvironment
 from .scenario import FaultPoint, KillWorker, Toxic
 
 PLUGINS: dict[str, type[Fault]] = {}
@@ -47,10 +47,15 @@ class FaultContext:
     rng: random.Random
     kills: list[Kill] = field(default_factory=list)
     stopped: set[int] = field(default_factory=set)
+    #: [start, end] (epoch s; end None while in force) of every toxic, proxy down and nsqd stop.
+    disturbances: list[list] = field(default_factory=list)
 
 
 class Fault:
     """Base class of fault plugins; ``spec`` is the validated scenario entry."""
+
+    #: While a broker or network fault is in force: its [start, end] in FaultContext.disturbances.
+    disturbance: list | None = None
 
     def __init__(self, spec):
         self.spec = spec
@@ -62,9 +67,10 @@ class Fault:
         """Undo a lasting fault (no-op for instantaneous ones)."""
 
 
-def _running(ctx: FaultContext, group: str, state: str = "RUNNING") -> list:
-    return sorted((p for p in ctx.env.supervisor.processes() if p.group == group and p.state == state and p.pid),
-                  key=lambda p: p.name)
+def _running(ctx: FaultContext, group: str | tuple[str, ...], state: str = "RUNNING") -> list:
+    groups = (group,) if isinstance(group, str) else group
+    return sorted((p for p in ctx.env.supervisor.processes() if p.group in groups and p.state == state and p.pid),
+                  key=lambda p: p.full_name)
 
 
 def _signal(ctx: FaultContext, process, sig: signal.Signals) -> str:
@@ -82,8 +88,11 @@ class _SignalFault(Fault):
     signame = "KILL"
     state = "RUNNING"
 
+    def _groups(self, ctx: FaultContext) -> str | tuple[str, ...]:
+        return self.group
+
     def inject(self, ctx: FaultContext) -> str | None:
-        candidates = _running(ctx, self.group, self.state)
+        candidates = _running(ctx, self._groups(ctx), self.state)
         if not candidates:
             return None
         self.victim = ctx.rng.choice(candidates)
@@ -101,11 +110,14 @@ class _SignalFault(Fault):
 
 @register("kill_worker")
 class KillWorkerFault(_SignalFault):
-    group = STAGE
+    """A random replica of any stage under test (primes; or features and signals)."""
 
     def __init__(self, spec: KillWorker):
         super().__init__(spec)
         self.signame, self.state = spec.signal, spec.target
+
+    def _groups(self, ctx: FaultContext) -> tuple[str, ...]:
+        return ctx.env.stages
 
 
 @register("nsqd_restart")

@@ -38,6 +38,11 @@ class FaultLog:
                 f.write(json.dumps(entry) + "\n")
 
 
+# Lasting faults of the broker and the network, not of the workers: a worker killed while one
+# is in force cannot recover before it is healed, so the checker tells those kills apart.
+DISTURBANCES = ("toxic", "proxy_down", "nsqd_stop")
+
+
 class Monkey:
     """Runs the method's faults for ``duration`` seconds (or until ``stop`` is set)."""
 
@@ -97,6 +102,9 @@ class Monkey:
             return
         self.injected += 1
         self.log.add(what)
+        if fault.spec.fault in DISTURBANCES:
+            fault.disturbance = [time.time(), None]
+            self.ctx.disturbances.append(fault.disturbance)
         duration = fault.spec.duration
         if duration > 0 or fault.spec.fault == "fault_point":
             self._active.add(fault)
@@ -108,6 +116,8 @@ class Monkey:
     def _heal(self, fault: Fault) -> None:
         self._active.discard(fault)
         fault.heal(self.ctx)
+        if getattr(fault, "disturbance", None) is not None:
+            fault.disturbance[1], fault.disturbance = time.time(), None
         self.log.add(f"healed {fault.spec.fault}")
 
     def heal_all(self) -> None:
@@ -124,12 +134,18 @@ class Monkey:
 
 
 class RecoveryTracker:
-    """Polls supervisord and notes when each worker pid was first seen RUNNING."""
+    """Polls supervisord and notes when each worker pid of ``groups`` (stage names) was first seen RUNNING.
 
-    def __init__(self, env: ChaosEnvironment, group: str, interval: float = 0.1):
-        self.env, self.group, self.interval = env, group, interval
+    It also notes when nsqd or nsqlookupd was not RUNNING (``down``: [start, end] in epoch seconds).
+    """
+
+    def __init__(self, env: ChaosEnvironment, groups: str | tuple[str, ...], interval: float = 0.1):
+        self.env, self.interval = env, interval
+        self.groups = (groups,) if isinstance(groups, str) else tuple(groups)
         self.first_running: dict[int, tuple[str, float]] = {}
         self.fatal = 0  # times a worker was seen entering FATAL
+        self.down: list[list] = []
+        self._down_now: dict[str, list] = {}
         self._fatal_now: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="recovery", daemon=True)
@@ -146,16 +162,28 @@ class RecoveryTracker:
         while not self._stop.is_set():
             try:
                 for p in self.env.supervisor.processes():
-                    if p.group == self.group and p.state == "FATAL" and p.name not in self._fatal_now:
+                    if p.group in self.groups and p.state == "FATAL" and p.name not in self._fatal_now:
                         self.fatal += 1
                     self._fatal_now = {n for n in self._fatal_now if n != p.name} | (
                         {p.name} if p.state == "FATAL" else set())
-                    if p.group == self.group and p.state == "RUNNING" and p.pid not in self.first_running:
+                    self._note_broker(p)
+                    if p.group in self.groups and p.state == "RUNNING" and p.pid not in self.first_running:
                         self.first_running[p.pid] = (p.full_name, time.time())
                         self.env.note_pid(p.full_name, p.pid)
             except Exception:
                 pass  # supervisord busy or going down: try again next tick
             self._stop.wait(self.interval)
+
+    def _note_broker(self, p) -> None:
+        if not p.group.startswith(("nsqd-", "nsqlookupd-")):
+            return
+        window = self._down_now.get(p.full_name)
+        if p.state != "RUNNING" and window is None:
+            self._down_now[p.full_name] = window = [time.time(), None]
+            self.down.append(window)
+        elif p.state == "RUNNING" and window is not None:
+            window[1] = time.time()
+            del self._down_now[p.full_name]
 
     @property
     def restarts(self) -> int:

@@ -11,7 +11,8 @@ from .run import RunResult
 
 SOAK_RECORDS = 1_000_000
 FIELDS = ("acked", "lost", "unexpected", "duplicated", "dead_lettered", "poison_not_dead_lettered", "misclassified",
-          "kills", "point_kills", "fatal", "recovered", "running_p50", "running_p99", "recovery_p50", "recovery_p99")
+          "mismatched", "kills", "point_kills", "fatal", "recovered", "running_p50", "running_p99", "recovery_p50",
+          "recovery_p99", "recovered_clear", "recovery_clear_p50", "recovery_clear_p99")
 
 
 def print_result(result: RunResult, console: Console) -> None:
@@ -51,7 +52,14 @@ def reliability_markdown(results: list[RunResult]) -> str:
              " harness's reports (`pipeline chaos run`). Targets: lost 0, unexpected 0, recovery p99 <= 3 s.",
              "Recovery is the time from a worker's SIGKILL (or SIGTERM) until its successor is subscribed to"
              " nsqd with RDY above 0 (or received a message); `lost` counts records nsqd acknowledged to the"
-             " producer that reached neither an output nor the dead-letter topic.", ""]
+             " producer that reached neither an output nor the dead-letter topic. `recovery_clear` is the same"
+             " time over the kills with no broker or network fault in force (nsqd or nsqlookupd down, nsqd"
+             " stopped, a toxic, the proxy down) until the successor consumed: the workers' own recovery, which"
+             " such a fault would hide behind its own duration (a worker cannot subscribe to a stopped nsqd)."
+             " A kill whose successor was itself killed before it consumed has no time (`recovered` < `kills`),"
+             " so the percentiles leave out the slowest restarts; `host` gives the machine's load, which a"
+             " worker's CPU-bound start (about 1 s of CPU: Python, numpy, numba, the topology) depends on.", "",
+             *_summary(results)]
     for result in results:
         c, r = result.config, result.report
         lines += [f"## {result.scenario} (seed {result.seed}): {'PASS' if result.passed else 'FAIL'}", ""]
@@ -60,11 +68,13 @@ def reliability_markdown(results: list[RunResult]) -> str:
                       f" {SOAK_RECORDS:,} records of the full soak.", ""]
         lines += [
                   "| configuration | value |", "|---|---|",
+                  f"| workload | {c.get('workload', 'numbers')}: stages {', '.join(c.get('stages') or ['primes'])} |",
                   f"| nsqd | v{c.get('nsqd_version')}: `{' '.join(c.get('nsqd_flags') or [])}` (other flags at"
                   " their defaults, e.g. `--mem-queue-size=10000 --sync-every=2500 --sync-timeout=2s`) |",
                   *(f"| {k} | {c.get(k)} |" for k in ("replicas", "msg_timeout", "max_in_flight", "max_tries",
                                                        "publish_timeout", "records", "rate", "duration")),
-                  f"| supervisord | {c.get('supervisord')} |", "",
+                  f"| supervisord | {c.get('supervisord')} |",
+                  *([f"| host | {c['host']} |"] if c.get("host") else []), "",
                   "| result | value |", "|---|---|"]
         if r is not None:
             lines += [f"| {name} | {_fmt(getattr(r, name))} |" for name in FIELDS]
@@ -79,6 +89,21 @@ def reliability_markdown(results: list[RunResult]) -> str:
             kinds[key] = kinds.get(key, 0) + 1
         lines += ["Faults by kind: " + (", ".join(f"{k} ×{n}" for k, n in sorted(kinds.items())) or "none"), ""]
     return "\n".join(lines)
+
+
+def _summary(results: list[RunResult]) -> list[str]:
+    """One line per run: the verdict and the figures the targets are about."""
+    if len(results) < 2:
+        return []
+    names = ("lost", "unexpected", "duplicated", "dead_lettered", "mismatched", "kills", "recovery_p50",
+             "recovery_p99", "recovery_clear_p99")
+    lines = ["| scenario | verdict | " + " | ".join(names) + " | faults injected |",
+             "|---" * (len(names) + 3) + "|"]
+    for result in results:
+        figures = [_fmt(getattr(result.report, name, None)) for name in names]
+        lines.append(f"| {result.scenario} | {'PASS' if result.passed else 'FAIL'} | " + " | ".join(figures)
+                     + f" | {result.injected} |")
+    return [*lines, ""]
 
 
 def write_reliability(results: list[RunResult], path: Path) -> None:

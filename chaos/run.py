@@ -14,6 +14,7 @@ or an exception anywhere still heals every fault and stops every process.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -24,12 +25,14 @@ from typing import Callable
 from pipeline import nsqd_http
 
 from .checker import Report, check
-from .environment import SINK_CHANNEL, STAGE, ChaosEnvironment
+from .environment import SINK_CHANNEL, ChaosEnvironment
 from .faults import disarm_fault_points
+from .market_check import check_ticks
 from .monkey import Monkey, RecoveryTracker
 from .replay import replay_missing
 from .scenario import Probe, Scenario
 from .sink import Sinks
+from .tick_workload import TicksJournalingProducer
 from .workload import Journal, JournalingProducer
 
 DRAIN_TIMEOUT = 120.0
@@ -76,14 +79,15 @@ def run_scenario(scenario: Scenario, *, seed: int = 0, records: int | None = Non
     method_s = duration if duration is not None else scenario.method.duration
     folder = Path(folder or Path("var") / "chaos" / f"{scenario.name}-{seed}-{time.strftime('%Y%m%dT%H%M%S')}")
     result = RunResult(scenario.name, seed, folder.absolute())
-    env = ChaosEnvironment(folder, scenario.pipeline)
+    env = ChaosEnvironment(folder, scenario.pipeline, kind=workload.kind)
     stop = threading.Event()
     try:
         log(f"starting the pipeline in {folder}")
         env.start()
         result.config = _config(env, scenario, workload, method_s)
-        sinks = Sinks(env.nsqd_tcp, env.topics.sinks, SINK_CHANNEL, env.topics.dead, folder / "arrivals.jsonl").start()
-        tracker = RecoveryTracker(env, STAGE).start()
+        sinks = Sinks(env.nsqd_tcp, env.topics.sinks, SINK_CHANNEL, env.topics.dead_topics, folder / "arrivals.jsonl",
+                      keep_records=env.kind == "ticks").start()
+        tracker = RecoveryTracker(env, env.stages).start()
         try:
             _probes(env, scenario.steady_state, "before", result, sinks)
             if not result.failures:
@@ -124,7 +128,7 @@ def run_scenario(scenario: Scenario, *, seed: int = 0, records: int | None = Non
 
 
 def _config(env: ChaosEnvironment, scenario: Scenario, workload, method_s: float) -> dict:
-    stage = env.topology.stage(STAGE)
+    stage = env.topology.stage(env.stages[0])
     rendered = env.supervisor.conf.read_text().splitlines()
     nsqd_command = next((line.partition("=")[2] for line in rendered
                          if line.startswith("command=") and "/nsqd\"" in line), "")
@@ -133,21 +137,30 @@ def _config(env: ChaosEnvironment, scenario: Scenario, workload, method_s: float
             "nsqd_flags": [a for a in flags if a.startswith("--")], "replicas": stage.replicas,
             "msg_timeout": stage.msg_timeout, "max_in_flight": stage.max_in_flight, "max_tries": stage.max_tries,
             "publish_timeout": stage.publish_timeout, "records": workload.records, "rate": workload.rate,
-            "poison": workload.poison, "duration": method_s, "supervisord": _supervisord_settings(env)}
+            "poison": workload.poison, "duration": method_s, "supervisord": _supervisord_settings(env),
+            "workload": workload.kind, "stages": list(env.stages),
+            # recovery is mostly a worker's CPU-bound start (imports, numba): the host's load matters
+            "host": f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} when the run started"}
 
 
 def _supervisord_settings(env: ChaosEnvironment) -> str:
     from pipeline import supervisor_conf as sc
-    stage = env.topology.stage(STAGE)
+    stage = env.topology.stage(env.stages[0])
     return (f"autorestart=true, startsecs={sc.WORKER_STARTSECS}, startretries={sc.WORKER_STARTRETRIES}, "
             f"worker stopwaitsecs={sc.worker_stopwaitsecs(stage)}, nsqd stopwaitsecs={sc.NSQD_STOPWAITSECS}, "
             f"restarter back-off {sc.RESTARTER_BASE}-{sc.RESTARTER_MAX} s after FATAL")
 
 
 def _method(env: ChaosEnvironment, monkey: Monkey, workload, seed: int, folder: Path, stop: threading.Event) -> None:
-    producer = JournalingProducer(env.nsqd_tcp, env.topics.input, folder / "journal.jsonl",
-                                  run_id=uuid.uuid4().hex[:8], records=workload.records, rate=workload.rate,
-                                  chunk=workload.chunk, poison=workload.poison, seed=seed)
+    journal, run_id = folder / "journal.jsonl", uuid.uuid4().hex[:8]
+    if env.kind == "ticks":
+        producer = TicksJournalingProducer(env.nsqd_tcp, env.topics.input, env.topology.topics[env.topics.input],
+                                           journal, run_id=run_id, records=workload.records, rate=workload.rate,
+                                           symbols=workload.symbols, chunk=workload.chunk, seed=seed)
+    else:
+        producer = JournalingProducer(env.nsqd_tcp, env.topics.input, journal, run_id=run_id,
+                                      records=workload.records, rate=workload.rate, chunk=workload.chunk,
+                                      poison=workload.poison, seed=seed)
     threads = [threading.Thread(target=producer.run, args=(stop,), name="producer", daemon=True),
                threading.Thread(target=monkey.run, args=(stop,), name="monkey", daemon=True)]
     for thread in threads:
@@ -188,10 +201,11 @@ def backlog(env: ChaosEnvironment) -> int:
     except nsqd_http.NsqdHTTPError:
         return -1
     total = 0
+    channels = env.channels | {SINK_CHANNEL}
     for topic in stats.get("topics") or []:
         total += topic.get("depth", 0)
         for channel in topic.get("channels") or []:
-            if channel["channel_name"] in (STAGE, SINK_CHANNEL):
+            if channel["channel_name"] in channels:
                 total += channel.get("depth", 0) + channel.get("in_flight_count", 0) + channel.get("deferred_count", 0)
     return total
 
@@ -208,7 +222,7 @@ def _drain(env: ChaosEnvironment, sinks: Sinks, msg_timeout: float) -> bool:
 
 def _probe_value(env: ChaosEnvironment, probe: Probe) -> float:
     if probe.probe == "workers_running":
-        return sum(1 for p in env.supervisor.processes() if p.group == STAGE and p.state == "RUNNING")
+        return sum(1 for p in env.supervisor.processes() if p.group in env.stages and p.state == "RUNNING")
     if probe.probe == "nsqd_up":
         try:
             nsqd_http.request(env.nsqd_http, "/ping", method="GET", timeout=1.0)
@@ -216,7 +230,8 @@ def _probe_value(env: ChaosEnvironment, probe: Probe) -> float:
         except nsqd_http.NsqdHTTPError:
             return 0
     if probe.probe == "worker_rss_mb":
-        return max((_rss_mb(p.pid) for p in env.supervisor.processes() if p.group == STAGE and p.pid), default=0)
+        return max((_rss_mb(p.pid) for p in env.supervisor.processes() if p.group in env.stages and p.pid),
+                   default=0)
     return backlog(env)
 
 
@@ -275,9 +290,18 @@ def _check(env: ChaosEnvironment, folder: Path, sinks: Sinks, monkey: Monkey, tr
                 consuming[event["pid"]] = min(event["t"], consuming.get(event["pid"], event["t"]))
             else:
                 point_kills += 1
-    report = check(Journal.read(folder / "journal.jsonl"), list(sinks.arrivals), env.topics.dead,
-                   kills=[k for k in monkey.ctx.kills if k.name.startswith(f"{STAGE}:") and k.signal != "SIGSTOP"],
-                   first_running=dict(tracker.first_running), consuming=consuming)
+    recovery = {"kills": [k for k in monkey.ctx.kills if k.name.partition(":")[0] in env.stages
+                          and k.signal != "SIGSTOP"],
+                "first_running": dict(tracker.first_running), "consuming": consuming,
+                "disturbances": [*monkey.ctx.disturbances, *tracker.down]}
+    journal = Journal.read(folder / "journal.jsonl")
+    if env.kind == "ticks":
+        topics = env.topics
+        report = check_ticks(journal, list(sinks.arrivals), topics.feature_topics, topics.signals, topics.dead_topics,
+                             features=dict(env.topology.stage("features").params),
+                             signals=dict(env.topology.stage("signals").params), **recovery)
+    else:
+        report = check(journal, list(sinks.arrivals), env.topics.dead, **recovery)
     report.point_kills, report.fatal = point_kills, tracker.fatal
     return report
 

@@ -162,9 +162,11 @@ class Method(_Spec):
 
 
 class PipelineSpec(_Spec):
-    """The pipeline the scenario runs: the primes stage behind Toxiproxy."""
+    """The pipeline the scenario runs behind Toxiproxy: the primes stage, or the ticks pipeline (workload.kind)."""
 
-    replicas: int = Field(2, ge=1, le=16)
+    replicas: int = Field(2, ge=1, le=16, description="Replicas of the stage; for the ticks pipeline, the partitions"
+                                                      " of ticks and features (one features and one signals replica"
+                                                      " per partition).")
     msg_timeout: float = Field(5, ge=1, le=900)
     publish_timeout: float = Field(2, ge=0.1, le=600)
     max_tries: int = Field(5, ge=1, le=65535)
@@ -176,16 +178,27 @@ class PipelineSpec(_Spec):
 class Workload(_Spec):
     """The records the journaling producer publishes while the faults run."""
 
+    kind: Literal["numbers", "ticks"] = Field(
+        "numbers", description="numbers: the primes stage; ticks: topology.yaml's features and signals stages on"
+                               " seeded synthetic ticks, checked against the offline reference.")
+    symbols: int = Field(16, ge=1, le=10_000, description="Symbols of the synthetic ticks (kind: ticks).")
     records: int = Field(3000, ge=1, le=100_000_000, description="Numbers published (--records).")
     rate: float = Field(1500, gt=0, description="Records per second.")
     poison: float = Field(0, ge=0, le=1, description="Share of records that are poison (no valid number).")
     chunk: int = Field(50, ge=1, le=5000, description="Records per MPUB.")
 
+    @model_validator(mode="after")
+    def _ticks_have_no_poison(self) -> Workload:
+        if self.kind == "ticks" and self.poison:
+            raise ValueError("poison: the ticks workload has no poison records (kind: ticks)")
+        return self
+
 
 Rollback = Literal["resume_processes", "remove_toxics", "disarm_fault_points", "start_workers"]
 ROLLBACKS: tuple[str, ...] = ("resume_processes", "remove_toxics", "disarm_fault_points", "start_workers")
-ExpectKey = Literal["lost", "unexpected", "duplicated", "dead_lettered", "misclassified", "lost_after_replay",
-                    "recovery_p99", "poison_not_dead_lettered", "fatal", "point_kills", "kills"]
+ExpectKey = Literal["lost", "unexpected", "duplicated", "dead_lettered", "misclassified", "mismatched",
+                    "lost_after_replay",
+                    "recovery_p99", "recovery_clear_p99", "poison_not_dead_lettered", "fatal", "point_kills", "kills"]
 
 
 class Scenario(_Spec):
@@ -201,6 +214,12 @@ class Scenario(_Spec):
                                       description="Actions that always run after the method, even on Ctrl-C.")
     replay: bool = Field(False, description="Republish acked-but-missing ids after the check, then check again.")
     expect: dict[ExpectKey, Tolerance] = Field(description="What the checker must find.")
+
+    @model_validator(mode="after")
+    def _replay_numbers_only(self) -> Scenario:
+        if self.replay and self.workload.kind != "numbers":
+            raise ValueError("replay: only the numbers workload can be replayed")
+        return self
 
     @property
     def name(self) -> str:

@@ -4,7 +4,9 @@ One thread per topic reads it through its own channel straight from nsqd
 (not through the proxy: the sinks are instruments, not the system under
 test), reconnecting when nsqd restarts. Each arrival is appended to
 ``arrivals.jsonl`` as ``{"topic", "id", "number", "attempts", "t"}`` before
-the message is finished, and kept in memory for the checker.
+the message is finished, and kept in memory for the checker. With
+``keep_records`` (the ticks pipeline, whose checker compares values) the
+whole record is kept and journaled too, under ``"record"``.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 from pipeline.codecs import decode
 from pipeline.errors import PipelineError
@@ -31,24 +34,32 @@ class Arrival:
     attempts: int
     t: float
     prime: bool | None = None
+    record: dict | None = None
 
 
-def parse_arrival(topic: str, dead_topic: str, body: bytes, attempts: int) -> Arrival:
-    """Turn a message body into an :class:`Arrival` (a dead letter's id comes from its raw body)."""
+def parse_arrival(topic: str, dead_topic: str | Collection[str], body: bytes, attempts: int, *,
+                  keep: bool = False) -> Arrival:
+    """Turn a message body into an :class:`Arrival` (a dead letter's id comes from its raw body).
+
+    ``dead_topic``: the dead-letter topic, or several; ``keep``: keep the decoded record in the arrival.
+    """
     record = decode(body)
-    if topic == dead_topic:
+    if topic == dead_topic or (not isinstance(dead_topic, str) and topic in dead_topic):
         try:
             record = decode(record["body"].encode()) if "body" in record else {}
         except (PipelineError, KeyError, AttributeError):
             record = {}
-    return Arrival(topic, str(record.get("id")), record.get("number"), attempts, time.time(), record.get("prime"))
+    return Arrival(topic, str(record.get("id")), record.get("number"), attempts, time.time(), record.get("prime"),
+                   record if keep else None)
 
 
 class Sinks:
     """Reader threads over ``topics``; :meth:`stop` ends them, :attr:`arrivals` holds what came."""
 
-    def __init__(self, nsqd_tcp: str, topics: list[str], channel: str, dead_topic: str, journal: Path):
+    def __init__(self, nsqd_tcp: str, topics: list[str], channel: str, dead_topic: str | Collection[str],
+                 journal: Path, *, keep_records: bool = False):
         self.nsqd_tcp, self.topics, self.channel, self.dead_topic = nsqd_tcp, topics, channel, dead_topic
+        self.keep_records = keep_records
         self.arrivals: list[Arrival] = []
         self.last_arrival = time.monotonic()
         self._lock = threading.Lock()
@@ -74,7 +85,8 @@ class Sinks:
                 with NsqSubscriber(self.nsqd_tcp, topic, self.channel, rdy=500, timeout=2.0) as sub:
                     while not self._stop.is_set():
                         for message in sub.messages(timeout=0.2):
-                            self._record(parse_arrival(topic, self.dead_topic, message.body, message.attempts))
+                            self._record(parse_arrival(topic, self.dead_topic, message.body, message.attempts,
+                                                                  keep=self.keep_records))
             except (PipelineError, OSError):
                 self._stop.wait(RECONNECT_S)  # nsqd restarting or stopped: try again
 
@@ -82,8 +94,11 @@ class Sinks:
         with self._lock:
             self.arrivals.append(arrival)
             self.last_arrival = time.monotonic()
-            self._file.write(json.dumps({"topic": arrival.topic, "id": arrival.id, "number": arrival.number,
-                                         "attempts": arrival.attempts, "t": arrival.t, "prime": arrival.prime}) + "\n")
+            line = {"topic": arrival.topic, "id": arrival.id, "number": arrival.number,
+                    "attempts": arrival.attempts, "t": arrival.t, "prime": arrival.prime}
+            if arrival.record is not None:
+                line["record"] = arrival.record
+            self._file.write(json.dumps(line) + "\n")
 
     def quiet_for(self) -> float:
         """Seconds since the last arrival."""

@@ -150,7 +150,9 @@ class Worker:
     def _discovery(self) -> dict:
         lookupds = self.topology.lookupd_http_addresses()
         if lookupds:
-            return {"lookupd_http_addresses": lookupds,
+            # The nsqd the topology names too: a restarted nsqlookupd learns of an nsqd only
+            # at its next ping (up to 30 s), and a worker started meanwhile would wait for it.
+            return {"lookupd_http_addresses": lookupds, "nsqd_tcp_addresses": self.topology.nsqd_tcp_addresses(),
                     "lookupd_poll_interval": self.topology.nsq.lookupd_poll_interval}
         return {"nsqd_tcp_addresses": self.topology.nsqd_tcp_addresses()}
 

@@ -61,3 +61,18 @@ def test_missing_records_are_acked_ids_no_sink_saw(tmp_path: Path) -> None:
         + orjson.dumps({"acked": ["r-1", "r-2"]}) + b"\n" + b'{"acked": ["r-3"')   # cut short by a crash
     (tmp_path / "arrivals.jsonl").write_bytes(orjson.dumps({"topic": "prime", "id": "r-2"}) + b"\n")
     assert missing_records(tmp_path) == [("r-1", 1)]
+
+
+def test_clear_recovery_leaves_out_kills_during_a_broker_or_network_fault() -> None:
+    # Given three kills whose successors consumed after 1, 9 and 2 s; nsqd was stopped during the second
+    kills = [Kill("primes:primes-0", 10, "SIGKILL", 100.0), Kill("primes:primes-1", 11, "SIGKILL", 200.0),
+             Kill("primes:primes-0", 12, "SIGKILL", 300.0)]
+    first_running = {20: ("primes:primes-0", 102.0), 21: ("primes:primes-1", 202.0), 22: ("primes:primes-0", 302.0)}
+    consuming = {20: 101.0, 21: 209.0, 22: 302.0}
+    report = check(Journal(), [], DEAD, kills=kills, first_running=first_running, consuming=consuming)
+    assert (report.recovered, report.recovery_p99) == (3, 9.0)
+    report = check(Journal(), [], DEAD, kills=kills, first_running=first_running, consuming=consuming,
+                   disturbances=[[203.0, 208.5], [400.0, None]])
+    assert (report.recovered, report.recovered_clear) == (3, 2)
+    assert (report.recovery_clear_p50, report.recovery_clear_p99) == (1.5, 2.0)
+    assert report.recovery_log[1] == ["primes:primes-1", 200.0, 2.0, 9.0]

@@ -39,3 +39,14 @@ def test_reliability_markdown_flags_a_short_soak() -> None:
     assert "`--mem-queue-size=0`" in text
     assert "| recovery_p99 | 3.400 s |" in text
     assert "Faults by kind: SIGKILL primes ×2, toxic latency ×1" in text
+
+
+def test_reliability_markdown_summarises_every_run_and_names_the_ticks_workload() -> None:
+    ticks = RunResult("13_ticks_monkey", 1, Path("/tmp/t"), report=Report(acked=20000, kills=10, mismatched=0),
+                      injected=10, drained=True,
+                      config={"workload": "ticks", "stages": ["features", "signals"], "records": 20000})
+    text = reliability_markdown([ticks, _result()])
+    assert "| 13_ticks_monkey | PASS | 0 | 0 | 0 | 0 | 0 | 10 | - | - | - | 10 |" in text
+    assert "| soak | PASS |" in text
+    assert "| workload | ticks: stages features, signals |" in text
+    assert "| mismatched | 0 |" in text

@@ -98,3 +98,15 @@ def test_chaos_list_names_every_scenario() -> None:
     assert done.returncode == 0
     listed = [line.split()[0] for line in done.stdout.splitlines()]
     assert listed == [p.stem for p in list_scenarios()]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ("workload: {kind: ticks, poison: 0.1}", "scenario.yaml:9:11: workload: poison: the ticks workload has no poison"),
+    ("workload: {kind: trades}", "scenario.yaml:9:18: workload.kind: must be one of: numbers, ticks"),
+    ("workload: {kind: ticks}\nreplay: true", "scenario.yaml:1:1: replay: only the numbers workload can be replayed"),
+])
+def test_the_ticks_workload_is_validated(tmp_path: Path, extra: str, expected: str) -> None:
+    scenario, problems = validate_scenario(_write(tmp_path, GOOD + extra + "\n"))
+    assert scenario is None
+    shown = [str(p).replace(str(tmp_path) + "/", "") for p in problems]
+    assert any(s.startswith(expected) for s in shown), shown

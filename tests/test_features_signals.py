@@ -1,7 +1,7 @@
 """Tests for the market-data stages ``consumers.features`` and ``consumers.signals``.
 
 Both are checked against the independent offline reference in
-``market_reference`` on seeded synthetic ticks (geometric Brownian motion on
+``chaos.market_reference`` on seeded synthetic ticks (geometric Brownian motion on
 a price grid, so prices repeat as real ticks do), across batch splits, across
 a snapshot/restore, and with bad records mixed in.
 """
@@ -15,7 +15,7 @@ import pytest
 
 from consumers.features import FEATURE_FIELDS, Features
 from consumers.signals import Signals
-from market_reference import reference_features, reference_signals
+from chaos.market_reference import reference_features, reference_signals
 from pipeline.errors import HandlerLoadError
 from pipeline.stage import Batch, StageContext, load_handler
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from harness import CHECK_CHANNEL, Workers, collect
-from market_reference import reference_features, reference_signals
+from chaos.market_reference import reference_features, reference_signals
 from nsqhttp import channel_stats, wait_until
 from pipeline import nsqd_http
 from pipeline.topology import load_topology

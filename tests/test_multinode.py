@@ -64,7 +64,8 @@ def test_lookupd_poll_interval_is_a_topology_setting_the_worker_uses(tmp_path):
 
     path, _ = write_topology(tmp_path, [Node(0), Node(1)], [Node(2)], "t", lookupd_poll_interval=2)
     worker = Worker(load_topology(path), "primes")
-    assert worker._discovery() == {"lookupd_http_addresses": ["127.0.0.1:4102"], "lookupd_poll_interval": 2}
+    assert worker._discovery() == {"lookupd_http_addresses": ["127.0.0.1:4102"], "lookupd_poll_interval": 2,
+                                   "nsqd_tcp_addresses": ["127.0.0.1:4000", "127.0.0.1:4001"]}
     path, _ = write_topology(tmp_path, [Node(0)], [Node(2)], "t", lookupd_poll_interval=0)
     with pytest.raises(TopologyError, match=r"topology.yaml:\d+:\d+: nsq.lookupd_poll_interval: must be >= 1"):
         load_topology(path)

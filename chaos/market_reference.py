@@ -6,7 +6,7 @@ recomputes every window from a list slice with the standard library:
 rounds once, so the reference is more exact than the stage it checks (and a
 window of equal prices gets a std of exactly 0 by construction).
 :func:`reference_signals` applies the two signal rules to any feature records.
-Both take only valid records: the tests drop the bad ones themselves.
+Both take only valid records: the callers (the tests, the chaos checker) drop the bad ones themselves.
 """
 from __future__ import annotations
 
