@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from harness import CHECK_CHANNEL, collect
-from market_reference import reference_features
+from chaos.market_reference import reference_features
 from pipeline import nsqd_http
 from pipeline.errors import PublishError, TopologyError
 from pipeline.keyed import Checkpoint
