@@ -77,7 +77,9 @@ RULES = (
     f"max_in_flight {STAGE_MAX_IN_FLIGHT}, batch size {STAGE_BATCH['size']}, "
     f"wait {STAGE_BATCH['wait_ms']} ms, started as `pipeline worker primes --replica k`.",
     f"ticks (tick -> signal latency): a fresh nsqd; topics ticks and features (msgpack, {ticks.PARTITIONS} "
-    "partitions, key symbol; features also seq: feature_seq) and signals (json); keyed stages features "
+    "partitions, key symbol; features also seq: feature_seq; with --ticks-pack P above 1 also pack: P, so a "
+    "message is an envelope of the records the producer or a batch has at hand, up to P) and signals (json); "
+    "keyed stages features "
     f"(consumers.features:Features) and signals (consumers.signals:Signals), {ticks.PARTITIONS} replicas each, "
     f"batch {ticks.BATCH['size']} / wait {ticks.BATCH['wait_ms']} ms, max_in_flight {ticks.MAX_IN_FLIGHT}, "
     "started as `pipeline worker STAGE --replica k`; the run starts once every partition channel has its one "
@@ -88,14 +90,18 @@ RULES = (
     "buffering until its next send is).",
     "ticks latency: a separate reader process subscribes before publishing to a 'bench' channel on "
     "features.0..3 and signals (nsqd's --output-buffer-timeout=1ms applies to it, since it sends no IDENTIFY; "
-    "the workers identify with output_buffer_timeout from --output-buffer-timeout, default 25 ms, nsqd's usual "
-    "minimum (this nsqd allows down to 1 ms), and output_buffer_size from --output-buffer-size, "
+    f"the workers identify with output_buffer_timeout from --output-buffer-timeout (default "
+    f"{ticks.OUTPUT_BUFFER_TIMEOUT} ms; this nsqd runs with --min-output-buffer-timeout=1ms, nsqd's own minimum "
+    "is 25 ms), and output_buffer_size from --output-buffer-size, "
     "default 16384 as nsqd's; -1 is no buffering) and notes time.time_ns() as each message "
     "arrives. tick->feature = arrival of the tick's feature record - ts; tick->signal = arrival of a signal "
     "- ts (a signal carries its tick's ts); duplicates (same id) count once. p50/p99/p99.9 in ms per run; the "
     "table shows their median (min–max) over runs. Input rate = ticks / publishing time. Backlog = messages "
-    "queued or in flight on the workers' channels when the last tick was published; kept up = every feature "
-    f"record was out within {ticks.KEPT_UP_S:g} s after that. Peak RSS: VmHWM of each worker.",
+    "queued or in flight on the workers' channels when the last tick was published; kept up = every topic "
+    f"and channel of the pipeline was empty (every feature and signal read) within {ticks.KEPT_UP_S:g} s after "
+    "that. CPU us per tick: user + system CPU of the workers, nsqd, the reader and the bench process (the "
+    "producer thread) while the measured ticks are published and drained, over N. Peak RSS: VmHWM of each "
+    "worker.",
     f"gateway: a fresh nsqd and {gateway.PROCESSES} `pipeline gateway` processes sharing its port in front of it "
     "(SO_REUSEPORT; one token, no rate limit); "
     f"{gateway.CONNECTIONS} keep-alive HTTP/1.1 connections with {gateway.DEPTH} pipelined requests each send "
@@ -119,6 +125,9 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m benchmarks.run
                         help=f"comma-separated figures to measure (default: all of {', '.join(ALL_NAMES)})")
     parser.add_argument("--tick-rate", type=float, default=ticks.TICK_RATE,
                         help=f"ticks/s published in the ticks figure (default {ticks.TICK_RATE:,})")
+    parser.add_argument("--ticks-pack", type=int, default=ticks.PACK,
+                        help="records per message on ticks and features in the ticks figure (default "
+                             f"{ticks.PACK}; above 1, envelopes of what the producer or a batch has at hand)")
     parser.add_argument("--output-buffer-timeout", type=int, default=ticks.OUTPUT_BUFFER_TIMEOUT,
                         help="the keyed stages' output_buffer_timeout (ms, 1..30000) in the ticks figure "
                              f"(default {ticks.OUTPUT_BUFFER_TIMEOUT})")
@@ -133,6 +142,8 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m benchmarks.run
         parser.error("--tick-rate must be > 0")
     if args.output_buffer_size != -1 and not 64 <= args.output_buffer_size <= 65536:
         parser.error("--output-buffer-size must be -1 or 64..65536")
+    if not 1 <= args.ticks_pack <= 10000:
+        parser.error("--ticks-pack must be 1..10000")
     if not 1 <= args.output_buffer_timeout <= 30000:
         parser.error("--output-buffer-timeout must be 1..30000 (ms)")
     if args.repeats < 1:
@@ -179,7 +190,7 @@ def new_results(args: argparse.Namespace) -> dict:
                      "poll_interval_s": drain.POLL_INTERVAL, "restart_poll_interval_s": restart.POLL_INTERVAL,
                      "trickle_rate": restart.TRICKLE_RATE, "tick_rate": args.tick_rate,
                      "output_buffer_size": args.output_buffer_size,
-                     "output_buffer_timeout_ms": args.output_buffer_timeout},
+                     "output_buffer_timeout_ms": args.output_buffer_timeout, "ticks_pack": args.ticks_pack},
         "rules": list(RULES),
         "machine": machine_info(nsq_binary("nsqd")),
         "contenders": contenders,
@@ -245,7 +256,7 @@ def run_all(args: argparse.Namespace, results: dict, workroot: Path, progress: C
             ok &= _one_run(entries[TICKS], f"{TICKS} run {rep}/{args.repeats}", progress,
                            lambda d=workdir: ticks.ticks_once(d, ticks_count(args.scale), args.tick_rate,
                                                               args.output_buffer_size,
-                                                              args.output_buffer_timeout))
+                                                              args.output_buffer_timeout, args.ticks_pack))
         if GATEWAY in entries:
             workdir = workroot / f"{GATEWAY}-{rep}"
             ok &= _one_run(entries[GATEWAY], f"{GATEWAY} run {rep}/{args.repeats}", progress,

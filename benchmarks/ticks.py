@@ -55,7 +55,10 @@ BASE_COUNT = TICK_RATE * TICK_SECONDS
 MAX_IN_FLIGHT = 500
 BATCH = {"size": 256, "wait_ms": 5}
 OUTPUT_BUFFER_SIZE = 16384  # nsqd's default; -1 (no buffering) is the other choice to compare
-OUTPUT_BUFFER_TIMEOUT = 25  # ms: nsqd's --min-output-buffer-timeout default; the bench's nsqd allows down to 1
+#: Records per message on ticks and features (1: one each; above 1, envelopes of up to that many of what
+#: the producer or a batch has at hand: nothing waits for an envelope to fill).
+PACK = 64
+OUTPUT_BUFFER_TIMEOUT = 1  # ms; this nsqd allows down to 1 (--min-output-buffer-timeout, 25 ms by default)
 READ_CHANNEL = "bench"
 READER_BUFFER_TIMEOUT = "1ms"
 STAGES = (("features", "ticks", "consumers.features:Features", "features"),
@@ -69,9 +72,9 @@ PERCENTILES = (("p50", 50.0), ("p99", 99.0), ("p999", 99.9))
 
 
 def write_topology(path: Path, broker: Broker, output_buffer_size: int = OUTPUT_BUFFER_SIZE,
-                   output_buffer_timeout: int = OUTPUT_BUFFER_TIMEOUT) -> Topology:
+                   output_buffer_timeout: int = OUTPUT_BUFFER_TIMEOUT, pack: int = PACK) -> Topology:
     """Write and load ticks -> features -> signals, 4 partitions, against ``broker``."""
-    keyed = {"codec": "msgpack", "partitions": PARTITIONS, "key": "symbol"}
+    keyed = {"codec": "msgpack", "partitions": PARTITIONS, "key": "symbol", **({"pack": pack} if pack > 1 else {})}
     doc = {
         "nsq": {"nsqd": [{"name": "n0", "tcp": broker.tcp, "http": broker.process.http}],
                 "var_dir": str(path.parent / "var")},
@@ -145,7 +148,8 @@ def channels(broker: Broker) -> dict[tuple[str, str], dict]:
     doc = json.loads(broker._request("GET", "/stats", {"format": "json", "include_clients": "true"}))
     found = {}
     for topic in doc.get("topics") or []:
-        found[topic["topic_name"], ""] = {"message_count": topic["message_count"]}
+        found[topic["topic_name"], ""] = {"message_count": topic["message_count"], "depth": topic["depth"],
+                                          "backend_depth": topic["backend_depth"]}
         for channel in topic.get("channels") or []:
             found[topic["topic_name"], channel["channel_name"]] = channel
     return found
@@ -158,7 +162,8 @@ def _pending(channel: dict | None) -> int:
 
 
 def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
-               output_buffer_size: int = OUTPUT_BUFFER_SIZE, output_buffer_timeout: int = OUTPUT_BUFFER_TIMEOUT) -> dict:
+               output_buffer_size: int = OUTPUT_BUFFER_SIZE, output_buffer_timeout: int = OUTPUT_BUFFER_TIMEOUT,
+               pack: int = PACK) -> dict:
     """Measure the latencies for ``count`` ticks at ``rate`` on a fresh nsqd under ``workdir``; stop everything after.
 
     Raises:
@@ -172,7 +177,7 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
     launched: list[Launched] = []
     producers: list[Producer] = []
     try:
-        topology = write_topology(workdir / "topology.yaml", broker, output_buffer_size, output_buffer_timeout)
+        topology = write_topology(workdir / "topology.yaml", broker, output_buffer_size, output_buffer_timeout, pack)
         features, inputs = topology.physical_topics("features"), topology.physical_topics("ticks")
         outputs = [*features, "signals"]
         for topic in outputs:
@@ -193,7 +198,7 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
         ticks = synthetic_ticks(SYMBOLS, WARMUP + count, seed=1, run_id="bench")  # one seq per symbol
         # Warm-up (not measured): the first batches pay for imports, JIT and connections.
         producer = _publish(broker, topology, stamped(islice(ticks, WARMUP)), WARMUP, rate, producers)
-        _wait_outputs(broker, launched, features, watched, WARMUP, producer.ended_at)
+        _wait_outputs(broker, launched, inputs + outputs, watched, WARMUP, producer.ended_at)
         measured_from = time.time_ns()  # every measured tick is stamped after this
         cpu_before = sum(cpu_seconds(p.pid) for p in workers)
         others_before = {name: cpu_seconds(pid) for name, pid in
@@ -202,7 +207,7 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
         published = producer.ended_at
         stats = channels(broker)
         backlog = sum(_pending(stats.get(key)) for key in watched[:2 * PARTITIONS])
-        caught_up = _wait_outputs(broker, launched, features, watched, WARMUP + count, published)
+        caught_up = _wait_outputs(broker, launched, inputs + outputs, watched, WARMUP + count, published)
         cpu = sum(cpu_seconds(p.pid) for p in workers) - cpu_before
         others = {name: round(cpu_seconds(pid) - others_before[name], 3) for name, pid in
                   (("nsqd", broker.pid), ("reader", reader.pid), ("producer", os.getpid()))}
@@ -278,22 +283,28 @@ def _wait_clients(broker: Broker, launched: list[Launched], watched: list[tuple[
     wait_ready(missing, launched, deadline, interval=0.05)
 
 
-def _wait_outputs(broker: Broker, launched: list[Launched], features: list[str], watched: list[tuple[str, str]],
+def _wait_outputs(broker: Broker, launched: list[Launched], topics: list[str], watched: list[tuple[str, str]],
                   count: int, published: float) -> float:
-    """Wait until every feature record is out and every channel is empty; return seconds after ``published``."""
+    """Wait until every topic and channel of the pipeline is empty; return the seconds that took after ``published``.
+
+    A keyed worker finishes its inputs only after its outputs were published, so once the
+    ``ticks`` channels, the ``features`` channels and the bench's channels hold nothing queued,
+    in flight or deferred (and the topics nothing not yet copied into their channels), every
+    tick's feature and signal has reached the reader, whether messages carry one record or
+    an envelope of several.
+    """
     deadline = published + DRAIN_TIMEOUT + count / 2000
-    first_done = None
     while True:
         stats = channels(broker)
-        made = sum((stats.get((t, "")) or {}).get("message_count", 0) for t in features)
-        empty = all(_pending(stats.get(key)) == 0 for key in watched)
-        if made >= count and first_done is None:
-            first_done = time.monotonic()
-        if made >= count and empty:
-            return (first_done or time.monotonic()) - published
+        empty = (all(_pending(stats.get(key)) == 0 for key in watched)
+                 and all((stats.get((t, "")) or {}).get("depth", 0) + (stats.get((t, "")) or {}).get("backend_depth", 0)
+                         == 0 for t in topics))
+        if empty:
+            return time.monotonic() - published
         check_alive(launched)
         if time.monotonic() > deadline:
-            raise BenchError(f"outputs incomplete after the last tick: {made} of {count} feature records")
+            pending = {f"{t}/{c}": _pending(stats.get((t, c))) for t, c in watched}
+            raise BenchError(f"the pipeline did not drain after the last tick: {pending}")
         time.sleep(POLL_INTERVAL)
 
 
@@ -335,6 +346,7 @@ def reader_main(argv: list[str]) -> int:
     for thread in threads:
         thread.join(5)
     from pipeline.codecs import decode
+    from pipeline.envelope import records_of
     seen: set[str] = set()
     duplicates = 0
     latencies: dict[str, list[int]] = {"features": [], "signals": []}
@@ -342,13 +354,13 @@ def reader_main(argv: list[str]) -> int:
     for topic, received in got.items():
         kind = "signals" if topic == "signals" else "features"
         for arrived, body in received:
-            record = decode(body)
-            if record["id"] in seen:
-                duplicates += 1
-                continue
-            seen.add(record["id"])
-            latencies[kind].append(arrived - record["ts"])
-            stamps[kind].append(record["ts"])
+            for record in records_of([decode(body)]):  # one record, or an envelope of several
+                if record["id"] in seen:
+                    duplicates += 1
+                    continue
+                seen.add(record["id"])
+                latencies[kind].append(arrived - record["ts"])
+                stamps[kind].append(record["ts"])
     tmp = args.out.with_suffix(".tmp.npz")
     np.savez(tmp, features=np.array(latencies["features"], dtype=np.int64),
              signals=np.array(latencies["signals"], dtype=np.int64),
