@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import msgpack
 import numpy as np
@@ -68,6 +68,7 @@ DEFAULTS: Mapping[str, Any] = {"ema_fast": 12, "ema_slow": 26, "window": 50}
 MAX_WINDOW = 100_000  # the ring holds window floats x 3 per symbol, and each tick reads it
 SNAPSHOT_FORMAT = "consumers.features/1"
 _INITIAL_CAPACITY = 16
+_NUMBERS = {int, float}
 
 
 # ---------------------------------------------------------------------------
@@ -203,8 +204,35 @@ class Features:
                          st.counts, st.ema_fast, st.ema_slow, out)
         return {OUTPUT: _feature_records(batch.records, rows, prices, sizes, out, feature_seqs)}
 
-    def _gather(self, batch: Batch) -> tuple[list[int], list[int], list[float], list[float]]:
+    def _gather(self, batch: Batch) -> tuple[Sequence[int], list[int], list[float], list[float]]:
         """Return the valid ticks' batch indices, symbol indices, prices and sizes; reject the others."""
+        gathered = self._gather_valid(batch.records)
+        return gathered if gathered is not None else self._gather_each(batch)
+
+    def _gather_valid(self, records: list) -> tuple[range, list[int], list[float], list[float]] | None:
+        """:meth:`_gather` for the common batch where every tick is valid, by whole columns; else None."""
+        try:
+            symbols = [record["symbol"] for record in records]
+            prices = [record["price"] for record in records]
+            sizes = [record["size"] for record in records]
+            # bool is not int here (type(), not isinstance()), as in _parse_tick
+            if (set(map(type, symbols)) != {str} or "" in symbols or not set(map(type, prices)) <= _NUMBERS
+                    or not set(map(type, sizes)) <= _NUMBERS):
+                return None
+            price_array, size_array = np.array(prices, dtype=np.float64), np.array(sizes, dtype=np.float64)
+        except (KeyError, TypeError, OverflowError):
+            return None
+        if not (np.all(price_array > 0.0) and np.all(price_array < np.inf)
+                and np.all(size_array >= 0.0) and np.all(size_array < np.inf)):
+            return None  # NaN fails every comparison
+        index = self._index
+        ks = [index.get(symbol) for symbol in symbols]
+        if None in ks:
+            ks = [index[symbol] if symbol in index else self._add_symbol(symbol) for symbol in symbols]
+        return range(len(records)), ks, price_array.tolist(), size_array.tolist()
+
+    def _gather_each(self, batch: Batch) -> tuple[list[int], list[int], list[float], list[float]]:
+        """:meth:`_gather` tick by tick, rejecting each invalid one with its reason."""
         rows: list[int] = []
         symbols: list[int] = []
         prices: list[float] = []

@@ -376,3 +376,16 @@ def test_feature_seq_has_no_holes_where_bad_ticks_were_rejected():
     out = stage(batch)["features"]
     assert list(batch.rejected) == [2]
     assert [(f["seq"], f["feature_seq"]) for f in out] == [(1, 1), (2, 2), (4, 3), (5, 4)]
+
+
+def test_whole_batch_validation_gathers_what_tick_by_tick_validation_gathers(tmp_path):
+    from producers.ticks import synthetic_ticks
+
+    ticks = list(synthetic_ticks(5, 300, seed=9, run_id="g"))  # sizes are ints, prices floats
+    ticks[7]["price"] = 12  # an int price is a price
+    each = Features(StageContext("features", 0, tmp_path, {}))._gather_each(Batch(ticks))
+    whole = Features(StageContext("features", 0, tmp_path, {}))._gather_valid(ticks)
+    assert whole is not None and (list(whole[0]), *whole[1:]) == (list(each[0]), *each[1:])
+    for bad in ({"price": float("nan")}, {"size": -1}, {"symbol": ""}, {"price": True}, {"size": 10**400}):
+        assert Features(StageContext("features", 0, tmp_path, {}))._gather_valid([*ticks[:3], {**ticks[3], **bad}]) \
+            is None, bad  # the tick-by-tick path then names the field
