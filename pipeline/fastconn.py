@@ -260,7 +260,8 @@ class FastConn(nsq.AsyncConn):
 
     def _corrupt(self, pos: int) -> None:
         self.close()
-        self.trigger(event.ERROR, conn=self, error=protocol.IntegrityError(f"negative frame size at byte {pos} of a read"))
+        self.trigger(event.ERROR, conn=self,
+                     error=protocol.IntegrityError(f"negative frame size at byte {pos} of a read"))
 
     def _on_frame(self, frame: bytes) -> None:
         try:
