@@ -26,8 +26,8 @@ MSGPACK_MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 # with a run of 20+ digits may hold one, so it is decoded by the exact (slower)
 # standard library instead; the rest take the fast path. Mapping every digit
 # to "9" and looking for twenty of them is ~3x cheaper than a regex search.
-_DIGITS_TO_9 = bytes.maketrans(b"0123456789", b"9" * 10)
-_TWENTY_DIGITS = b"9" * 20
+DIGITS_TO_9 = bytes.maketrans(b"0123456789", b"9" * 10)
+TWENTY_DIGITS = b"9" * 20
 
 
 
@@ -96,8 +96,8 @@ def decode(body: bytes) -> dict:
     if codec is None:
         raise DecodeError(_undetected_reason(body), body)
     try:
-        if codec == "json":  # a run of 20 digits: the exact decoder (see _TWENTY_DIGITS)
-            record = json.loads(body) if _TWENTY_DIGITS in body.translate(_DIGITS_TO_9) else orjson.loads(body)
+        if codec == "json":  # a run of 20 digits: the exact decoder (see TWENTY_DIGITS)
+            record = json.loads(body) if TWENTY_DIGITS in body.translate(DIGITS_TO_9) else orjson.loads(body)
         else:
             record = msgpack.unpackb(body, raw=False)
     except RecursionError as e:  # the exact (stdlib) JSON path recurses once per nesting level

@@ -12,8 +12,11 @@ unchanged and changes only the I/O:
   complete frame in it, keeping a partial frame for the next read;
 - with a *batch handler* (:class:`FastReader`'s ``batch_handler``), the
   messages of one read reach it as one list, with RDY checked once per read
-  instead of once per message and no event per message; :func:`finish_all`
-  finishes a batch with one FIN payload and one RESUME per connection.
+  instead of once per message and no event per message; the frames of the
+  read are found by one compiled pass (:mod:`pipeline.frames`) and the
+  messages cut out of it with no Python code per message but their
+  constructor; :func:`finish_all` finishes a batch with one FIN payload and
+  one RESUME per connection.
 
 Both apply only once the connection is READY: IDENTIFY, TLS/snappy/deflate
 upgrades and AUTH keep pynsq's exact reads and immediate writes, so nothing
@@ -25,9 +28,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import random
 import struct
 import time
+from itertools import repeat
 
 import nsq
 from nsq import event, protocol
@@ -45,22 +50,38 @@ _MESSAGE_HEADER = struct.Struct(">qH")  # timestamp (ns), attempts; then 16 byte
 _FRAME_MESSAGE = struct.pack(">l", protocol.FRAME_TYPE_MESSAGE)
 
 
-class FastMessage(nsq.Message):
+class FastMessage:
     """A message that answers through its connection directly instead of through events.
 
-    pynsq registers three listeners on every message (each with a duplicate
+    pynsq's ``Message`` registers three listeners (each with a duplicate
     check) only so its connection can send FIN, REQ or TOUCH; calling the
-    connection's handlers directly does the same with none of that. Nothing
-    else listens to message events.
+    connection's handlers directly does the same with none of that, and
+    slots make it cheap enough to build thousands per read. It offers what
+    pynsq's ``Reader`` and our runtime use of ``nsq.Message``: ``id``,
+    ``body``, ``timestamp``, ``attempts``, :meth:`finish`, :meth:`requeue`,
+    :meth:`touch`, :meth:`has_responded`, and is always asynchronous (the
+    worker answers every message itself, after its batch).
     """
 
+    __slots__ = ("_conn", "id", "body", "timestamp", "attempts", "_has_responded")
+
     def __init__(self, conn: FastConn, id: bytes, body: bytes, timestamp: int, attempts: int):
-        # EventedMixin.__init__ is skipped on purpose: this message has no listeners.
-        # Always asynchronous: the worker answers every message itself, after its batch.
-        self._async_enabled = True
+        self._conn, self.id, self.body, self.timestamp, self.attempts = conn, id, body, timestamp, attempts
         self._has_responded = False
-        self.id, self.body, self.timestamp, self.attempts = id, body, timestamp, attempts
-        self._conn = conn
+
+    def __repr__(self) -> str:
+        return f"<FastMessage {self.id!r} attempts={self.attempts} {len(self.body)} bytes>"
+
+    def enable_async(self) -> None:
+        """Nothing to do: a FastMessage is always asynchronous."""
+
+    def is_async(self) -> bool:
+        """Always True (pynsq's Reader then leaves the answer to the handler)."""
+        return True
+
+    def has_responded(self) -> bool:
+        """Whether FIN or REQ was sent for this message."""
+        return self._has_responded
 
     def _respond(self) -> None:
         if self._has_responded:
@@ -93,13 +114,27 @@ def finish_all(messages) -> None:
     The same as calling ``finish()`` on each, except that pynsq's backoff
     timer counts one success per connection and call rather than per message.
     """
+    pending = [message for message in messages if not message._has_responded]
+    for message in pending:
+        message._has_responded = True
+    conns = set(map(_CONN, pending))
+    if len(conns) == 1:  # the usual case: a batch read from one connection
+        conns.pop()._finish_ids(list(map(_ID, pending)))
+        return
     ids: dict[FastConn, list[bytes]] = {}
-    for message in messages:
-        if not message._has_responded:
-            message._has_responded = True
-            ids.setdefault(message._conn, []).append(message.id)
+    for message in pending:
+        ids.setdefault(message._conn, []).append(message.id)
     for conn, message_ids in ids.items():
         conn._finish_ids(message_ids)
+
+
+_CONN, _ID = operator.attrgetter("_conn"), operator.attrgetter("id")
+
+
+def _frames():
+    """:mod:`pipeline.frames`, imported on first use: it loads numba, which writers (the gateway) never need."""
+    from . import frames
+    return frames
 
 
 def _retrieve(future: Future) -> None:
@@ -121,7 +156,7 @@ class FastConn(nsq.AsyncConn):
         self._fast = False
         self._pending: list[bytes] = []
         self._flushed: Future | None = None
-        self._rbuf = bytearray()
+        self._rbuf = b""  # the start of a frame that the next read completes
         self.on(event.READY, self._enable_fast_io)
 
     def _enable_fast_io(self, **_) -> None:
@@ -142,7 +177,7 @@ class FastConn(nsq.AsyncConn):
         self.trigger(event.RESUME, conn=self)
         self.in_flight -= len(message_ids)
         try:
-            self.send(b"".join([b"FIN " + message_id + b"\n" for message_id in message_ids]))
+            self.send(b"FIN " + b"\nFIN ".join(message_ids) + b"\n")
         except Exception as e:
             self.close()
             self.trigger(event.ERROR, conn=self, error=protocol.SendError(f"failed to send {len(message_ids)} FINs", e))
@@ -203,34 +238,71 @@ class FastConn(nsq.AsyncConn):
             chunk = future.result()
         except Exception:
             return  # the stream closed; its close callback reports it
-        buf = self._rbuf
-        buf += chunk
-        pos, end = 0, len(buf)
-        batch = self.on_messages is not None
-        messages: list[FastMessage] = []
+        data = self._rbuf + chunk if self._rbuf else chunk
+        pos = self._read_batched(data) if self.on_messages is not None else self._read_each(data)
+        if pos is None:
+            return  # the stream is corrupt and the connection closed
+        self._rbuf = data[pos:]
+        self._start_read()
+
+    def _read_each(self, data: bytes) -> int | None:
+        """Hand every complete frame of ``data`` to the data event; return the length consumed (None: corrupt)."""
+        pos, end = 0, len(data)
         while end - pos >= 4:
-            size = _SIZE.unpack_from(buf, pos)[0]
+            size = _SIZE.unpack_from(data, pos)[0]
+            if size < 0:
+                return self._corrupt(pos)
             if end - pos - 4 < size:
                 break
             start, pos = pos + 4, pos + 4 + size
-            if batch and buf.startswith(_FRAME_MESSAGE, start):
-                timestamp, attempts = _MESSAGE_HEADER.unpack_from(buf, start + 4)
-                messages.append(FastMessage(self, bytes(buf[start + 14:start + 30]), bytes(buf[start + 30:pos]),
-                                            timestamp, attempts))
-                continue
-            if messages:  # keep the order of messages and other frames (e.g. CLOSE_WAIT)
-                self._deliver(messages)
-                messages = []
-            try:
-                self.trigger(event.DATA, conn=self, data=bytes(buf[start:pos]))
-            except Exception:
-                log.exception("[%s] uncaught exception in data event", self.id)
-        if messages:
-            self._deliver(messages)
-        if pos:
-            del buf[:pos]
-        self._start_read()
+            self._on_frame(data[start:pos])
+        return pos
 
+    def _corrupt(self, pos: int) -> None:
+        self.close()
+        self.trigger(event.ERROR, conn=self,
+                     error=protocol.IntegrityError(f"negative frame size at byte {pos} of a read"))
+
+    def _on_frame(self, frame: bytes) -> None:
+        try:
+            self.trigger(event.DATA, conn=self, data=frame)
+        except Exception:
+            log.exception("[%s] uncaught exception in data event", self.id)
+
+    def _read_batched(self, data: bytes) -> int | None:
+        """Hand each run of message frames of ``data`` to ``on_messages``, other frames to the data event.
+
+        Returns the length consumed, or None when a frame size was negative
+        (the connection is then closed with an error).
+        """
+        frames, pos = _frames(), 0
+        while True:
+            rows, end, valid = frames.scan(data, pos)
+            self._dispatch(data, rows)
+            if not valid:
+                return self._corrupt(end)
+            if end == pos or len(rows) < frames.MAX_FRAMES:
+                return end
+            pos = end
+
+    def _dispatch(self, data: bytes, rows) -> None:
+        frames, first = _frames(), 0
+        for i in frames.not_messages(rows) + [len(rows)]:  # keep the order of messages and other frames
+            if i > first:
+                self._deliver(self._messages(data, rows[first:i]))
+            if i < len(rows):
+                self._on_frame(data[rows[i, frames.START]:rows[i, frames.END]])
+            first = i + 1
+
+    def _messages(self, data: bytes, rows) -> list[FastMessage]:
+        """The messages of ``rows`` (message frames of ``data``), built with no Python code per message but __init__."""
+        frames = _frames()
+        starts = rows[:, frames.START]
+        id_starts, body_starts = (starts + 14).tolist(), (starts + 30).tolist()
+        ids = list(map(data.__getitem__, map(slice, id_starts, body_starts)))
+        bodies = list(map(data.__getitem__, map(slice, body_starts, rows[:, frames.END].tolist())))
+        return list(map(FastMessage, repeat(self), ids, bodies, rows[:, frames.TIMESTAMP].tolist(),
+                        rows[:, frames.ATTEMPTS].tolist()))
 
     def _deliver(self, messages: list[FastMessage]) -> None:
         self.last_recv_timestamp = self.last_msg_timestamp = time.time()
@@ -256,6 +328,7 @@ class FastReader(nsq.Reader):
             if kwargs.setdefault("max_tries", 0):
                 raise ValueError("FastReader: a batch_handler needs max_tries=0")
             kwargs["message_handler"] = lambda message: batch_handler([message])
+            _frames()  # compile (or load) the frame scanner now rather than on the first read
         self.batch_handler = batch_handler
         super().__init__(*args, **kwargs)
 

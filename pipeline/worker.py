@@ -38,6 +38,7 @@ from tornado.ioloop import PeriodicCallback
 from . import faultpoints, nsqd_http
 from .errors import PublishError
 from .fastconn import FastReader, finish_all
+from .gctuning import GcTuning
 from .metrics import WorkerMetrics
 from .middleware import Middleware, MiddlewareStack
 from .keyed import Checkpoint, Sequencer
@@ -75,6 +76,7 @@ class Worker:
         self.middleware = MiddlewareStack([*middleware, *faultpoints.from_environment()])
         if (metrics := WorkerMetrics.for_replica(self.spec, stage_name, replica)) is not None:
             self.middleware.add(metrics)
+        self.middleware.add(GcTuning())
         self.dead_topic = topology.dead_letter_topic(stage_name)
         self.input_topic = topology.input_topic(stage_name, replica)
         args = (self, stage_name, self.spec, topology, self.handler, self.middleware)

@@ -231,3 +231,15 @@ def test_classify_columns_emits_what_classify_emits_and_declines_bad_numbers():
     for bad in ([1, True], [1, 2.0], [1, "2"], [1, 2**63]):
         assert classify.columns(Columns({"id": ["a", "b"], "number": bad})) is None
     assert classify.columns(Columns({"id": ["a"]})) is None
+
+
+def test_classify_copies_dicts_and_other_mappings_without_changing_them():
+    from types import MappingProxyType
+
+    records = [{"id": 1, "number": 7}, {"id": 2, "number": 8}]
+    out = classify(Batch(records))
+    assert out == {"prime": [{"id": 1, "number": 7, "prime": True}],
+                   "non_prime": [{"id": 2, "number": 8, "prime": False}]}
+    assert records == [{"id": 1, "number": 7}, {"id": 2, "number": 8}] and out["prime"][0] is not records[0]
+    proxies = [MappingProxyType(r) for r in records]
+    assert classify(Batch(proxies)) == out
