@@ -53,7 +53,7 @@ TICK_RATE = 20_000  # ticks/s, the issue's figure
 TICK_SECONDS = 10  # at scale 1
 BASE_COUNT = TICK_RATE * TICK_SECONDS
 MAX_IN_FLIGHT = 500
-BATCH = {"size": 256, "wait_ms": 5}
+BATCH = {"size": 256, "wait_ms": 1}
 OUTPUT_BUFFER_SIZE = 16384  # nsqd's default; -1 (no buffering) is the other choice to compare
 #: Records per message on ticks and features (1: one each; above 1, envelopes of up to that many of what
 #: the producer or a batch has at hand: nothing waits for an envelope to fill).
