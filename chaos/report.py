@@ -78,6 +78,8 @@ def reliability_markdown(results: list[RunResult]) -> str:
                   "| result | value |", "|---|---|"]
         if r is not None:
             lines += [f"| {name} | {_fmt(getattr(r, name))} |" for name in FIELDS]
+        if result.after_replay is not None:
+            lines += [f"| replayed | {result.replayed:,} |", f"| lost after replay | {_fmt(result.after_replay.lost)} |"]
         lines += [f"| faults injected | {result.injected} |", f"| worker restarts | {result.restarts} |",
                   f"| drained | {'yes' if result.drained else 'no'} |", ""]
         if result.failures:
@@ -97,12 +99,13 @@ def _summary(results: list[RunResult]) -> list[str]:
         return []
     names = ("lost", "unexpected", "duplicated", "dead_lettered", "mismatched", "kills", "recovery_p50",
              "recovery_p99", "recovery_clear_p99")
-    lines = ["| scenario | verdict | " + " | ".join(names) + " | faults injected |",
-             "|---" * (len(names) + 3) + "|"]
+    lines = ["| scenario | verdict | lost after replay | " + " | ".join(names) + " | faults injected |",
+             "|---" * (len(names) + 4) + "|"]
     for result in results:
         figures = [_fmt(getattr(result.report, name, None)) for name in names]
-        lines.append(f"| {result.scenario} | {'PASS' if result.passed else 'FAIL'} | " + " | ".join(figures)
-                     + f" | {result.injected} |")
+        replayed = "-" if result.after_replay is None else _fmt(result.after_replay.lost)
+        lines.append(f"| {result.scenario} | {'PASS' if result.passed else 'FAIL'} | {replayed} | "
+                     + " | ".join(figures) + f" | {result.injected} |")
     return [*lines, ""]
 
 

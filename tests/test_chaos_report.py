@@ -46,7 +46,17 @@ def test_reliability_markdown_summarises_every_run_and_names_the_ticks_workload(
                       injected=10, drained=True,
                       config={"workload": "ticks", "stages": ["features", "signals"], "records": 20000})
     text = reliability_markdown([ticks, _result()])
-    assert "| 13_ticks_monkey | PASS | 0 | 0 | 0 | 0 | 0 | 10 | - | - | - | 10 |" in text
+    assert "| 13_ticks_monkey | PASS | - | 0 | 0 | 0 | 0 | 0 | 10 | - | - | - | 10 |" in text
     assert "| soak | PASS |" in text
     assert "| workload | ticks: stages features, signals |" in text
     assert "| mismatched | 0 |" in text
+
+
+def test_reliability_markdown_shows_the_loss_left_after_a_replay() -> None:
+    killed = RunResult("10_nsqd_kill", 1, Path("/tmp/k"), report=Report(acked=1600, lost=50),
+                       after_replay=Report(acked=1600, lost=0), replayed=50, injected=1, drained=True,
+                       config={"records": 1600})
+    text = reliability_markdown([killed, _result()])
+    assert "| scenario | verdict | lost after replay | lost |" in text
+    assert "| 10_nsqd_kill | PASS | 0 | 50 | 0 |" in text
+    assert "| replayed | 50 |\n| lost after replay | 0 |" in text
