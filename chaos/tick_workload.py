@@ -14,19 +14,16 @@ retried before the next one is sent.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
-
-import orjson
 
 from pipeline.errors import PipelineError
 from pipeline.topology import TopicSpec
 from producers.ticks import produce_ticks, synthetic_ticks
 
-from .workload import RETRY_S
+from .workload import RETRY_S, Journaled
 
 
-class TicksJournalingProducer:
+class TicksJournalingProducer(Journaled):
     """Publishes ``records`` ticks over ``symbols`` symbols at ``rate``; run it in a thread with :meth:`run`."""
 
     def __init__(self, nsqd_tcp: str, topic: str, spec: TopicSpec, journal: Path, *, run_id: str, records: int,
@@ -42,40 +39,20 @@ class TicksJournalingProducer:
         self.done = threading.Event()
 
     def _chunks(self):
-        batch: list[dict] = []
+        batch: list[tuple[str, dict]] = []
         for tick in synthetic_ticks(self.symbols, self.records, seed=self.seed, run_id=self.run_id):
-            batch.append(tick)
+            batch.append((tick["id"], tick))
             if len(batch) >= self.chunk:
                 yield batch
                 batch = []
         if batch:
             yield batch
 
-    def run(self, stop: threading.Event) -> None:
-        """Publish everything (or until ``stop``), journaling as it goes."""
-        began = time.monotonic()
-        sent = 0
-        try:
-            with open(self.journal, "ab") as journal:
-                for batch in self._chunks():
-                    journal.write(orjson.dumps({"sent": [[t["id"], t] for t in batch]}) + b"\n")
-                    journal.flush()
-                    if not self._publish(batch, stop):
-                        return
-                    journal.write(orjson.dumps({"acked": [t["id"] for t in batch]}) + b"\n")
-                    journal.flush()
-                    self.acked += len(batch)
-                    sent += len(batch)
-                    ahead = began + sent / self.rate - time.monotonic()
-                    if ahead > 0 and stop.wait(ahead):
-                        return
-        finally:
-            self.done.set()
-
-    def _publish(self, batch: list[dict], stop: threading.Event) -> bool:
+    def _publish(self, batch: list[tuple[str, dict]], stop: threading.Event) -> bool:
+        ticks = [tick for _, tick in batch]
         while not stop.is_set():
             try:
-                produce_ticks(self.nsqd_tcp, self.topic, batch, spec=self.spec, chunk=self.chunk)
+                produce_ticks(self.nsqd_tcp, self.topic, ticks, spec=self.spec, chunk=self.chunk)
                 return True
             except (PipelineError, OSError):
                 self.errors += 1

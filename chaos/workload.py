@@ -53,7 +53,51 @@ def make_record(record_id: str, number: object) -> bytes:
     return orjson.dumps({"id": record_id, "ts": time.time_ns(), "number": number})
 
 
-class JournalingProducer:
+class Journaled:
+    """A producer that journals each chunk of ``(id, payload)`` pairs as sent, publishes it, then journals it acked.
+
+    Subclasses give ``_chunks()``, ``_publish(batch, stop) -> bool`` (False: stopped before
+    nsqd acknowledged) and may give ``_close()``; they set ``journal``, ``rate``, ``acked`` and ``done``.
+    """
+
+    journal: Path
+    rate: float
+    acked: int
+    done: threading.Event
+
+    def run(self, stop: threading.Event) -> None:
+        """Publish everything (or until ``stop``) at ``rate``, journaling as it goes."""
+        began = time.monotonic()
+        sent = 0
+        try:
+            with open(self.journal, "ab") as journal:
+                for batch in self._chunks():
+                    journal.write(orjson.dumps({"sent": batch}) + b"\n")
+                    journal.flush()
+                    if not self._publish(batch, stop):
+                        return
+                    journal.write(orjson.dumps({"acked": [i for i, _ in batch]}) + b"\n")
+                    journal.flush()
+                    self.acked += len(batch)
+                    sent += len(batch)
+                    ahead = began + sent / self.rate - time.monotonic()
+                    if ahead > 0 and stop.wait(ahead):
+                        return
+        finally:
+            self._close()
+            self.done.set()
+
+    def _chunks(self):
+        raise NotImplementedError
+
+    def _publish(self, batch: list, stop: threading.Event) -> bool:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        pass
+
+
+class JournalingProducer(Journaled):
     """Publishes ``records`` numbers to ``topic`` at ``rate``; run it in a thread with :meth:`run`."""
 
     def __init__(self, nsqd_tcp: str, topic: str, journal: Path, *, run_id: str, records: int, rate: float,
@@ -66,6 +110,7 @@ class JournalingProducer:
         self.errors = 0
         self.poisoned = 0
         self.done = threading.Event()
+        self._pub: NsqPublisher | None = None
 
     def _chunks(self):
         for first in range(self.start, self.start + self.records, self.chunk):
@@ -78,42 +123,20 @@ class JournalingProducer:
                     batch.append((f"{self.run_id}-{n}", n))
             yield batch
 
-    def run(self, stop: threading.Event) -> None:
-        """Publish everything (or until ``stop``), journaling as it goes."""
-        began = time.monotonic()
-        sent = 0
-        pub: NsqPublisher | None = None
-        with open(self.journal, "ab") as journal:
-            try:
-                for batch in self._chunks():
-                    journal.write(orjson.dumps({"sent": batch}) + b"\n")
-                    journal.flush()
-                    pub = self._publish(pub, batch, stop)
-                    if pub is None:
-                        return
-                    journal.write(orjson.dumps({"acked": [i for i, _ in batch]}) + b"\n")
-                    journal.flush()
-                    self.acked += len(batch)
-                    sent += len(batch)
-                    ahead = began + sent / self.rate - time.monotonic()
-                    if ahead > 0 and stop.wait(ahead):
-                        return
-            finally:
-                if pub is not None:
-                    pub.close()
-                self.done.set()
-
-    def _publish(self, pub: NsqPublisher | None, batch: list, stop: threading.Event) -> NsqPublisher | None:
+    def _publish(self, batch: list, stop: threading.Event) -> bool:
         bodies = [make_record(i, n) for i, n in batch]
         while not stop.is_set():
             try:
-                pub = pub or NsqPublisher(self.nsqd_tcp, timeout=3.0, window=1)
-                pub.mpub(self.topic, bodies)
-                return pub
+                self._pub = self._pub or NsqPublisher(self.nsqd_tcp, timeout=3.0, window=1)
+                self._pub.mpub(self.topic, bodies)
+                return True
             except (PipelineError, OSError):
                 self.errors += 1
-                if pub is not None:
-                    pub.close()
-                pub = None
+                self._close()
                 stop.wait(RETRY_S)
-        return None
+        return False
+
+    def _close(self) -> None:
+        if self._pub is not None:
+            self._pub.close()
+            self._pub = None
