@@ -114,7 +114,7 @@ class Supervisor:
         for sub in ("run", "log", *(f"nsqd/{n.name}" for n in self.topology.nsq.nsqd)):
             (self.var / sub).mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "NSQ_PIPELINE_BIN": str(bin_dir()), "NSQ_PIPELINE_PYTHON": sys.executable}
-        result = subprocess.run([sys.executable, "-m", "supervisor.supervisord", "-c", str(self.conf)],
+        result = subprocess.run([sys.executable, "-m", "pipeline.supervise", "-c", str(self.conf)],
                                 env=env, cwd=self.conf.parent, capture_output=True, text=True, timeout=30)
         if result.returncode != 0:
             raise ProcessError(f"supervisord did not start: {(result.stderr or result.stdout).strip()}")

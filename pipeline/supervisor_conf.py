@@ -72,7 +72,8 @@ def render(topology) -> str:
         sections.append(_monitor(topology, var))
     sections += _edge_programs(topology, var)
     header = ("; Rendered by `pipeline render` from the topology; do not edit by hand.\n"
-              "; `pipeline up` starts supervisord with NSQ_PIPELINE_BIN and NSQ_PIPELINE_PYTHON set.\n")
+              "; `pipeline up` starts supervisord (`python -m pipeline.supervise`: supervisord woken every 0.1 s,\n"
+              "; so a dead worker is started again at once) with NSQ_PIPELINE_BIN and NSQ_PIPELINE_PYTHON set.\n")
     return header + "\n".join(_format(title, options) for title, options in sections)
 
 
