@@ -81,13 +81,15 @@ RULES = (
     "message is an envelope of the records the producer or a batch has at hand, up to P) and signals (json); "
     "keyed stages features "
     f"(consumers.features:Features) and signals (consumers.signals:Signals), {ticks.PARTITIONS} replicas each, "
-    f"batch {ticks.BATCH['size']} / wait {ticks.BATCH['wait_ms']} ms, max_in_flight {ticks.MAX_IN_FLIGHT}, "
+    f"batch {ticks.BATCH['size']} / wait_ms from --ticks-wait-ms (default {ticks.BATCH['wait_ms']}), "
+    f"max_in_flight {ticks.MAX_IN_FLIGHT}, "
     "started as `pipeline worker STAGE --replica k`; the run starts once every partition channel has its one "
     f"client. {ticks.SYMBOLS} synthetic symbols; {ticks.WARMUP:,} warm-up ticks at the same rate are published and "
     f"drained first and not counted; then N = {ticks.BASE_COUNT:,} x scale ticks with produce_ticks(rate=R) "
     f"(R = --tick-rate, default {ticks.TICK_RATE:,}/s) from a thread. A tick's ts (ns) is stamped when "
     "produce_ticks' pacer releases it (just in time: its pacing sleep is not counted; the producer's own "
-    "buffering until its next send is).",
+    "buffering until its next send is: at most about its linger_ms, from --ticks-linger-ms, default "
+    f"{ticks.LINGER_MS:g}).",
     "ticks latency: a separate reader process subscribes before publishing to a 'bench' channel on "
     "features.0..3 and signals (nsqd's --output-buffer-timeout=1ms applies to it, since it sends no IDENTIFY; "
     f"the workers identify with output_buffer_timeout from --output-buffer-timeout (default "
@@ -134,6 +136,12 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m benchmarks.run
     parser.add_argument("--output-buffer-size", type=int, default=ticks.OUTPUT_BUFFER_SIZE,
                         help="the keyed stages' output_buffer_size in the ticks figure "
                              "(default 16384, as nsqd's and the stage's; -1: no buffering)")
+    parser.add_argument("--ticks-wait-ms", type=int, default=ticks.BATCH["wait_ms"],
+                        help="the keyed stages' batch wait_ms in the ticks figure (default "
+                             f"{ticks.BATCH['wait_ms']}; 0: a batch is what one read from nsqd brought)")
+    parser.add_argument("--ticks-linger-ms", type=float, default=ticks.LINGER_MS,
+                        help="the ticks producer's linger_ms, the longest a tick waits in its buffer "
+                             f"(default {ticks.LINGER_MS:g})")
     parser.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.json and results.md")
     args = parser.parse_args(argv)
     if args.scale <= 0:
@@ -148,6 +156,10 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m benchmarks.run
         parser.error("--output-buffer-timeout must be 1..30000 (ms)")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if not 0 <= args.ticks_wait_ms <= 60000:
+        parser.error("--ticks-wait-ms must be 0..60000")
+    if not 0 < args.ticks_linger_ms <= 1000:
+        parser.error("--ticks-linger-ms must be in (0, 1000]")
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(args.only) - set(ALL_NAMES))
     if unknown:
@@ -190,7 +202,8 @@ def new_results(args: argparse.Namespace) -> dict:
                      "poll_interval_s": drain.POLL_INTERVAL, "restart_poll_interval_s": restart.POLL_INTERVAL,
                      "trickle_rate": restart.TRICKLE_RATE, "tick_rate": args.tick_rate,
                      "output_buffer_size": args.output_buffer_size,
-                     "output_buffer_timeout_ms": args.output_buffer_timeout, "ticks_pack": args.ticks_pack},
+                     "output_buffer_timeout_ms": args.output_buffer_timeout, "ticks_pack": args.ticks_pack,
+                     "ticks_wait_ms": args.ticks_wait_ms, "ticks_linger_ms": args.ticks_linger_ms},
         "rules": list(RULES),
         "machine": machine_info(nsq_binary("nsqd")),
         "contenders": contenders,
@@ -256,7 +269,8 @@ def run_all(args: argparse.Namespace, results: dict, workroot: Path, progress: C
             ok &= _one_run(entries[TICKS], f"{TICKS} run {rep}/{args.repeats}", progress,
                            lambda d=workdir: ticks.ticks_once(d, ticks_count(args.scale), args.tick_rate,
                                                               args.output_buffer_size,
-                                                              args.output_buffer_timeout, args.ticks_pack))
+                                                              args.output_buffer_timeout, args.ticks_pack,
+                                                              args.ticks_wait_ms, args.ticks_linger_ms))
         if GATEWAY in entries:
             workdir = workroot / f"{GATEWAY}-{rep}"
             ok &= _one_run(entries[GATEWAY], f"{GATEWAY} run {rep}/{args.repeats}", progress,

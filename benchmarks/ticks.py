@@ -40,7 +40,7 @@ import yaml
 
 from pipeline.processes import start_nsqd
 from pipeline.topology import Topology, load_topology
-from producers.ticks import synthetic_ticks
+from producers.ticks import LINGER_MS, synthetic_ticks
 
 from .broker import BenchError, Broker
 from .drain import MEM_QUEUE_SIZE, SUBSCRIBE_TIMEOUT, check_alive, wait_ready
@@ -53,7 +53,7 @@ TICK_RATE = 20_000  # ticks/s, the issue's figure
 TICK_SECONDS = 10  # at scale 1
 BASE_COUNT = TICK_RATE * TICK_SECONDS
 MAX_IN_FLIGHT = 500
-BATCH = {"size": 256, "wait_ms": 1}
+BATCH = {"size": 256, "wait_ms": 1}  # wait_ms: --ticks-wait-ms
 OUTPUT_BUFFER_SIZE = 16384  # nsqd's default; -1 (no buffering) is the other choice to compare
 #: Records per message on ticks and features (1: one each; above 1, envelopes of up to that many of what
 #: the producer or a batch has at hand: nothing waits for an envelope to fill).
@@ -72,7 +72,8 @@ PERCENTILES = (("p50", 50.0), ("p99", 99.0), ("p999", 99.9))
 
 
 def write_topology(path: Path, broker: Broker, output_buffer_size: int = OUTPUT_BUFFER_SIZE,
-                   output_buffer_timeout: int = OUTPUT_BUFFER_TIMEOUT, pack: int = PACK) -> Topology:
+                   output_buffer_timeout: int = OUTPUT_BUFFER_TIMEOUT, pack: int = PACK,
+                   wait_ms: int = BATCH["wait_ms"]) -> Topology:
     """Write and load ticks -> features -> signals, 4 partitions, against ``broker``."""
     keyed = {"codec": "msgpack", "partitions": PARTITIONS, "key": "symbol", **({"pack": pack} if pack > 1 else {})}
     doc = {
@@ -80,7 +81,7 @@ def write_topology(path: Path, broker: Broker, output_buffer_size: int = OUTPUT_
                 "var_dir": str(path.parent / "var")},
         "topics": {"ticks": dict(keyed), "features": {**keyed, "seq": "feature_seq"}, "signals": {"codec": "json"}},
         "stages": {name: {"handler": handler, "input": source, "channel": name, "outputs": [out], "keyed": True,
-                          "replicas": PARTITIONS, "max_in_flight": MAX_IN_FLIGHT, "batch": dict(BATCH),
+                          "replicas": PARTITIONS, "max_in_flight": MAX_IN_FLIGHT, "batch": {**BATCH, "wait_ms": wait_ms},
                           "output_buffer_size": output_buffer_size, "output_buffer_timeout": output_buffer_timeout}
                    for name, source, handler, out in STAGES},
     }
@@ -112,9 +113,11 @@ def stamped(ticks: Iterable[dict]) -> Iterator[dict]:
 class Producer(threading.Thread):
     """Publishes ``ticks`` at ``rate`` with :func:`producers.ticks.produce_ticks`."""
 
-    def __init__(self, broker: Broker, topology: Topology, ticks: Iterable[dict], rate: float):
+    def __init__(self, broker: Broker, topology: Topology, ticks: Iterable[dict], rate: float,
+                 linger_ms: float = LINGER_MS):
         super().__init__(name="ticks-producer", daemon=True)
         self.broker, self.topology, self.ticks, self.rate = broker, topology, ticks, rate
+        self.linger_ms = linger_ms
         self.acked = 0
         self.started_at = self.ended_at = 0.0
         self.error: BaseException | None = None
@@ -124,7 +127,7 @@ class Producer(threading.Thread):
         try:
             self.started_at = time.monotonic()
             self.acked = produce_ticks(self.broker.tcp, "ticks", self.ticks, spec=self.topology.topics["ticks"],
-                                       rate=self.rate)
+                                       rate=self.rate, linger_ms=self.linger_ms)
         except BaseException as e:  # reported by the measuring thread
             self.error = e
         finally:
@@ -163,7 +166,7 @@ def _pending(channel: dict | None) -> int:
 
 def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
                output_buffer_size: int = OUTPUT_BUFFER_SIZE, output_buffer_timeout: int = OUTPUT_BUFFER_TIMEOUT,
-               pack: int = PACK) -> dict:
+               pack: int = PACK, wait_ms: int = BATCH["wait_ms"], linger_ms: float = LINGER_MS) -> dict:
     """Measure the latencies for ``count`` ticks at ``rate`` on a fresh nsqd under ``workdir``; stop everything after.
 
     Raises:
@@ -177,7 +180,8 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
     launched: list[Launched] = []
     producers: list[Producer] = []
     try:
-        topology = write_topology(workdir / "topology.yaml", broker, output_buffer_size, output_buffer_timeout, pack)
+        topology = write_topology(workdir / "topology.yaml", broker, output_buffer_size, output_buffer_timeout, pack,
+                                  wait_ms)
         features, inputs = topology.physical_topics("features"), topology.physical_topics("ticks")
         outputs = [*features, "signals"]
         for topic in outputs:
@@ -197,13 +201,13 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
 
         ticks = synthetic_ticks(SYMBOLS, WARMUP + count, seed=1, run_id="bench")  # one seq per symbol
         # Warm-up (not measured): the first batches pay for imports, JIT and connections.
-        producer = _publish(broker, topology, stamped(islice(ticks, WARMUP)), WARMUP, rate, producers)
+        producer = _publish(broker, topology, stamped(islice(ticks, WARMUP)), WARMUP, rate, producers, linger_ms)
         _wait_outputs(broker, launched, inputs + outputs, watched, WARMUP, producer.ended_at)
         measured_from = time.time_ns()  # every measured tick is stamped after this
         cpu_before = sum(cpu_seconds(p.pid) for p in workers)
         others_before = {name: cpu_seconds(pid) for name, pid in
                          (("nsqd", broker.pid), ("reader", reader.pid), ("producer", os.getpid()))}
-        producer = _publish(broker, topology, stamped(ticks), count, rate, producers)
+        producer = _publish(broker, topology, stamped(ticks), count, rate, producers, linger_ms)
         published = producer.ended_at
         stats = channels(broker)
         backlog = sum(_pending(stats.get(key)) for key in watched[:2 * PARTITIONS])
@@ -248,13 +252,13 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
 
 
 def _publish(broker: Broker, topology: Topology, ticks: Iterable[dict], count: int, rate: float,
-             started: list[Producer]) -> Producer:
+             started: list[Producer], linger_ms: float = LINGER_MS) -> Producer:
     """Publish ``count`` of ``ticks`` at ``rate`` in a thread; return the finished producer.
 
     Raises:
         BenchError: it failed, published fewer, or did not finish in time.
     """
-    producer = Producer(broker, topology, ticks, rate)
+    producer = Producer(broker, topology, ticks, rate, linger_ms)
     started.append(producer)
     producer.start()
     producer.join(30 + 3 * count / rate)

@@ -57,7 +57,7 @@ import msgpack
 import numpy as np
 from numba import njit
 
-from pipeline.stage import MISSING, Batch, Record, StageContext, as_float, describe, field_error, merge_params
+from pipeline.stage import MISSING, Batch, Columns, Record, StageContext, as_float, describe, field_error, merge_params
 
 __all__ = ["Features", "FEATURE_FIELDS", "warm_up"]
 
@@ -204,6 +204,32 @@ class Features:
                          st.counts, st.ema_fast, st.ema_slow, out)
         return {OUTPUT: _feature_records(batch.records, rows, prices, sizes, out, feature_seqs)}
 
+    def columns(self, ticks: Columns) -> dict[str, Columns] | None:
+        """:meth:`__call__` for ticks held as columns (a columnar envelope); None unless every tick is valid.
+
+        The same features, in the same record layout, as columns: the runtime
+        packs them into envelopes without a dict per tick.
+        """
+        if "symbol" not in ticks or "price" not in ticks or "size" not in ticks:
+            return None
+        symbols = ticks["symbol"]
+        gathered = self._valid_columns(symbols, ticks["price"], ticks["size"])
+        if gathered is None:
+            return None
+        ks, prices, sizes = gathered
+        n = len(ticks)
+        out = np.empty((len(FEATURE_FIELDS), n))
+        st = self._state
+        feature_seqs = _feature_seqs(ks, st.counts)
+        _features_kernel(np.array(ks, dtype=np.int64), np.array(prices), np.array(sizes),
+                         self._alpha_fast, self._alpha_slow, st.prices, st.sizes, st.returns,
+                         st.counts, st.ema_fast, st.ema_slow, out)
+        absent = [None] * n  # as record.get() gives for a tick without the field
+        data = {"id": ticks.get("id", absent), "ts": ticks.get("ts", absent), "symbol": symbols,
+                "seq": ticks.get("seq", absent), "feature_seq": feature_seqs, "price": prices, "size": sizes}
+        data.update(zip(FEATURE_FIELDS, out.tolist()))
+        return {OUTPUT: Columns(data, n)}
+
     def _gather(self, batch: Batch) -> tuple[Sequence[int], list[int], list[float], list[float]]:
         """Return the valid ticks' batch indices, symbol indices, prices and sizes; reject the others."""
         gathered = self._gather_valid(batch.records)
@@ -215,12 +241,20 @@ class Features:
             symbols = [record["symbol"] for record in records]
             prices = [record["price"] for record in records]
             sizes = [record["size"] for record in records]
-            # bool is not int here (type(), not isinstance()), as in _parse_tick
-            if (set(map(type, symbols)) != {str} or "" in symbols or not set(map(type, prices)) <= _NUMBERS
-                    or not set(map(type, sizes)) <= _NUMBERS):
-                return None
+        except (KeyError, TypeError):
+            return None
+        gathered = self._valid_columns(symbols, prices, sizes)
+        return None if gathered is None else (range(len(records)), *gathered)
+
+    def _valid_columns(self, symbols: list, prices: list, sizes: list) -> tuple[list[int], list[float], list[float]] | None:
+        """The symbol indices, prices and sizes (as floats) of ticks given as columns, if all are valid; else None."""
+        # bool is not int here (type(), not isinstance()), as in _parse_tick
+        if (set(map(type, symbols)) != {str} or "" in symbols or not set(map(type, prices)) <= _NUMBERS
+                or not set(map(type, sizes)) <= _NUMBERS):
+            return None
+        try:
             price_array, size_array = np.array(prices, dtype=np.float64), np.array(sizes, dtype=np.float64)
-        except (KeyError, TypeError, OverflowError):
+        except OverflowError:  # an int beyond the float range
             return None
         if not (np.all(price_array > 0.0) and np.all(price_array < np.inf)
                 and np.all(size_array >= 0.0) and np.all(size_array < np.inf)):
@@ -229,7 +263,7 @@ class Features:
         ks = [index.get(symbol) for symbol in symbols]
         if None in ks:
             ks = [index[symbol] if symbol in index else self._add_symbol(symbol) for symbol in symbols]
-        return range(len(records)), ks, price_array.tolist(), size_array.tolist()
+        return ks, price_array.tolist(), size_array.tolist()
 
     def _gather_each(self, batch: Batch) -> tuple[list[int], list[int], list[float], list[float]]:
         """:meth:`_gather` tick by tick, rejecting each invalid one with its reason."""

@@ -48,8 +48,9 @@ import math
 from typing import Any, Mapping
 
 import msgpack
+import numpy as np
 
-from pipeline.stage import MISSING, Batch, Record, StageContext, as_float, field_error, merge_params
+from pipeline.stage import MISSING, Batch, Columns, Record, StageContext, as_float, field_error, merge_params
 
 __all__ = ["Signals", "crossover_position", "zscore_position"]
 
@@ -112,22 +113,44 @@ class Signals:
             if type(parsed) is str:
                 batch.reject(i, parsed)
             else:
-                self._apply(record, *parsed, emitted)
+                self._apply(record.get("id"), record.get("ts"), record.get("seq"), *parsed, emitted)
         return {OUTPUT: emitted}
 
-    def _apply(self, record: Record, symbol: str, price: float, fast: float, slow: float, z: float,
-               emitted: list[Record]) -> None:
+    def columns(self, features: Columns) -> dict[str, list[Record]] | None:
+        """:meth:`__call__` for feature records held as columns; None unless every record is valid."""
+        if "symbol" not in features or not all(name in features for name in _NUMERIC_FIELDS):
+            return None
+        symbols = features["symbol"]
+        numbers = [features[name] for name in _NUMERIC_FIELDS]
+        if set(map(type, symbols)) != {str} or "" in symbols or any(set(map(type, c)) != {float} for c in numbers):
+            return None  # ints, NaN-free or not, take the record path, which names the field
+        values = np.array(numbers)
+        if not (np.isfinite(values).all() and (values[2] > 0.0).all()):
+            return None
+        n = len(features)
+        absent = [None] * n
+        emitted: list[Record] = []
+        apply = self._apply
+        for row in zip(features.get("id", absent), features.get("ts", absent), features.get("seq", absent),
+                       symbols, *numbers):
+            apply(*row, emitted)
+        return {OUTPUT: emitted}
+
+    def _apply(self, source_id: Any, ts: Any, seq: Any, symbol: str, price: float, fast: float, slow: float,
+               z: float, emitted: list[Record]) -> None:
         """Move both rules' positions for ``symbol``, appending a signal per change."""
-        held = self._positions.setdefault(symbol, [FLAT, FLAT])
+        held = self._positions.get(symbol)
+        if held is None:
+            held = self._positions[symbol] = [FLAT, FLAT]
         crossover = crossover_position(fast, slow, self.crossover_band, held[0])
         if crossover != held[0]:
             held[0] = crossover
-            emitted.append(_signal(record, "ema_crossover", crossover, (fast - slow) / slow,
+            emitted.append(_signal(source_id, ts, symbol, seq, "ema_crossover", crossover, (fast - slow) / slow,
                                    {"ema_fast": fast, "ema_slow": slow, "price": price}))
         reversion = zscore_position(z, self.z_entry, self.z_exit, held[1])
         if reversion != held[1]:
             held[1] = reversion
-            emitted.append(_signal(record, "zscore", reversion, -z, {"zscore": z, "price": price}))
+            emitted.append(_signal(source_id, ts, symbol, seq, "zscore", reversion, -z, {"zscore": z, "price": price}))
 
     def snapshot(self) -> bytes:
         """Return every symbol's positions as msgpack bytes for :meth:`restore`."""
@@ -155,12 +178,11 @@ class Signals:
         self._positions = positions
 
 
-def _signal(record: Record, rule: str, position: str, strength: float, features: dict[str, float]) -> Record:
-    """Build the signal record for ``rule`` moving to ``position`` on feature ``record``."""
-    source_id = record.get("id")
-    return {"id": f"{source_id}:{rule}", "source_id": source_id, "ts": record.get("ts"),
-            "symbol": record["symbol"], "seq": record.get("seq"), "rule": rule, "signal": position,
-            "strength": strength, "features": features}
+def _signal(source_id: Any, ts: Any, symbol: str, seq: Any, rule: str, position: str, strength: float,
+            features: dict[str, float]) -> Record:
+    """Build the signal record for ``rule`` moving to ``position`` on the feature record ``source_id``."""
+    return {"id": f"{source_id}:{rule}", "source_id": source_id, "ts": ts, "symbol": symbol, "seq": seq,
+            "rule": rule, "signal": position, "strength": strength, "features": features}
 
 
 def _parse_feature(record: object) -> tuple[str, float, float, float, float] | str:

@@ -161,9 +161,12 @@ def produce_numbers_cmd(start: int, count: int, rate: float, producer_name: str,
 @click.option("--producer", "producer_name", default="ticks", show_default=True,
               help="The producer entry in the topology.")
 @click.option("--run-id", default=None, help="Prefix of the record ids (default: random).")
+@click.option("--linger-ms", type=click.FloatRange(min=0, max=1000, min_open=True), default=5.0, show_default=True,
+              help="When paced, the longest a tick waits in the producer's buffer before it is sent.")
 @topology_option
 def produce_ticks_cmd(symbols: int, count: int | None, seed: int, replay_path: str | None, rate: float,
-                      speed: str, producer_name: str, run_id: str | None, topology_path: str) -> None:
+                      speed: str, producer_name: str, run_id: str | None, linger_ms: float,
+                      topology_path: str) -> None:
     """Publish ticks {"id", "ts", "symbol", "seq", "price", "size"} to their partitions."""
     from producers.ticks import parse_speed, produce_ticks, replay_ticks, synthetic_ticks
     if (replay_path is None) == (count is None):
@@ -185,7 +188,7 @@ def produce_ticks_cmd(symbols: int, count: int | None, seed: int, replay_path: s
     with _progress(f"publishing to {spec.topic}", total) as advance:
         acked = produce_ticks(address, spec.topic, records, spec=topology.topics[spec.topic],
                               rate=rate or (spec.rate if speed == "max" else 0), speed=speed, chunk=spec.chunk,
-                              on_progress=advance,
+                              on_progress=advance, linger_ms=linger_ms,
                               security=_security(topology, producer_name))
     click.echo(f"published {acked} ticks to {spec.topic} on {', '.join(address)}")
 

@@ -100,6 +100,32 @@ class Sequencer:
             return True
         return False
 
+    def take_in_order(self, keys: list, seqs: list) -> dict[str, int] | None:
+        """The last ``seq`` per key if the rows ``(keys[i], seqs[i])`` are all next of their key, in order; else None.
+
+        The columnar form of :meth:`in_order`: nothing may be parked (a gap
+        anywhere sends the batch through :meth:`offer`), every key a non-empty
+        str, every seq an int. Changes nothing: the caller applies the result
+        with :meth:`advance` once the batch's records took effect.
+        """
+        if self._parked:
+            return None
+        applied, last = self.applied, {}
+        for key, seq in zip(keys, seqs):
+            previous = last.get(key)
+            if previous is None:
+                if type(key) is not str or not key:
+                    return None
+                previous = applied.get(key, 0)
+            if seq != previous + 1 or type(seq) is not int:
+                return None
+            last[key] = seq
+        return last
+
+    def advance(self, last: dict[str, int]) -> None:
+        """Record ``last`` (from :meth:`take_in_order`) as applied."""
+        self.applied.update(last)
+
     def expire(self) -> list[Any]:
         """Give up gaps that waited longer than ``gap_max_ms``; return the items released."""
         now, ready = self.clock(), []

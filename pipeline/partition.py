@@ -170,6 +170,31 @@ class Router:
             groups[topic].append(record)
         return {t: group for t, group in groups.items() if group}
 
+    def route_rows(self, keys: list) -> dict[str, list[int]] | None:
+        """Group row numbers by physical topic, given each row's key (a column); None if a key is unusable.
+
+        :meth:`route` for records held as columns (see :class:`pipeline.stage.Columns`): the caller
+        takes each topic's rows. A key that is not a str or int gives None, and the record path
+        reports it with :meth:`route`'s error.
+        """
+        if len(self.topics) == 1:
+            return {self.topics[0]: list(range(len(keys)))} if keys else {}
+        groups: dict[str, list[int]] = {t: [] for t in self.topics}
+        cache, count = self._cache, len(self.topics)
+        for i, key in enumerate(keys):
+            topic = cache.get(key) if type(key) is str else None
+            if topic is None:
+                try:
+                    topic = self.topics[partition_of(key, count)]
+                except (TypeError, ValueError):  # not a str or int; a str that is not UTF-8
+                    return None
+                if type(key) is str:
+                    if len(cache) >= _CACHE_KEYS:
+                        cache.clear()
+                    cache[key] = topic
+            groups[topic].append(i)
+        return {t: rows for t, rows in groups.items() if rows}
+
 
 def route(records: Iterable[dict], topic: str, topology: Topology) -> dict[str, list[dict]]:
     """Group ``records`` of logical ``topic`` by the physical topic they go to (see :meth:`Router.route`).

@@ -217,27 +217,39 @@ class BatchProcessor:
         return Columns(dict(zip(keys, data)), n)
 
     def _encode_columns(self, emitted) -> dict[str, list[bytes]] | None:
+        """Encode a columnar handler's ``{output: Columns or list of records}``; None when it cannot be published."""
         encoded: dict[str, list[bytes]] = {}
         for name, columns in emitted.items():
-            if name not in self.outputs or not isinstance(columns, Columns):
+            if name not in self.outputs:
                 return None
             topic, _, pack, router = self.outputs[name]
-            if len(columns) == 0:
-                continue
-            if pack <= 1 or len(router.topics) > 1:  # one record per message, or partitioned: records
+            if isinstance(columns, list) or (isinstance(columns, Columns) and pack <= 1):
+                # records (a few signals), or one record per message: encoded as the record path does
                 try:
-                    for physical, bodies in self._encode({name: columns.records()}).items():
+                    records = columns if isinstance(columns, list) else columns.records()
+                    for physical, bodies in self._encode({name: records}).items():
                         encoded.setdefault(physical, []).extend(bodies)
                 except Failed:
                     return None
                 continue
-            try:
-                bodies = envelope.pack_columns(columns.keys, list(columns.data.values()), len(columns), pack)
-            except (TypeError, ValueError, OverflowError):
+            if not isinstance(columns, Columns):
                 return None
-            if max(map(len, bodies)) > MAX_MSG_SIZE:
-                return None
-            encoded.setdefault(topic, []).extend(bodies)
+            if len(columns) == 0:
+                continue
+            parts: dict[str, Columns] = {topic: columns}
+            if router.partitioned:
+                rows = router.route_rows(columns[router.key]) if router.key in columns else None
+                if rows is None:
+                    return None  # the record path names the bad key
+                parts = {t: columns if len(r) == len(columns) else columns.take(r) for t, r in rows.items()}
+            for physical, part in parts.items():
+                try:
+                    bodies = envelope.pack_columns(part.keys, list(part.data.values()), len(part), pack)
+                except (TypeError, ValueError, OverflowError):
+                    return None
+                if max(map(len, bodies)) > MAX_MSG_SIZE:
+                    return None
+                encoded.setdefault(physical, []).extend(bodies)
         return encoded
 
     def _decode_all(self, messages: list, outcome: Outcome) -> list[Unit]:
@@ -412,7 +424,7 @@ class KeyedProcessor(BatchProcessor):
     def __init__(self, *args, key_field: str, seq_field: str, sequencer, **kwargs):
         super().__init__(*args, **kwargs)
         self.key_field, self.seq_field, self.sequencer = key_field, seq_field, sequencer
-        self.columns_handler = None  # keyed records go through the sequencer one by one
+        self.columns_path = 0  # batches the columnar path took (see _process_in_order_columns)
         # Whether a gap that waited gap_max_ms may be given up now; the worker
         # allows it only when nsqd holds nothing more for the partition.
         self.may_give_up: Callable[[], bool] = lambda: True
@@ -421,6 +433,10 @@ class KeyedProcessor(BatchProcessor):
 
     def process(self, messages: list) -> Outcome:
         """Sequence the batch's records (and any whose gap expired), apply what is ready, in order."""
+        if self.columns_handler is not None:
+            columnar = self._process_in_order_columns(messages)
+            if columnar is not None:
+                return columnar
         outcome = Outcome()
         ready: list[KeyedEntry] = []
         in_order, key_field, seq_field = self.sequencer.in_order, self.key_field, self.seq_field
@@ -439,6 +455,42 @@ class KeyedProcessor(BatchProcessor):
             ready += self.sequencer.expire()
         self._apply_in_order(ready, outcome)
         return outcome
+
+    def _process_in_order_columns(self, messages: list) -> Outcome | None:
+        """The columnar fast path of a keyed batch; None hands the batch, untouched, to the record path.
+
+        It applies when every message is a columnar envelope with the same keys
+        (see :meth:`BatchProcessor._process_columns`), nothing is parked, every
+        record is the next ``seq`` of its key, no gap is due to be given up, and
+        the stage's columnar function takes the batch (returns outputs it can
+        publish). Then the whole batch is applied at once, as the record path
+        would apply it, with no dict per record. Otherwise the stage's state is
+        put back as it was and the sequencer is left unchanged, so the record
+        path sequences, applies or dead-letters every record exactly as usual.
+        """
+        found = self._columns_of(messages)
+        if found is None or self.key_field not in found or self.seq_field not in found:
+            return None
+        last = self.sequencer.take_in_order(found[self.key_field], found[self.seq_field])
+        if last is None or (self.sequencer.expiry_due() and self.may_give_up()):
+            return None
+        before = self._snapshot()
+        batch = ColumnBatch(found, stage=self.name)
+        self.middleware.emit_before("before_process_batch", self.worker, batch)
+        self._handler_state = _UNKNOWN  # the call may change the state, whatever it returns
+        try:
+            emitted = self.columns_handler(found)
+        except Exception:
+            emitted = None  # the record path runs the records again and owns the error
+        encoded = self._encode_columns(emitted) if emitted is not None else None
+        self.middleware.emit_after("after_process_batch", self.worker, batch,
+                                   result=emitted if encoded is not None else None, exception=None)
+        if encoded is None:
+            self._restore(before)
+            return None
+        self.sequencer.advance(last)
+        self.columns_path += 1
+        return Outcome(outputs=encoded, finish=list(messages))
 
     def _offer(self, entry: KeyedEntry, outcome: Outcome) -> list[KeyedEntry]:
         key, seq = entry.record.get(self.key_field), entry.record.get(self.seq_field)

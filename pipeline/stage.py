@@ -22,12 +22,16 @@ that keeps failing). A record that can never succeed (bad input) is passed to
 
 A stage may also offer a *columnar* fast path for batched envelopes
 (``pack``): a function set as ``handler.columns`` takes the batch as
-:class:`Columns` and returns ``{output: Columns}``, or None to let the record
-path handle the batch (e.g. when some record is invalid: rejects and their
-reasons stay the record path's job). The runtime uses it only when every
-message of a batch is a columnar envelope with the same keys, so no record
-is ever turned into a dict; whatever the columnar function does not take, the
-record path does exactly as before.
+:class:`Columns` and returns ``{output: Columns}`` (or a list of records for
+an output that gets few, like signals), or None to let the record path handle
+the batch (e.g. when some record is invalid: rejects and their reasons stay
+the record path's job). The runtime uses it only when every message of a
+batch is a columnar envelope with the same keys, so no record is ever turned
+into a dict; whatever the columnar function does not take, the record path
+does exactly as before. A keyed stage's columnar function gets a batch only
+when every record in it is the next ``seq`` of its key and nothing is parked;
+if it raises or returns None, the runtime puts the stage's state back (its
+snapshot) before the record path runs the batch.
 """
 from __future__ import annotations
 

@@ -37,8 +37,8 @@ MAX_SIZE = 1000
 REPLAY_COLUMNS = ("ts", "symbol", "price", "size")
 # Draws are made in fixed blocks so that the first n ticks of a seed do not depend on ``count``.
 _BLOCK = 4096
-# Shorter waits are not worth a sleep (and a flush): the producer just runs slightly ahead.
-_MIN_SLEEP = 0.005
+#: The default longest wait of a record in the producer's buffer, in ms (see ``produce_ticks``'s ``linger_ms``).
+LINGER_MS = 5.0
 # nsqd drops a client that sent nothing for two heartbeats (60 s by default); reconnect well before.
 _IDLE_RECONNECT = 30.0
 
@@ -202,7 +202,8 @@ def parse_speed(speed: str | float) -> float | None:
 def produce_ticks(address: str | Sequence[str], topic: str, records: Iterable[dict], *,
                   spec: TopicSpec | None = None,
                   rate: float = 0.0, speed: str | float = "max", chunk: int = 500,
-                  on_progress: Callable[[int], None] | None = None, security=None) -> int:
+                  on_progress: Callable[[int], None] | None = None, security=None,
+                  linger_ms: float = LINGER_MS) -> int:
     """Publish ``records`` to ``topic`` on the nsqd at ``address``; return how many nsqd acknowledged.
 
     Each record goes to the physical topic of its partition (``<topic>.<k>``
@@ -224,6 +225,10 @@ def produce_ticks(address: str | Sequence[str], topic: str, records: Iterable[di
         speed: pace by the records' ``ts`` (ns): ``"max"`` ignores it, a factor
             replays at that multiple of the original pace (2 = twice as fast).
         chunk: messages per MPUB.
+        linger_ms: when paced, records due within this many ms are buffered
+            rather than slept for, and the buffer is sent before each sleep:
+            a record waits at most about this long in the producer (less:
+            lower latency; more: fewer, fuller messages).
         on_progress: called with the number of records acknowledged so far.
 
     Raises:
@@ -232,6 +237,9 @@ def produce_ticks(address: str | Sequence[str], topic: str, records: Iterable[di
         ValueError: both ``rate`` and ``speed`` are given, or either is invalid.
     """
     factor = parse_speed(speed)
+    if not 0 < linger_ms <= 1000:
+        raise ValueError(f"linger_ms must be in (0, 1000], got {linger_ms!r}")
+    min_sleep = linger_ms / 1000.0  # shorter waits are not worth a sleep (and a send): run slightly ahead
     if rate < 0 or (rate > 0 and factor is not None):
         raise ValueError(f"pace by rate (>= 0) or by speed, not both: rate={rate!r}, speed={speed!r}")
     spec = spec or TopicSpec()
@@ -240,7 +248,7 @@ def produce_ticks(address: str | Sequence[str], topic: str, records: Iterable[di
         try:
             for record in records:
                 wait = pacer.wait(record)
-                if wait >= _MIN_SLEEP:
+                if wait >= min_sleep:
                     sender.drain()  # nothing waits in a buffer while the producer sleeps
                     time.sleep(wait)
                 sender.add(record)

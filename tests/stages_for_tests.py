@@ -45,3 +45,20 @@ def throttled_classify(batch):
     """Classify like primes, 20 ms slower per batch: consumers fall behind, so nsqd holds a backlog."""
     time.sleep(0.02)  # throughput limit, not synchronisation
     return classify(batch)
+
+
+class ColumnarRunningSum(RunningSum):
+    """RunningSum with a columnar path too; it changes its state before failing on v == 13, as a careless stage might."""
+
+    def columns(self, cols):
+        from pipeline.stage import Columns
+        out: dict[str, list] = {"id": [], "key": [], "seq": [], "sum": []}
+        for id_, key, seq, v in zip(cols["id"], cols["key"], cols["seq"], cols["v"]):
+            if type(v) is not int:
+                return None
+            self.sums[key] = self.sums.get(key, 0) + v
+            if v == 13:
+                raise ValueError("unlucky 13")
+            for name, value in zip(out, (id_, key, seq, self.sums[key])):
+                out[name].append(value)
+        return {"sums": Columns(out)}

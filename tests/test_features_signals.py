@@ -389,3 +389,50 @@ def test_whole_batch_validation_gathers_what_tick_by_tick_validation_gathers(tmp
     for bad in ({"price": float("nan")}, {"size": -1}, {"symbol": ""}, {"price": True}, {"size": 10**400}):
         assert Features(StageContext("features", 0, tmp_path, {}))._gather_valid([*ticks[:3], {**ticks[3], **bad}]) \
             is None, bad  # the tick-by-tick path then names the field
+
+
+# ---------------------------------------------------------------------------
+# The columnar paths (ticks and features in columnar envelopes)
+# ---------------------------------------------------------------------------
+
+def as_columns(records: list[dict]):
+    from pipeline.stage import Columns
+    return Columns({key: [r[key] for r in records] for key in records[0]})
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 256], ids=["1", "7", "256"])
+def test_columnar_features_are_the_record_paths_records(ticks, batch_size):
+    by_records, by_columns = Features(context()), Features(context())
+    for start in range(0, len(ticks), batch_size):
+        part = ticks[start:start + batch_size]
+        got = by_columns.columns(as_columns(part))["features"]
+        assert got.records() == by_records(Batch(part))["features"]
+    assert by_columns.snapshot() == by_records.snapshot()
+
+
+@pytest.mark.parametrize("bad", [{"price": float("nan")}, {"size": -1}, {"symbol": ""}, {"price": True},
+                                 {"size": "3"}], ids=["nan", "negative", "empty", "bool", "text"])
+def test_columnar_features_leave_a_batch_with_a_bad_tick_to_the_record_path_untouched(ticks, bad):
+    stage = Features(context())
+    before = stage.snapshot()
+    assert stage.columns(as_columns([*ticks[:5], {**ticks[5], **bad}])) is None
+    assert stage.snapshot() == before
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 256], ids=["1", "7", "256"])
+def test_columnar_signals_are_the_record_paths_signals(features, batch_size):
+    by_records, by_columns = Signals(context()), Signals(context())
+    for start in range(0, len(features), batch_size):
+        part = features[start:start + batch_size]
+        assert by_columns.columns(as_columns(part))["signals"] == by_records(Batch(part))["signals"]
+    assert by_columns.snapshot() == by_records.snapshot()
+
+
+@pytest.mark.parametrize("bad", [{"zscore": float("inf")}, {"ema_slow": 0.0}, {"price": 3}, {"symbol": 7}],
+                         ids=["inf", "slow0", "int", "symbol"])
+def test_columnar_signals_leave_other_batches_to_the_record_path_untouched(features, bad):
+    stage = Signals(context())
+    stage.columns(as_columns(features[:50]))
+    before = stage.snapshot()
+    assert stage.columns(as_columns([*features[50:55], {**features[55], **bad}])) is None
+    assert stage.snapshot() == before

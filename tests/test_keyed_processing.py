@@ -126,3 +126,72 @@ def test_a_gap_is_given_up_only_when_the_worker_allows_it(tmp_path):
     assert sums(p.process([])) == []  # nsqd still holds messages: seq 1 may be among them
     allowed[0] = True
     assert sums(p.process([])) == [("A", 2, 20)] and p.sequencer.gaps == 1
+
+
+# ---------------------------------------------------------------------------
+# The columnar path: in-order envelopes go through the stage's columns function
+# ---------------------------------------------------------------------------
+
+def columnar(tmp_path: Path, handler: str = "ColumnarRunningSum", sums_topic: str = "{}") -> KeyedProcessor:
+    import stages_for_tests
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "topology.yaml"
+    path.write_text(
+        "nsq: {nsqd: [{name: n0, tcp: 127.0.0.1:4150, http: 127.0.0.1:4151}]}\n"
+        f"topics: {{ins: {{key: key, pack: 100}}, sums: {sums_topic}}}\n"
+        "stages:\n"
+        f"  s: {{handler: 'stages_for_tests:{handler}', input: ins, channel: c, keyed: true, outputs: [sums]}}\n")
+    topology = load_topology(path)
+    stage = getattr(stages_for_tests, handler)(StageContext("s", 0, tmp_path))
+    sequencer = Sequencer(100, 60_000, pack_item=KeyedEntry.pack, unpack_item=KeyedEntry.unpack)
+    return KeyedProcessor(None, "s", topology.stage("s"), topology, stage, MiddlewareStack(), key_field="key",
+                          seq_field="seq", sequencer=sequencer)
+
+
+def all_sums(outcome):
+    from pipeline.envelope import records_of
+    return [(r["key"], r["seq"], r["sum"]) for body in [b for bodies in outcome.outputs.values() for b in bodies]
+            for r in records_of([decode(body)])]
+
+
+def test_in_order_envelopes_take_the_columnar_path_with_the_record_paths_results(tmp_path):
+    batches = [[_packed([tick("A", 1, 1), tick("B", 1, 5), tick("A", 2, 2)]), _packed([tick("B", 2, 6)])],
+               [_packed([tick("A", 3, 3), tick("C", 1, 7)])]]
+    fast, slow = columnar(tmp_path / "fast"), columnar(tmp_path / "slow", "RunningSum")
+    for batch in batches:
+        got, want = fast.process(batch), slow.process(batch)
+        assert all_sums(got) == all_sums(want) and got.finish == batch and got.dead == []
+    assert fast.columns_path == 2 and slow.columns_path == 0
+    assert fast.sequencer.applied == slow.sequencer.applied == {"A": 3, "B": 2, "C": 1}
+    assert fast.handler_state() == slow.handler_state()
+
+
+def test_out_of_order_or_duplicate_envelopes_go_the_record_way_and_stay_exact(tmp_path):
+    p = columnar(tmp_path)
+    p.process([_packed([tick("A", 1, 1)])])
+    swapped = p.process([_packed([tick("A", 3, 3), tick("A", 2, 2)])])
+    again = p.process([_packed([tick("A", 3, 3), tick("A", 4, 4)])])  # 3 again: a redelivery
+    assert p.columns_path == 1  # only the first
+    assert all_sums(swapped) == [("A", 2, 3), ("A", 3, 6)] and all_sums(again) == [("A", 4, 10)]
+    assert p.duplicates == 1
+
+
+def test_a_failing_columnar_call_changes_nothing_and_the_record_path_dead_letters_the_record(tmp_path):
+    p = columnar(tmp_path)
+    p.process([_packed([tick("A", 1, 1)])])
+    outcome = p.process([_packed([tick("A", 2, 2), tick("A", 3, 13), tick("A", 4, 4)])])
+    # The columnar call added 2 and 13 to A before it raised; the state went back, the record path ran.
+    assert p.columns_path == 1 and all_sums(outcome) == [("A", 2, 3), ("A", 4, 7)]
+    assert [d.reason for d in outcome.dead] == ["handler raised ValueError: unlucky 13 (keyed stages do not retry)"]
+    assert p.sequencer.applied == {"A": 4} and p.handler.sums == {"A": 7}
+
+
+def test_columnar_outputs_to_a_partitioned_topic_land_where_the_record_path_puts_them(tmp_path):
+    sums = "{partitions: 4, key: key, pack: 50}"
+    fast, slow = columnar(tmp_path / "fast", sums_topic=sums), columnar(tmp_path / "slow", "RunningSum", sums)
+    keys = [f"K{i}" for i in range(12)]
+    batch = [_packed([tick(k, 1, i) for i, k in enumerate(keys)])]
+    got, want = fast.process(batch), slow.process(batch)
+    assert fast.columns_path == 1 and len(got.outputs) > 1
+    assert {t: all_sums(type(got)(outputs={t: b})) for t, b in got.outputs.items()} == \
+        {t: all_sums(type(want)(outputs={t: b})) for t, b in want.outputs.items()}

@@ -93,6 +93,18 @@ def test_route_groups_records_by_partition_keeping_their_order(tmp_path):
     assert route([], "ticks", topology) == {}
 
 
+def test_route_rows_puts_each_row_where_route_puts_its_record(tmp_path):
+    topology = write_topology(tmp_path, {"ticks": {"partitions": 4, "key": "symbol"}, "plain": {}})
+    keys = [*SYMBOLS, 17, *SYMBOLS[:3]]
+    router = Router.of(topology, "ticks")
+    rows = router.route_rows(keys)
+    assert {t: [keys[i] for i in r] for t, r in rows.items()} == \
+        {t: [rec["symbol"] for rec in recs] for t, recs in router.route([{"symbol": k} for k in keys]).items()}
+    assert Router.of(topology, "plain").route_rows(keys) == {"plain": list(range(len(keys)))}
+    for bad in (None, 1.5, True, ["SYM000"]):  # the record path names the bad key
+        assert router.route_rows([*SYMBOLS, bad]) is None
+
+
 def test_router_from_a_spec_names_topics_as_the_topology_does(tmp_path):
     topology = write_topology(tmp_path, {"ticks": {"partitions": 5, "key": "symbol"}, "plain": {}})
     for name in ("ticks", "plain"):
