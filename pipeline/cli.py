@@ -107,6 +107,8 @@ def install_toxiproxy_cmd(dest: Path | None) -> None:
 @topology_option
 def worker(stage: str, replica: int, topology_path: str) -> None:
     """Run one replica of STAGE until SIGTERM (then drain and exit 0)."""
+    from . import jit
+    jit.defer()  # compiled kernels load after the worker is consuming (see pipeline.jit)
     from .stage import StageContext, load_handler
     topology = load_for_stage(topology_path, stage)
     spec = topology.stage(stage)

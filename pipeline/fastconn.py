@@ -40,12 +40,15 @@ from tornado.concurrent import Future, chain_future
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 
+from . import jit
 from .nsqclient import encode_mpub
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
 _SIZE = struct.Struct(">l")
+_FRAME_TYPE_MESSAGE = 2
+_FRAMES = jit.register("pipeline.frames")
 _MESSAGE_HEADER = struct.Struct(">qH")  # timestamp (ns), attempts; then 16 bytes of id, then the body
 _FRAME_MESSAGE = struct.pack(">l", protocol.FRAME_TYPE_MESSAGE)
 
@@ -132,9 +135,9 @@ _CONN, _ID = operator.attrgetter("_conn"), operator.attrgetter("id")
 
 
 def _frames():
-    """:mod:`pipeline.frames`, imported on first use: it loads numba, which writers (the gateway) never need."""
-    from . import frames
-    return frames
+    """:mod:`pipeline.frames`, imported on first use (it loads numba, which writers such as the gateway never
+    need), or None while a worker's kernels load in the background (see :mod:`pipeline.jit`)."""
+    return jit.kernel(_FRAMES)
 
 
 def _retrieve(future: Future) -> None:
@@ -276,6 +279,8 @@ class FastConn(nsq.AsyncConn):
         (the connection is then closed with an error).
         """
         frames, pos = _frames(), 0
+        if frames is None:
+            return self._read_batched_plain(data)
         while True:
             rows, end, valid = frames.scan(data, pos)
             self._dispatch(data, rows)
@@ -284,6 +289,30 @@ class FastConn(nsq.AsyncConn):
             if end == pos or len(rows) < frames.MAX_FRAMES:
                 return end
             pos = end
+
+    def _read_batched_plain(self, data: bytes) -> int | None:
+        """:meth:`_read_batched` frame by frame in Python, for the time before the compiled scanner is loaded."""
+        pos, end, run = 0, len(data), []
+        while end - pos >= 4:
+            size = _SIZE.unpack_from(data, pos)[0]
+            if size < 0:
+                if run:
+                    self._deliver(run)
+                return self._corrupt(pos)
+            if end - pos - 4 < size:
+                break
+            start, pos = pos + 4, pos + 4 + size
+            if size >= 4 + 26 and _SIZE.unpack_from(data, start)[0] == _FRAME_TYPE_MESSAGE:
+                timestamp, attempts = _MESSAGE_HEADER.unpack_from(data, start + 4)
+                run.append(FastMessage(self, data[start + 14:start + 30], data[start + 30:pos], timestamp, attempts))
+                continue
+            if run:  # keep the order of messages and other frames
+                self._deliver(run)
+                run = []
+            self._on_frame(data[start:pos])
+        if run:
+            self._deliver(run)
+        return pos
 
     def _dispatch(self, data: bytes, rows) -> None:
         frames, first = _frames(), 0

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Sequence
 
 from tornado.ioloop import PeriodicCallback
 
-from . import faultpoints, nsqd_http
+from . import faultpoints, jit, nsqd_http
 from .errors import PublishError
 from .fastconn import FastReader, finish_all
 from .gctuning import GcTuning
@@ -121,6 +121,8 @@ class Worker:
 
     async def _main(self) -> int:
         await self.start()
+        if jit.deferred():
+            jit.load_in_background()  # until then, the kernels' plain-Python twins do the work
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)

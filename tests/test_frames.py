@@ -10,7 +10,7 @@ import nsq
 import pytest
 from tornado.iostream import IOStream
 
-from pipeline import frames
+from pipeline import frames, jit
 from pipeline.fastconn import FastConn, FastMessage, finish_all
 
 
@@ -39,6 +39,16 @@ def batched_conn():
     conn.on("error", lambda conn, error: seen.append(error))
     conn._start_read = lambda: None  # the reads under test are fed by hand
     return conn, seen
+
+
+@pytest.fixture(params=["compiled", "plain"])
+def read_path(request, monkeypatch):
+    """Run a read test with the compiled scanner, and again with the plain-Python reads a worker uses until
+    its kernels are loaded (pipeline.jit)."""
+    if request.param == "plain":
+        monkeypatch.setattr(jit, "_deferred", True)
+        monkeypatch.setattr(jit, "_ready", {k: v for k, v in jit._ready.items() if k != "pipeline.frames"})
+    return request.param
 
 
 def feed(conn: FastConn, *chunks: bytes) -> None:
@@ -85,7 +95,7 @@ def test_scan_reports_a_negative_frame_size_as_invalid():
 # -- batched reads -----------------------------------------------------------------
 
 
-def test_messages_split_anywhere_across_reads_are_handed_over_once_each_in_order():
+def test_messages_split_anywhere_across_reads_are_handed_over_once_each_in_order(read_path):
     wire = message(1) + message(2, body=b"") + frame(0, b"_heartbeat_") + message(3, attempts=9)
     for cut in range(len(wire) + 1):
         conn, seen = batched_conn()
@@ -97,14 +107,14 @@ def test_messages_split_anywhere_across_reads_are_handed_over_once_each_in_order
         assert conn._rbuf == b"" and conn.in_flight == 3
 
 
-def test_a_read_longer_than_one_scan_hands_over_every_message():
+def test_a_read_longer_than_one_scan_hands_over_every_message(read_path):
     count = frames.MAX_FRAMES * 2 + 5
     conn, seen = batched_conn()
     feed(conn, b"".join(message(n) for n in range(count)))
     assert [int(m.id) for batch in seen for m in batch] == list(range(count))
 
 
-def test_a_malformed_message_frame_is_logged_and_the_rest_still_arrive(caplog):
+def test_a_malformed_message_frame_is_logged_and_the_rest_still_arrive(caplog, read_path):
     conn, seen = batched_conn()
     conn.on("data", conn._on_data)  # as pynsq's Reader registers it: the frame reaches FastConn._on_data
     feed(conn, message(1) + frame(2, b"short") + message(2))
@@ -125,7 +135,7 @@ async def _corrupt_read(conn: FastConn, wire: bytes) -> bool:
         ours.close()
 
 
-def test_a_negative_frame_size_closes_the_connection_with_an_error():
+def test_a_negative_frame_size_closes_the_connection_with_an_error(read_path):
     conn, seen = batched_conn()
     assert asyncio.run(_corrupt_read(conn, message(1) + struct.pack(">l", -1) + b"rest"))
     [batch, error] = seen

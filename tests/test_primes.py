@@ -4,14 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consumers.primes import (
-    _is_prime_kernel,
-    _montgomery_constants,
-    _montmul,
-    _mulhi,
-    classify,
-    is_prime_array,
-)
+from consumers.primes import classify, is_prime, is_prime_array
+from consumers.primes_kernel import _montgomery_constants, _montmul, _mulhi
+from consumers.primes_kernel import is_prime_kernel as _is_prime_kernel
 from pipeline.stage import Batch
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -243,3 +238,22 @@ def test_classify_copies_dicts_and_other_mappings_without_changing_them():
     assert records == [{"id": 1, "number": 7}, {"id": 2, "number": 8}] and out["prime"][0] is not records[0]
     proxies = [MappingProxyType(r) for r in records]
     assert classify(Batch(proxies)) == out
+
+
+# --- the plain-Python twin (a worker's first second, before its kernel is loaded) ----------
+
+
+def test_the_plain_python_twin_agrees_with_the_kernel():
+    rng = np.random.default_rng(7)
+    values = np.concatenate([np.arange(-1000, 100_001, dtype=np.int64),
+                             rng.integers(INT64_MIN, INT64_MAX, size=3000, dtype=np.int64, endpoint=True),
+                             np.array([2**61 - 1, 4294967291, 4294967311, INT64_MAX, INT64_MIN], dtype=np.int64)])
+    assert [is_prime(v) for v in values.tolist()] == is_prime_array(values).tolist()
+
+
+def test_is_prime_array_uses_the_twin_while_a_worker_defers_its_kernel(monkeypatch):
+    from pipeline import jit
+    monkeypatch.setattr(jit, "_deferred", True)
+    monkeypatch.setattr(jit, "_ready", {})
+    values = np.array([[1, 2, 3], [4, 2**61 - 1, 2**62]], dtype=np.int64)
+    assert is_prime_array(values).tolist() == [[False, True, True], [False, True, False]]
