@@ -82,7 +82,8 @@ class Report:
 
 def check(journal: Journal, arrivals: list[Arrival], dead_topic: str, *, kills: list[Kill] = (),
           first_running: dict[int, tuple[str, float]] | None = None,
-          consuming: dict[int, float] | None = None, disturbances: list[list] = ()) -> Report:
+          consuming: dict[int, float] | None = None, disturbances: list[list] = (),
+          started: dict[int, tuple[str, float]] | None = None) -> Report:
     """Compare ``journal`` with ``arrivals``; measure recovery from ``kills`` (see :func:`add_recovery`)."""
     report = Report(acked=len(journal.acked), sent=len(journal.sent), arrived=len(arrivals))
     delivered = Counter(a.id for a in arrivals if a.topic != dead_topic)
@@ -99,16 +100,18 @@ def check(journal: Journal, arrivals: list[Arrival], dead_topic: str, *, kills: 
     report.misclassified = sum(1 for a in arrivals if a.topic != dead_topic and isinstance(a.number, int)
                                and a.prime is not None and a.prime != is_prime(a.number))
     return add_recovery(report, kills=kills, first_running=first_running, consuming=consuming,
-                        disturbances=disturbances)
+                        disturbances=disturbances, started=started)
 
 
 def add_recovery(report: Report, *, kills: list[Kill] = (), first_running: dict[int, tuple[str, float]] | None = None,
-                 consuming: dict[int, float] | None = None, disturbances: list[list] = ()) -> Report:
+                 consuming: dict[int, float] | None = None, disturbances: list[list] = (),
+                 started: dict[int, tuple[str, float]] | None = None) -> Report:
     """Fill in ``report``'s kills and recovery figures (see :func:`recovery_times`); return it.
 
     ``disturbances``: [start, end] (end None: until now) of the broker and network faults.
     """
-    running, recoveries = recovery_times(kills, first_running or {}, consuming or {}, log=report.recovery_log)
+    running, recoveries = recovery_times(kills, first_running or {}, consuming or {}, log=report.recovery_log,
+                                         started=started)
     report.kills, report.recovered = len(kills), len(recoveries)
     clear = [entry[3] for entry in report.recovery_log
              if entry[3] is not None and not _disturbed(entry[1], entry[1] + entry[3], disturbances)]
@@ -126,21 +129,27 @@ def add_recovery(report: Report, *, kills: list[Kill] = (), first_running: dict[
 
 
 def recovery_times(kills: list[Kill], first_running: dict[int, tuple[str, float]],
-                   consuming: dict[int, float], log: list | None = None) -> tuple[list[float], list[float]]:
+                   consuming: dict[int, float], log: list | None = None,
+                   started: dict[int, tuple[str, float]] | None = None) -> tuple[list[float], list[float]]:
     """Seconds from each worker kill to its successor's RUNNING, and to its successor consuming again.
 
-    A kill whose successor died before it got there has no time (``recovered`` < ``kills``).
-    ``log`` gets one ``[name, kill time, to RUNNING, to consuming]`` per kill (None where there is no time).
+    The successor is the first process of the same name seen after the kill: in ``started`` (pid -> (name,
+    first seen STARTING or RUNNING)) when given, else in ``first_running``. A worker consumes before
+    supervisord calls it RUNNING (startsecs), so a successor killed in between was never RUNNING: it is still
+    the one whose consuming ends the recovery. A kill whose successor died before it consumed has no time
+    (``recovered`` < ``kills``). ``log`` gets one ``[name, kill time, to RUNNING, to consuming]`` per kill
+    (None where there is no time).
     """
     running, consumed = [], []
     for kill in kills:
-        successors = sorted((t, pid) for pid, (name, t) in first_running.items()
+        successors = sorted((t, pid) for pid, (name, t) in (started or first_running).items()
                             if name == kill.name and pid != kill.pid and t >= kill.t - 0.5)
         to_running = to_consuming = None
         if successors:
-            t_running, pid = successors[0]
-            to_running = round(max(0.0, t_running - kill.t), 3)
-            running.append(to_running)
+            _, pid = successors[0]
+            if pid in first_running:
+                to_running = round(max(0.0, first_running[pid][1] - kill.t), 3)
+                running.append(to_running)
             if pid in consuming:
                 to_consuming = round(max(0.0, consuming[pid] - kill.t), 3)
                 consumed.append(to_consuming)

@@ -134,7 +134,8 @@ class Monkey:
 
 
 class RecoveryTracker:
-    """Polls supervisord and notes when each worker pid of ``groups`` (stage names) was first seen RUNNING.
+    """Polls supervisord and notes when each worker pid of ``groups`` (stage names) was first seen (``started``:
+    STARTING or RUNNING) and first seen RUNNING (``first_running``).
 
     It also notes when nsqd or nsqlookupd was not RUNNING (``down``: [start, end] in epoch seconds).
     """
@@ -143,6 +144,7 @@ class RecoveryTracker:
         self.env, self.interval = env, interval
         self.groups = (groups,) if isinstance(groups, str) else tuple(groups)
         self.first_running: dict[int, tuple[str, float]] = {}
+        self.started: dict[int, tuple[str, float]] = {}  # pid -> (name, first seen STARTING or RUNNING)
         self.fatal = 0  # times a worker was seen entering FATAL
         self.down: list[list] = []
         self._down_now: dict[str, list] = {}
@@ -167,9 +169,12 @@ class RecoveryTracker:
                     self._fatal_now = {n for n in self._fatal_now if n != p.name} | (
                         {p.name} if p.state == "FATAL" else set())
                     self._note_broker(p)
+                    if p.group in self.groups and p.state in ("STARTING", "RUNNING") and p.pid \
+                            and p.pid not in self.started:
+                        self.started[p.pid] = (p.full_name, time.time())
+                        self.env.note_pid(p.full_name, p.pid)
                     if p.group in self.groups and p.state == "RUNNING" and p.pid not in self.first_running:
                         self.first_running[p.pid] = (p.full_name, time.time())
-                        self.env.note_pid(p.full_name, p.pid)
             except Exception:
                 pass  # supervisord busy or going down: try again next tick
             self._stop.wait(self.interval)
@@ -188,5 +193,5 @@ class RecoveryTracker:
     @property
     def restarts(self) -> int:
         """Worker processes started after the first ones."""
-        names = [name for name, _ in self.first_running.values()]
+        names = [name for name, _ in self.started.values()]
         return len(names) - len(set(names))

@@ -56,9 +56,11 @@ def reliability_markdown(results: list[RunResult]) -> str:
              " time over the kills with no broker or network fault in force (nsqd or nsqlookupd down, nsqd"
              " stopped, a toxic, the proxy down) until the successor consumed: the workers' own recovery, which"
              " such a fault would hide behind its own duration (a worker cannot subscribe to a stopped nsqd)."
-             " A kill whose successor was itself killed before it consumed has no time (`recovered` < `kills`),"
-             " so the percentiles leave out the slowest restarts; `host` gives the machine's load, which a"
-             " worker's CPU-bound start (about 1 s of CPU: Python, numpy, numba, the topology) depends on.", "",
+             " The successor is the next process of the same name supervisord started, RUNNING or not yet (a"
+             " worker consumes before `startsecs` makes it RUNNING). A kill whose successor was itself killed"
+             " before it consumed has no time (`recovered` < `kills`), so the percentiles leave out the slowest"
+             " restarts; `host` gives the machine's load, which a worker's CPU-bound start (about 0.5 s of CPU:"
+             " Python, numpy, the topology; numba's kernels load after it is consuming) depends on.", "",
              *_summary(results)]
     for result in results:
         c, r = result.config, result.report

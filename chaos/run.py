@@ -293,6 +293,7 @@ def _check(env: ChaosEnvironment, folder: Path, sinks: Sinks, monkey: Monkey, tr
     recovery = {"kills": [k for k in monkey.ctx.kills if k.name.partition(":")[0] in env.stages
                           and k.signal != "SIGSTOP"],
                 "first_running": dict(tracker.first_running), "consuming": consuming,
+                "started": dict(tracker.started),
                 "disturbances": [*monkey.ctx.disturbances, *tracker.down]}
     journal = Journal.read(folder / "journal.jsonl")
     if env.kind == "ticks":

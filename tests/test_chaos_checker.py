@@ -49,6 +49,21 @@ def test_recovery_is_kill_to_the_successor_consuming() -> None:
     assert recovery_times(kills, first_running, {11: 101.5}) == (running, [1.5])
 
 
+def test_a_successor_killed_before_supervisord_called_it_running_is_still_the_successor() -> None:
+    # pid 11 consumed 0.7 s after the kill and was killed itself before startsecs made it RUNNING;
+    # pid 12, the next one, must not be taken for the kill's successor.
+    kills = [Kill("primes:primes-0", 10, "SIGKILL", 100.0), Kill("primes:primes-0", 11, "SIGKILL", 101.9)]
+    started = {10: ("primes:primes-0", 50.0), 11: ("primes:primes-0", 100.1), 12: ("primes:primes-0", 102.0)}
+    first_running = {10: ("primes:primes-0", 52.0), 12: ("primes:primes-0", 104.0)}
+    consuming = {11: 100.7, 12: 102.6}
+    log: list = []
+    running, consumed = recovery_times(kills, first_running, consuming, log=log, started=started)
+    assert consumed == [0.7, 0.7] and [round(t, 3) for t in running] == [2.1]
+    assert log == [["primes:primes-0", 100.0, None, 0.7], ["primes:primes-0", 101.9, 2.1, 0.7]]
+    # Without ``started`` only RUNNING processes are known, and pid 12's consuming was taken for the first kill.
+    assert recovery_times(kills, first_running, consuming)[1] == [2.6, 0.7]
+
+
 def test_dead_letter_arrivals_carry_the_original_id() -> None:
     body = orjson.dumps({"reason": "bad", "body": orjson.dumps({"id": "r-9", "number": "x"}).decode()})
     arrival = parse_arrival(DEAD, DEAD, body, 1)
