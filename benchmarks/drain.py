@@ -91,6 +91,7 @@ def drain_once(contender: Contender, bodies: Sequence[bytes], workdir: Path, rec
         for i, argv in enumerate(contender.argvs(broker, workdir)):
             launched.append(spawn(f"{contender.name}-{i}", argv, workdir / f"{contender.name}-{i}.log"))
         wait_subscribed(broker, launched, time.monotonic() + SUBSCRIBE_TIMEOUT)
+        wait_kernels(launched, time.monotonic() + SUBSCRIBE_TIMEOUT)
         sample, snap = _timed_drain(contender, broker, launched, records, len(bodies))
         if contender.pack > 1:  # outside the clock
             sample.output_records = verify_outputs(broker, snap.outputs, records)
@@ -128,6 +129,28 @@ def wait_subscribed(broker: Broker, launched: Sequence[Launched], deadline: floa
         return f"{len(clients)} of {len(launched)} processes subscribed with RDY > 0 before the deadline"
 
     wait_ready(missing, launched, deadline, interval=0.02)
+
+
+#: What a worker logs once its compiled kernels are loaded (pipeline.jit); until then their plain-Python twins run.
+KERNELS_READY = "compiled kernels ready after"
+
+
+def wait_kernels(launched: Sequence[Launched], deadline: float) -> None:
+    """Return once every pipeline worker in ``launched`` logged that its compiled kernels are loaded.
+
+    A worker subscribes first and loads numba's kernels in the background (a restarted replica consumes
+    sooner); a throughput figure is of the steady state, so its clock starts after that.
+
+    Raises:
+        BenchError: a process exited, or ``deadline`` passed first.
+    """
+    workers = [p for p in launched if "pipeline.cli" in p.argv and "worker" in p.argv]
+
+    def missing() -> str | None:
+        loading = [p.name for p in workers if KERNELS_READY not in p.log_path.read_text(errors="replace")]
+        return f"{', '.join(loading)} did not load their compiled kernels before the deadline" if loading else None
+
+    wait_ready(missing, launched, deadline, interval=0.05)
 
 
 def wait_ready(missing: Callable[[], str | None], launched: Sequence[Launched], deadline: float,

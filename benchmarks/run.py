@@ -52,8 +52,9 @@ RULES = (
     f"input messages; every topic has pack: {BATCHED_PACK}, and the stage's batch is "
     f"{BATCHED_BATCH['size']} messages ({BATCHED_BATCH['size'] * BATCHED_PACK:,} records per handler call), "
     f"wait {BATCHED_BATCH['wait_ms']} ms, max_in_flight {STAGE_MAX_IN_FLIGHT}.",
-    "Clock: starts when every contender process is subscribed to the channel with RDY > 0 and the channel "
-    "is unpaused; stops at the first /stats read (every 50 ms) where the output topics' message_count "
+    "Clock: starts when every contender process is subscribed to the channel with RDY > 0 (our workers also "
+    "logged that their compiled kernels are loaded: a worker subscribes first and loads numba in the "
+    "background, see pipeline.jit) and the channel is unpaused; stops at the first /stats read (every 50 ms) where the output topics' message_count "
     "reaches N (prime + non_prime; prime alone for nsq_to_nsq) and the channel has nothing queued, in "
     "flight or deferred. records/s = N / that time.",
     "Clock for batched (output message counts no longer match N): stops at the first /stats read where the "

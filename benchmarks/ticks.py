@@ -43,7 +43,7 @@ from pipeline.topology import Topology, load_topology
 from producers.ticks import LINGER_MS, synthetic_ticks
 
 from .broker import BenchError, Broker
-from .drain import MEM_QUEUE_SIZE, SUBSCRIBE_TIMEOUT, check_alive, wait_ready
+from .drain import MEM_QUEUE_SIZE, SUBSCRIBE_TIMEOUT, check_alive, wait_kernels, wait_ready
 from .launch import Launched, spawn, stop_all
 from .procstat import cpu_seconds, peak_rss_mb
 
@@ -198,6 +198,7 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
         watched = ([(t, "features") for t in inputs] + [(t, "signals") for t in features]
                    + [(t, READ_CHANNEL) for t in outputs])
         _wait_clients(broker, launched, watched, time.monotonic() + SUBSCRIBE_TIMEOUT)
+        wait_kernels(launched, time.monotonic() + SUBSCRIBE_TIMEOUT)
 
         ticks = synthetic_ticks(SYMBOLS, WARMUP + count, seed=1, run_id="bench")  # one seq per symbol
         # Warm-up (not measured): the first batches pay for imports, JIT and connections.

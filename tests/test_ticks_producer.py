@@ -386,3 +386,33 @@ def test_a_bad_replay_line_stops_after_publishing_every_tick_before_it(nsqd, top
 def test_a_refused_publish_raises_publish_error(nsqd):
     with pytest.raises(PublishError, match="refused a publish: E_BAD_TOPIC"):
         produce_ticks(nsqd.tcp, "bad*topic", synthetic_ticks(1, 10))
+
+
+def test_linger_must_be_positive_and_at_most_a_second():
+    for bad in (0, -1, 1001):
+        with pytest.raises(ValueError, match=r"linger_ms must be in \(0, 1000\]"):
+            produce_ticks("127.0.0.1:1", "t", [], rate=10, linger_ms=bad)
+
+
+def test_the_cli_refuses_a_bad_linger_in_one_line():
+    from click.testing import CliRunner
+    from pipeline.cli import main
+    result = CliRunner().invoke(main, ["produce", "ticks", "--count", "5", "--linger-ms", "0"])
+    assert result.exit_code == 2 and "--linger-ms" in result.output
+
+
+@pytest.mark.integration
+def test_a_shorter_linger_sends_smaller_envelopes_sooner(nsqd, topic, tmp_path):
+    # At 2,000 ticks/s a 50 ms linger gathers about 100 ticks per send, a 2 ms one a few.
+    envelopes = {}
+    for linger in (50.0, 2.0):
+        name = f"{topic}{int(linger)}"
+        (tmp_path / name).mkdir()
+        topology = write_topology(tmp_path / name, {name: {"pack": 1000, "codec": "msgpack"}}, nsqd.tcp, nsqd.http)
+        nsqd_http.create_channel(nsqd.http, name, CHANNEL)
+        assert produce_ticks(nsqd.tcp, name, synthetic_ticks(3, 400, seed=2), spec=topology.topics[name],
+                             rate=2000, linger_ms=linger) == 400
+        bodies = read_back(nsqd, [name])[name]
+        assert sum(len(list(records_of([b]))) for b in bodies) == 400
+        envelopes[linger] = len(bodies)
+    assert envelopes[2.0] > 3 * envelopes[50.0], envelopes
