@@ -10,9 +10,10 @@ replica's CPU.
 
 :class:`GcTuning` therefore, once the worker has booted:
 
-- moves everything allocated so far (modules, compiled kernels, the
-  connections) into the permanent generation with :func:`gc.freeze`, so no
-  collection walks it again;
+- moves everything allocated so far (modules, the connections) into the
+  permanent generation with :func:`gc.freeze`, so no collection walks it
+  again, and once more when its compiled kernels, loaded after it is
+  consuming (:mod:`pipeline.jit`), are in (:func:`refreeze`);
 - raises the first generation's threshold to :data:`GEN0_THRESHOLD`, so the
   collector runs only when that many objects outlive their batch (e.g. a
   backlog of messages in hand), not every few hundred messages.
@@ -75,3 +76,14 @@ class GcTuning(Middleware):
                 gc.set_threshold(*_saved)
                 gc.unfreeze()
                 _saved = None
+
+
+def refreeze() -> None:
+    """Freeze what was allocated since the boot too (numba's kernels, loaded after it; see :mod:`pipeline.jit`).
+
+    Does nothing unless a :class:`GcTuning` is in force.
+    """
+    with _lock:
+        if _active:
+            gc.freeze()
+            log.debug("gc: %d objects frozen after the kernels loaded", gc.get_freeze_count())

@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from types import ModuleType
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,17 @@ def deferred() -> bool:
     return _deferred
 
 
-def load_in_background() -> threading.Thread:
-    """Import every registered kernel module in a daemon thread; each becomes usable once imported."""
-    thread = threading.Thread(target=_load_all, name="kernels", daemon=True)
+def load_in_background(on_loaded: Callable[[], None] = lambda: None) -> threading.Thread:
+    """Import every registered kernel module in a daemon thread; each becomes usable once imported.
+
+    ``on_loaded`` is called in that thread once all are loaded (or failed).
+    """
+    thread = threading.Thread(target=_load_all, args=(on_loaded,), name="kernels", daemon=True)
     thread.start()
     return thread
 
 
-def _load_all() -> None:
+def _load_all(on_loaded: Callable[[], None]) -> None:
     started = time.monotonic()
     for module in list(_registered):
         if module in _ready:
@@ -80,3 +84,4 @@ def _load_all() -> None:
             continue
         _ready[module] = loaded
     log.info("compiled kernels ready after %.2f s: %s", time.monotonic() - started, ", ".join(sorted(_ready)))
+    on_loaded()

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Sequence
 
 from tornado.ioloop import PeriodicCallback
 
-from . import faultpoints, jit, nsqd_http
+from . import faultpoints, gctuning, jit, nsqd_http
 from .errors import PublishError
 from .fastconn import FastReader, finish_all
 from .gctuning import GcTuning
@@ -122,7 +122,8 @@ class Worker:
     async def _main(self) -> int:
         await self.start()
         if jit.deferred():
-            jit.load_in_background()  # until then, the kernels' plain-Python twins do the work
+            # Until then the kernels' plain-Python twins do the work; numba's heap is then frozen like the rest.
+            jit.load_in_background(on_loaded=gctuning.refreeze)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)

@@ -56,3 +56,16 @@ def test_cyclic_garbage_is_still_collected(collector):
     alive = sum(type(o) is Node for o in gc.get_objects())
     tuning.before_worker_shutdown(None)
     assert alive < GEN0_THRESHOLD
+
+
+def test_kernels_loaded_after_the_boot_are_frozen_too_but_only_while_tuned(collector):
+    from pipeline.gctuning import refreeze
+    tuning = GcTuning()
+    tuning.after_worker_boot(None)
+    frozen = gc.get_freeze_count()
+    late = [[i] for i in range(5000)]  # as numba's objects, allocated after the boot
+    refreeze()
+    assert gc.get_freeze_count() >= frozen + 5000
+    tuning.before_worker_shutdown(None)
+    refreeze()  # no worker tuned: nothing is frozen
+    assert gc.get_freeze_count() == 0 and late
