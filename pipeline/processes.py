@@ -381,9 +381,19 @@ def listen_addresses(pid: int) -> list[str] | None:
     sockets, including ones bound to 0.0.0.0 or ``::``.
     """
     try:
-        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        # /proc is there but the process is not (it exited): it listens on nothing, and must not
+        # pass for the owner of a port another process answers on.
+        return [] if os.path.isdir("/proc/self/fd") else None
     except OSError:
         return None
+    links = []
+    for fd in fds:
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:  # closed meanwhile, or the process exited: that fd listens on nothing
+            continue
     inodes = {link[len("socket:["):-1] for link in links if link.startswith("socket:[")}
     found = []
     for table, decode in (("tcp", _decode_ipv4), ("tcp6", _decode_ipv6)):

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from pipeline.processes import (
     start_nsqd,
     start_process,
     stop_pid,
+    wait_ping,
 )
 
 pytestmark = pytest.mark.integration
@@ -147,3 +149,12 @@ def test_stop_pid_of_a_process_that_is_not_our_child() -> None:
     assert pid_alive(pid)
     assert stop_pid(pid) is None
     assert not pid_alive(pid)
+
+
+def test_a_process_that_has_exited_listens_on_nothing_and_owns_no_port(nsqd: NsqProcess) -> None:
+    # A new nsqd that fails on a taken port can exit between wait_ping's ping (answered by the old
+    # nsqd) and its owner check; the check must then say "not the owner", not "cannot tell".
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert listen_addresses(gone.pid) == []
+    assert not wait_ping(nsqd.http, time.monotonic() + 2, owner=gone.pid)
