@@ -226,9 +226,11 @@ def produce_ticks(address: str | Sequence[str], topic: str, records: Iterable[di
             replays at that multiple of the original pace (2 = twice as fast).
         chunk: messages per MPUB.
         linger_ms: when paced, records due within this many ms are buffered
-            rather than slept for, and the buffer is sent before each sleep:
-            a record waits at most about this long in the producer (less:
-            lower latency; more: fewer, fuller messages).
+            rather than slept for, and the buffer is sent before each sleep or
+            once its oldest record has waited this long (also when the
+            producer is behind its rate and never sleeps): a record waits at
+            most about this long in the producer (less: lower latency; more:
+            fewer, fuller messages).
         on_progress: called with the number of records acknowledged so far.
 
     Raises:
@@ -244,14 +246,22 @@ def produce_ticks(address: str | Sequence[str], topic: str, records: Iterable[di
         raise ValueError(f"pace by rate (>= 0) or by speed, not both: rate={rate!r}, speed={speed!r}")
     spec = spec or TopicSpec()
     pacer = _Pacer(rate, factor)
+    paced = rate > 0 or factor is not None
     with _Sender(address, Router.for_spec(topic, spec), spec, chunk, on_progress, security) as sender:
         try:
+            oldest = None  # when the oldest buffered record was added (paced runs)
             for record in records:
                 wait = pacer.wait(record)
                 if wait >= min_sleep:
                     sender.drain()  # nothing waits in a buffer while the producer sleeps
+                    oldest = None
                     time.sleep(wait)
+                elif oldest is not None and time.monotonic() - oldest >= min_sleep:
+                    sender.drain()  # behind the rate, it never sleeps: still no record waits longer
+                    oldest = None
                 sender.add(record)
+                if paced and oldest is None:
+                    oldest = time.monotonic()
         except PublishError:
             raise
         except Exception:

@@ -403,7 +403,8 @@ def test_the_cli_refuses_a_bad_linger_in_one_line():
 
 @pytest.mark.integration
 def test_a_shorter_linger_sends_smaller_envelopes_sooner(nsqd, topic, tmp_path):
-    # At 2,000 ticks/s a 50 ms linger gathers about 100 ticks per send, a 2 ms one a few.
+    # At 2,000 ticks/s a 50 ms linger gathers about 100 ticks per send, a 2 ms one a few: also when the
+    # producer falls behind its rate (a busy machine) and so never sleeps.
     envelopes = {}
     for linger in (50.0, 2.0):
         name = f"{topic}{int(linger)}"
@@ -416,3 +417,16 @@ def test_a_shorter_linger_sends_smaller_envelopes_sooner(nsqd, topic, tmp_path):
         assert sum(len(list(records_of([b]))) for b in bodies) == 400
         envelopes[linger] = len(bodies)
     assert envelopes[2.0] > 3 * envelopes[50.0], envelopes
+
+
+@pytest.mark.integration
+def test_a_producer_behind_its_rate_still_sends_within_its_linger(nsqd, topic, tmp_path):
+    # At a million ticks/s every tick is overdue, so the producer never sleeps; the linger still bounds
+    # how long a tick sits in its buffer, instead of the buffer waiting to fill (5,000 ticks, one envelope).
+    topology = write_topology(tmp_path, {topic: {"pack": 5000, "codec": "msgpack"}}, nsqd.tcp, nsqd.http)
+    nsqd_http.create_channel(nsqd.http, topic, CHANNEL)
+    assert produce_ticks(nsqd.tcp, topic, synthetic_ticks(3, 5000, seed=4), spec=topology.topics[topic],
+                         rate=1_000_000, linger_ms=1) == 5000
+    bodies = read_back(nsqd, [topic])[topic]
+    assert sum(len(list(records_of([b]))) for b in bodies) == 5000
+    assert len(bodies) >= 3, len(bodies)
