@@ -235,7 +235,8 @@ def test_tiny_gateway_run_publishes_every_message_through_the_gateway(nsq_bin, t
     assert child_pids() == []
     [sample] = entry["samples"]
     assert sample["records"] == 400 and sample["records_per_s"] == pytest.approx(400 / sample["seconds"], rel=1e-3)
-    assert sample["peak_rss_mb"] > 0 and sample["cpu_s_per_million"] > 0
+    # /proc counts CPU in 10 ms ticks, and 400 requests may cost the gateways less than one: 0 is a reading here.
+    assert sample["peak_rss_mb"] > 0 and sample["cpu_s_per_million"] >= 0
     [target] = [t for t in results["targets"] if t["name"] == "gateway single-message /pub msg/s"]
     assert target["status"] in {"PASS", "MISS"} and target["target"] == ">= 20,000"
     markdown = (out / "results.md").read_text()
