@@ -162,11 +162,7 @@ class Router:
             key = record.get(field_name) if type(record) is dict else None
             topic = cache.get(key) if type(key) is str else None
             if topic is None:
-                topic = self.topic_of(record)
-                if type(key) is str:
-                    if len(cache) >= _CACHE_KEYS:
-                        cache.clear()
-                    cache[key] = topic
+                topic = self._remember(key, self.topic_of(record))
             groups[topic].append(record)
         return {t: group for t, group in groups.items() if group}
 
@@ -185,15 +181,19 @@ class Router:
             topic = cache.get(key) if type(key) is str else None
             if topic is None:
                 try:
-                    topic = self.topics[partition_of(key, count)]
+                    topic = self._remember(key, self.topics[partition_of(key, count)])
                 except (TypeError, ValueError):  # not a str or int; a str that is not UTF-8
                     return None
-                if type(key) is str:
-                    if len(cache) >= _CACHE_KEYS:
-                        cache.clear()
-                    cache[key] = topic
             groups[topic].append(i)
         return {t: rows for t, rows in groups.items() if rows}
+
+    def _remember(self, key: Any, topic: str) -> str:
+        """Cache ``topic`` as the partition of a str ``key`` (the cache is cleared when full); return it."""
+        if type(key) is str:
+            if len(self._cache) >= _CACHE_KEYS:
+                self._cache.clear()
+            self._cache[key] = topic
+        return topic
 
 
 def route(records: Iterable[dict], topic: str, topology: Topology) -> dict[str, list[dict]]:

@@ -177,20 +177,25 @@ class BatchProcessor:
         function raising) falls back, and the record path runs the batch as usual.
         """
         found = self._columns_of(messages)
-        if found is None:
-            return None
+        encoded = self._run_columns(found) if found is not None else None
+        return Outcome(outputs=encoded, finish=list(messages)) if encoded is not None else None
+
+    def _run_columns(self, found: Columns) -> dict[str, list[bytes]] | None:
+        """Call the columnar function with the middleware hooks around it; its encoded outputs.
+
+        None when it declined, raised, or emitted what cannot be published:
+        the record path then runs the batch (and owns any error).
+        """
         batch = ColumnBatch(found, stage=self.name)
         self.middleware.emit_before("before_process_batch", self.worker, batch)
         try:
             emitted = self.columns_handler(found)
         except Exception:
-            emitted = None  # the record path runs the handler again and owns the error
+            emitted = None
         encoded = self._encode_columns(emitted) if emitted is not None else None
         self.middleware.emit_after("after_process_batch", self.worker, batch,
                                    result=emitted if encoded is not None else None, exception=None)
-        if encoded is None:
-            return None
-        return Outcome(outputs=encoded, finish=list(messages))
+        return encoded
 
     def _columns_of(self, messages: list) -> Columns | None:
         keys, data, n = None, None, 0
@@ -475,16 +480,8 @@ class KeyedProcessor(BatchProcessor):
         if last is None or (self.sequencer.expiry_due() and self.may_give_up()):
             return None
         before = self._snapshot()
-        batch = ColumnBatch(found, stage=self.name)
-        self.middleware.emit_before("before_process_batch", self.worker, batch)
         self._handler_state = _UNKNOWN  # the call may change the state, whatever it returns
-        try:
-            emitted = self.columns_handler(found)
-        except Exception:
-            emitted = None  # the record path runs the records again and owns the error
-        encoded = self._encode_columns(emitted) if emitted is not None else None
-        self.middleware.emit_after("after_process_batch", self.worker, batch,
-                                   result=emitted if encoded is not None else None, exception=None)
+        encoded = self._run_columns(found)
         if encoded is None:
             self._restore(before)
             return None
