@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
 _SIZE = struct.Struct(">l")
-_FRAME_TYPE_MESSAGE = 2
 _FRAMES = jit.register("pipeline.frames")
 _MESSAGE_HEADER = struct.Struct(">qH")  # timestamp (ns), attempts; then 16 bytes of id, then the body
 _FRAME_MESSAGE = struct.pack(">l", protocol.FRAME_TYPE_MESSAGE)
@@ -302,7 +301,7 @@ class FastConn(nsq.AsyncConn):
             if end - pos - 4 < size:
                 break
             start, pos = pos + 4, pos + 4 + size
-            if size >= 4 + 26 and _SIZE.unpack_from(data, start)[0] == _FRAME_TYPE_MESSAGE:
+            if size >= 4 + _MESSAGE_HEADER.size + 16 and data[start:start + 4] == _FRAME_MESSAGE:
                 timestamp, attempts = _MESSAGE_HEADER.unpack_from(data, start + 4)
                 run.append(FastMessage(self, data[start + 14:start + 30], data[start + 30:pos], timestamp, attempts))
                 continue
