@@ -195,14 +195,21 @@ class Features:
         rows, symbols, prices, sizes = self._gather(batch)
         if not rows:
             return {OUTPUT: []}
-        # One row per field: tolist() then builds 8 long lists, not a short list per tick.
-        out = np.empty((len(FEATURE_FIELDS), len(rows)))
+        out, feature_seqs = self._apply(symbols, prices, sizes)
+        return {OUTPUT: _feature_records(batch.records, rows, prices, sizes, out, feature_seqs)}
+
+    def _apply(self, symbols: list[int], prices: list[float], sizes: list[float]) -> tuple[np.ndarray, list[int]]:
+        """Run the kernel over valid ticks (symbol indices, prices, sizes); return their features and feature_seqs.
+
+        The features come as one row per field: tolist() then builds 8 long lists, not a short list per tick.
+        """
+        out = np.empty((len(FEATURE_FIELDS), len(symbols)))
         st = self._state
         feature_seqs = _feature_seqs(symbols, st.counts)  # before the kernel advances the counts
         _features_kernel(np.array(symbols, dtype=np.int64), np.array(prices), np.array(sizes),
                          self._alpha_fast, self._alpha_slow, st.prices, st.sizes, st.returns,
                          st.counts, st.ema_fast, st.ema_slow, out)
-        return {OUTPUT: _feature_records(batch.records, rows, prices, sizes, out, feature_seqs)}
+        return out, feature_seqs
 
     def columns(self, ticks: Columns) -> dict[str, Columns] | None:
         """:meth:`__call__` for ticks held as columns (a columnar envelope); None unless every tick is valid.
@@ -218,12 +225,7 @@ class Features:
             return None
         ks, prices, sizes = gathered
         n = len(ticks)
-        out = np.empty((len(FEATURE_FIELDS), n))
-        st = self._state
-        feature_seqs = _feature_seqs(ks, st.counts)
-        _features_kernel(np.array(ks, dtype=np.int64), np.array(prices), np.array(sizes),
-                         self._alpha_fast, self._alpha_slow, st.prices, st.sizes, st.returns,
-                         st.counts, st.ema_fast, st.ema_slow, out)
+        out, feature_seqs = self._apply(ks, prices, sizes)
         absent = [None] * n  # as record.get() gives for a tick without the field
         data = {"id": ticks.get("id", absent), "ts": ticks.get("ts", absent), "symbol": symbols,
                 "seq": ticks.get("seq", absent), "feature_seq": feature_seqs, "price": prices, "size": sizes}
