@@ -1,51 +1,58 @@
-"""A faster pynsq connection: one socket write per IOLoop iteration, all buffered frames per read.
+"""A faster pynsq connection: an asyncio transport, one socket write per loop iteration, all frames per read.
 
-pynsq's ``AsyncConn`` writes every command (each FIN, each RDY) with its own
-``socket.send`` and reads every frame through two IOStream futures (size, then
-body). At tens of thousands of messages a second those round trips are most
-of the worker's time. :class:`FastConn` keeps pynsq's protocol and events
-unchanged and changes only the I/O:
+pynsq's ``AsyncConn`` reads through a tornado ``IOStream``: every frame costs
+two read futures (size, then body), each resolved through a callback on a
+later loop iteration, and every command (each FIN, each RDY) is its own
+``socket.send``. A keyed worker at a few hundred small batches a second spent
+most of its CPU there. :class:`FastConn` keeps pynsq's protocol, handshake and
+events unchanged and changes only the I/O:
 
-- ``send`` appends to a buffer flushed by one ``IOStream.write`` on the next
-  IOLoop iteration, so the FINs of a whole batch leave in one write;
-- reads take whatever the socket has (up to ``READ_CHUNK``) and decode every
-  complete frame in it, keeping a partial frame for the next read;
+- the socket is an asyncio transport whose protocol hands every read to the
+  connection at once (no future, no extra loop iteration per read);
+- ``send`` appends to a buffer written by one ``transport.write`` on the next
+  loop iteration, so the FINs of a whole batch leave in one write; ``close``
+  writes what was sent before closing (an IOStream drops it);
+- a read is cut into every complete frame it holds, keeping a partial frame
+  for the next read;
 - with a *batch handler* (:class:`FastReader`'s ``batch_handler``), the
   messages of one read reach it as one list, with RDY checked once per read
-  instead of once per message and no event per message; the frames of the
-  read are found by one compiled pass (:mod:`pipeline.frames`) and the
+  instead of once per message and no event per message; the frames of a
+  large read are found by one compiled pass (:mod:`pipeline.frames`) and the
   messages cut out of it with no Python code per message but their
   constructor; :func:`finish_all` finishes a batch with one FIN payload and
   one RESUME per connection.
 
-Both apply only once the connection is READY: IDENTIFY, TLS/snappy/deflate
-upgrades and AUTH keep pynsq's exact reads and immediate writes, so nothing
-of a compressed or encrypted stream is consumed before its wrapper is in
-place. :class:`FastReader` and :class:`FastWriter` are pynsq's Reader and
-Writer with this connection class; FIN/REQ/TOUCH/RDY behave as in pynsq.
+TLS is started on the same transport (``loop.start_tls``) when nsqd offers it
+and the client asks for it, as pynsq does; snappy and deflate are not
+supported (the pipeline never asks for them). :class:`FastReader` and
+:class:`FastWriter` are pynsq's Reader and Writer with this connection class;
+FIN/REQ/TOUCH/RDY behave as in pynsq.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import operator
 import random
+import ssl
 import struct
 import time
 from itertools import repeat
 
 import nsq
 from nsq import event, protocol
-from tornado.concurrent import Future, chain_future
-from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
+from tornado.netutil import ssl_options_to_context
 
 from . import jit
 from .nsqclient import encode_mpub
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 256 * 1024
+#: Reads shorter than this are cut into frames in plain Python: for a few frames that is cheaper than a
+#: call of the compiled scanner and the numpy arrays around it.
+SCAN_MIN_BYTES = 8192
 _SIZE = struct.Struct(">l")
 _FRAMES = jit.register("pipeline.frames")
 _MESSAGE_HEADER = struct.Struct(">qH")  # timestamp (ns), attempts; then 16 bytes of id, then the body
@@ -139,30 +146,129 @@ def _frames():
     return jit.kernel(_FRAMES)
 
 
-def _retrieve(future: Future) -> None:
+def _retrieve(future: asyncio.Future) -> None:
     # A failed flush is reported through the connection's error event; mark the
     # future's exception retrieved so asyncio does not log it a second time.
     if not future.cancelled():
         future.exception()
 
 
+class _Wire(asyncio.Protocol):
+    """The asyncio side of one :class:`FastConn`: every read goes straight to it, with no future per read."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: FastConn):
+        self.conn = conn
+
+    def connection_made(self, transport) -> None:
+        self.conn._made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn._on_read(data)
+
+    def eof_received(self) -> bool:
+        return False  # nsqd closed its side: close ours too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn._lost(exc)
+
+
 class FastConn(nsq.AsyncConn):
-    """pynsq's ``AsyncConn`` with coalesced writes and batched frame decoding."""
+    """pynsq's ``AsyncConn`` on an asyncio transport, with coalesced writes and batched frame decoding."""
 
     def __init__(self, *args, output_buffer_size: int = 16 * 1024, **kwargs):
         # nsqd takes -1 for "no output buffering" (every message written at once);
         # pynsq's constructor accepts only sizes >= 0, its IDENTIFY sends whatever is set.
         super().__init__(*args, output_buffer_size=max(output_buffer_size, 0), **kwargs)
+        if self.snappy or self.deflate:
+            raise ValueError("FastConn does not compress: snappy and deflate are not supported")
         self.output_buffer_size = output_buffer_size
         self.on_messages = None  # set by FastReader: called with (conn, [FastMessage, ...]) per read
+        self.transport = None
+        self._wire: _Wire | None = None
+        self._opening: asyncio.Task | None = None
         self._fast = False
         self._pending: list[bytes] = []
-        self._flushed: Future | None = None
+        self._flushed: asyncio.Future | None = None
         self._rbuf = b""  # the start of a frame that the next read completes
         self.on(event.READY, self._enable_fast_io)
 
     def _enable_fast_io(self, **_) -> None:
         self._fast = True
+
+    # -- the connection ----------------------------------------------------------
+
+    def connect(self) -> None:
+        """Open the connection (asynchronously); pynsq's handshake follows from the CONNECT event."""
+        if not self.closed():
+            return
+        self.state = nsq.conn.CONNECTING
+        self.on(event.CONNECT, self._on_connect)
+        self.on(event.DATA, self._on_data)
+        self._opening = asyncio.get_event_loop().create_task(self._open())
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: _Wire(self), self.host, self.port), self.timeout)
+        except asyncio.CancelledError:  # close() while connecting
+            if self.transport is not None:
+                self.transport.close()  # made just now: its connection_lost reports the close
+            else:
+                self._lost(None)
+            raise
+        except (OSError, asyncio.TimeoutError) as e:
+            log.warning("[%s] cannot connect to nsqd: %s", self.id, e or "timed out")
+            self._lost(e)
+        finally:
+            self._opening = None
+
+    def _made(self, transport) -> None:
+        self.transport, self._wire = transport, transport.get_protocol()
+        self.state = nsq.conn.CONNECTED
+        transport.write(protocol.MAGIC_V2)
+        self.trigger(event.CONNECT, conn=self)
+
+    def _lost(self, exc: Exception | None) -> None:
+        if self.state == nsq.conn.DISCONNECTED:
+            return
+        self.state = nsq.conn.DISCONNECTED
+        self.transport = None
+        self._pending = []
+        flushed, self._flushed = self._flushed, None
+        if flushed is not None and not flushed.done():
+            flushed.set_exception(StreamClosedError(real_error=exc))
+        self.trigger(event.CLOSE, conn=self)
+
+    def close(self) -> None:
+        """Close the connection once what was sent so far is written (unlike IOStream, nothing is dropped)."""
+        if self._opening is not None:
+            self._opening.cancel()
+        elif self.transport is not None and not self.transport.is_closing():
+            if self._pending:
+                self._flush()
+            self.transport.close()
+
+    def upgrade_to_tls(self, options=None) -> None:
+        """Start TLS on the open connection, as pynsq's does on its IOStream (nsqd answers OK once it is up)."""
+        opts = {"cert_reqs": ssl.CERT_REQUIRED, "ssl_version": ssl.PROTOCOL_TLSv1_2, **(options or {})}
+        asyncio.get_event_loop().create_task(self._start_tls(ssl_options_to_context(opts, server_side=False)))
+
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
+        plain, self.transport = self.transport, None  # nothing may be written until TLS is up
+        try:
+            self.transport = await asyncio.get_running_loop().start_tls(plain, self._wire, context,
+                                                                        server_hostname=self.host)
+        except Exception as e:
+            plain.close()
+            self.trigger(event.ERROR, conn=self, error=protocol.SendError("failed to upgrade to TLS", e))
+
+    def upgrade_to_snappy(self) -> None:
+        raise nsq.Error("FastConn does not support snappy")
+
+    def upgrade_to_deflate(self) -> None:
+        raise nsq.Error("FastConn does not support deflate")
 
     def _on_message_finish(self, message, **kwargs) -> None:
         # pynsq's, with the FIN frame built directly (its generic command
@@ -195,57 +301,55 @@ class FastConn(nsq.AsyncConn):
 
     # -- writes ----------------------------------------------------------------
 
-    def send(self, data: bytes) -> Future:
-        """Queue ``data`` for the next flush; the future resolves once it is written."""
-        if not self._fast:
-            return super().send(data)
-        if self.stream is None or self.stream.closed():
+    def send(self, data: bytes) -> asyncio.Future:
+        """Write ``data``: during the handshake at once, then on the next loop iteration with whatever else
+        was sent in this one (one socket write). The future resolves once it is handed to the transport.
+
+        Raises:
+            StreamClosedError: the connection is not open.
+        """
+        if self.transport is None or self.transport.is_closing():
             raise StreamClosedError()
+        if not self._fast:
+            self.transport.write(self.encoder.encode(data))
+            written = asyncio.get_event_loop().create_future()
+            written.set_result(None)
+            return written
         self._pending.append(data)
         if self._flushed is None:
-            self._flushed = Future()
+            loop = asyncio.get_event_loop()
+            self._flushed = loop.create_future()
             self._flushed.add_done_callback(_retrieve)
-            IOLoop.current().add_callback(self._flush)
+            loop.call_soon(self._flush)
         return self._flushed
 
     def _flush(self) -> None:
-        data, self._pending = b"".join(self._pending), []
         flushed, self._flushed = self._flushed, None
+        if not self._pending:
+            return
+        data, self._pending = b"".join(self._pending), []
         try:
-            written = self.stream.write(self.encoder.encode(data))
+            self.transport.write(data)
         except Exception as e:
-            flushed.set_exception(e)
+            if flushed is not None:
+                flushed.set_exception(e)
             self.close()
             self.trigger(event.ERROR, conn=self, error=protocol.SendError("failed to write", e))
             return
-        chain_future(written, flushed)
+        if flushed is not None and not flushed.done():
+            flushed.set_result(None)
 
     # -- reads -----------------------------------------------------------------
 
-    def _start_read(self) -> None:
-        if not self._fast:
-            return super()._start_read()
-        if self.stream is None:
-            return
-        try:
-            future = self.stream.read_bytes(READ_CHUNK, partial=True)
-        except IOError:
-            self.close()
-            self.trigger(event.ERROR, conn=self, error=protocol.ConnectionClosedError("Stream is closed"))
-            return
-        IOLoop.current().add_future(future, self._read_chunk)
-
-    def _read_chunk(self, future: Future) -> None:
-        try:
-            chunk = future.result()
-        except Exception:
-            return  # the stream closed; its close callback reports it
+    def _on_read(self, chunk: bytes) -> None:
+        """Take one read from the socket: hand over every complete frame, keep the rest for the next read."""
+        self.last_recv_timestamp = time.time()
         data = self._rbuf + chunk if self._rbuf else chunk
         pos = self._read_batched(data) if self.on_messages is not None else self._read_each(data)
         if pos is None:
+            self._rbuf = b""
             return  # the stream is corrupt and the connection closed
         self._rbuf = data[pos:]
-        self._start_read()
 
     def _read_each(self, data: bytes) -> int | None:
         """Hand every complete frame of ``data`` to the data event; return the length consumed (None: corrupt)."""
@@ -278,7 +382,7 @@ class FastConn(nsq.AsyncConn):
         (the connection is then closed with an error).
         """
         frames, pos = _frames(), 0
-        if frames is None:
+        if frames is None or len(data) < SCAN_MIN_BYTES:
             return self._read_batched_plain(data)
         while True:
             rows, end, valid = frames.scan(data, pos)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from concurrent.futures import Future  # a finished read; needs no event loop
 
 import pytest
 
@@ -23,11 +22,8 @@ def test_frames_split_anywhere_across_reads_are_decoded_once_each_in_order():
         conn = FastConn("127.0.0.1", 1)
         seen = []
         conn.on("data", lambda conn, data: seen.append(data))
-        conn._start_read = lambda: None  # the reads under test are fed by hand below
-        for chunk in (wire[:cut], wire[cut:]):
-            read: Future = Future()
-            read.set_result(chunk)
-            conn._read_chunk(read)
+        for chunk in (wire[:cut], wire[cut:]):  # as the transport hands reads over
+            conn._on_read(chunk)
         assert seen == [f[4:] for f in frames], f"cut at {cut}"
         assert not conn._rbuf
 
@@ -118,10 +114,7 @@ def test_a_batch_handler_gets_the_messages_of_a_read_in_order_between_other_fram
     seen = []
     conn.on_messages = lambda c, messages: seen.append([m.body for m in messages])
     conn.on("data", lambda conn, data: seen.append(data[4:]))
-    conn._start_read = lambda: None
-    read: Future = Future()
-    read.set_result(wire)
-    conn._read_chunk(read)
+    conn._on_read(wire)
     assert seen == [[b"body1", b"body2"], b"CLOSE_WAIT", [b"body3"]]
     assert conn.in_flight == 3
 

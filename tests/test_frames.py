@@ -4,14 +4,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from concurrent.futures import Future  # a finished read; needs no event loop
 
 import nsq
 import pytest
-from tornado.iostream import IOStream
 
 from pipeline import frames, jit
-from pipeline.fastconn import FastConn, FastMessage, finish_all
+from pipeline.fastconn import FastConn, FastMessage, _Wire, finish_all
 
 
 def frame(kind: int, payload: bytes) -> bytes:
@@ -37,7 +35,6 @@ def batched_conn():
     conn.on_messages = lambda c, messages: seen.append(messages)
     conn.on("data", lambda conn, data: seen.append(data))
     conn.on("error", lambda conn, error: seen.append(error))
-    conn._start_read = lambda: None  # the reads under test are fed by hand
     return conn, seen
 
 
@@ -52,10 +49,9 @@ def read_path(request, monkeypatch):
 
 
 def feed(conn: FastConn, *chunks: bytes) -> None:
+    """Hand ``chunks`` to ``conn`` as its transport hands over what each read from the socket brought."""
     for chunk in chunks:
-        read: Future = Future()
-        read.set_result(chunk)
-        conn._read_chunk(read)
+        conn._on_read(chunk)
 
 
 # -- the scanner -----------------------------------------------------------------
@@ -124,12 +120,12 @@ def test_a_malformed_message_frame_is_logged_and_the_rest_still_arrive(caplog, r
 
 
 async def _corrupt_read(conn: FastConn, wire: bytes) -> bool:
-    """Feed ``wire`` to ``conn`` over a real (socketpair) stream; return whether the stream got closed."""
+    """Feed ``wire`` to ``conn`` over a real (socketpair) transport; return whether the transport got closed."""
     ours, theirs = socket.socketpair()
     try:
-        conn.stream = IOStream(ours)
+        transport, _ = await asyncio.get_running_loop().create_connection(lambda: _Wire(conn), sock=ours)
         feed(conn, wire)
-        return conn.stream.closed()
+        return transport.is_closing()
     finally:
         theirs.close()
         ours.close()
@@ -147,7 +143,6 @@ def test_a_negative_frame_size_without_a_batch_handler_closes_too():
     conn = FastConn("127.0.0.1", 1)
     errors = []
     conn.on("error", lambda conn, error: errors.append(error))
-    conn._start_read = lambda: pytest.fail("a corrupt stream is not read further")
     assert asyncio.run(_corrupt_read(conn, struct.pack(">l", -1) + b"rest"))
     assert len(errors) == 1 and "negative frame size" in str(errors[0])
 
