@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -94,11 +95,13 @@ class Worker:
         # the same order, so a checkpoint never holds unpublished effects.
         self._keyed_queue: list = []
         self._commits: deque[_KeyedCommit] = deque()
-        self._committer: asyncio.Future | None = None
+        self._commits_done = asyncio.Event()  # set while no commit is queued or being written
+        self._commits_done.set()
+        self._writing: asyncio.Future | None = None  # the checkpoint being written
+        self._checkpoint_timer: asyncio.TimerHandle | None = None
         self._keyed_halted = False  # set after a runtime failure, until the commits rewound the state
         self._uncommitted = 0  # messages of the queued commits
         self._last_checkpoint = 0.0
-        self._checkpoint_wake = asyncio.Event()  # set when a checkpoint should not wait for its interval
         self._gaps_may_go = False  # set while a check found nsqd holding nothing more for the partition
         self._backlog_check: asyncio.Future | None = None
         self._gap_wait_logged = 0.0
@@ -175,7 +178,6 @@ class Worker:
         if self.draining:
             return
         self.draining = True
-        self._checkpoint_wake.set()  # no waiting for the checkpoint interval now
         log.info("stage %s replica %d draining", self.name, self.replica)
         self.middleware.emit_before("before_worker_shutdown", self)
         self._stop_subscribing()
@@ -184,12 +186,18 @@ class Worker:
             self._gap_timer.stop()
         self._requeue_now(self._take_pending())
         deadline = time.monotonic() + self.spec.publish_timeout + 2.0
-        # Tasks may start others (a keyed batch starts its commit), so wait until none is left.
-        while self._active and time.monotonic() < deadline - 1.0:
-            await asyncio.wait(list(self._active), timeout=deadline - 1.0 - time.monotonic())
+        if self._checkpoint_timer is not None:  # no waiting for the checkpoint interval now
+            self._checkpoint_timer.cancel()
+            self._checkpoint_timer = None
+            self._advance_commits()
+        # Tasks may start others (a gap check applies a keyed batch), so wait until none is left.
+        while (self._active or not self._commits_done.is_set()) and time.monotonic() < deadline - 1.0:
+            waits = [*self._active, asyncio.ensure_future(self._commits_done.wait())]
+            await asyncio.wait(waits, timeout=deadline - 1.0 - time.monotonic(), return_when=asyncio.FIRST_COMPLETED)
+            waits[-1].cancel()
         await self._await_close_wait(deadline)
         await self._flush_connections()
-        if self._active:
+        if self._active or not self._commits_done.is_set():
             self.stats["drain_timeouts"] += 1
         # pynsq reports our own close as a broken frame read on every connection
         logging.getLogger("nsq").setLevel(logging.CRITICAL)
@@ -349,7 +357,7 @@ class Worker:
             self._apply_keyed(messages)
 
     def _apply_keyed(self, messages: list) -> None:
-        """Run one keyed batch through the handler, start its publish and queue its commit."""
+        """Run one keyed batch through the handler, queue its commit and start its publish."""
         self.stats["batches"] += 1
         self.stats["received"] += len(messages)
         try:
@@ -367,69 +375,93 @@ class Worker:
             log.critical("stage %s: batch of %d messages failed in the runtime; rewinding to the last checkpoint",
                          self.name, len(messages), exc_info=True)
             self._keyed_halted = True
-            failed: asyncio.Future = asyncio.get_running_loop().create_future()
-            failed.set_exception(e)
-            self._queue_commit(_KeyedCommit(messages, [], {}, failed, None))
+            self._queue_commit(_KeyedCommit(messages, [], {}, None, answer=e))
             return
         self.middleware.emit_before("before_publish", self, outputs)
-        publish = self._start(self.publisher.publish(outputs, self.spec.publish_timeout))
-        publish.add_done_callback(_retrieved)  # a rewind may drop the commit before anyone reads its result
-        self._queue_commit(_KeyedCommit(outcome.finish, outcome.retry, outputs, publish, state))
+        commit = _KeyedCommit(outcome.finish, outcome.retry, outputs, state)
+        self._queue_commit(commit)  # first: the publish may answer at once (no connection)
+        self.publisher.send(outputs, self.spec.publish_timeout, functools.partial(self._on_published, commit))
 
-    async def _checkpoint_due(self) -> None:
-        """Wait until checkpoint_interval_ms after the last checkpoint, unless half the in-flight window waits."""
-        wait = self._last_checkpoint + self.spec.checkpoint_interval_ms / 1000.0 - time.monotonic()
-        if wait <= 0 or self.draining or self._uncommitted * 2 >= self.spec.max_in_flight:
-            return
-        self._checkpoint_wake.clear()
-        try:
-            await asyncio.wait_for(self._checkpoint_wake.wait(), wait)
-        except asyncio.TimeoutError:
-            pass
+    def _on_published(self, commit: _KeyedCommit, error: PublishError | None) -> None:
+        if commit.answer is _DROPPED:
+            return  # requeued by a rewind meanwhile
+        commit.answer = error
+        if self._commits and self._commits[0] is commit:
+            self._advance_commits()
 
     def _queue_commit(self, commit: _KeyedCommit) -> None:
         self._commits.append(commit)
         self._uncommitted += len(commit.finish)
-        if self._uncommitted * 2 >= self.spec.max_in_flight:
-            self._checkpoint_wake.set()
-        if self._committer is None:
-            self._committer = self._start(self._run_commits())
+        self._commits_done.clear()
+        if self._uncommitted * 2 >= self.spec.max_in_flight and self._checkpoint_timer is not None:
+            self._checkpoint_timer.cancel()  # half the in-flight window waits: no waiting for the interval
+            self._checkpoint_timer = None
+            self._advance_commits()
+        elif commit.answer is not _WAITING:
+            self._advance_commits()
 
-    async def _run_commits(self) -> None:
-        try:
-            while self._commits:
-                head = self._commits[0]
-                try:
-                    await asyncio.wait([head.published])
-                    head.published.result()
-                except Exception as e:
-                    if head.state is not None:  # else the runtime failed on the batch (logged already)
-                        self._publish_failed(head.outputs, len(head.finish), e)
-                    self._rewind()
-                    continue
-                await self._checkpoint_due()
-                group = [self._commits.popleft()]
-                while self._commits and _acknowledged(self._commits[0].published):
-                    group.append(self._commits.popleft())
-                for commit in group:
-                    self._published(commit.outputs)
-                    self._uncommitted -= len(commit.finish)
-                self._last_checkpoint = time.monotonic()
-                self.stats["checkpoints"] += 1
-                try:
-                    await asyncio.to_thread(self.checkpoint.save, *group[-1].state)
-                except Exception:
-                    log.critical("stage %s replica %d: writing the checkpoint failed; rewinding", self.name,
-                                 self.replica, exc_info=True)
-                    self._commits.extendleft(reversed(group))
-                    self._uncommitted += sum(len(commit.finish) for commit in group)
-                    self._rewind()
-                    continue
-                for commit in group:
-                    self._finish(commit.finish)
-                    self.middleware.emit_after("after_ack", self, commit.finish, commit.retry)
-        finally:
-            self._committer = None
+    def _checkpoint_wait(self) -> float:
+        """Seconds until the next checkpoint is due: checkpoint_interval_ms after the last one, or now when
+        half the in-flight window waits for it or the worker drains."""
+        if self.draining or self._uncommitted * 2 >= self.spec.max_in_flight:
+            return 0.0
+        return self._last_checkpoint + self.spec.checkpoint_interval_ms / 1000.0 - time.monotonic()
+
+    def _advance_commits(self) -> None:
+        """Commit what can be: the acknowledged batches at the head, in one checkpoint, once one is due.
+
+        Called when the head batch's publish is answered, when a checkpoint is
+        written, and when the checkpoint timer fires; it never waits, so a
+        batch costs no task and no loop turn of its own.
+        """
+        if self._writing is not None:
+            return  # the write's end comes back here
+        commits = self._commits
+        if not commits:
+            self._commits_done.set()
+            return
+        head = commits[0]
+        if head.answer is _WAITING:
+            return
+        if head.answer is not None:
+            if head.state is not None:  # else the runtime failed on the batch (logged already)
+                self._publish_failed(head.outputs, len(head.finish), head.answer)
+            self._rewind()
+            return
+        wait = self._checkpoint_wait()
+        if wait > 0:
+            if self._checkpoint_timer is None:
+                self._checkpoint_timer = asyncio.get_running_loop().call_later(wait, self._checkpoint_due)
+            return
+        group = [commits.popleft()]
+        while commits and commits[0].answer is None:
+            group.append(commits.popleft())
+        for commit in group:
+            self._published(commit.outputs)
+            self._uncommitted -= len(commit.finish)
+        self._last_checkpoint = time.monotonic()
+        self.stats["checkpoints"] += 1
+        self._writing = asyncio.get_running_loop().run_in_executor(None, self.checkpoint.save, *group[-1].state)
+        self._writing.add_done_callback(functools.partial(self._checkpointed, group))
+
+    def _checkpoint_due(self) -> None:
+        self._checkpoint_timer = None
+        self._advance_commits()
+
+    def _checkpointed(self, group: list[_KeyedCommit], written: asyncio.Future) -> None:
+        """The checkpoint of ``group`` is written (or failed): FIN its messages (or rewind), then go on."""
+        self._writing = None
+        if written.exception() is not None:
+            log.critical("stage %s replica %d: writing the checkpoint failed; rewinding", self.name, self.replica,
+                         exc_info=written.exception())
+            self._commits.extendleft(reversed(group))
+            self._uncommitted += sum(len(commit.finish) for commit in group)
+            self._rewind()
+            return
+        for commit in group:
+            self._finish(commit.finish)
+            self.middleware.emit_after("after_ack", self, commit.finish, commit.retry)
+        self._advance_commits()
 
     # -- keyed state ---------------------------------------------------------
 
@@ -460,10 +492,12 @@ class Worker:
         commits, self._commits = self._commits, deque()
         self._uncommitted = 0
         for commit in commits:
+            commit.answer = _DROPPED  # its publish may still answer: that changes nothing now
             self._requeue_now(commit.finish)
         self._restore_checkpoint()
         self._keyed_halted = False
         self._run_keyed()
+        self._advance_commits()
 
     def _report_gaps(self) -> None:
         gaps = self.processor.sequencer.gaps
@@ -548,6 +582,10 @@ class Worker:
 
 
 
+_WAITING = object()  # a commit's publish is not answered yet
+_DROPPED = PublishError("the batch was requeued by a rewind")  # a rewound commit's answer no longer counts
+
+
 @dataclass(slots=True)
 class _KeyedCommit:
     """One keyed batch between its handler call and its FIN."""
@@ -555,14 +593,5 @@ class _KeyedCommit:
     finish: list  # the messages to FIN once committed
     retry: list  # requeued already (for the after_ack hook)
     outputs: dict[str, list[bytes]]
-    published: asyncio.Future  # the outputs' publish
     state: tuple[dict, bytes | None] | None  # (sequencer state, handler snapshot) right after the handler call
-
-
-def _acknowledged(future: asyncio.Future) -> bool:
-    return future.done() and not future.cancelled() and future.exception() is None
-
-
-def _retrieved(future: asyncio.Future) -> None:
-    if not future.cancelled():
-        future.exception()
+    answer: Any = _WAITING  # the publish's answer: None (acknowledged) or the error

@@ -69,15 +69,16 @@ def test_failed_publishes_rewind_a_keyed_replica_to_its_checkpoint_and_state_sta
     calls, failed = [0], []
 
     def flaky_publisher(worker: Worker) -> None:
-        publish = worker.publisher.publish
+        send = worker.publisher.send
 
-        async def flaky(outputs, timeout):
+        def flaky(outputs, timeout, on_done):
             calls[0] += 1
             if calls[0] in (1, 4, 12):  # nsqd refuses these MPUBs (later batches were already handled)
                 failed.append(calls[0])
-                raise PublishError("injected: nsqd refused the MPUB")
-            return await publish(outputs, timeout)
-        worker.publisher.publish = flaky
+                asyncio.get_running_loop().call_soon(on_done, PublishError("injected: nsqd refused the MPUB"))
+                return
+            send(outputs, timeout, on_done)
+        worker.publisher.send = flaky
 
     worker = Worker(topology, "features")
     running = InProcessWorker(worker, flaky_publisher)
