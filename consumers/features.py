@@ -249,23 +249,29 @@ class Features:
         return None if gathered is None else (range(len(records)), *gathered)
 
     def _valid_columns(self, symbols: list, prices: list, sizes: list) -> tuple[list[int], list[float], list[float]] | None:
-        """The symbol indices, prices and sizes (as floats) of ticks given as columns, if all are valid; else None."""
+        """The symbol indices, prices and sizes (as floats) of ticks given as columns, if all are valid; else None.
+
+        None sends the batch to the tick-by-tick path, which names each bad tick, so this check may be
+        conservative: a sum that is not finite (a NaN or an infinity among the values, or values so
+        large that their sum overflows) declines the whole batch. Plain C-level builtins, no numpy: a
+        batch here is often a few dozen ticks, where each numpy call costs more than the whole check.
+        """
         # bool is not int here (type(), not isinstance()), as in _parse_tick
         if (set(map(type, symbols)) != {str} or "" in symbols or not set(map(type, prices)) <= _NUMBERS
                 or not set(map(type, sizes)) <= _NUMBERS):
             return None
         try:
-            price_array, size_array = np.array(prices, dtype=np.float64), np.array(sizes, dtype=np.float64)
+            prices, sizes = list(map(float, prices)), list(map(float, sizes))
+            if not (min(prices) > 0.0 and min(sizes) >= 0.0 and math.isfinite(sum(prices))
+                    and math.isfinite(sum(sizes))):
+                return None
         except OverflowError:  # an int beyond the float range
             return None
-        if not (np.all(price_array > 0.0) and np.all(price_array < np.inf)
-                and np.all(size_array >= 0.0) and np.all(size_array < np.inf)):
-            return None  # NaN fails every comparison
         index = self._index
         ks = [index.get(symbol) for symbol in symbols]
         if None in ks:
             ks = [index[symbol] if symbol in index else self._add_symbol(symbol) for symbol in symbols]
-        return ks, price_array.tolist(), size_array.tolist()
+        return ks, prices, sizes
 
     def _gather_each(self, batch: Batch) -> tuple[list[int], list[int], list[float], list[float]]:
         """:meth:`_gather` tick by tick, rejecting each invalid one with its reason."""
