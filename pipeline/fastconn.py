@@ -37,6 +37,7 @@ import operator
 import random
 import ssl
 import struct
+import threading
 import time
 from itertools import repeat
 
@@ -151,6 +152,27 @@ def _retrieve(future: asyncio.Future) -> None:
     # future's exception retrieved so asyncio does not log it a second time.
     if not future.cancelled():
         future.exception()
+
+
+class _Writes(threading.local):
+    """This thread's connections with data to write, and whether a read is being handled (one event loop
+    per thread)."""
+
+    def __init__(self):
+        self.pending: list[FastConn] = []
+        self.reading = 0  # reads being handled (nested when a handler reads another connection's answers)
+        self.scheduled = False  # a _flush_pending is due on the loop
+
+
+_writes = _Writes()
+
+
+def _flush_pending() -> None:
+    """Write every connection's pending data: one write each."""
+    _writes.scheduled = False
+    pending, _writes.pending = _writes.pending, []
+    for conn in pending:
+        conn._flush()
 
 
 class _Wire(asyncio.Protocol):
@@ -302,8 +324,9 @@ class FastConn(nsq.AsyncConn):
     # -- writes ----------------------------------------------------------------
 
     def send(self, data: bytes) -> asyncio.Future:
-        """Write ``data``: during the handshake at once, then on the next loop iteration with whatever else
-        was sent in this one (one socket write). The future resolves once it is handed to the transport.
+        """Write ``data``: during the handshake at once, then together with whatever else is sent while
+        this read is handled (or in this loop iteration, outside a read): one socket write per connection.
+        The future resolves once it is handed to the transport.
 
         Raises:
             StreamClosedError: the connection is not open.
@@ -320,12 +343,15 @@ class FastConn(nsq.AsyncConn):
             loop = asyncio.get_event_loop()
             self._flushed = loop.create_future()
             self._flushed.add_done_callback(_retrieve)
-            loop.call_soon(self._flush)
+            _writes.pending.append(self)
+            if not _writes.reading and not _writes.scheduled:
+                _writes.scheduled = True
+                loop.call_soon(_flush_pending)
         return self._flushed
 
     def _flush(self) -> None:
         flushed, self._flushed = self._flushed, None
-        if not self._pending:
+        if not self._pending or self.transport is None:
             return
         data, self._pending = b"".join(self._pending), []
         try:
@@ -342,10 +368,20 @@ class FastConn(nsq.AsyncConn):
     # -- reads -----------------------------------------------------------------
 
     def _on_read(self, chunk: bytes) -> None:
-        """Take one read from the socket: hand over every complete frame, keep the rest for the next read."""
+        """Take one read from the socket: hand over every complete frame, keep the rest for the next read.
+
+        What is sent meanwhile, on any connection (a batch handled inline: its MPUB, its FINs), is
+        written when the read is done, one write per connection, with no loop turn of its own.
+        """
         self.last_recv_timestamp = time.time()
         data = self._rbuf + chunk if self._rbuf else chunk
-        pos = self._read_batched(data) if self.on_messages is not None else self._read_each(data)
+        _writes.reading += 1
+        try:
+            pos = self._read_batched(data) if self.on_messages is not None else self._read_each(data)
+        finally:
+            _writes.reading -= 1
+            if not _writes.reading and _writes.pending and not _writes.scheduled:
+                _flush_pending()
         if pos is None:
             self._rbuf = b""
             return  # the stream is corrupt and the connection closed

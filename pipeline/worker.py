@@ -260,6 +260,9 @@ class Worker:
             self._flush(pending[:size])
             pending = self._pending
         if pending and self._timer is None:
+            if not self.spec.batch.wait_ms:
+                self._flush()  # a batch is what this read brought: handled now, its writes leave with the read's
+                return
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self.spec.batch.wait_ms / 1000.0, self._flush)
 
