@@ -40,6 +40,7 @@ import struct
 import threading
 import time
 from itertools import repeat
+from typing import Callable
 
 import nsq
 from nsq import event, protocol
@@ -154,23 +155,49 @@ def _retrieve(future: asyncio.Future) -> None:
         future.exception()
 
 
-class _Writes(threading.local):
-    """This thread's connections with data to write, and whether a read is being handled (one event loop
-    per thread)."""
+class _Reads(threading.local):
+    """This thread's read in progress (one event loop per thread): what waits for its end.
+
+    While a read is handled, whatever is sent on any connection (a batch handled inline: its MPUB,
+    its FINs) is written when the read is done, one write per connection, and callbacks registered
+    with :func:`when_read_done` run just before that; outside a read, both happen on the next loop turn.
+    """
 
     def __init__(self):
-        self.pending: list[FastConn] = []
-        self.reading = 0  # reads being handled (nested when a handler reads another connection's answers)
-        self.scheduled = False  # a _flush_pending is due on the loop
+        self.pending: list[FastConn] = []  # connections with data to write
+        self.after: list[Callable[[], None]] = []  # when_read_done callbacks
+        self.reading = 0  # reads being handled (nested only when a test feeds reads by hand)
+        self.scheduled = False  # a _read_done is due on the loop
 
 
-_writes = _Writes()
+_reads = _Reads()
 
 
-def _flush_pending() -> None:
-    """Write every connection's pending data: one write each."""
-    _writes.scheduled = False
-    pending, _writes.pending = _writes.pending, []
+def when_read_done(callback: Callable[[], None]) -> None:
+    """Call ``callback`` once the read being handled is done (every frame in it handed over), before its
+    writes leave; outside a read, on the next loop turn. For work that should see a whole read's
+    answers at once rather than one answer at a time."""
+    _reads.after.append(callback)
+    _schedule_read_done()
+
+
+def _schedule_read_done() -> None:
+    if not _reads.reading and not _reads.scheduled:
+        _reads.scheduled = True
+        asyncio.get_event_loop().call_soon(_read_done)
+
+
+def _read_done() -> None:
+    """Run the when_read_done callbacks, then write every connection's pending data: one write each."""
+    _reads.scheduled = False
+    while _reads.after:
+        after, _reads.after = _reads.after, []
+        for callback in after:
+            try:
+                callback()
+            except Exception:
+                log.exception("uncaught exception in a callback after a read")
+    pending, _reads.pending = _reads.pending, []
     for conn in pending:
         conn._flush()
 
@@ -272,6 +299,15 @@ class FastConn(nsq.AsyncConn):
                 self._flush()
             self.transport.close()
 
+    def hold_reads(self, hold: bool) -> None:
+        """Stop (True) or resume (False) reading the socket; what nsqd sends meanwhile waits in it."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if hold:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
     def upgrade_to_tls(self, options=None) -> None:
         """Start TLS on the open connection, as pynsq's does on its IOStream (nsqd answers OK once it is up)."""
         opts = {"cert_reqs": ssl.CERT_REQUIRED, "ssl_version": ssl.PROTOCOL_TLSv1_2, **(options or {})}
@@ -343,10 +379,8 @@ class FastConn(nsq.AsyncConn):
             loop = asyncio.get_event_loop()
             self._flushed = loop.create_future()
             self._flushed.add_done_callback(_retrieve)
-            _writes.pending.append(self)
-            if not _writes.reading and not _writes.scheduled:
-                _writes.scheduled = True
-                loop.call_soon(_flush_pending)
+            _reads.pending.append(self)
+            _schedule_read_done()
         return self._flushed
 
     def _flush(self) -> None:
@@ -371,17 +405,18 @@ class FastConn(nsq.AsyncConn):
         """Take one read from the socket: hand over every complete frame, keep the rest for the next read.
 
         What is sent meanwhile, on any connection (a batch handled inline: its MPUB, its FINs), is
-        written when the read is done, one write per connection, with no loop turn of its own.
+        written when the read is done, one write per connection, with no loop turn of its own (see
+        :class:`_Reads`).
         """
         self.last_recv_timestamp = time.time()
         data = self._rbuf + chunk if self._rbuf else chunk
-        _writes.reading += 1
+        _reads.reading += 1
         try:
             pos = self._read_batched(data) if self.on_messages is not None else self._read_each(data)
         finally:
-            _writes.reading -= 1
-            if not _writes.reading and _writes.pending and not _writes.scheduled:
-                _flush_pending()
+            _reads.reading -= 1
+            if not _reads.reading and (_reads.pending or _reads.after) and not _reads.scheduled:
+                _read_done()
         if pos is None:
             self._rbuf = b""
             return  # the stream is corrupt and the connection closed

@@ -42,6 +42,20 @@ class Publisher:
     def __init__(self, nsqd_tcp_addresses: Sequence[str], reconnect_interval: float = 1.0, **conn_kwargs):
         self.writer = FastWriter(list(nsqd_tcp_addresses), reconnect_interval=reconnect_interval, **conn_kwargs)
         self.pool = NodePool(list(nsqd_tcp_addresses))  # pynsq names a connection by its host:port, as given
+        self.holding = False  # see hold_answers
+
+    def hold_answers(self, hold: bool) -> None:
+        """Stop (True) or go back to (False) reading nsqd's answers; meanwhile they wait in the socket.
+
+        For a caller that needs the answers only from time to time (a keyed worker, at its checkpoints):
+        each answer read as it comes costs a wake-up. A connection made while answers are held is read
+        until the next hold; a connection that breaks meanwhile is noticed at the next write.
+        """
+        if hold == self.holding:
+            return
+        self.holding = hold
+        for conn in list(self.writer.conns.values()):
+            conn.hold_reads(hold)
 
     def connected(self) -> bool:
         """True when at least one connection to nsqd is ready to publish."""

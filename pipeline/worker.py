@@ -38,7 +38,7 @@ from tornado.ioloop import PeriodicCallback
 
 from . import faultpoints, gctuning, jit, nsqd_http
 from .errors import PublishError
-from .fastconn import FastReader, finish_all
+from .fastconn import FastReader, finish_all, when_read_done
 from .gctuning import GcTuning
 from .metrics import WorkerMetrics
 from .middleware import Middleware, MiddlewareStack
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 30.0
 MAX_REQUEUE_DELAY = 3600.0
 GAP_CHECK_MS = 100  # how often a keyed stage looks for gaps that waited long enough
+HOLD_ANSWERS_MIN_S = 0.002  # a keyed stage leaves publish answers unread only when a checkpoint is further off
 
 
 class Worker:
@@ -99,6 +100,7 @@ class Worker:
         self._commits_done.set()
         self._writing: asyncio.Future | None = None  # the checkpoint being written
         self._checkpoint_timer: asyncio.TimerHandle | None = None
+        self._advance_due = False  # an _advance_commits waits for the end of the read in hand
         self._keyed_halted = False  # set after a runtime failure, until the commits rewound the state
         self._uncommitted = 0  # messages of the queued commits
         self._last_checkpoint = 0.0
@@ -187,9 +189,7 @@ class Worker:
         self._requeue_now(self._take_pending())
         deadline = time.monotonic() + self.spec.publish_timeout + 2.0
         if self._checkpoint_timer is not None:  # no waiting for the checkpoint interval now
-            self._checkpoint_timer.cancel()
-            self._checkpoint_timer = None
-            self._advance_commits()
+            self._checkpoint_due()
         # Tasks may start others (a gap check applies a keyed batch), so wait until none is left.
         while (self._active or not self._commits_done.is_set()) and time.monotonic() < deadline - 1.0:
             waits = [*self._active, asyncio.ensure_future(self._commits_done.wait())]
@@ -389,19 +389,38 @@ class Worker:
         if commit.answer is _DROPPED:
             return  # requeued by a rewind meanwhile
         commit.answer = error
-        if self._commits and self._commits[0] is commit:
-            self._advance_commits()
+        if self._commits and self._commits[0] is commit and not self._advance_due:
+            # After the whole read: it may hold the answers of the batches behind this one too (held
+            # answers come in together), and they then share this checkpoint.
+            self._advance_due = True
+            when_read_done(self._advance_after_read)
+
+    def _advance_after_read(self) -> None:
+        self._advance_due = False
+        self._advance_commits()
 
     def _queue_commit(self, commit: _KeyedCommit) -> None:
         self._commits.append(commit)
         self._uncommitted += len(commit.finish)
         self._commits_done.clear()
         if self._uncommitted * 2 >= self.spec.max_in_flight and self._checkpoint_timer is not None:
-            self._checkpoint_timer.cancel()  # half the in-flight window waits: no waiting for the interval
-            self._checkpoint_timer = None
-            self._advance_commits()
+            self._checkpoint_due()  # half the in-flight window waits: no waiting for the interval
         elif commit.answer is not _WAITING:
             self._advance_commits()
+        elif (wait := self._checkpoint_wait()) > 0:
+            self._wait_for_checkpoint(wait)
+
+    def _wait_for_checkpoint(self, wait: float) -> None:
+        """Come back when the next checkpoint is due; until then nsqd's answers to the publishes wait unread.
+
+        They are needed only for that checkpoint: reading each as it comes would cost a wake-up and a read
+        per batch. The wait is bounded by half the publish timeout, so no answer is taken for missing.
+        """
+        if self._checkpoint_timer is None:
+            self._checkpoint_timer = asyncio.get_running_loop().call_later(
+                min(wait, self.spec.publish_timeout / 2), self._checkpoint_due)
+        if wait >= HOLD_ANSWERS_MIN_S:
+            self.publisher.hold_answers(True)
 
     def _checkpoint_wait(self) -> float:
         """Seconds until the next checkpoint is due: checkpoint_interval_ms after the last one, or now when
@@ -421,6 +440,7 @@ class Worker:
             return  # the write's end comes back here
         commits = self._commits
         if not commits:
+            self.publisher.hold_answers(False)  # nothing waits for them: no reason to leave them unread
             self._commits_done.set()
             return
         head = commits[0]
@@ -433,8 +453,7 @@ class Worker:
             return
         wait = self._checkpoint_wait()
         if wait > 0:
-            if self._checkpoint_timer is None:
-                self._checkpoint_timer = asyncio.get_running_loop().call_later(wait, self._checkpoint_due)
+            self._wait_for_checkpoint(wait)
             return
         group = [commits.popleft()]
         while commits and commits[0].answer is None:
@@ -448,7 +467,10 @@ class Worker:
         self._writing.add_done_callback(functools.partial(self._checkpointed, group))
 
     def _checkpoint_due(self) -> None:
-        self._checkpoint_timer = None
+        if self._checkpoint_timer is not None:
+            self._checkpoint_timer.cancel()
+            self._checkpoint_timer = None
+        self.publisher.hold_answers(False)  # the answers come in now and move the commits on
         self._advance_commits()
 
     def _checkpointed(self, group: list[_KeyedCommit], written: asyncio.Future) -> None:
@@ -499,6 +521,7 @@ class Worker:
             self._requeue_now(commit.finish)
         self._restore_checkpoint()
         self._keyed_halted = False
+        self.publisher.hold_answers(False)
         self._run_keyed()
         self._advance_commits()
 
