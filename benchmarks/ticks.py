@@ -10,9 +10,11 @@ The rule:
    ``produce_ticks(rate=R)``; each tick's ``ts`` is stamped when the pacer
    releases it into the producer (see :func:`stamped`);
 4. the reader (a separate process, so reading adds no latency to the bench's
-   producer thread or the other way round) notes ``time.time_ns()`` as each
-   message arrives; after the run it decodes them: latency = arrival - ts,
-   per feature record and per signal record (a signal carries its tick's ts).
+   producer thread or the other way round; one event loop for all its
+   subscriptions, each asking nsqd for no output buffering) notes
+   ``time.time_ns()`` as each read arrives; after the run it decodes the
+   messages: latency = arrival - ts, per feature record and per signal record
+   (a signal carries its tick's ts).
 
 Figures: p50 / p99 / p99.9 of both latencies in ms, the achieved input rate,
 the pipeline backlog (messages queued or in flight on the workers' channels)
@@ -172,8 +174,8 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
     Raises:
         BenchError: a process died, the producer failed, or a deadline passed.
     """
-    # The reader sends no IDENTIFY, so it gets nsqd's default output buffer timeout: 1 ms here, so the
-    # measuring hop adds no buffering. The workers ask for their stage's output_buffer_size/timeout.
+    # The workers ask for their stage's output_buffer_size/timeout, the reader for no buffering at all;
+    # the flags let a stage ask for a timeout down to 1 ms.
     broker = Broker(start_nsqd(workdir / "nsqd", extra=[f"--mem-queue-size={max(MEM_QUEUE_SIZE, 2 * count)}",
                                                         f"--output-buffer-timeout={READER_BUFFER_TIMEOUT}",
                                                         f"--min-output-buffer-timeout={READER_BUFFER_TIMEOUT}"]))
@@ -316,40 +318,49 @@ def _wait_outputs(broker: Broker, launched: list[Launched], topics: list[str], w
 # ---------------------------------------------------------------- the reader process
 
 
-def _read(tcp: str, topic: str, channel: str, stop: threading.Event, into: list) -> None:
-    from pipeline.nsqclient import NsqSubscriber
-    with NsqSubscriber(tcp, topic, channel, rdy=2500, timeout=10) as sub:
-        while not stop.is_set():
-            for message in sub.messages(timeout=0.2):
-                into.append((time.time_ns(), message.body))
-                if stop.is_set():
-                    break
+async def _read_until_stopped(tcp: str, topics: list[str], channel: str, got: dict[str, list]) -> None:
+    """Subscribe to every topic on one event loop; note each read's arrival time with its bodies until SIGTERM.
+
+    The readers ask nsqd for no output buffering (output_buffer_size -1), as a latency-sensitive consumer
+    of the pipeline's outputs would: a record is written to the reader as soon as nsqd has it, so the
+    figure is the pipeline's latency, not nsqd's buffering for the probe.
+    """
+    import asyncio
+
+    from pipeline.fastconn import FastReader, finish_all
+
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+
+    def reader(topic: str) -> FastReader:
+        into = got[topic]
+
+        def on_messages(messages: list) -> None:
+            arrived = time.time_ns()  # once per read: every message of it arrived then
+            into.extend((arrived, m.body) for m in messages)
+            finish_all(messages)
+        return FastReader(topic=topic, channel=channel, batch_handler=on_messages, nsqd_tcp_addresses=[tcp],
+                          max_in_flight=2500, output_buffer_size=-1)
+
+    readers = [reader(topic) for topic in topics]
+    await stop.wait()
+    for running in readers:
+        running.close()
 
 
 def reader_main(argv: list[str]) -> int:
     """Read the topics until SIGTERM, then write each record's arrival - ts (ns) to ``--out`` (npz)."""
+    import asyncio
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ticks read")
     parser.add_argument("--tcp", required=True)
     parser.add_argument("--channel", required=True)
     parser.add_argument("--topics", required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    got: dict[str, list] = {}
-    threads = []
-    for topic in args.topics.split(","):
-        got[topic] = []
-        thread = threading.Thread(target=_read, args=(args.tcp, topic, args.channel, stop, got[topic]), daemon=True)
-        thread.start()
-        threads.append(thread)
-    while not stop.wait(0.2):
-        if not all(t.is_alive() for t in threads):
-            print("ticks reader: a subscription ended", file=sys.stderr)
-            break
-    stop.set()
-    for thread in threads:
-        thread.join(5)
+    topics = args.topics.split(",")
+    got: dict[str, list] = {topic: [] for topic in topics}
+    asyncio.run(_read_until_stopped(args.tcp, topics, args.channel, got))
     from pipeline.codecs import decode
     from pipeline.envelope import records_of
     seen: set[str] = set()

@@ -177,6 +177,9 @@ class Features:
         ValueError: a param is unknown or out of bounds; the message names it.
     """
 
+    #: :meth:`columns` declines only before it changes any state (see :mod:`pipeline.stage`).
+    columns_atomic = True
+
     def __init__(self, context: StageContext):
         params = _checked_params(context.params)
         self.ema_fast_span, self.ema_slow_span, self.window = params

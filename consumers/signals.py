@@ -48,7 +48,6 @@ import math
 from typing import Any, Mapping
 
 import msgpack
-import numpy as np
 
 from pipeline.stage import MISSING, Batch, Columns, Record, StageContext, as_float, field_error, merge_params
 
@@ -95,6 +94,9 @@ class Signals:
         ValueError: a param is unknown or out of bounds; the message names it.
     """
 
+    #: :meth:`columns` declines only before it changes any state (see :mod:`pipeline.stage`).
+    columns_atomic = True
+
     def __init__(self, context: StageContext):
         self.crossover_band, self.z_entry, self.z_exit = _checked_params(context.params)
         # symbol -> [crossover position, zscore position]
@@ -124,8 +126,9 @@ class Signals:
         numbers = [features[name] for name in _NUMERIC_FIELDS]
         if set(map(type, symbols)) != {str} or "" in symbols or any(set(map(type, c)) != {float} for c in numbers):
             return None  # ints, NaN-free or not, take the record path, which names the field
-        values = np.array(numbers)
-        if not (np.isfinite(values).all() and (values[2] > 0.0).all()):
+        # A sum that is not finite: a NaN or an infinity in the column (or a sum that overflows, which
+        # the record path then takes as it would anyway). C-level builtins: a batch is often small.
+        if not (all(map(math.isfinite, map(sum, numbers))) and min(numbers[2]) > 0.0):
             return None
         n = len(features)
         absent = [None] * n

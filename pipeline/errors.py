@@ -61,5 +61,10 @@ class StageOutputError(PipelineError):
     """Raised when a stage emits to a topic that is not among its declared outputs."""
 
 
+class StageStateError(PipelineError):
+    """Raised when a keyed stage's atomic columnar call failed (raised, or emitted what cannot be published)
+    after it may have changed the stage's state: the replica rewinds to its last checkpoint."""
+
+
 class ScenarioError(TopologyError):
     """Raised when a chaos scenario file cannot be read or breaks its schema (``PATH:LINE:COL: field: reason``)."""

@@ -23,7 +23,7 @@ import orjson
 from . import bulkjson, envelope
 from .codecs import DIGITS_TO_9, MSGPACK_MAP_MARKERS, TWENTY_DIGITS, decode, encode_json, encode_msgpack, encoder
 from .deadletter import DeadLetter
-from .errors import DecodeError, StageOutputError
+from .errors import DecodeError, StageOutputError, StageStateError
 from .middleware import MiddlewareStack
 from .nsqclient import MAX_MSG_SIZE
 from .partition import PartitionKeyError, Router
@@ -91,6 +91,7 @@ class BatchProcessor:
         self.worker, self.name, self.spec = worker, name, spec
         self.handler, self.middleware, self.on_error = handler, middleware, on_error
         self.columns_handler = getattr(handler, "columns", None)
+        self.columns_declined = False  # whether the last columnar call returned None (see _run_columns)
         # handler output name -> (topic, encode a list of records, records per message, partition router)
         self.outputs = {out: (topic, _encoder_of_lists(topology.codec_for(topic)), topology.pack_for(topic),
                               Router.of(topology, topic)) for out, topic in spec.output_topics.items()}
@@ -185,13 +186,15 @@ class BatchProcessor:
 
         None when it declined, raised, or emitted what cannot be published:
         the record path then runs the batch (and owns any error).
+        :attr:`columns_declined` tells the first case from the other two.
         """
         batch = ColumnBatch(found, stage=self.name)
         self.middleware.emit_before("before_process_batch", self.worker, batch)
         try:
             emitted = self.columns_handler(found)
+            self.columns_declined = emitted is None
         except Exception:
-            emitted = None
+            emitted, self.columns_declined = None, False
         encoded = self._encode_columns(emitted) if emitted is not None else None
         self.middleware.emit_after("after_process_batch", self.worker, batch,
                                    result=emitted if encoded is not None else None, exception=None)
@@ -435,6 +438,9 @@ class KeyedProcessor(BatchProcessor):
         self.may_give_up: Callable[[], bool] = lambda: True
         self.duplicates = self.parked = 0
         self._handler_state: Any = _UNKNOWN
+        # The stage's columnar function declines only before it changes any state (see pipeline.stage):
+        # no snapshot before each call, and the worker takes one only when a checkpoint needs it.
+        self.columns_atomic = bool(getattr(self.handler, "columns_atomic", False)) and self.columns_handler is not None
 
     def process(self, messages: list) -> Outcome:
         """Sequence the batch's records (and any whose gap expired), apply what is ready, in order."""
@@ -470,8 +476,14 @@ class KeyedProcessor(BatchProcessor):
         the stage's columnar function takes the batch (returns outputs it can
         publish). Then the whole batch is applied at once, as the record path
         would apply it, with no dict per record. Otherwise the stage's state is
-        put back as it was and the sequencer is left unchanged, so the record
-        path sequences, applies or dead-letters every record exactly as usual.
+        put back as it was (a ``columns_atomic`` stage declines before changing
+        it) and the sequencer is left unchanged, so the record path sequences,
+        applies or dead-letters every record exactly as usual.
+
+        Raises:
+            StageStateError: a ``columns_atomic`` stage's call raised, or emitted
+                what cannot be published, after it may have changed the state;
+                the worker then rewinds the replica to its last checkpoint.
         """
         found = self._columns_of(messages)
         if found is None or self.key_field not in found or self.seq_field not in found:
@@ -479,11 +491,15 @@ class KeyedProcessor(BatchProcessor):
         last = self.sequencer.take_in_order(found[self.key_field], found[self.seq_field])
         if last is None or (self.sequencer.expiry_due() and self.may_give_up()):
             return None
-        before = self._snapshot()
+        before = None if self.columns_atomic else self._snapshot()
         self._handler_state = _UNKNOWN  # the call may change the state, whatever it returns
         encoded = self._run_columns(found)
         if encoded is None:
-            self._restore(before)
+            if before is not None:
+                self._restore(before)
+            elif not self.columns_declined:
+                raise StageStateError(f"stage {self.name}: its columnar call raised or emitted what cannot be "
+                                      "published after it may have changed the state")
             return None
         self.sequencer.advance(last)
         self.columns_path += 1

@@ -31,7 +31,12 @@ into a dict; whatever the columnar function does not take, the record path
 does exactly as before. A keyed stage's columnar function gets a batch only
 when every record in it is the next ``seq`` of its key and nothing is parked;
 if it raises or returns None, the runtime puts the stage's state back (its
-snapshot) before the record path runs the batch.
+snapshot) before the record path runs the batch. A stateful stage whose
+columnar function returns None only before it changes any state says so with
+a class attribute ``columns_atomic = True``: the runtime then takes no
+snapshot before each call, and the state only when a checkpoint is due; if
+such a call raises, or emits what cannot be published, the replica rewinds
+to its last checkpoint, as after a crash, and the batch comes back.
 """
 from __future__ import annotations
 

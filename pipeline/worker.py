@@ -370,7 +370,9 @@ class Worker:
             self._report_gaps()
             self.stats.update(duplicates=self.processor.duplicates, parked=self.processor.parked)
             outputs = self._outputs(outcome)
-            state = (self.processor.sequencer.state(), self.processor.handler_state())
+            # The state after this batch, when a checkpoint may need it before the batches behind it are
+            # acknowledged; else only the last batch's state is ever written, taken when that is due.
+            state = self._state_now() if not self.processor.columns_atomic or self._checkpoint_wait() <= 0 else None
         except Exception as e:
             # A bug of ours, not of the stage: the state may be half-updated, so
             # nothing more goes through the handler until the commits before
@@ -378,7 +380,7 @@ class Worker:
             log.critical("stage %s: batch of %d messages failed in the runtime; rewinding to the last checkpoint",
                          self.name, len(messages), exc_info=True)
             self._keyed_halted = True
-            self._queue_commit(_KeyedCommit(messages, [], {}, None, answer=e))
+            self._queue_commit(_KeyedCommit(messages, [], {}, None, answer=e, failed=True))
             return
         self.middleware.emit_before("before_publish", self, outputs)
         commit = _KeyedCommit(outcome.finish, outcome.retry, outputs, state)
@@ -389,7 +391,7 @@ class Worker:
         if commit.answer is _DROPPED:
             return  # requeued by a rewind meanwhile
         commit.answer = error
-        if self._commits and self._commits[0] is commit and not self._advance_due:
+        if self._commits and self._commits[0].answer is not _WAITING and not self._advance_due:
             # After the whole read: it may hold the answers of the batches behind this one too (held
             # answers come in together), and they then share this checkpoint.
             self._advance_due = True
@@ -422,6 +424,10 @@ class Worker:
         if wait >= HOLD_ANSWERS_MIN_S:
             self.publisher.hold_answers(True)
 
+    def _state_now(self) -> tuple[dict, bytes | None]:
+        """The sequencer's and the stage's state as of the last batch applied, as a checkpoint holds them."""
+        return self.processor.sequencer.state(), self.processor.handler_state()
+
     def _checkpoint_wait(self) -> float:
         """Seconds until the next checkpoint is due: checkpoint_interval_ms after the last one, or now when
         half the in-flight window waits for it or the worker drains."""
@@ -447,7 +453,7 @@ class Worker:
         if head.answer is _WAITING:
             return
         if head.answer is not None:
-            if head.state is not None:  # else the runtime failed on the batch (logged already)
+            if not head.failed:  # else the runtime failed on the batch (logged already)
                 self._publish_failed(head.outputs, len(head.finish), head.answer)
             self._rewind()
             return
@@ -455,15 +461,23 @@ class Worker:
         if wait > 0:
             self._wait_for_checkpoint(wait)
             return
-        group = [commits.popleft()]
-        while commits and commits[0].answer is None:
-            group.append(commits.popleft())
+        acknowledged = 1
+        while acknowledged < len(commits) and commits[acknowledged].answer is None:
+            acknowledged += 1
+        if acknowledged == len(commits):  # nothing applied after them: the state now is theirs
+            state = self._state_now()
+        else:
+            kept = [i for i in range(acknowledged) if commits[i].state is not None]
+            if not kept:
+                return  # the next answer comes back here; a batch applied meanwhile keeps its state
+            acknowledged, state = kept[-1] + 1, commits[kept[-1]].state
+        group = [commits.popleft() for _ in range(acknowledged)]
         for commit in group:
             self._published(commit.outputs)
             self._uncommitted -= len(commit.finish)
         self._last_checkpoint = time.monotonic()
         self.stats["checkpoints"] += 1
-        self._writing = asyncio.get_running_loop().run_in_executor(None, self.checkpoint.save, *group[-1].state)
+        self._writing = asyncio.get_running_loop().run_in_executor(None, self.checkpoint.save, *state)
         self._writing.add_done_callback(functools.partial(self._checkpointed, group))
 
     def _checkpoint_due(self) -> None:
@@ -619,5 +633,7 @@ class _KeyedCommit:
     finish: list  # the messages to FIN once committed
     retry: list  # requeued already (for the after_ack hook)
     outputs: dict[str, list[bytes]]
-    state: tuple[dict, bytes | None] | None  # (sequencer state, handler snapshot) right after the handler call
+    # (sequencer state, handler snapshot) right after the handler call; None when not kept (see _apply_keyed)
+    state: tuple[dict, bytes | None] | None
     answer: Any = _WAITING  # the publish's answer: None (acknowledged) or the error
+    failed: bool = False  # the runtime failed on the batch (answer holds the exception)

@@ -62,3 +62,32 @@ class ColumnarRunningSum(RunningSum):
             for name, value in zip(out, (id_, key, seq, self.sums[key])):
                 out[name].append(value)
         return {"sums": Columns(out)}
+
+
+class AtomicColumnarRunningSum(RunningSum):
+    """RunningSum with a columnar path that checks every record before it changes anything (``columns_atomic``);
+    it still raises on v == 13 after adding the records before it, as a stage with a bug would. Counts its
+    snapshots."""
+
+    columns_atomic = True
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.snapshots = 0
+
+    def snapshot(self) -> bytes:
+        self.snapshots += 1
+        return super().snapshot()
+
+    def columns(self, cols):
+        from pipeline.stage import Columns
+        if any(type(v) is not int for v in cols["v"]):
+            return None  # before any change: the record path names the bad record
+        out: dict[str, list] = {"id": [], "key": [], "seq": [], "sum": []}
+        for id_, key, seq, v in zip(cols["id"], cols["key"], cols["seq"], cols["v"]):
+            self.sums[key] = self.sums.get(key, 0) + v
+            if v == 13:
+                raise ValueError("unlucky 13")
+            for name, value in zip(out, (id_, key, seq, self.sums[key])):
+                out[name].append(value)
+        return {"sums": Columns(out)}

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from pipeline.codecs import decode, encode_json
 from pipeline.envelope import pack
+from pipeline.errors import StageStateError
 from pipeline.keyed import Checkpoint, Sequencer
 from pipeline.middleware import MiddlewareStack
 from pipeline.processing import KeyedEntry, KeyedProcessor
@@ -184,6 +187,34 @@ def test_a_failing_columnar_call_changes_nothing_and_the_record_path_dead_letter
     assert p.columns_path == 1 and all_sums(outcome) == [("A", 2, 3), ("A", 4, 7)]
     assert [d.reason for d in outcome.dead] == ["handler raised ValueError: unlucky 13 (keyed stages do not retry)"]
     assert p.sequencer.applied == {"A": 4} and p.handler.sums == {"A": 7}
+
+
+def test_an_atomic_columnar_stage_is_not_snapshotted_before_each_call(tmp_path):
+    batches = [[_packed([tick("A", 1, 1), tick("B", 1, 5)])], [_packed([tick("A", 2, 2)])], [_packed([tick("B", 2, 6)])]]
+    fast, slow = columnar(tmp_path / "fast", "AtomicColumnarRunningSum"), columnar(tmp_path / "slow", "RunningSum")
+    for batch in batches:
+        assert all_sums(fast.process(batch)) == all_sums(slow.process(batch))
+    assert fast.columns_path == 3 and fast.handler.snapshots == 0
+    assert fast.handler_state() == slow.handler_state() and fast.handler.snapshots == 1  # taken when asked for
+
+
+def test_an_atomic_columnar_call_that_declines_leaves_the_record_path_to_name_the_bad_record(tmp_path):
+    p = columnar(tmp_path, "AtomicColumnarRunningSum")
+    outcome = p.process([_packed([tick("A", 1, 1), tick("A", 2, "x"), tick("A", 3, 3)])])
+    assert p.columns_path == 0 and all_sums(outcome) == [("A", 1, 1), ("A", 3, 4)]
+    assert [d.reason for d in outcome.dead] == ["field 'v' must be an integer"]
+    assert p.sequencer.applied == {"A": 3} and p.handler.sums == {"A": 4}
+
+
+def test_an_atomic_columnar_call_that_fails_after_changing_the_state_is_a_stage_state_error(tmp_path):
+    # Given a stage that promised to decline before any change, but raises halfway through a batch
+    p = columnar(tmp_path, "AtomicColumnarRunningSum")
+    p.process([_packed([tick("A", 1, 1)])])
+    # When the call raises after it added 2 to A: nothing can put the state back but the last checkpoint
+    with pytest.raises(StageStateError, match="stage s: its columnar call raised"):
+        p.process([_packed([tick("A", 2, 2), tick("A", 3, 13)])])
+    # Then the sequencer did not take the batch (the worker rewinds the replica and it comes back)
+    assert p.sequencer.applied == {"A": 1} and p.columns_path == 1
 
 
 def test_columnar_outputs_to_a_partitioned_topic_land_where_the_record_path_puts_them(tmp_path):

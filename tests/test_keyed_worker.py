@@ -12,8 +12,10 @@ import yaml
 from harness import CHECK_CHANNEL, collect
 from chaos.market_reference import reference_features
 from pipeline import nsqd_http
+from pipeline.envelope import pack
 from pipeline.errors import PublishError, TopologyError
 from pipeline.keyed import Checkpoint
+from pipeline.nsqclient import NsqPublisher
 from pipeline.topology import load_topology
 from pipeline.worker import Worker
 from producers.ticks import produce_ticks, synthetic_ticks
@@ -125,6 +127,41 @@ def test_a_long_checkpoint_interval_gives_way_when_half_the_in_flight_window_wai
         running.stop()  # draining takes the last checkpoint at once
     assert worker.stats["finished"] == len(ticks)
     assert 1_000 / 100 <= worker.stats["checkpoints"] <= 1_000 / 50 + 2
+
+
+def test_an_atomic_columnar_stage_that_fails_halfway_rewinds_to_its_checkpoint_and_stays_exact(nsqd, tmp_path):
+    # Given a stage that takes no snapshot before its columnar calls (columns_atomic) but raises halfway
+    # through the envelope holding v == 13, after adding the records before it
+    doc = {"nsq": {"nsqd": [{"name": "n0", "tcp": nsqd.tcp, "http": nsqd.http}], "var_dir": str(tmp_path / "var")},
+           "topics": {"ins": {"codec": "msgpack", "key": "key", "pack": 5}, "sums": {"codec": "msgpack"}},
+           "stages": {"s": {"handler": "stages_for_tests:AtomicColumnarRunningSum", "input": "ins", "channel": "c",
+                            "outputs": ["sums"], "keyed": True, "max_tries": 2, "batch": {"size": 4, "wait_ms": 1}}}}
+    (tmp_path / "topology.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    topology = load_topology(tmp_path / "topology.yaml")
+    nsqd_http.create_channel(nsqd.http, "sums", CHECK_CHANNEL)
+    nsqd_http.create_channel(nsqd.http, "ins.dead", CHECK_CHANNEL)
+    records = [{"id": f"r{seq}", "key": "A", "seq": seq, "v": 13 if seq == 17 else 2 * seq}
+               for seq in range(1, 41)]
+    with NsqPublisher(nsqd.tcp) as publisher:
+        publisher.publish("ins", pack(records, 5))
+    worker = Worker(topology, "s")
+    running = InProcessWorker(worker, lambda w: None)
+    try:
+        # When the replica runs them: the failing call rewinds it, and the batch comes back (to the columnar
+        # path again while it is in order and within max_tries, else to the record path)
+        got = collect(nsqd.tcp, ["sums", "ins.dead"],
+                      lambda g: len({r["seq"] for r in g["sums"]}) >= 39 and g["ins.dead"], 30)
+    finally:
+        running.stop()
+    # Then every other record was applied once, in order, and 13 alone was dead-lettered
+    expected, total = {}, 0
+    for record in records:
+        if record["v"] != 13:
+            total += record["v"]
+            expected[record["seq"]] = total
+    assert {r["seq"]: r["sum"] for r in got["sums"]} == expected
+    assert [d["reason"] for d in got["ins.dead"]] == ["handler raised ValueError: unlucky 13 (keyed stages do not retry)"]
+    assert worker.stats["requeued"] >= 4, "the failing batch was requeued by a rewind"
 
 
 def test_checkpoint_interval_must_stay_under_half_the_message_timeout(nsqd, tmp_path):
