@@ -334,7 +334,7 @@ class FastConn(nsq.AsyncConn):
         self.trigger(event.RESUME, conn=self)
         self.in_flight -= 1
         try:
-            self.send(b"FIN " + message.id + b"\n")
+            self.write(b"FIN " + message.id + b"\n")
         except Exception as e:
             self.close()
             self.trigger(event.ERROR, conn=self, error=protocol.SendError(f"failed to send FIN {message.id!r}", e))
@@ -343,7 +343,7 @@ class FastConn(nsq.AsyncConn):
         self.trigger(event.RESUME, conn=self)
         self.in_flight -= len(message_ids)
         try:
-            self.send(b"FIN " + b"\nFIN ".join(message_ids) + b"\n")
+            self.write(b"FIN " + b"\nFIN ".join(message_ids) + b"\n")
         except Exception as e:
             self.close()
             self.trigger(event.ERROR, conn=self, error=protocol.SendError(f"failed to send {len(message_ids)} FINs", e))
@@ -360,9 +360,24 @@ class FastConn(nsq.AsyncConn):
     # -- writes ----------------------------------------------------------------
 
     def send(self, data: bytes) -> asyncio.Future:
+        """Write ``data`` (see :meth:`write`); the future resolves once it is handed to the transport.
+
+        Raises:
+            StreamClosedError: the connection is not open.
+        """
+        self.write(data)
+        if self._flushed is None:
+            self._flushed = asyncio.get_event_loop().create_future()
+            self._flushed.add_done_callback(_retrieve)
+            if not self._pending:  # written at once (during the handshake)
+                self._flushed.set_result(None)
+                self._flushed, written = None, self._flushed
+                return written
+        return self._flushed
+
+    def write(self, data: bytes) -> None:
         """Write ``data``: during the handshake at once, then together with whatever else is sent while
         this read is handled (or in this loop iteration, outside a read): one socket write per connection.
-        The future resolves once it is handed to the transport.
 
         Raises:
             StreamClosedError: the connection is not open.
@@ -370,18 +385,12 @@ class FastConn(nsq.AsyncConn):
         if self.transport is None or self.transport.is_closing():
             raise StreamClosedError()
         if not self._fast:
-            self.transport.write(self.encoder.encode(data))
-            written = asyncio.get_event_loop().create_future()
-            written.set_result(None)
-            return written
-        self._pending.append(data)
-        if self._flushed is None:
-            loop = asyncio.get_event_loop()
-            self._flushed = loop.create_future()
-            self._flushed.add_done_callback(_retrieve)
+            self.transport.write(data)
+            return
+        if not self._pending:
             _reads.pending.append(self)
             _schedule_read_done()
-        return self._flushed
+        self._pending.append(data)
 
     def _flush(self) -> None:
         flushed, self._flushed = self._flushed, None
@@ -576,25 +585,29 @@ class FastWriter(nsq.Writer):
 
         ``conn_id`` (``host:port``) picks the connection; by default a random open one.
         """
-        bodies = [msg] if isinstance(msg, bytes) else list(msg)
+        bodies = [msg] if isinstance(msg, bytes) else msg
         if callback is None:
             callback = functools.partial(self._finish_pub, command="mpub", topic=topic, msg=bodies)
-        open_connections = [conn for conn in self.conns.values() if conn.connected()
-                            and (conn_id is None or conn.id == conn_id)]
-        if not open_connections:
-            error = protocol.SendError("no open connections" if conn_id is None else f"{conn_id} is not connected")
-            callback(None, error)
-            return None
-        conn = random.choice(open_connections)
+        if conn_id is not None:
+            conn = self.conns.get(conn_id)
+            if conn is None or not conn.connected():
+                callback(None, protocol.SendError(f"{conn_id} is not connected"))
+                return None
+        else:
+            open_connections = [conn for conn in self.conns.values() if conn.connected()]
+            if not open_connections:
+                callback(None, protocol.SendError("no open connections"))
+                return None
+            conn = random.choice(open_connections)
         conn.callback_queue.append(callback)
         try:
-            return conn.send(encode_mpub(topic, bodies))
+            conn.write(encode_mpub(topic, bodies))
         except Exception as e:
             log.exception("[%s] failed to send mpub", conn.id)
             conn.callback_queue.remove(callback)
             callback(None, protocol.SendError("send error", e))
             conn.close()
-            return None
+        return None
 
     def connect_to_nsqd(self, host: str, port: int) -> None:
         """Connect to one nsqd, as pynsq's ``Writer.connect_to_nsqd`` does, with a :class:`FastConn`."""

@@ -25,7 +25,7 @@ class Sent:
 
     def __init__(self, conn: FastConn):
         self.data: list[bytes] = []
-        conn.send = self.data.append
+        conn.send = conn.write = self.data.append
 
 
 def batched_conn():
