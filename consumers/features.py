@@ -101,8 +101,13 @@ def _window_stats(prices, sizes, returns, n, p):
 
 @njit(cache=True)
 def _features_kernel(symbols, prices, sizes, alpha_fast, alpha_slow,
-                     ring_prices, ring_sizes, ring_returns, counts, ema_fast, ema_slow, out):
-    """Apply each tick to its symbol's state, in order, and write its features into ``out[:, i]``."""
+                     ring_prices, ring_sizes, ring_returns, counts, ema_fast, ema_slow, out, feature_seqs):
+    """Apply each tick to its symbol's state, in order, and write its features into ``out[:, i]``.
+
+    ``feature_seqs[i]`` numbers tick i's feature per symbol: 1, 2, 3 ... with no holes. A rejected
+    tick leaves a hole in the ticks' ``seq``; downstream keyed stages sequence on ``feature_seq``
+    instead, so they never wait for it.
+    """
     window = ring_prices.shape[1]
     for i in range(symbols.shape[0]):
         s, p = symbols[i], prices[i]
@@ -116,6 +121,7 @@ def _features_kernel(symbols, prices, sizes, alpha_fast, alpha_slow,
         slot = seen % window
         ring_prices[s, slot], ring_sizes[s, slot], ring_returns[s, slot] = p, sizes[i], r
         counts[s], ema_fast[s], ema_slow[s] = seen + 1, fast, slow
+        feature_seqs[i] = seen + 1
         # Before the ring wraps, slots 0..seen hold every tick; after, all slots do.
         n = min(seen + 1, window)
         mean, std, zscore, vwap, rv = _window_stats(ring_prices[s], ring_sizes[s], ring_returns[s], n, p)
@@ -207,12 +213,12 @@ class Features:
         The features come as one row per field: tolist() then builds 8 long lists, not a short list per tick.
         """
         out = np.empty((len(FEATURE_FIELDS), len(symbols)))
+        feature_seqs = np.empty(len(symbols), dtype=np.int64)
         st = self._state
-        feature_seqs = _feature_seqs(symbols, st.counts)  # before the kernel advances the counts
         _features_kernel(np.array(symbols, dtype=np.int64), np.array(prices), np.array(sizes),
                          self._alpha_fast, self._alpha_slow, st.prices, st.sizes, st.returns,
-                         st.counts, st.ema_fast, st.ema_slow, out)
-        return out, feature_seqs
+                         st.counts, st.ema_fast, st.ema_slow, out, feature_seqs)
+        return out, feature_seqs.tolist()
 
     def columns(self, ticks: Columns) -> dict[str, Columns] | None:
         """:meth:`__call__` for ticks held as columns (a columnar envelope); None unless every tick is valid.
@@ -341,22 +347,6 @@ class Features:
         self._index = {symbol: k for k, symbol in enumerate(symbols)}
 
 
-def _feature_seqs(symbols: list[int], counts: np.ndarray) -> list[int]:
-    """Number each valid tick's feature per symbol: 1, 2, 3 ... with no holes.
-
-    A rejected tick leaves a hole in the ticks' ``seq``; downstream keyed
-    stages sequence on ``feature_seq`` instead, so they never wait for it.
-    """
-    seen: dict[int, int] = {}
-    numbers = []
-    for s in symbols:
-        n = seen.get(s)
-        n = (int(counts[s]) if n is None else n) + 1
-        seen[s] = n
-        numbers.append(n)
-    return numbers
-
-
 def _feature_records(records: list[Record], rows: list[int], prices: list[float],
                      sizes: list[float], out: np.ndarray, feature_seqs: list[int]) -> list[Record]:
     """Build the output records from the valid ticks and the kernel's columns."""
@@ -451,7 +441,7 @@ def warm_up() -> None:
     state = _State.empty(1, 2)
     _features_kernel(np.zeros(2, dtype=np.int64), np.ones(2), np.ones(2), 0.5, 0.25,
                      state.prices, state.sizes, state.returns, state.counts,
-                     state.ema_fast, state.ema_slow, np.empty((len(FEATURE_FIELDS), 2)))
+                     state.ema_fast, state.ema_slow, np.empty((len(FEATURE_FIELDS), 2)), np.empty(2, dtype=np.int64))
 
 
 warm_up()

@@ -74,7 +74,7 @@ def columns_of(envelope: dict) -> tuple[list[str], list[list], int] | None:
     keys, columns, n = envelope.get("keys"), envelope.get("columns"), envelope.get("n")
     if not isinstance(keys, list) or not keys or not isinstance(columns, list) or len(keys) != len(columns):
         return None
-    if not all(isinstance(c, list) and len(c) == n for c in columns):
+    if set(map(type, columns)) != {list} or set(map(len, columns)) != {n}:
         return None
     return keys, columns, n
 

@@ -67,24 +67,32 @@ class MiddlewareStack:
 
     def __init__(self, middleware: Iterable[Middleware] = ()):
         self.middleware = list(middleware)
+        self._hooked: dict[str, list[Middleware]] = {}  # hook -> the middleware that override it, in order
 
     def add(self, middleware: Middleware) -> None:
         """Append ``middleware``: its before-hooks run last, its after-hooks first."""
         self.middleware.append(middleware)
+        self._hooked.clear()
 
     def implements(self, hook: str) -> bool:
         """Whether some middleware overrides ``hook`` (so a per-message hook costs nothing when none does)."""
-        base = getattr(Middleware, hook)
-        return any(getattr(type(m), hook, base) is not base for m in self.middleware)
+        return bool(self._implementers(hook))
+
+    def _implementers(self, hook: str) -> list[Middleware]:
+        found = self._hooked.get(hook)
+        if found is None:
+            base = getattr(Middleware, hook)
+            found = self._hooked[hook] = [m for m in self.middleware if getattr(type(m), hook, base) is not base]
+        return found
 
     def emit_before(self, hook: str, *args: Any, **kwargs: Any) -> None:
-        """Call ``hook`` on every middleware in order."""
-        for m in self.middleware:
+        """Call ``hook`` on every middleware that overrides it, in order."""
+        for m in self._implementers(hook):
             self._call(m, hook, args, kwargs)
 
     def emit_after(self, hook: str, *args: Any, **kwargs: Any) -> None:
-        """Call ``hook`` on every middleware in reverse order."""
-        for m in reversed(self.middleware):
+        """Call ``hook`` on every middleware that overrides it, in reverse order."""
+        for m in reversed(self._implementers(hook)):
             self._call(m, hook, args, kwargs)
 
     @staticmethod

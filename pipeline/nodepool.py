@@ -68,6 +68,9 @@ class NodePool:
         node, in order, while it is up. When every eligible node is down, the
         one that comes back first is returned.
         """
+        if len(self.order) == 1:  # up or down, the one node is the answer unless excluded or unusable
+            address = self.order[0]
+            return None if address in exclude or (usable is not None and not usable(address)) else address
         now = self.clock()
         start = self._next if key is None else zlib.crc32(key.encode()) % len(self.order)
         candidates = []

@@ -175,8 +175,14 @@ class Router:
         """
         if len(self.topics) == 1:
             return {self.topics[0]: list(range(len(keys)))} if keys else {}
-        groups: dict[str, list[int]] = {t: [] for t in self.topics}
         cache, count = self._cache, len(self.topics)
+        try:
+            distinct = set(map(cache.get, keys))
+        except TypeError:  # an unhashable key: the loop below gives up on it
+            distinct = set()
+        if len(distinct) == 1 and None not in distinct:
+            return {distinct.pop(): list(range(len(keys)))}  # every key cached, all in one partition
+        groups: dict[str, list[int]] = {t: [] for t in self.topics}
         for i, key in enumerate(keys):
             topic = cache.get(key) if type(key) is str else None
             if topic is None:

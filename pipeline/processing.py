@@ -213,7 +213,7 @@ class BatchProcessor:
             if found is None:
                 return None
             if keys is None:
-                keys, data, n = found[0], [list(c) for c in found[1]], found[2]
+                keys, data, n = found  # the first message's own lists: nothing else holds them
             elif found[0] != keys:
                 return None
             else:

@@ -368,7 +368,8 @@ class Worker:
             for message in outcome.retry:
                 self._requeue_backoff(message)
             self._report_gaps()
-            self.stats.update(duplicates=self.processor.duplicates, parked=self.processor.parked)
+            stats = self.stats
+            stats["duplicates"], stats["parked"] = self.processor.duplicates, self.processor.parked
             outputs = self._outputs(outcome)
             # The state after this batch, when a checkpoint may need it before the batches behind it are
             # acknowledged; else only the last batch's state is ever written, taken when that is due.
