@@ -105,13 +105,11 @@ def drain_once(contender: Contender, bodies: Sequence[bytes], workdir: Path, rec
 
 def records_in(bodies: Sequence[bytes]) -> int:
     """Records in a list of msgpack envelopes (read from each one's ``n`` or ``records``)."""
-    import msgpack
-
     from pipeline import envelope
 
     total = 0
     for body in bodies:
-        decoded = msgpack.unpackb(body, raw=False)
+        decoded = envelope.unpackb(body)
         total += decoded["n"] if "n" in decoded else len(envelope.unpack(decoded, body))
     return total
 

@@ -69,18 +69,18 @@ def check_records(bodies: Mapping[str, Sequence[bytes]], count: int) -> int:
 def _columns(body: bytes) -> tuple[list, list]:
     """The ``number`` and ``prime`` values of one envelope, without building a dict per record."""
     try:
-        decoded = msgpack.unpackb(body, raw=False)
+        decoded = envelope.unpackb(body)
     except (ValueError, msgpack.UnpackException) as e:
         raise BenchError(f"verify: an output message is not msgpack: {e}") from e
     if not isinstance(decoded, dict) or not envelope.is_envelope(decoded):
         raise BenchError(f"verify: an output message is not an envelope: {body[:60]!r}")
     keys = decoded.get("keys")
-    if decoded.get(envelope.MARKER) == envelope.VERSION and isinstance(keys, list) \
+    if decoded.get(envelope.MARKER) in envelope.READABLE and isinstance(keys, list) \
             and {"number", "prime"} <= set(keys) and isinstance(decoded.get("columns"), list):
         columns = decoded["columns"]
         numbers, flags = columns[keys.index("number")], columns[keys.index("prime")]
-        if len(numbers) == len(flags) == decoded.get("n"):
-            return numbers, flags
+        if len(numbers) == len(flags) == decoded.get("n"):  # typed columns are arrays: plain values here
+            return [c.tolist() if hasattr(c, "tolist") else c for c in (numbers, flags)]
     records = envelope.unpack(decoded, body)  # the general (slower) form; raises DecodeError if malformed
     try:
         return [r["number"] for r in records], [r["prime"] for r in records]

@@ -205,26 +205,25 @@ class Features:
         if not rows:
             return {OUTPUT: []}
         out, feature_seqs = self._apply(symbols, prices, sizes)
-        return {OUTPUT: _feature_records(batch.records, rows, prices, sizes, out, feature_seqs)}
+        return {OUTPUT: _feature_records(batch.records, rows, prices, sizes, out, feature_seqs.tolist())}
 
-    def _apply(self, symbols: list[int], prices: list[float], sizes: list[float]) -> tuple[np.ndarray, list[int]]:
-        """Run the kernel over valid ticks (symbol indices, prices, sizes); return their features and feature_seqs.
-
-        The features come as one row per field: tolist() then builds 8 long lists, not a short list per tick.
-        """
+    def _apply(self, symbols: list[int], prices, sizes) -> tuple[np.ndarray, np.ndarray]:
+        """Run the kernel over valid ticks (symbol indices, prices, sizes as lists or float arrays);
+        return their features (one row per field) and feature_seqs (int64)."""
         out = np.empty((len(FEATURE_FIELDS), len(symbols)))
         feature_seqs = np.empty(len(symbols), dtype=np.int64)
         st = self._state
-        _features_kernel(np.array(symbols, dtype=np.int64), np.array(prices), np.array(sizes),
-                         self._alpha_fast, self._alpha_slow, st.prices, st.sizes, st.returns,
-                         st.counts, st.ema_fast, st.ema_slow, out, feature_seqs)
-        return out, feature_seqs.tolist()
+        _features_kernel(np.array(symbols, dtype=np.int64), np.asarray(prices, dtype=np.float64),
+                         np.asarray(sizes, dtype=np.float64), self._alpha_fast, self._alpha_slow,
+                         st.prices, st.sizes, st.returns, st.counts, st.ema_fast, st.ema_slow, out, feature_seqs)
+        return out, feature_seqs
 
     def columns(self, ticks: Columns) -> dict[str, Columns] | None:
         """:meth:`__call__` for ticks held as columns (a columnar envelope); None unless every tick is valid.
 
         The same features, in the same record layout, as columns: the runtime
-        packs them into envelopes without a dict per tick.
+        packs them into envelopes without a dict per tick, and the numeric ones
+        (float64 and int64 arrays, straight from the kernel) as bytes.
         """
         if "symbol" not in ticks or "price" not in ticks or "size" not in ticks:
             return None
@@ -238,7 +237,7 @@ class Features:
         absent = [None] * n  # as record.get() gives for a tick without the field
         data = {"id": ticks.get("id", absent), "ts": ticks.get("ts", absent), "symbol": symbols,
                 "seq": ticks.get("seq", absent), "feature_seq": feature_seqs, "price": prices, "size": sizes}
-        data.update(zip(FEATURE_FIELDS, out.tolist()))
+        data.update(zip(FEATURE_FIELDS, out))
         return {OUTPUT: Columns(data, n)}
 
     def _gather(self, batch: Batch) -> tuple[Sequence[int], list[int], list[float], list[float]]:
@@ -257,24 +256,17 @@ class Features:
         gathered = self._valid_columns(symbols, prices, sizes)
         return None if gathered is None else (range(len(records)), *gathered)
 
-    def _valid_columns(self, symbols: list, prices: list, sizes: list) -> tuple[list[int], list[float], list[float]] | None:
+    def _valid_columns(self, symbols: list, prices, sizes) -> tuple[list[int], Any, Any] | None:
         """The symbol indices, prices and sizes (as floats) of ticks given as columns, if all are valid; else None.
 
-        None sends the batch to the tick-by-tick path, which names each bad tick, so this check may be
-        conservative: a sum that is not finite (a NaN or an infinity among the values, or values so
-        large that their sum overflows) declines the whole batch. Plain C-level builtins, no numpy: a
-        batch here is often a few dozen ticks, where each numpy call costs more than the whole check.
+        Prices and sizes come as lists, or as arrays (a batched envelope's typed columns), and are
+        returned the same way, as floats. None sends the batch to the tick-by-tick path, which names
+        each bad tick, so the check may be conservative (see :func:`_floats_at_least`).
         """
-        # bool is not int here (type(), not isinstance()), as in _parse_tick
-        if (set(map(type, symbols)) != {str} or "" in symbols or not set(map(type, prices)) <= _NUMBERS
-                or not set(map(type, sizes)) <= _NUMBERS):
+        if set(map(type, symbols)) != {str} or "" in symbols:
             return None
-        try:
-            prices, sizes = list(map(float, prices)), list(map(float, sizes))
-            if not (min(prices) > 0.0 and min(sizes) >= 0.0 and math.isfinite(sum(prices))
-                    and math.isfinite(sum(sizes))):
-                return None
-        except OverflowError:  # an int beyond the float range
+        prices, sizes = _floats_at_least(prices, 0.0, strict=True), _floats_at_least(sizes, 0.0, strict=False)
+        if prices is None or sizes is None:
             return None
         index = self._index
         ks = [index.get(symbol) for symbol in symbols]
@@ -345,6 +337,30 @@ class Features:
         # Build everything first, so a bad snapshot leaves the stage as it was.
         self._state = state.resized(max(_INITIAL_CAPACITY, used), used)
         self._index = {symbol: k for k, symbol in enumerate(symbols)}
+
+
+def _floats_at_least(column, bound: float, strict: bool) -> list[float] | np.ndarray | None:
+    """``column`` (ints and floats, as a list or a numeric array) as floats, if every value is finite and
+    above ``bound`` (``strict``) or at least it; else None.
+
+    Conservative: a sum that is not finite (a NaN or an infinity among the values, or values so large
+    that their sum overflows) declines the whole column. A list is checked with C-level builtins, no
+    numpy: a batch here is often a few dozen ticks, where each numpy call costs more than the check.
+    """
+    if type(column) is np.ndarray:
+        if column.dtype.kind not in "fi":
+            return None
+        values = column.astype(np.float64)  # a copy: the state may keep nothing of the batch
+        low, total = values.min(), values.sum()
+    else:
+        if not set(map(type, column)) <= _NUMBERS:  # bool is not int here (type(), not isinstance())
+            return None
+        try:
+            values = list(map(float, column))
+        except OverflowError:  # an int beyond the float range
+            return None
+        low, total = min(values), sum(values)
+    return values if (low > bound if strict else low >= bound) and math.isfinite(total) else None
 
 
 def _feature_records(records: list[Record], rows: list[int], prices: list[float],

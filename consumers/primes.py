@@ -139,15 +139,21 @@ def classify_columns(columns: Columns) -> dict[str, Columns] | None:
     """:func:`classify` on columns (batched envelopes): the same outputs, without a dict per record.
 
     Returns None, handing the batch to :func:`classify`, unless every
-    ``number`` is a plain int in the signed 64-bit range.
+    ``number`` is a plain int in the signed 64-bit range (an int64 column of
+    a batched envelope is, by construction).
     """
     numbers = columns.get(FIELD)
-    if numbers is None or set(map(type, numbers)) != {int}:
-        return None
-    try:
-        values = np.array(numbers, dtype=np.int64)
-    except OverflowError:
-        return None
+    if type(numbers) is np.ndarray:  # an int64 column of a batched envelope: no conversion at all
+        if numbers.dtype != np.int64:
+            return None
+        values = numbers
+    else:
+        if numbers is None or set(map(type, numbers)) != {int}:
+            return None
+        try:
+            values = np.array(numbers, dtype=np.int64)
+        except OverflowError:
+            return None
     flags = is_prime_array(values)
     return {"prime": columns.where(flags).with_column("prime", True),
             "non_prime": columns.where(~flags).with_column("prime", False)}

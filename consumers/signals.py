@@ -62,6 +62,11 @@ SNAPSHOT_FORMAT = "consumers.signals/1"
 _NUMERIC_FIELDS = ("price", "ema_fast", "ema_slow", "zscore")
 
 
+def _plain(column: Any) -> list:
+    """A column as a list of Python values (a typed column of a batched envelope is a numpy array)."""
+    return column.tolist() if hasattr(column, "tolist") else column
+
+
 def crossover_position(ema_fast: float, ema_slow: float, band: float, previous: str) -> str:
     """Return the EMA-crossover position: outside the band around ema_slow, the side ema_fast is on."""
     if ema_fast > ema_slow * (1.0 + band):
@@ -123,7 +128,8 @@ class Signals:
         if "symbol" not in features or not all(name in features for name in _NUMERIC_FIELDS):
             return None
         symbols = features["symbol"]
-        numbers = [features[name] for name in _NUMERIC_FIELDS]
+        # A batched envelope's float columns arrive as float64 arrays; the loop below wants Python floats.
+        numbers = [_plain(features[name]) for name in _NUMERIC_FIELDS]
         if set(map(type, symbols)) != {str} or "" in symbols or any(set(map(type, c)) != {float} for c in numbers):
             return None  # ints, NaN-free or not, take the record path, which names the field
         # A sum that is not finite: a NaN or an infinity in the column (or a sum that overflows, which
@@ -134,8 +140,8 @@ class Signals:
         absent = [None] * n
         emitted: list[Record] = []
         apply = self._apply
-        for row in zip(features.get("id", absent), features.get("ts", absent), features.get("seq", absent),
-                       symbols, *numbers):
+        for row in zip(_plain(features.get("id", absent)), _plain(features.get("ts", absent)),
+                       _plain(features.get("seq", absent)), symbols, *numbers):
             apply(*row, emitted)
         return {OUTPUT: emitted}
 

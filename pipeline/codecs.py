@@ -16,6 +16,7 @@ from typing import Any, Callable
 import msgpack
 import orjson
 
+from .envelope import ext_hook
 from .errors import DecodeError
 
 CODECS = ("json", "msgpack")
@@ -99,7 +100,7 @@ def decode(body: bytes) -> dict:
         if codec == "json":  # a run of 20 digits: the exact decoder (see TWENTY_DIGITS)
             record = json.loads(body) if TWENTY_DIGITS in body.translate(DIGITS_TO_9) else orjson.loads(body)
         else:
-            record = msgpack.unpackb(body, raw=False)
+            record = msgpack.unpackb(body, raw=False, ext_hook=ext_hook)  # typed envelope columns: arrays
     except RecursionError as e:  # the exact (stdlib) JSON path recurses once per nesting level
         raise DecodeError(f"invalid {codec}: nested too deeply", body) from e
     except (ValueError, msgpack.UnpackException) as e:

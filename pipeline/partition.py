@@ -174,7 +174,9 @@ class Router:
         reports it with :meth:`route`'s error.
         """
         if len(self.topics) == 1:
-            return {self.topics[0]: list(range(len(keys)))} if keys else {}
+            return {self.topics[0]: list(range(len(keys)))} if len(keys) else {}
+        if hasattr(keys, "tolist"):  # an int64 column of a batched envelope
+            keys = keys.tolist()
         cache, count = self._cache, len(self.topics)
         try:
             distinct = set(map(cache.get, keys))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any, Callable
 
-import msgpack
+import numpy as np
 import orjson
 
 from . import bulkjson, envelope
@@ -31,6 +31,19 @@ from .stage import Batch, ColumnBatch, Columns, Handler
 
 
 _ATTEMPTS, _BODY = operator.attrgetter("attempts"), operator.attrgetter("body")
+
+
+def _joined(parts: list) -> list | np.ndarray:
+    """One column from its parts (one per message): as it is for one part; arrays of one dtype joined
+    as an array; anything else as one list of Python values."""
+    if len(parts) == 1:
+        return parts[0]
+    if set(map(type, parts)) == {np.ndarray} and len({p.dtype for p in parts}) == 1:
+        return np.concatenate(parts)
+    joined: list = []
+    for part in parts:
+        joined += part.tolist() if type(part) is np.ndarray else part
+    return joined
 
 
 class Failed(Exception):
@@ -201,28 +214,28 @@ class BatchProcessor:
         return encoded
 
     def _columns_of(self, messages: list) -> Columns | None:
-        keys, data, n = None, None, 0
+        keys, parts, n = None, None, 0
         for message in messages:
             body = message.body
             if message.attempts > self.spec.max_tries or not body or body[0] not in MSGPACK_MAP_MARKERS:
                 return None
             try:
-                found = envelope.columns_of(msgpack.unpackb(body, raw=False))
+                found = envelope.columns_of(envelope.unpackb(body))
             except Exception:
                 return None
             if found is None:
                 return None
             if keys is None:
-                keys, data, n = found  # the first message's own lists: nothing else holds them
+                keys, parts, n = found[0], [[c] for c in found[1]], found[2]
             elif found[0] != keys:
                 return None
             else:
-                for column, more in zip(data, found[1]):
-                    column.extend(more)
+                for column_parts, more in zip(parts, found[1]):
+                    column_parts.append(more)
                 n += found[2]
         if keys is None or len(set(keys)) != len(keys):
             return None
-        return Columns(dict(zip(keys, data)), n)
+        return Columns(dict(zip(keys, map(_joined, parts))), n)
 
     def _encode_columns(self, emitted) -> dict[str, list[bytes]] | None:
         """Encode a columnar handler's ``{output: Columns or list of records}``; None when it cannot be published."""
@@ -488,7 +501,8 @@ class KeyedProcessor(BatchProcessor):
         found = self._columns_of(messages)
         if found is None or self.key_field not in found or self.seq_field not in found:
             return None
-        last = self.sequencer.take_in_order(found[self.key_field], found[self.seq_field])
+        seqs = found[self.seq_field]
+        last = self.sequencer.take_in_order(found[self.key_field], seqs.tolist() if type(seqs) is np.ndarray else seqs)
         if last is None or (self.sequencer.expiry_due() and self.may_give_up()):
             return None
         before = None if self.columns_atomic else self._snapshot()

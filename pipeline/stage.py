@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
+import numpy as np
+
 from .errors import HandlerLoadError
 
 Record = dict[str, Any]
@@ -81,24 +83,31 @@ class Batch:
 
 
 class Columns:
-    """Records as columns: one list per key, all of the same length (a columnar envelope's layout).
+    """Records as columns: one column per key, all of the same length (a columnar envelope's layout).
+
+    A column is a list, or a numpy array: a batched envelope carries a column
+    of floats, or of signed 64-bit integers, as bytes (see :mod:`pipeline.envelope`),
+    and it arrives as a float64 or int64 array; a stage may emit
+    arrays too (float and integer arrays leave as bytes, others as lists).
+    ``type(column) is list`` tells the two apart; ``records()`` gives plain
+    Python values either way.
 
     Example::
 
-        numbers = np.array(columns["number"], dtype=np.int64)
+        numbers = np.asarray(columns["number"], dtype=np.int64)
         evens = columns.take(np.flatnonzero(numbers % 2 == 0)).with_column("even", True)
     """
 
     __slots__ = ("data", "n")
 
-    def __init__(self, data: Mapping[str, list], n: int | None = None):
+    def __init__(self, data: Mapping[str, Any], n: int | None = None):
         self.data = dict(data)
         self.n = n if n is not None else len(next(iter(self.data.values()), []))
 
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, key: str) -> list:
+    def __getitem__(self, key: str) -> Any:
         return self.data[key]
 
     def __contains__(self, key: str) -> bool:
@@ -115,31 +124,46 @@ class Columns:
         """The rows at ``indices`` (a sequence or numpy array of ints), in that order."""
         idx = indices.tolist() if hasattr(indices, "tolist") else list(indices)
         if len(idx) == 0:
-            return Columns({k: [] for k in self.data}, 0)
+            return Columns({k: col[:0] for k, col in self.data.items()}, 0)
+        rows = np.array(idx, dtype=np.intp)
         if len(idx) == 1:
-            return Columns({k: [col[idx[0]]] for k, col in self.data.items()}, 1)
-        pick = operator.itemgetter(*idx)
-        return Columns({k: list(pick(col)) for k, col in self.data.items()}, len(idx))
+            pick = lambda col: col[rows] if type(col) is np.ndarray else [col[idx[0]]]  # noqa: E731
+        else:
+            getter = operator.itemgetter(*idx)
+            pick = lambda col: col[rows] if type(col) is np.ndarray else list(getter(col))  # noqa: E731
+        return Columns({k: pick(col) for k, col in self.data.items()}, len(idx))
 
     def where(self, mask) -> Columns:
         """The rows where ``mask`` (a numpy bool array of length n) is true, in order."""
         count = int(mask.sum())
         if count <= self.n // 4:  # few rows: picking by index is cheaper than walking the mask
             return self.take(mask.nonzero()[0])
-        flags = mask.tolist()
-        return Columns({k: list(compress(col, flags)) for k, col in self.data.items()}, count)
+        flags = None
+        picked = {}
+        for k, col in self.data.items():
+            if type(col) is np.ndarray:
+                picked[k] = col[mask]
+            else:
+                flags = mask.tolist() if flags is None else flags
+                picked[k] = list(compress(col, flags))
+        return Columns(picked, count)
 
     def with_column(self, key: str, values: Any) -> Columns:
-        """A copy with column ``key`` set (kept in place if it exists); a non-list ``values`` fills every row."""
-        column = list(values) if isinstance(values, (list, tuple)) else [values] * self.n
+        """A copy with column ``key`` set (kept in place if it exists); a value that is not a list, tuple
+        or numpy array fills every row."""
+        if isinstance(values, np.ndarray):
+            column = values
+        else:
+            column = list(values) if isinstance(values, (list, tuple)) else [values] * self.n
         if len(column) != self.n:
             raise ValueError(f"column {key!r} has {len(column)} values for {self.n} rows")
         return Columns({**self.data, key: column}, self.n)
 
     def records(self) -> list[Record]:
-        """The rows as records (dicts)."""
+        """The rows as records (dicts of plain Python values)."""
         keys = list(self.data)
-        return [dict(zip(keys, row)) for row in zip(*self.data.values())]
+        columns = [col.tolist() if type(col) is np.ndarray else col for col in self.data.values()]
+        return [dict(zip(keys, row)) for row in zip(*columns)]
 
 
 class ColumnBatch:

@@ -47,13 +47,18 @@ def throttled_classify(batch):
     return classify(batch)
 
 
+def _plain(column):
+    """A column as Python values (an envelope's int and float columns arrive as numpy arrays)."""
+    return column.tolist() if hasattr(column, "tolist") else column
+
+
 class ColumnarRunningSum(RunningSum):
     """RunningSum with a columnar path too; it changes its state before failing on v == 13, as a careless stage might."""
 
     def columns(self, cols):
         from pipeline.stage import Columns
         out: dict[str, list] = {"id": [], "key": [], "seq": [], "sum": []}
-        for id_, key, seq, v in zip(cols["id"], cols["key"], cols["seq"], cols["v"]):
+        for id_, key, seq, v in zip(cols["id"], cols["key"], _plain(cols["seq"]), _plain(cols["v"])):
             if type(v) is not int:
                 return None
             self.sums[key] = self.sums.get(key, 0) + v
@@ -81,10 +86,10 @@ class AtomicColumnarRunningSum(RunningSum):
 
     def columns(self, cols):
         from pipeline.stage import Columns
-        if any(type(v) is not int for v in cols["v"]):
+        if any(type(v) is not int for v in _plain(cols["v"])):
             return None  # before any change: the record path names the bad record
         out: dict[str, list] = {"id": [], "key": [], "seq": [], "sum": []}
-        for id_, key, seq, v in zip(cols["id"], cols["key"], cols["seq"], cols["v"]):
+        for id_, key, seq, v in zip(cols["id"], cols["key"], _plain(cols["seq"]), _plain(cols["v"])):
             self.sums[key] = self.sums.get(key, 0) + v
             if v == 13:
                 raise ValueError("unlucky 13")

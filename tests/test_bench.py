@@ -193,7 +193,7 @@ def test_packed_and_json_inputs_hold_the_same_records():
     bodies = run.input_bodies([(1, 3000), (1, 2500), (1000, 2500)])
     assert bodies[1, 2500] == bodies[1, 3000][:2500]
     assert len(bodies[1000, 2500]) == 3  # 1000 + 1000 + 500 records
-    packed = list(envelope.records_of(msgpack.unpackb(b) for b in bodies[1000, 2500]))
+    packed = list(envelope.records_of(envelope.unpackb(b) for b in bodies[1000, 2500]))
     assert packed == [orjson.loads(b) for b in bodies[1, 2500]]
     assert [r["number"] for r in packed] == list(range(1, 2501))
 
