@@ -24,6 +24,7 @@ envelopes.
 """
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Iterable, Iterator
 
 import msgpack
@@ -89,8 +90,12 @@ def encode_column(column) -> list | msgpack.ExtType:
 def _envelope(records: list[dict]) -> dict:
     keys = list(records[0])
     first = records[0].keys()
-    if keys and all(r.keys() == first for r in records):
-        columns = [encode_column([r[k] for r in records]) for k in keys]
+    try:  # C-level: no Python code per record
+        uniform = bool(keys) and all(map(first.__eq__, map(dict.keys, records)))
+    except TypeError:  # a record that is not a dict
+        uniform = False
+    if uniform:
+        columns = [encode_column(list(map(itemgetter(k), records))) for k in keys]
         return {MARKER: VERSION, "n": len(records), "keys": keys, "columns": columns}
     return {MARKER: VERSION, "records": records}
 

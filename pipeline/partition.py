@@ -139,8 +139,10 @@ class Router:
         except (KeyError, TypeError):
             raise PartitionKeyError(f"record has no {self.key!r} field to pick a partition of {self.topic!r}",
                                     record, self.key, self.topic) from None
+        if type(key) is str and (topic := self._cache.get(key)) is not None:
+            return topic
         try:
-            return self.topics[partition_of(key, len(self.topics))]
+            return self._remember(key, self.topics[partition_of(key, len(self.topics))])
         except TypeError as e:
             raise PartitionKeyError(f"{self.key!r} of a record for {self.topic!r}: {e}",
                                     record, self.key, self.topic) from e
