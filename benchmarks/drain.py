@@ -34,7 +34,7 @@ from pathlib import Path
 from .broker import BenchError, Broker, Snapshot
 from .contenders import Contender
 from .launch import Launched, spawn, stop_all
-from .procstat import cpu_seconds, peak_rss_mb
+from .procstat import cpu_seconds, machine_cpu_times, peak_rss_mb, steal_percent
 from .verify import verify_outputs
 
 POLL_INTERVAL = 0.05
@@ -67,6 +67,7 @@ class DrainSample:
     nsqd_cpu_s_per_million: float
     peak_rss_mb: float
     nsqd_peak_rss_mb: float
+    host_steal_pct: float | None = None  # the hypervisor's share of the machine's CPU during the drain
 
     def to_dict(self) -> dict:
         """The sample as JSON-ready numbers."""
@@ -181,6 +182,7 @@ def _timed_drain(contender: Contender, broker: Broker, launched: Sequence[Launch
     pids = [p.pid for p in launched]
     cpu_before = sum(cpu_seconds(pid) for pid in pids)
     nsqd_before = cpu_seconds(broker.pid)
+    machine_before = machine_cpu_times()
     early = broker.snapshot().output_total  # 0 unless the paused channel leaked
     started = time.monotonic()
     broker.release()
@@ -196,6 +198,7 @@ def _timed_drain(contender: Contender, broker: Broker, launched: Sequence[Launch
         cpu_s=cpu, cpu_s_per_million=cpu * per_million, startup_cpu_s=cpu_before,
         nsqd_cpu_s_per_million=nsqd_cpu * per_million,
         peak_rss_mb=max(peak_rss_mb(pid) for pid in pids), nsqd_peak_rss_mb=peak_rss_mb(broker.pid),
+        host_steal_pct=steal_percent(machine_before, machine_cpu_times()),
     )
     return sample, snap
 

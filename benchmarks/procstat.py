@@ -27,6 +27,27 @@ def peak_rss_mb(pid: int) -> float:
     raise ValueError(f"no VmHWM in /proc/{pid}/status")
 
 
+def machine_cpu_times() -> tuple[int, int]:
+    """The machine's (steal, total) CPU time so far, in clock ticks, from /proc/stat (0, 0 where it has none)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return 0, 0
+    times = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return (times[7] if len(times) > 7 else 0), sum(times)
+
+
+def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of the machine's CPU time the hypervisor gave to others between two
+    :func:`machine_cpu_times` readings, in percent (None when it cannot tell).
+
+    On a shared virtual machine this is CPU the workload did not get: a latency or throughput
+    figure measured while it is high says more about the host than about the code.
+    """
+    total = after[1] - before[1]
+    return round(100.0 * (after[0] - before[0]) / total, 1) if total > 0 else None
+
+
 def cpu_model() -> str:
     """Return the CPU model name from /proc/cpuinfo (the machine architecture when it has none)."""
     try:

@@ -14,14 +14,15 @@ from rich.console import Console
 from rich.table import Table
 
 DRAIN_METRICS = ("records_per_s", "seconds", "cpu_s_per_million", "nsqd_cpu_s_per_million", "peak_rss_mb",
-                 "startup_cpu_s", "nsqd_peak_rss_mb")
+                 "startup_cpu_s", "nsqd_peak_rss_mb", "host_steal_pct")
 RESTART_METRICS = ("seconds",)
 GATEWAY_METRICS = ("records_per_s", "seconds", "cpu_s_per_million", "peak_rss_mb", "nsqd_cpu_s_per_million")
 GATEWAY_TARGET = 20_000
 TICKS_METRICS = ("input_rate", "feature_p50_ms", "feature_p99_ms", "feature_p999_ms", "signal_p50_ms",
-                 "signal_p99_ms", "signal_p999_ms", "backlog_at_end", "caught_up_s", "peak_rss_mb")
+                 "signal_p99_ms", "signal_p999_ms", "backlog_at_end", "caught_up_s", "peak_rss_mb", "host_steal_pct")
 TICKS_HEADER = ("figure", "ticks", "runs", "input ticks/s", "tick->feature ms p50 / p99 / p99.9",
-                "tick->signal ms p50 / p99 / p99.9", "backlog at end", "kept up", "worker peak RSS MB")
+                "tick->signal ms p50 / p99 / p99.9", "backlog at end", "kept up", "worker peak RSS MB",
+                "host steal %")
 #: The issue's latency target: tick -> signal p99 at this rate with 4 partitions.
 TICKS_TARGET_MS = 10.0
 TICKS_TARGET_RATE = 20_000
@@ -138,7 +139,8 @@ def ticks_rows(results: dict, sep: str = " ") -> list[tuple[str, ...]]:
                 peaks[stage] = max(peaks.get(stage, 0.0), mb)
         rss = ", ".join(f"{stage} {mb:.0f}" for stage, mb in peaks.items()) or "—"
         rows.append((name, f"{entry['records']:,}", runs, _figure(summary, "input_rate", "{:,.0f}", sep),
-                     trio("feature"), trio("signal"), _figure(summary, "backlog_at_end", "{:,.0f}", sep), kept, rss))
+                     trio("feature"), trio("signal"), _figure(summary, "backlog_at_end", "{:,.0f}", sep), kept, rss,
+                     _figure(summary, "host_steal_pct", "{:.0f}", sep)))
     return rows
 
 

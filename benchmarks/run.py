@@ -91,12 +91,13 @@ RULES = (
     "produce_ticks' pacer releases it (just in time: its pacing sleep is not counted; the producer's own "
     "buffering until its next send is: at most about its linger_ms, from --ticks-linger-ms, default "
     f"{ticks.LINGER_MS:g}).",
-    "ticks latency: a separate reader process subscribes before publishing to a 'bench' channel on "
-    "features.0..3 and signals (nsqd's --output-buffer-timeout=1ms applies to it, since it sends no IDENTIFY; "
-    f"the workers identify with output_buffer_timeout from --output-buffer-timeout (default "
-    f"{ticks.OUTPUT_BUFFER_TIMEOUT} ms; this nsqd runs with --min-output-buffer-timeout=1ms, nsqd's own minimum "
-    "is 25 ms), and output_buffer_size from --output-buffer-size, "
-    "default 16384 as nsqd's; -1 is no buffering) and notes time.time_ns() as each message "
+    "ticks latency: a separate reader process (one event loop, a FastReader per topic) subscribes before "
+    "publishing to a 'bench' channel on features.0..3 and signals, asking nsqd for no output buffering "
+    "(output_buffer_size -1), as a latency-sensitive consumer of the outputs would; the workers identify with "
+    f"output_buffer_size from --output-buffer-size (default {ticks.OUTPUT_BUFFER_SIZE}: no buffering; nsqd's "
+    f"own default is 16384) and output_buffer_timeout from --output-buffer-timeout (default "
+    f"{ticks.OUTPUT_BUFFER_TIMEOUT} ms, used with a buffer; this nsqd runs with --min-output-buffer-timeout=1ms, "
+    "nsqd's own minimum is 25 ms). The reader notes time.time_ns() as each read "
     "arrives. tick->feature = arrival of the tick's feature record - ts; tick->signal = arrival of a signal "
     "- ts (a signal carries its tick's ts); duplicates (same id) count once. p50/p99/p99.9 in ms per run; the "
     "table shows their median (min–max) over runs. Input rate = ticks / publishing time. Backlog = messages "
@@ -104,7 +105,9 @@ RULES = (
     f"and channel of the pipeline was empty (every feature and signal read) within {ticks.KEPT_UP_S:g} s after "
     "that. CPU us per tick: user + system CPU of the workers, nsqd, the reader and the bench process (the "
     "producer thread) while the measured ticks are published and drained, over N. Peak RSS: VmHWM of each "
-    "worker.",
+    "worker. Host steal %: the share of the machine's CPU time the hypervisor gave to other guests while the "
+    "measured ticks were published (/proc/stat; also recorded for each drain in results.json): on a shared "
+    "virtual machine, CPU this pipeline did not get, which shows first in the tail latency.",
     f"gateway: a fresh nsqd and {gateway.PROCESSES} `pipeline gateway` processes sharing its port in front of it "
     "(SO_REUSEPORT; one token, no rate limit); "
     f"{gateway.CONNECTIONS} keep-alive HTTP/1.1 connections with {gateway.DEPTH} pipelined requests each send "
@@ -136,7 +139,7 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m benchmarks.run
                              f"(default {ticks.OUTPUT_BUFFER_TIMEOUT})")
     parser.add_argument("--output-buffer-size", type=int, default=ticks.OUTPUT_BUFFER_SIZE,
                         help="the keyed stages' output_buffer_size in the ticks figure "
-                             "(default 16384, as nsqd's and the stage's; -1: no buffering)")
+                             f"(default {ticks.OUTPUT_BUFFER_SIZE}: no buffering; 16384 is nsqd's and the stage's)")
     parser.add_argument("--ticks-wait-ms", type=int, default=ticks.BATCH["wait_ms"],
                         help="the keyed stages' batch wait_ms in the ticks figure (default "
                              f"{ticks.BATCH['wait_ms']}; 0: a batch is what one read from nsqd brought)")

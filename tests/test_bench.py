@@ -24,7 +24,7 @@ from pipeline.stage import Batch
 SUMMARY_KEYS = {"median", "min", "max"}
 DRAIN_SAMPLE_KEYS = {"records", "messages", "seconds", "records_per_s", "outputs", "output_records",
                      "outputs_before_clock", "cpu_s", "cpu_s_per_million", "startup_cpu_s",
-                     "nsqd_cpu_s_per_million", "peak_rss_mb", "nsqd_peak_rss_mb"}
+                     "nsqd_cpu_s_per_million", "peak_rss_mb", "nsqd_peak_rss_mb", "host_steal_pct"}
 # 1,000,000, 100,000 and 4,000,000 records at scale 0.002; batched packs them 1000 per message.
 EXPECTED_RECORDS = {"primes1": 2000, "textbook1": 200, "batched": 8000}
 EXPECTED_MESSAGES = {"primes1": 2000, "textbook1": 200, "batched": 8}
@@ -132,7 +132,8 @@ def test_markdown_repeats_the_table_rules_and_command(tiny_run):
 TICKS_SAMPLE_KEYS = {"ticks", "rate_target", "published", "input_rate", "publish_s", "features", "signals",
                      "duplicates", "feature_p50_ms", "feature_p99_ms", "feature_p999_ms", "signal_p50_ms",
                      "signal_p99_ms", "signal_p999_ms", "feature_max_ms", "backlog_at_end", "caught_up_s", "kept_up",
-                     "cpu_s", "cpu_us_per_tick", "peak_rss_mb", "worker_peak_rss_mb", "nsqd_peak_rss_mb"}
+                     "cpu_s", "cpu_us_per_tick", "peak_rss_mb", "worker_peak_rss_mb", "nsqd_peak_rss_mb",
+                     "host_steal_pct"}
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +243,11 @@ def test_tiny_gateway_run_publishes_every_message_through_the_gateway(nsq_bin, t
     markdown = (out / "results.md").read_text()
     assert "gateway: gateway single-message /pub, 2 processes, 8 keep-alive connections:" in markdown
     assert "| gateway single-message /pub msg/s >= 20,000 |" in markdown
+
+
+def test_steal_percent_is_the_hypervisors_share_of_the_cpu_time_between_two_readings():
+    from benchmarks.procstat import machine_cpu_times, steal_percent
+    assert steal_percent((10, 1000), (35, 1100)) == 25.0
+    assert steal_percent((10, 1000), (10, 1000)) is None  # no time passed: nothing to tell
+    steal, total = machine_cpu_times()
+    assert 0 <= steal <= total and total > 0
