@@ -25,14 +25,18 @@ from __future__ import annotations
 
 import heapq
 import os
+import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import msgpack
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # the slot format (1: a single msgpack file)
+_SLOT_MAGIC = b"NPCK"
+_SLOT_HEADER = struct.Struct(">4sIQII")  # magic, version, sequence number, payload length, payload CRC-32
 
 
 @dataclass
@@ -183,34 +187,110 @@ class Sequencer:
 
 
 class Checkpoint:
-    """One replica's checkpoint file, written atomically and durably."""
+    """One replica's checkpoint: two slot files written in turn, each durable once :meth:`save` returns.
+
+    A checkpoint goes into the slot that does not hold the newest one, headed by
+    a sequence number, its length and a CRC-32, with one ``pwrite`` and one
+    ``fdatasync`` on a file kept open: no temporary file, rename or directory
+    fsync each time. :meth:`load` takes the newest slot whose CRC holds. A crash
+    while a slot is written leaves it torn and the other one whole: the replica
+    restarts from the other, older checkpoint, whose inputs were finished; the
+    inputs of the torn one were not (a worker finishes them only once
+    ``save`` returned), so nsqd delivers them again. The slots are ``PATH.0``
+    and ``PATH.1``; a checkpoint of the single-file format (``PATH``, written
+    by earlier versions) is read when there is no slot yet, and removed once
+    a slot holds the state.
+
+    :meth:`encode` and :meth:`write` split :meth:`save`, so that a worker can
+    encode on its event loop and leave only the two system calls to a thread.
+    """
 
     def __init__(self, path: Path):
         self.path = path
+        self.slots = (path.with_name(path.name + ".0"), path.with_name(path.name + ".1"))
+        self._fds: list[int | None] = [None, None]
+        self._seq = 0  # the newest checkpoint's sequence number (0: none yet)
 
     def save(self, sequencer_state: dict[str, Any], handler_state: bytes | None) -> None:
-        """Replace the checkpoint; once this returns, it survives a crash or power loss."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = msgpack.packb({"version": CHECKPOINT_VERSION, "sequencer": sequencer_state,
-                              "handler": handler_state}, use_bin_type=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        """Write a new checkpoint; once this returns, it survives a crash or power loss."""
+        self.write(self.encode(sequencer_state, handler_state))
+
+    def encode(self, sequencer_state: dict[str, Any], handler_state: bytes | None) -> bytes:
+        """The next checkpoint's bytes, header included, for :meth:`write`."""
+        payload = msgpack.packb({"sequencer": sequencer_state, "handler": handler_state}, use_bin_type=True)
+        return _SLOT_HEADER.pack(_SLOT_MAGIC, CHECKPOINT_VERSION, self._seq + 1, len(payload),
+                                 zlib.crc32(payload)) + payload
+
+    def write(self, data: bytes) -> None:
+        """Write :meth:`encode`'s bytes into the other slot and make them durable."""
+        slot = (self._seq + 1) % 2
+        fd = self._fds[slot]
+        if fd is None:
+            fd = self._fds[slot] = self._open(self.slots[slot])
+        os.pwrite(fd, data, 0)
+        os.fdatasync(fd)
+        self._seq += 1
+        if self._seq <= 2 and self.path.exists():
+            self.path.unlink()  # the old format's file: a slot holds newer state now
+            self._sync_folder()
+
+    def _open(self, path: Path) -> int:
+        created = not path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if created:
+            self._sync_folder()  # the new file's name must survive a power loss too
+        return fd
+
+    def _sync_folder(self) -> None:
         folder = os.open(self.path.parent, os.O_RDONLY)
         try:
-            os.fsync(folder)  # the rename itself must survive a power loss
+            os.fsync(folder)
         finally:
             os.close(folder)
 
     def load(self) -> tuple[dict[str, Any], bytes | None] | None:
-        """The saved (sequencer state, handler state), or None when there is no checkpoint yet."""
+        """The newest saved (sequencer state, handler state), or None when there is no checkpoint yet.
+
+        Raises:
+            ValueError: a checkpoint of another format version.
+        """
+        newest = None
+        for slot in self.slots:
+            found = self._read_slot(slot)
+            if found is not None and (newest is None or found[0] > newest[0]):
+                newest = found
+        if newest is not None:
+            self._seq, data = newest
+        else:
+            self._seq = 0
+            try:
+                data = msgpack.unpackb(self.path.read_bytes(), raw=False)  # the single-file format
+            except FileNotFoundError:
+                return None
+            if data.get("version") != 1:
+                raise ValueError(f"{self.path}: checkpoint version {data.get('version')!r} is not 1")
+        return data["sequencer"], data["handler"]
+
+    def _read_slot(self, path: Path) -> tuple[int, dict] | None:
+        """(sequence number, contents) of a whole slot; None for a missing, empty or torn one."""
         try:
-            data = msgpack.unpackb(self.path.read_bytes(), raw=False)
+            raw = path.read_bytes()
         except FileNotFoundError:
             return None
-        if data.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{self.path}: checkpoint version {data.get('version')!r} is not {CHECKPOINT_VERSION}")
-        return data["sequencer"], data["handler"]
+        if len(raw) < _SLOT_HEADER.size:
+            return None
+        magic, version, seq, length, crc = _SLOT_HEADER.unpack_from(raw)
+        payload = raw[_SLOT_HEADER.size:_SLOT_HEADER.size + length]
+        if magic != _SLOT_MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
+            return None  # torn by a crash while it was written
+        if version != CHECKPOINT_VERSION:
+            raise ValueError(f"{path}: checkpoint version {version} is not {CHECKPOINT_VERSION}")
+        return seq, msgpack.unpackb(payload, raw=False)
+
+    def close(self) -> None:
+        """Close the slot files (a later save opens them again)."""
+        for i, fd in enumerate(self._fds):
+            if fd is not None:
+                os.close(fd)
+                self._fds[i] = None

@@ -203,6 +203,8 @@ class Worker:
         logging.getLogger("nsq").setLevel(logging.CRITICAL)
         self.reader.close()
         self.publisher.close()
+        if self.checkpoint is not None:
+            self.checkpoint.close()
         log.info("stage %s replica %d stopped: %s", self.name, self.replica, dict(self.stats))
         self._done.set()
 
@@ -478,7 +480,8 @@ class Worker:
             self._uncommitted -= len(commit.finish)
         self._last_checkpoint = time.monotonic()
         self.stats["checkpoints"] += 1
-        self._writing = asyncio.get_running_loop().run_in_executor(None, self.checkpoint.save, *state)
+        data = self.checkpoint.encode(*state)  # here: the thread only writes, with no GIL to take back and forth
+        self._writing = asyncio.get_running_loop().run_in_executor(None, self.checkpoint.write, data)
         self._writing.add_done_callback(functools.partial(self._checkpointed, group))
 
     def _checkpoint_due(self) -> None:

@@ -166,7 +166,7 @@ def test_tiny_ticks_run_measures_latencies_and_stops_everything(tiny_ticks):
     assert set(sample["worker_peak_rss_mb"]) == {f"{stage}-{k}" for stage in ("features", "signals") for k in range(4)}
     assert all(mb > 0 for mb in sample["worker_peak_rss_mb"].values())
     assert sample["backlog_at_end"] >= 0 and isinstance(sample["kept_up"], bool)
-    assert set(sample["cpu_us_per_tick"]) == {"workers", "nsqd", "reader", "producer"}
+    assert set(sample["cpu_us_per_tick"]) == {"workers", "features", "signals", "nsqd", "reader", "producer"}
     assert sample["cpu_us_per_tick"]["workers"] > 0 and all(us >= 0 for us in sample["cpu_us_per_tick"].values())
     assert set(entry["summary"]) == set(report.TICKS_METRICS)
     assert all(set(figure) == SUMMARY_KEYS for figure in entry["summary"].values())

@@ -70,7 +70,7 @@ def test_checkpoint_round_trip_and_restore(tmp_path):
     assert checkpoint.load() is None
     checkpoint.save(seq.state(), b"handler-bytes")
     state, handler = checkpoint.load()
-    assert handler == b"handler-bytes" and not (tmp_path / "state" / "s-0.ckpt.tmp").exists()
+    assert handler == b"handler-bytes"
     restored = Sequencer(gap_max_count=3, gap_max_ms=1000)
     restored.restore(state)
     assert restored.offer("A", 2, 2).duplicate and restored.offer("A", 4, "again").duplicate
@@ -92,9 +92,41 @@ def test_parked_items_are_packed_once_for_every_checkpoint():
 def test_a_checkpoint_of_another_version_is_an_error(tmp_path):
     import msgpack
     path = tmp_path / "x.ckpt"
-    path.write_bytes(msgpack.packb({"version": 99}))
+    path.write_bytes(msgpack.packb({"version": 99}))  # the single-file format of earlier versions
     with pytest.raises(ValueError, match="checkpoint version 99"):
         Checkpoint(path).load()
+    path.unlink()
+    checkpoint = Checkpoint(path)
+    checkpoint.save({"applied": {}}, None)
+    checkpoint.slots[1].write_bytes(checkpoint.slots[1].read_bytes().replace(b"\x00\x00\x00\x02", b"\x00\x00\x00\x09", 1))
+    with pytest.raises(ValueError, match="checkpoint version 9 is not 2"):
+        Checkpoint(path).load()
+
+
+def test_checkpoints_alternate_between_two_slots_and_a_torn_one_falls_back_to_the_other(tmp_path):
+    path = tmp_path / "state" / "s-0.ckpt"
+    checkpoint = Checkpoint(path)
+    for n in range(1, 6):
+        checkpoint.save({"applied": {"A": n}}, b"h%d" % n)
+    assert Checkpoint(path).load() == ({"applied": {"A": 5}}, b"h5")
+    newest = checkpoint.slots[1]  # saves 1, 3, 5 went to slot 1
+    torn = newest.read_bytes()[:-3]  # a crash while the 5th was written
+    newest.write_bytes(torn)
+    again = Checkpoint(path)
+    assert again.load() == ({"applied": {"A": 4}}, b"h4")  # the one before: its inputs came again
+    again.save({"applied": {"A": 5}}, b"h5 again")  # into the torn slot, never over the good one
+    assert Checkpoint(path).load() == ({"applied": {"A": 5}}, b"h5 again")
+    assert checkpoint.slots[0].read_bytes()[:4] == b"NPCK" and Checkpoint(path).slots[0].exists()
+
+
+def test_a_checkpoint_of_the_single_file_format_is_read_then_replaced_by_the_slots(tmp_path):
+    import msgpack
+    path = tmp_path / "s-0.ckpt"
+    path.write_bytes(msgpack.packb({"version": 1, "sequencer": {"applied": {"A": 7}}, "handler": b"old"}))
+    checkpoint = Checkpoint(path)
+    assert checkpoint.load() == ({"applied": {"A": 7}}, b"old")
+    checkpoint.save({"applied": {"A": 8}}, b"new")
+    assert not path.exists() and Checkpoint(path).load() == ({"applied": {"A": 8}}, b"new")
 
 
 def test_a_gap_restarts_its_wait_when_records_below_it_are_released():
