@@ -408,22 +408,27 @@ class Worker:
         self._commits.append(commit)
         self._uncommitted += len(commit.finish)
         self._commits_done.clear()
-        if self._uncommitted * 2 >= self.spec.max_in_flight and self._checkpoint_timer is not None:
-            self._checkpoint_due()  # half the in-flight window waits: no waiting for the interval
+        wait = self._checkpoint_wait()
+        if wait <= 0 and self._checkpoint_timer is not None:
+            # Due (or half the in-flight window waits): this batch takes the checkpoint timer's turn.
+            self._checkpoint_due()
         elif commit.answer is not _WAITING:
             self._advance_commits()
-        elif (wait := self._checkpoint_wait()) > 0:
+        elif wait > 0:
             self._wait_for_checkpoint(wait)
 
     def _wait_for_checkpoint(self, wait: float) -> None:
         """Come back when the next checkpoint is due; until then nsqd's answers to the publishes wait unread.
 
         They are needed only for that checkpoint: reading each as it comes would cost a wake-up and a read
-        per batch. The wait is bounded by half the publish timeout, so no answer is taken for missing.
+        per batch. The first batch after the checkpoint is due takes it (see _queue_commit); the timer,
+        set a little later, is for when no batch comes, so a steady stream pays no wake-up for it. The
+        wait is bounded by half the publish timeout, so no answer is taken for missing.
         """
         if self._checkpoint_timer is None:
+            later = wait + self.spec.checkpoint_interval_ms / 2000.0
             self._checkpoint_timer = asyncio.get_running_loop().call_later(
-                min(wait, self.spec.publish_timeout / 2), self._checkpoint_due)
+                min(later, self.spec.publish_timeout / 2), self._checkpoint_due)
         if wait >= HOLD_ANSWERS_MIN_S:
             self.publisher.hold_answers(True)
 
