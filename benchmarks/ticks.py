@@ -68,6 +68,7 @@ MIN_BUFFER_TIMEOUT = "1ms"  # nsqd lets a client ask for this (its own floor is 
 STAGES = (("features", "ticks", "consumers.features:Features", "features"),
           ("signals", "features", "consumers.signals:Signals", "signals"))
 KEPT_UP_S = 1.0
+FIN_INTERVAL_S = 0.05  # the reader finishes what it read this often
 #: Ticks published (at the same rate) and drained before the measured ones; not in the figures.
 WARMUP = 2000
 DRAIN_TIMEOUT = 120.0  # after the last tick: a pipeline that cannot keep up needs time to catch up
@@ -209,7 +210,7 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
         producer = _publish(broker, topology, stamped(islice(ticks, WARMUP)), WARMUP, rate, producers, linger_ms)
         _wait_outputs(broker, launched, inputs + outputs, watched, WARMUP, producer.ended_at)
         measured_from = time.time_ns()  # every measured tick is stamped after this
-        cpu_before = sum(cpu_seconds(p.pid) for p in workers)
+        cpu_before = {p.name: cpu_seconds(p.pid) for p in workers}
         others_before = {name: cpu_seconds(pid) for name, pid in
                          (("nsqd", broker.pid), ("reader", reader.pid), ("producer", os.getpid()))}
         machine_before = machine_cpu_times()
@@ -219,7 +220,10 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
         stats = channels(broker)
         backlog = sum(_pending(stats.get(key)) for key in watched[:2 * PARTITIONS])
         caught_up = _wait_outputs(broker, launched, inputs + outputs, watched, WARMUP + count, published)
-        cpu = sum(cpu_seconds(p.pid) for p in workers) - cpu_before
+        by_worker = {p.name: cpu_seconds(p.pid) - cpu_before[p.name] for p in workers}
+        cpu = sum(by_worker.values())
+        by_stage = {stage: sum(v for name, v in by_worker.items() if name.rpartition("-")[0] == stage)
+                    for stage, *_ in STAGES}
         others = {name: round(cpu_seconds(pid) - others_before[name], 3) for name, pid in
                   (("nsqd", broker.pid), ("reader", reader.pid), ("producer", os.getpid()))}
         rss = {p.name: round(peak_rss_mb(p.pid), 1) for p in workers}
@@ -240,6 +244,7 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
             "feature_max_ms": float(feat_ms.max()) if feat_ms.size else None,
             "backlog_at_end": backlog, "caught_up_s": caught_up, "kept_up": caught_up <= KEPT_UP_S,
             "cpu_s": cpu, "cpu_us_per_tick": {"workers": round(cpu * 1e6 / count, 1),
+                                              **{k: round(v * 1e6 / count, 1) for k, v in by_stage.items()},
                                               **{k: round(v * 1e6 / count, 1) for k, v in others.items()}},
             "peak_rss_mb": max(rss.values()), "worker_peak_rss_mb": rss,
             "nsqd_peak_rss_mb": peak_rss_mb(broker.pid), "host_steal_pct": steal,
@@ -333,8 +338,18 @@ async def _read_until_stopped(tcp: str, topics: list[str], channel: str, got: di
 
     from pipeline.fastconn import FastReader, finish_all
 
+    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    unfinished: list = []
+
+    def finish() -> None:
+        # Every FIN_INTERVAL_S rather than per read: a FIN per read would cost this process and nsqd a
+        # system call and a wake-up per message, CPU the pipeline under test would not get.
+        finish_all(unfinished)
+        unfinished.clear()
+        if not stop.is_set():
+            loop.call_later(FIN_INTERVAL_S, finish)
 
     def reader(topic: str) -> FastReader:
         into = got[topic]
@@ -342,12 +357,14 @@ async def _read_until_stopped(tcp: str, topics: list[str], channel: str, got: di
         def on_messages(messages: list) -> None:
             arrived = time.time_ns()  # once per read: every message of it arrived then
             into.extend((arrived, m.body) for m in messages)
-            finish_all(messages)
+            unfinished.extend(messages)
         return FastReader(topic=topic, channel=channel, batch_handler=on_messages, nsqd_tcp_addresses=[tcp],
                           max_in_flight=2500, output_buffer_size=-1)
 
     readers = [reader(topic) for topic in topics]
+    finish()
     await stop.wait()
+    finish()
     for running in readers:
         running.close()
 
