@@ -336,7 +336,8 @@ async def _read_until_stopped(tcp: str, topics: list[str], channel: str, got: di
     """
     import asyncio
 
-    from pipeline.fastconn import FastReader, finish_all
+    from pipeline.fastclient import FastReader
+    from pipeline.fastconn import finish_all
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

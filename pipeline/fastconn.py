@@ -24,17 +24,15 @@ events unchanged and changes only the I/O:
 
 TLS is started on the same transport (``loop.start_tls``) when nsqd offers it
 and the client asks for it, as pynsq does; snappy and deflate are not
-supported (the pipeline never asks for them). :class:`FastReader` and
-:class:`FastWriter` are pynsq's Reader and Writer with this connection class;
-FIN/REQ/TOUCH/RDY behave as in pynsq.
+supported (the pipeline never asks for them). :mod:`pipeline.fastclient`
+has pynsq's Reader and Writer on this connection class; FIN/REQ/TOUCH/RDY
+behave as in pynsq.
 """
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import operator
-import random
 import ssl
 import struct
 import threading
@@ -48,7 +46,6 @@ from tornado.iostream import StreamClosedError
 from tornado.netutil import ssl_options_to_context
 
 from . import jit
-from .nsqclient import encode_mpub
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +139,7 @@ def finish_all(messages) -> None:
 _CONN, _ID = operator.attrgetter("_conn"), operator.attrgetter("id")
 
 
-def _frames():
+def frame_scanner():
     """:mod:`pipeline.frames`, imported on first use (it loads numba, which writers such as the gateway never
     need), or None while a worker's kernels load in the background (see :mod:`pipeline.jit`)."""
     return jit.kernel(_FRAMES)
@@ -461,7 +458,7 @@ class FastConn(nsq.AsyncConn):
         Returns the length consumed, or None when a frame size was negative
         (the connection is then closed with an error).
         """
-        frames, pos = _frames(), 0
+        frames, pos = frame_scanner(), 0
         if frames is None or len(data) < SCAN_MIN_BYTES:
             return self._read_batched_plain(data)
         while True:
@@ -498,7 +495,7 @@ class FastConn(nsq.AsyncConn):
         return pos
 
     def _dispatch(self, data: bytes, rows) -> None:
-        frames, first = _frames(), 0
+        frames, first = frame_scanner(), 0
         for i in frames.not_messages(rows) + [len(rows)]:  # keep the order of messages and other frames
             if i > first:
                 self._deliver(self._messages(data, rows[first:i]))
@@ -508,7 +505,7 @@ class FastConn(nsq.AsyncConn):
 
     def _messages(self, data: bytes, rows) -> list[FastMessage]:
         """The messages of ``rows`` (message frames of ``data``), built with no Python code per message but __init__."""
-        frames = _frames()
+        frames = frame_scanner()
         starts = rows[:, frames.START]
         id_starts, body_starts = (starts + 14).tolist(), (starts + 30).tolist()
         ids = list(map(data.__getitem__, map(slice, id_starts, body_starts)))
@@ -523,105 +520,3 @@ class FastConn(nsq.AsyncConn):
             self.on_messages(self, messages)
         except Exception:
             log.exception("[%s] uncaught exception handling %d messages", self.id, len(messages))
-
-
-class FastReader(nsq.Reader):
-    """pynsq's ``Reader`` on :class:`FastConn` connections.
-
-    With ``batch_handler`` (instead of ``message_handler``), the messages of
-    each read are handed over as one list; messages that arrive before the
-    connection's fast I/O starts come one at a time, as a list of one.
-    ``max_tries`` must then be 0: the batch handler decides what to do with
-    a message's attempts.
-    """
-
-    def __init__(self, *args, batch_handler=None, **kwargs):
-        if batch_handler is not None:
-            if kwargs.setdefault("max_tries", 0):
-                raise ValueError("FastReader: a batch_handler needs max_tries=0")
-            kwargs["message_handler"] = lambda message: batch_handler([message])
-            _frames()  # compile (or load) the frame scanner now rather than on the first read
-        self.batch_handler = batch_handler
-        super().__init__(*args, **kwargs)
-
-    def _on_messages(self, conn: FastConn, messages: list[FastMessage]) -> None:
-        self._maybe_update_rdy(conn)
-        self.batch_handler(messages)
-
-    def connect_to_nsqd(self, host: str, port: int):
-        """Connect to one nsqd, as pynsq's ``Reader.connect_to_nsqd`` does, with a :class:`FastConn`."""
-        conn = FastConn(host, port, **self.conn_kwargs)
-        for name, handler in (("identify", self._on_connection_identify),
-                              ("identify_response", self._on_connection_identify_response),
-                              ("auth", self._on_connection_auth),
-                              ("auth_response", self._on_connection_auth_response),
-                              ("error", self._on_connection_error), ("close", self._on_connection_close),
-                              ("ready", self._on_connection_ready), ("message", self._on_message),
-                              ("heartbeat", self._on_heartbeat),
-                              ("backoff", functools.partial(self._on_backoff_resume, success=False)),
-                              ("resume", functools.partial(self._on_backoff_resume, success=True)),
-                              ("continue", functools.partial(self._on_backoff_resume, success=None))):
-            conn.on(name, handler)
-        if self.batch_handler is not None:
-            conn.on_messages = self._on_messages
-        if conn.id in self.conns:
-            return None
-        # like pynsq: at most one connection attempt per destination every 10 s
-        now = time.time()
-        last = self.connection_attempts.get(conn.id)
-        if last and last > now - 10:
-            return None
-        self.connection_attempts[conn.id] = now
-        log.info("[%s:%s] connecting to nsqd", conn.id, self.name)
-        conn.connect()
-        return conn
-
-
-class FastWriter(nsq.Writer):
-    """pynsq's ``Writer`` on :class:`FastConn` connections, with MPUB frames built in one join."""
-
-    def mpub(self, topic: str, msg, callback=None, conn_id: str | None = None):
-        """Publish several bodies in one MPUB, as pynsq's ``Writer.mpub`` (whose framing is quadratic).
-
-        ``conn_id`` (``host:port``) picks the connection; by default a random open one.
-        """
-        bodies = [msg] if isinstance(msg, bytes) else msg
-        if callback is None:
-            callback = functools.partial(self._finish_pub, command="mpub", topic=topic, msg=bodies)
-        if conn_id is not None:
-            conn = self.conns.get(conn_id)
-            if conn is None or not conn.connected():
-                callback(None, protocol.SendError(f"{conn_id} is not connected"))
-                return None
-        else:
-            open_connections = [conn for conn in self.conns.values() if conn.connected()]
-            if not open_connections:
-                callback(None, protocol.SendError("no open connections"))
-                return None
-            conn = random.choice(open_connections)
-        conn.callback_queue.append(callback)
-        try:
-            conn.write(encode_mpub(topic, bodies))
-        except Exception as e:
-            log.exception("[%s] failed to send mpub", conn.id)
-            conn.callback_queue.remove(callback)
-            callback(None, protocol.SendError("send error", e))
-            conn.close()
-        return None
-
-    def connect_to_nsqd(self, host: str, port: int) -> None:
-        """Connect to one nsqd, as pynsq's ``Writer.connect_to_nsqd`` does, with a :class:`FastConn`."""
-        conn = FastConn(host, port, **self.conn_kwargs)
-        for name, handler in (("identify", self._on_connection_identify),
-                              ("identify_response", self._on_connection_identify_response),
-                              ("auth", self._on_connection_auth),
-                              ("auth_response", self._on_connection_auth_response),
-                              ("error", self._on_connection_error), ("response", self._on_connection_response),
-                              ("close", self._on_connection_close), ("ready", self._on_connection_ready),
-                              ("heartbeat", self.heartbeat)):
-            conn.on(name, handler)
-        if conn.id in self.conns:
-            return
-        log.info("[%s] connecting to nsqd", conn.id)
-        conn.connect()
-        conn.callback_queue = []

@@ -17,7 +17,7 @@ import nsq
 from tornado.concurrent import Future
 
 from .errors import PublishError
-from .fastconn import FastWriter
+from .fastclient import FastWriter
 from .nodepool import NodeHealth, NodePool
 from .nsqclient import chunked
 

@@ -29,16 +29,17 @@ import functools
 import logging
 import signal
 import time
-from collections import Counter, deque
-from dataclasses import dataclass
+from collections import Counter
 from typing import Any, Iterable, Sequence
 
 
 from tornado.ioloop import PeriodicCallback
 
 from . import faultpoints, gctuning, jit, nsqd_http
+from .commits import CommitQueue, KeyedCommit
 from .errors import PublishError
-from .fastconn import FastReader, finish_all, when_read_done
+from .fastclient import FastReader
+from .fastconn import finish_all
 from .gctuning import GcTuning
 from .metrics import WorkerMetrics
 from .middleware import Middleware, MiddlewareStack
@@ -53,7 +54,6 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 30.0
 MAX_REQUEUE_DELAY = 3600.0
 GAP_CHECK_MS = 100  # how often a keyed stage looks for gaps that waited long enough
-HOLD_ANSWERS_MIN_S = 0.002  # a keyed stage leaves publish answers unread only when a checkpoint is further off
 
 
 class Worker:
@@ -95,15 +95,8 @@ class Worker:
         # order; their commits (publish OK, then checkpoint, then FIN) follow in
         # the same order, so a checkpoint never holds unpublished effects.
         self._keyed_queue: list = []
-        self._commits: deque[_KeyedCommit] = deque()
-        self._commits_done = asyncio.Event()  # set while no commit is queued or being written
-        self._commits_done.set()
-        self._writing: asyncio.Future | None = None  # the checkpoint being written
-        self._checkpoint_timer: asyncio.TimerHandle | None = None
-        self._advance_due = False  # an _advance_commits waits for the end of the read in hand
+        self.commits = CommitQueue(self)
         self._keyed_halted = False  # set after a runtime failure, until the commits rewound the state
-        self._uncommitted = 0  # messages of the queued commits
-        self._last_checkpoint = 0.0
         self._gaps_may_go = False  # set while a check found nsqd holding nothing more for the partition
         self._backlog_check: asyncio.Future | None = None
         self._gap_wait_logged = 0.0
@@ -188,16 +181,16 @@ class Worker:
             self._gap_timer.stop()
         self._requeue_now(self._take_pending())
         deadline = time.monotonic() + self.spec.publish_timeout + 2.0
-        if self._checkpoint_timer is not None:  # no waiting for the checkpoint interval now
-            self._checkpoint_due()
+        if self.checkpoint is not None:
+            self.commits.checkpoint_now()  # no waiting for the checkpoint interval now
         # Tasks may start others (a gap check applies a keyed batch), so wait until none is left.
-        while (self._active or not self._commits_done.is_set()) and time.monotonic() < deadline - 1.0:
-            waits = [*self._active, asyncio.ensure_future(self._commits_done.wait())]
+        while (self._active or not self.commits.done.is_set()) and time.monotonic() < deadline - 1.0:
+            waits = [*self._active, asyncio.ensure_future(self.commits.done.wait())]
             await asyncio.wait(waits, timeout=deadline - 1.0 - time.monotonic(), return_when=asyncio.FIRST_COMPLETED)
             waits[-1].cancel()
         await self._await_close_wait(deadline)
         await self._flush_connections()
-        if self._active or not self._commits_done.is_set():
+        if self._active or not self.commits.done.is_set():
             self.stats["drain_timeouts"] += 1
         # pynsq reports our own close as a broken frame read on every connection
         logging.getLogger("nsq").setLevel(logging.CRITICAL)
@@ -343,17 +336,7 @@ class Worker:
         for topic, bodies in outputs.items():
             self.stats[f"out:{topic}"] += len(bodies)
 
-    # -- keyed batches: handler now, commit in order -------------------------
-    #
-    # A keyed replica runs its batches through the handler one at a time, as
-    # they come, and publishes each batch's outputs at once; it does not wait
-    # for the previous batch's checkpoint. The commits follow in batch order:
-    # once a batch's publish (and every earlier one's) is acknowledged, the
-    # state snapshot taken right after its handler call is written (fsynced),
-    # then its messages are FINed. Batches acknowledged while a checkpoint is
-    # being written share the next one (group commit). A failed publish
-    # rewinds: every batch not yet committed is requeued and the state goes
-    # back to the last checkpoint, as after a crash.
+    # -- keyed batches: handler now, commit in order (pipeline.commits) --------
 
     def _run_keyed(self) -> None:
         """Take every queued keyed message through the handler, in order (unless halted)."""
@@ -375,7 +358,8 @@ class Worker:
             outputs = self._outputs(outcome)
             # The state after this batch, when a checkpoint may need it before the batches behind it are
             # acknowledged; else only the last batch's state is ever written, taken when that is due.
-            state = self._state_now() if not self.processor.columns_atomic or self._checkpoint_wait() <= 0 else None
+            keep = not self.processor.columns_atomic or self.commits.checkpoint_wait() <= 0
+            state = self._state_now() if keep else None
         except Exception as e:
             # A bug of ours, not of the stage: the state may be half-updated, so
             # nothing more goes through the handler until the commits before
@@ -383,133 +367,16 @@ class Worker:
             log.critical("stage %s: batch of %d messages failed in the runtime; rewinding to the last checkpoint",
                          self.name, len(messages), exc_info=True)
             self._keyed_halted = True
-            self._queue_commit(_KeyedCommit(messages, [], {}, None, answer=e, failed=True))
+            self.commits.add(KeyedCommit(messages, [], {}, None, answer=e, failed=True))
             return
         self.middleware.emit_before("before_publish", self, outputs)
-        commit = _KeyedCommit(outcome.finish, outcome.retry, outputs, state)
-        self._queue_commit(commit)  # first: the publish may answer at once (no connection)
-        self.publisher.send(outputs, self.spec.publish_timeout, functools.partial(self._on_published, commit))
-
-    def _on_published(self, commit: _KeyedCommit, error: PublishError | None) -> None:
-        if commit.answer is _DROPPED:
-            return  # requeued by a rewind meanwhile
-        commit.answer = error
-        if self._commits and self._commits[0].answer is not _WAITING and not self._advance_due:
-            # After the whole read: it may hold the answers of the batches behind this one too (held
-            # answers come in together), and they then share this checkpoint.
-            self._advance_due = True
-            when_read_done(self._advance_after_read)
-
-    def _advance_after_read(self) -> None:
-        self._advance_due = False
-        self._advance_commits()
-
-    def _queue_commit(self, commit: _KeyedCommit) -> None:
-        self._commits.append(commit)
-        self._uncommitted += len(commit.finish)
-        self._commits_done.clear()
-        wait = self._checkpoint_wait()
-        if wait <= 0 and self._checkpoint_timer is not None:
-            # Due (or half the in-flight window waits): this batch takes the checkpoint timer's turn.
-            self._checkpoint_due()
-        elif commit.answer is not _WAITING:
-            self._advance_commits()
-        elif wait > 0:
-            self._wait_for_checkpoint(wait)
-
-    def _wait_for_checkpoint(self, wait: float) -> None:
-        """Come back when the next checkpoint is due; until then nsqd's answers to the publishes wait unread.
-
-        They are needed only for that checkpoint: reading each as it comes would cost a wake-up and a read
-        per batch. The first batch after the checkpoint is due takes it (see _queue_commit); the timer,
-        set a little later, is for when no batch comes, so a steady stream pays no wake-up for it. The
-        wait is bounded by half the publish timeout, so no answer is taken for missing.
-        """
-        if self._checkpoint_timer is None:
-            later = wait + self.spec.checkpoint_interval_ms / 2000.0
-            self._checkpoint_timer = asyncio.get_running_loop().call_later(
-                min(later, self.spec.publish_timeout / 2), self._checkpoint_due)
-        if wait >= HOLD_ANSWERS_MIN_S:
-            self.publisher.hold_answers(True)
+        commit = KeyedCommit(outcome.finish, outcome.retry, outputs, state)
+        self.commits.add(commit)  # first: the publish may answer at once (no connection)
+        self.publisher.send(outputs, self.spec.publish_timeout, functools.partial(self.commits.answered, commit))
 
     def _state_now(self) -> tuple[dict, bytes | None]:
         """The sequencer's and the stage's state as of the last batch applied, as a checkpoint holds them."""
         return self.processor.sequencer.state(), self.processor.handler_state()
-
-    def _checkpoint_wait(self) -> float:
-        """Seconds until the next checkpoint is due: checkpoint_interval_ms after the last one, or now when
-        half the in-flight window waits for it or the worker drains."""
-        if self.draining or self._uncommitted * 2 >= self.spec.max_in_flight:
-            return 0.0
-        return self._last_checkpoint + self.spec.checkpoint_interval_ms / 1000.0 - time.monotonic()
-
-    def _advance_commits(self) -> None:
-        """Commit what can be: the acknowledged batches at the head, in one checkpoint, once one is due.
-
-        Called when the head batch's publish is answered, when a checkpoint is
-        written, and when the checkpoint timer fires; it never waits, so a
-        batch costs no task and no loop turn of its own.
-        """
-        if self._writing is not None:
-            return  # the write's end comes back here
-        commits = self._commits
-        if not commits:
-            self.publisher.hold_answers(False)  # nothing waits for them: no reason to leave them unread
-            self._commits_done.set()
-            return
-        head = commits[0]
-        if head.answer is _WAITING:
-            return
-        if head.answer is not None:
-            if not head.failed:  # else the runtime failed on the batch (logged already)
-                self._publish_failed(head.outputs, len(head.finish), head.answer)
-            self._rewind()
-            return
-        wait = self._checkpoint_wait()
-        if wait > 0:
-            self._wait_for_checkpoint(wait)
-            return
-        acknowledged = 1
-        while acknowledged < len(commits) and commits[acknowledged].answer is None:
-            acknowledged += 1
-        if acknowledged == len(commits):  # nothing applied after them: the state now is theirs
-            state = self._state_now()
-        else:
-            kept = [i for i in range(acknowledged) if commits[i].state is not None]
-            if not kept:
-                return  # the next answer comes back here; a batch applied meanwhile keeps its state
-            acknowledged, state = kept[-1] + 1, commits[kept[-1]].state
-        group = [commits.popleft() for _ in range(acknowledged)]
-        for commit in group:
-            self._published(commit.outputs)
-            self._uncommitted -= len(commit.finish)
-        self._last_checkpoint = time.monotonic()
-        self.stats["checkpoints"] += 1
-        data = self.checkpoint.encode(*state)  # here: the thread only writes, with no GIL to take back and forth
-        self._writing = asyncio.get_running_loop().run_in_executor(None, self.checkpoint.write, data)
-        self._writing.add_done_callback(functools.partial(self._checkpointed, group))
-
-    def _checkpoint_due(self) -> None:
-        if self._checkpoint_timer is not None:
-            self._checkpoint_timer.cancel()
-            self._checkpoint_timer = None
-        self.publisher.hold_answers(False)  # the answers come in now and move the commits on
-        self._advance_commits()
-
-    def _checkpointed(self, group: list[_KeyedCommit], written: asyncio.Future) -> None:
-        """The checkpoint of ``group`` is written (or failed): FIN its messages (or rewind), then go on."""
-        self._writing = None
-        if written.exception() is not None:
-            log.critical("stage %s replica %d: writing the checkpoint failed; rewinding", self.name, self.replica,
-                         exc_info=written.exception())
-            self._commits.extendleft(reversed(group))
-            self._uncommitted += sum(len(commit.finish) for commit in group)
-            self._rewind()
-            return
-        for commit in group:
-            self._finish(commit.finish)
-            self.middleware.emit_after("after_ack", self, commit.finish, commit.retry)
-        self._advance_commits()
 
     # -- keyed state ---------------------------------------------------------
 
@@ -537,16 +404,12 @@ class Worker:
         The handler already applied those batches; their redelivered records
         would otherwise be taken for duplicates and their outputs never published.
         """
-        commits, self._commits = self._commits, deque()
-        self._uncommitted = 0
-        for commit in commits:
-            commit.answer = _DROPPED  # its publish may still answer: that changes nothing now
+        for commit in self.commits.drop_all():
             self._requeue_now(commit.finish)
         self._restore_checkpoint()
         self._keyed_halted = False
-        self.publisher.hold_answers(False)
         self._run_keyed()
-        self._advance_commits()
+        self.commits.advance()
 
     def _report_gaps(self) -> None:
         gaps = self.processor.sequencer.gaps
@@ -628,21 +491,3 @@ class Worker:
         delay = min(self.spec.requeue_delay * 2 ** (message.attempts - 1), MAX_REQUEUE_DELAY)
         message.requeue(backoff=True, time_ms=int(delay * 1000))
         self.stats["requeued"] += 1
-
-
-
-_WAITING = object()  # a commit's publish is not answered yet
-_DROPPED = PublishError("the batch was requeued by a rewind")  # a rewound commit's answer no longer counts
-
-
-@dataclass(slots=True)
-class _KeyedCommit:
-    """One keyed batch between its handler call and its FIN."""
-
-    finish: list  # the messages to FIN once committed
-    retry: list  # requeued already (for the after_ack hook)
-    outputs: dict[str, list[bytes]]
-    # (sequencer state, handler snapshot) right after the handler call; None when not kept (see _apply_keyed)
-    state: tuple[dict, bytes | None] | None
-    answer: Any = _WAITING  # the publish's answer: None (acknowledged) or the error
-    failed: bool = False  # the runtime failed on the batch (answer holds the exception)

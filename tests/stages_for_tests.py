@@ -69,9 +69,9 @@ class ColumnarRunningSum(RunningSum):
         return {"sums": Columns(out)}
 
 
-class AtomicColumnarRunningSum(RunningSum):
-    """RunningSum with a columnar path that checks every record before it changes anything (``columns_atomic``);
-    it still raises on v == 13 after adding the records before it, as a stage with a bug would. Counts its
+class AtomicColumnarRunningSum(ColumnarRunningSum):
+    """ColumnarRunningSum that checks every record before it changes anything (``columns_atomic``); it
+    still raises on v == 13 after adding the records before it, as a stage with a bug would. Counts its
     snapshots."""
 
     columns_atomic = True
@@ -85,14 +85,6 @@ class AtomicColumnarRunningSum(RunningSum):
         return super().snapshot()
 
     def columns(self, cols):
-        from pipeline.stage import Columns
         if any(type(v) is not int for v in _plain(cols["v"])):
             return None  # before any change: the record path names the bad record
-        out: dict[str, list] = {"id": [], "key": [], "seq": [], "sum": []}
-        for id_, key, seq, v in zip(cols["id"], cols["key"], _plain(cols["seq"]), _plain(cols["v"])):
-            self.sums[key] = self.sums.get(key, 0) + v
-            if v == 13:
-                raise ValueError("unlucky 13")
-            for name, value in zip(out, (id_, key, seq, self.sums[key])):
-                out[name].append(value)
-        return {"sums": Columns(out)}
+        return super().columns(cols)

@@ -7,7 +7,8 @@ import struct
 import pytest
 
 from nsqhttp import channel_stats, wait_until
-from pipeline.fastconn import FastConn, FastReader, FastWriter
+from pipeline.fastclient import FastReader, FastWriter
+from pipeline.fastconn import FastConn
 from pipeline.nsqclient import NsqPublisher
 
 
