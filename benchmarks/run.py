@@ -77,7 +77,8 @@ RULES = (
     "message); nsq_to_nsq --max-in-flight=2500 copying to prime; primes stage: "
     f"max_in_flight {STAGE_MAX_IN_FLIGHT}, batch size {STAGE_BATCH['size']}, "
     f"wait {STAGE_BATCH['wait_ms']} ms, started as `pipeline worker primes --replica k`.",
-    f"ticks (tick -> signal latency): a fresh nsqd; topics ticks and features (msgpack, {ticks.PARTITIONS} "
+    f"ticks (tick -> signal latency): a fresh nsqd (nsqd's default --mem-queue-size, {ticks.TICKS_MEM_QUEUE_SIZE:,}: "
+    "the pipeline holds a few dozen messages at a time); topics ticks and features (msgpack, {ticks.PARTITIONS} "
     "partitions, key symbol; features also seq: feature_seq; with --ticks-pack P above 1 also pack: P, so a "
     "message is an envelope of the records the producer or a batch has at hand, up to P) and signals (json); "
     "keyed stages features "

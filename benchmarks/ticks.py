@@ -27,6 +27,7 @@ that, and each worker's peak RSS. Kept up = every feature arrived within
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -45,7 +46,7 @@ from pipeline.topology import Topology, load_topology
 from producers.ticks import LINGER_MS, synthetic_ticks
 
 from .broker import BenchError, Broker
-from .drain import MEM_QUEUE_SIZE, SUBSCRIBE_TIMEOUT, check_alive, wait_kernels, wait_ready
+from .drain import SUBSCRIBE_TIMEOUT, check_alive, wait_kernels, wait_ready
 from .launch import Launched, spawn, stop_all
 from .procstat import cpu_seconds, machine_cpu_times, peak_rss_mb, steal_percent
 
@@ -69,6 +70,9 @@ STAGES = (("features", "ticks", "consumers.features:Features", "features"),
           ("signals", "features", "consumers.signals:Signals", "signals"))
 KEPT_UP_S = 1.0
 FIN_INTERVAL_S = 0.05  # the reader finishes what it read this often
+#: nsqd's default: the pipeline holds a few dozen messages at a time. (The drains' 2,000,000 keeps their
+#: preloads in memory; here it would only give nsqd's collector channel buffers of 16 MB each to scan.)
+TICKS_MEM_QUEUE_SIZE = 10_000
 #: Ticks published (at the same rate) and drained before the measured ones; not in the figures.
 WARMUP = 2000
 DRAIN_TIMEOUT = 120.0  # after the last tick: a pipeline that cannot keep up needs time to catch up
@@ -179,7 +183,7 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
     """
     # The workers ask for their stage's output_buffer_size/timeout, the reader for no buffering at all;
     # the flags let a stage ask for a timeout down to 1 ms.
-    broker = Broker(start_nsqd(workdir / "nsqd", extra=[f"--mem-queue-size={max(MEM_QUEUE_SIZE, 2 * count)}",
+    broker = Broker(start_nsqd(workdir / "nsqd", extra=[f"--mem-queue-size={TICKS_MEM_QUEUE_SIZE}",
                                                         f"--output-buffer-timeout={MIN_BUFFER_TIMEOUT}",
                                                         f"--min-output-buffer-timeout={MIN_BUFFER_TIMEOUT}"]))
     launched: list[Launched] = []
@@ -382,9 +386,19 @@ def reader_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     topics = args.topics.split(",")
     got: dict[str, list] = {topic: [] for topic in topics}
-    asyncio.run(_read_until_stopped(args.tcp, topics, args.channel, got))
     from pipeline.codecs import decode
     from pipeline.envelope import records_of
+
+    # The probe must not pause: a collection while it reads (hundreds of ms for a full one over everything
+    # imported and read so far) would delay every arrival behind it and count as the pipeline's latency.
+    # What it keeps while reading holds no reference cycles, so the collector waits until it is done.
+    gc.freeze()
+    gc.disable()
+    try:
+        asyncio.run(_read_until_stopped(args.tcp, topics, args.channel, got))
+    finally:
+        gc.enable()
+        gc.unfreeze()
     seen: set[str] = set()
     duplicates = 0
     latencies: dict[str, list[int]] = {"features": [], "signals": []}

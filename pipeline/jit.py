@@ -18,6 +18,7 @@ just slower, rather than crash-looping.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import threading
@@ -73,6 +74,22 @@ def load_in_background(on_loaded: Callable[[], None] = lambda: None) -> threadin
 
 def _load_all(on_loaded: Callable[[], None]) -> None:
     started = time.monotonic()
+    # Importing numba allocates a few hundred thousand objects while the worker is already consuming:
+    # left to the collector, they cost the event loop collections of tens of ms (one of 150 ms seen) in
+    # its first second. They never become garbage, so none is collected until on_loaded (see
+    # pipeline.gctuning.refreeze) has moved them out of its way.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _import_all()
+        log.info("compiled kernels ready after %.2f s: %s", time.monotonic() - started, ", ".join(sorted(_ready)))
+        on_loaded()
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _import_all() -> None:
     for module in list(_registered):
         if module in _ready:
             continue
@@ -83,5 +100,3 @@ def _load_all(on_loaded: Callable[[], None]) -> None:
                          "(correct, slower)", module, exc_info=True)
             continue
         _ready[module] = loaded
-    log.info("compiled kernels ready after %.2f s: %s", time.monotonic() - started, ", ".join(sorted(_ready)))
-    on_loaded()
