@@ -20,7 +20,7 @@ GATEWAY_METRICS = ("records_per_s", "seconds", "cpu_s_per_million", "peak_rss_mb
 GATEWAY_TARGET = 20_000
 TICKS_METRICS = ("input_rate", "feature_p50_ms", "feature_p99_ms", "feature_p999_ms", "signal_p50_ms",
                  "signal_p99_ms", "signal_p999_ms", "backlog_at_end", "caught_up_s", "peak_rss_mb", "host_steal_pct")
-TICKS_HEADER = ("figure", "ticks", "runs", "input ticks/s", "tick->feature ms p50 / p99 / p99.9",
+TICKS_HEADER = ("figure", "ticks", "runs", "input ticks/s", "tick->feature ms (features.0) p50 / p99 / p99.9",
                 "tick->signal ms p50 / p99 / p99.9", "backlog at end", "kept up", "worker peak RSS MB",
                 "host steal %")
 #: The issue's latency target: tick -> signal p99 at this rate with 4 partitions.

@@ -78,13 +78,15 @@ RULES = (
     f"max_in_flight {STAGE_MAX_IN_FLIGHT}, batch size {STAGE_BATCH['size']}, "
     f"wait {STAGE_BATCH['wait_ms']} ms, started as `pipeline worker primes --replica k`.",
     f"ticks (tick -> signal latency): a fresh nsqd (nsqd's default --mem-queue-size, {ticks.TICKS_MEM_QUEUE_SIZE:,}: "
-    "the pipeline holds a few dozen messages at a time); topics ticks and features (msgpack, {ticks.PARTITIONS} "
+    f"the pipeline holds a few dozen messages at a time); topics ticks and features (msgpack, {ticks.PARTITIONS} "
     "partitions, key symbol; features also seq: feature_seq; with --ticks-pack P above 1 also pack: P, so a "
     "message is an envelope of the records the producer or a batch has at hand, up to P) and signals (json); "
     "keyed stages features "
     f"(consumers.features:Features) and signals (consumers.signals:Signals), {ticks.PARTITIONS} replicas each, "
     f"batch {ticks.BATCH['size']} / wait_ms from --ticks-wait-ms (default {ticks.BATCH['wait_ms']}), "
-    f"max_in_flight {ticks.MAX_IN_FLIGHT}, "
+    f"max_in_flight {ticks.MAX_IN_FLIGHT}, checkpoint_interval_ms from --ticks-checkpoint-ms (default "
+    f"{ticks.CHECKPOINT_INTERVAL_MS}; outputs go out before their checkpoint whatever it is, so it sets how much "
+    "input a crash replays, not the latency; the stage's default 50 costs 8 replicas 160 fdatasyncs a second), "
     "started as `pipeline worker STAGE --replica k`; the run starts once every partition channel has its one "
     f"client. {ticks.SYMBOLS} synthetic symbols; {ticks.WARMUP:,} warm-up ticks at the same rate are published and "
     f"drained first and not counted; then N = {ticks.BASE_COUNT:,} x scale ticks with produce_ticks(rate=R) "
@@ -93,18 +95,21 @@ RULES = (
     "buffering until its next send is: at most about its linger_ms, from --ticks-linger-ms, default "
     f"{ticks.LINGER_MS:g}).",
     "ticks latency: a separate reader process (one event loop, a FastReader per topic) subscribes before "
-    "publishing to a 'bench' channel on features.0..3 and signals, asking nsqd for no output buffering "
+    f"publishing to a 'bench' channel on signals and on features.0 (the first {ticks.FEATURE_PROBE} of the "
+    f"{ticks.PARTITIONS} feature partitions: their ticks are enough for the tick->feature figure, and reading all "
+    "of them would load the machine under test with the probe's own work), asking nsqd for no output buffering "
     "(output_buffer_size -1), as a latency-sensitive consumer of the outputs would; the workers identify with "
     f"output_buffer_size from --output-buffer-size (default {ticks.OUTPUT_BUFFER_SIZE}: no buffering; nsqd's "
     f"own default is 16384) and output_buffer_timeout from --output-buffer-timeout (default "
     f"{ticks.OUTPUT_BUFFER_TIMEOUT} ms, used with a buffer; this nsqd runs with --min-output-buffer-timeout=1ms, "
     "nsqd's own minimum is 25 ms). The reader notes time.time_ns() as each read "
-    "arrives. tick->feature = arrival of the tick's feature record - ts; tick->signal = arrival of a signal "
+    "arrives. tick->feature = arrival of the tick's feature record - ts (the reader must get one for every measured "
+    "tick of the probed partitions); tick->signal = arrival of a signal "
     "- ts (a signal carries its tick's ts); duplicates (same id) count once. p50/p99/p99.9 in ms per run; the "
     "table shows their median (min–max) over runs. Input rate = ticks / publishing time. Backlog = messages "
     "queued or in flight on the workers' channels when the last tick was published; kept up = every topic "
-    f"and channel of the pipeline was empty (every feature and signal read) within {ticks.KEPT_UP_S:g} s after "
-    "that. CPU us per tick: user + system CPU of the workers, nsqd, the reader and the bench process (the "
+    "and channel of the pipeline was empty (every tick turned into features, every feature read by signals, "
+    f"every output read) within {ticks.KEPT_UP_S:g} s after that. CPU us per tick: user + system CPU of the workers, nsqd, the reader and the bench process (the "
     "producer thread) while the measured ticks are published and drained, over N. Peak RSS: VmHWM of each "
     "worker. Host steal %: the share of the machine's CPU time the hypervisor gave to other guests while the "
     "measured ticks were published (/proc/stat; also recorded for each drain in results.json): on a shared "
@@ -147,6 +152,9 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m benchmarks.run
     parser.add_argument("--ticks-linger-ms", type=float, default=ticks.LINGER_MS,
                         help="the ticks producer's linger_ms, the longest a tick waits in its buffer "
                              f"(default {ticks.LINGER_MS:g})")
+    parser.add_argument("--ticks-checkpoint-ms", type=int, default=ticks.CHECKPOINT_INTERVAL_MS,
+                        help="the keyed stages' checkpoint_interval_ms in the ticks figure "
+                             f"(default {ticks.CHECKPOINT_INTERVAL_MS}; the stage's own default is 50)")
     parser.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.json and results.md")
     args = parser.parse_args(argv)
     if args.scale <= 0:
@@ -165,6 +173,8 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m benchmarks.run
         parser.error("--ticks-wait-ms must be 0..60000")
     if not 0 < args.ticks_linger_ms <= 1000:
         parser.error("--ticks-linger-ms must be in (0, 1000]")
+    if not 0 <= args.ticks_checkpoint_ms <= 25000:
+        parser.error("--ticks-checkpoint-ms must be 0..25000 (under half the stages' 60 s msg_timeout)")
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(args.only) - set(ALL_NAMES))
     if unknown:
@@ -208,7 +218,8 @@ def new_results(args: argparse.Namespace) -> dict:
                      "trickle_rate": restart.TRICKLE_RATE, "tick_rate": args.tick_rate,
                      "output_buffer_size": args.output_buffer_size,
                      "output_buffer_timeout_ms": args.output_buffer_timeout, "ticks_pack": args.ticks_pack,
-                     "ticks_wait_ms": args.ticks_wait_ms, "ticks_linger_ms": args.ticks_linger_ms},
+                     "ticks_wait_ms": args.ticks_wait_ms, "ticks_linger_ms": args.ticks_linger_ms,
+                     "ticks_checkpoint_ms": args.ticks_checkpoint_ms},
         "rules": list(RULES),
         "machine": machine_info(nsq_binary("nsqd")),
         "contenders": contenders,
@@ -275,7 +286,8 @@ def run_all(args: argparse.Namespace, results: dict, workroot: Path, progress: C
                            lambda d=workdir: ticks.ticks_once(d, ticks_count(args.scale), args.tick_rate,
                                                               args.output_buffer_size,
                                                               args.output_buffer_timeout, args.ticks_pack,
-                                                              args.ticks_wait_ms, args.ticks_linger_ms))
+                                                              args.ticks_wait_ms, args.ticks_linger_ms,
+                                                              args.ticks_checkpoint_ms))
         if GATEWAY in entries:
             workdir = workroot / f"{GATEWAY}-{rep}"
             ok &= _one_run(entries[GATEWAY], f"{GATEWAY} run {rep}/{args.repeats}", progress,

@@ -2,8 +2,11 @@
 
 The rule:
 
-1. a fresh nsqd gets a ``bench`` channel on ``features.0..3`` and ``signals``
-   (so the bench sees every output), and a reader process subscribes to them;
+1. a fresh nsqd gets a ``bench`` channel on ``signals`` and on the first
+   :data:`FEATURE_PROBE` partitions of ``features`` (``features.0``: a quarter
+   of the feature records is plenty for the tick->feature figure, and reading
+   every partition would load the machine under test with the probe's own
+   work), and a reader process subscribes to them;
 2. the 8 keyed workers start (``features`` and ``signals``, replicas 0..3);
    the run waits until every partition channel has its one client;
 3. a thread publishes N synthetic ticks (16 symbols) with
@@ -19,8 +22,8 @@ The rule:
 Figures: p50 / p99 / p99.9 of both latencies in ms, the achieved input rate,
 the pipeline backlog (messages queued or in flight on the workers' channels)
 when the last tick was published, how long the outputs took to complete after
-that, and each worker's peak RSS. Kept up = every feature arrived within
-:data:`KEPT_UP_S` of the last tick's publication.
+that, and each worker's peak RSS. Kept up = every topic and channel of the
+pipeline was empty within :data:`KEPT_UP_S` of the last tick's publication.
 
 ``python -m benchmarks.ticks read ...`` is the reader process.
 """
@@ -41,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from pipeline.partition import Router
 from pipeline.processes import start_nsqd
 from pipeline.topology import Topology, load_topology
 from producers.ticks import LINGER_MS, synthetic_ticks
@@ -64,6 +68,12 @@ OUTPUT_BUFFER_SIZE = -1  # no buffering; nsqd's default 16384 (with the 1 ms tim
 #: the producer or a batch has at hand: nothing waits for an envelope to fill).
 PACK = 64
 OUTPUT_BUFFER_TIMEOUT = 1  # ms; this nsqd allows down to 1 (--min-output-buffer-timeout, 25 ms by default)
+#: The keyed stages' checkpoint_interval_ms (--ticks-checkpoint-ms). Outputs are published before their
+#: checkpoint whatever it is, so it bounds how much input a crash replays, not the latency; the stage's
+#: default (50) costs the 8 replicas 160 fdatasyncs a second, CPU (~4 us per tick) the pipeline then lacks.
+CHECKPOINT_INTERVAL_MS = 250
+#: The feature partitions the probe reads (the first ones); tick->feature is measured on their ticks only.
+FEATURE_PROBE = 1
 READ_CHANNEL = "bench"
 MIN_BUFFER_TIMEOUT = "1ms"  # nsqd lets a client ask for this (its own floor is 25 ms)
 STAGES = (("features", "ticks", "consumers.features:Features", "features"),
@@ -82,7 +92,7 @@ PERCENTILES = (("p50", 50.0), ("p99", 99.0), ("p999", 99.9))
 
 def write_topology(path: Path, broker: Broker, output_buffer_size: int = OUTPUT_BUFFER_SIZE,
                    output_buffer_timeout: int = OUTPUT_BUFFER_TIMEOUT, pack: int = PACK,
-                   wait_ms: int = BATCH["wait_ms"]) -> Topology:
+                   wait_ms: int = BATCH["wait_ms"], checkpoint_ms: int = CHECKPOINT_INTERVAL_MS) -> Topology:
     """Write and load ticks -> features -> signals, 4 partitions, against ``broker``."""
     keyed = {"codec": "msgpack", "partitions": PARTITIONS, "key": "symbol", **({"pack": pack} if pack > 1 else {})}
     doc = {
@@ -91,7 +101,8 @@ def write_topology(path: Path, broker: Broker, output_buffer_size: int = OUTPUT_
         "topics": {"ticks": dict(keyed), "features": {**keyed, "seq": "feature_seq"}, "signals": {"codec": "json"}},
         "stages": {name: {"handler": handler, "input": source, "channel": name, "outputs": [out], "keyed": True,
                           "replicas": PARTITIONS, "max_in_flight": MAX_IN_FLIGHT, "batch": {**BATCH, "wait_ms": wait_ms},
-                          "output_buffer_size": output_buffer_size, "output_buffer_timeout": output_buffer_timeout}
+                          "output_buffer_size": output_buffer_size, "output_buffer_timeout": output_buffer_timeout,
+                          "checkpoint_interval_ms": checkpoint_ms}
                    for name, source, handler, out in STAGES},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +186,8 @@ def _pending(channel: dict | None) -> int:
 
 def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
                output_buffer_size: int = OUTPUT_BUFFER_SIZE, output_buffer_timeout: int = OUTPUT_BUFFER_TIMEOUT,
-               pack: int = PACK, wait_ms: int = BATCH["wait_ms"], linger_ms: float = LINGER_MS) -> dict:
+               pack: int = PACK, wait_ms: int = BATCH["wait_ms"], linger_ms: float = LINGER_MS,
+               checkpoint_ms: int = CHECKPOINT_INTERVAL_MS) -> dict:
     """Measure the latencies for ``count`` ticks at ``rate`` on a fresh nsqd under ``workdir``; stop everything after.
 
     Raises:
@@ -190,9 +202,9 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
     producers: list[Producer] = []
     try:
         topology = write_topology(workdir / "topology.yaml", broker, output_buffer_size, output_buffer_timeout, pack,
-                                  wait_ms)
+                                  wait_ms, checkpoint_ms)
         features, inputs = topology.physical_topics("features"), topology.physical_topics("ticks")
-        outputs = [*features, "signals"]
+        outputs = [*features[:FEATURE_PROBE], "signals"]
         for topic in outputs:
             broker._post("/topic/create", topic=topic)
             broker._post("/channel/create", topic=topic, channel=READ_CHANNEL)
@@ -209,7 +221,7 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
         _wait_clients(broker, launched, watched, time.monotonic() + SUBSCRIBE_TIMEOUT)
         wait_kernels(launched, time.monotonic() + SUBSCRIBE_TIMEOUT)
 
-        ticks = synthetic_ticks(SYMBOLS, WARMUP + count, seed=1, run_id="bench")  # one seq per symbol
+        ticks = _ticks(count)
         # Warm-up (not measured): the first batches pay for imports, JIT and connections.
         producer = _publish(broker, topology, stamped(islice(ticks, WARMUP)), WARMUP, rate, producers, linger_ms)
         _wait_outputs(broker, launched, inputs + outputs, watched, WARMUP, producer.ended_at)
@@ -242,7 +254,8 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
         sample = {
             "ticks": count, "rate_target": rate, "published": producer.acked,
             "input_rate": producer.acked / seconds if seconds > 0 else 0.0, "publish_s": seconds,
-            "features": int(feat_ms.size), "signals": int(sig_ms.size), "duplicates": duplicates,
+            "features": int(feat_ms.size), "features_expected": _probed_ticks(topology, count),
+            "signals": int(sig_ms.size), "duplicates": duplicates,
             **{f"feature_{name}_ms": _percentile(feat_ms, q) for name, q in PERCENTILES},
             **{f"signal_{name}_ms": _percentile(sig_ms, q) for name, q in PERCENTILES},
             "feature_max_ms": float(feat_ms.max()) if feat_ms.size else None,
@@ -253,8 +266,9 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
             "peak_rss_mb": max(rss.values()), "worker_peak_rss_mb": rss,
             "nsqd_peak_rss_mb": peak_rss_mb(broker.pid), "host_steal_pct": steal,
         }
-        if sample["features"] < count:
-            raise BenchError(f"the reader got {sample['features']} feature records of {count}")
+        if sample["features"] < sample["features_expected"]:
+            raise BenchError(f"the reader got {sample['features']} feature records of {sample['features_expected']}"
+                             f" (the measured ticks of {', '.join(features[:FEATURE_PROBE])})")
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in sample.items()}
     finally:
         try:
@@ -265,6 +279,18 @@ def ticks_once(workdir: Path, count: int, rate: float = TICK_RATE,
                 stop_all(launched)
             finally:
                 broker.stop()
+
+
+def _probed_ticks(topology: Topology, count: int) -> int:
+    """How many of the ``count`` measured ticks go to the partitions the probe reads (the same seeded ticks again)."""
+    router = Router.for_spec("ticks", topology.topics["ticks"])
+    probed = set(topology.physical_topics("ticks")[:FEATURE_PROBE])
+    return sum(router.topic_of(tick) in probed for tick in islice(_ticks(count), WARMUP, None))
+
+
+def _ticks(count: int) -> Iterator[dict]:
+    """The warm-up and ``count`` measured ticks, the same every run (one seq per symbol)."""
+    return synthetic_ticks(SYMBOLS, WARMUP + count, seed=1, run_id="bench")
 
 
 def _publish(broker: Broker, topology: Topology, ticks: Iterable[dict], count: int, rate: float,

@@ -8,17 +8,18 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 
-import msgpack
 import orjson
 import pytest
 
-from benchmarks import report, run
+from benchmarks import report, run, ticks
 from benchmarks.broker import BenchError
 from benchmarks.verify import check_records
 from consumers.primes import classify
 from pipeline import envelope
+from pipeline.partition import Router
 from pipeline.stage import Batch
 
 SUMMARY_KEYS = {"median", "min", "max"}
@@ -130,7 +131,7 @@ def test_markdown_repeats_the_table_rules_and_command(tiny_run):
 
 
 TICKS_SAMPLE_KEYS = {"ticks", "rate_target", "published", "input_rate", "publish_s", "features", "signals",
-                     "duplicates", "feature_p50_ms", "feature_p99_ms", "feature_p999_ms", "signal_p50_ms",
+                     "features_expected", "duplicates", "feature_p50_ms", "feature_p99_ms", "feature_p999_ms", "signal_p50_ms",
                      "signal_p99_ms", "signal_p999_ms", "feature_max_ms", "backlog_at_end", "caught_up_s", "kept_up",
                      "cpu_s", "cpu_us_per_tick", "peak_rss_mb", "worker_peak_rss_mb", "nsqd_peak_rss_mb",
                      "host_steal_pct"}
@@ -157,7 +158,8 @@ def test_tiny_ticks_run_measures_latencies_and_stops_everything(tiny_ticks):
     [sample] = entry["samples"]
     assert set(sample) == TICKS_SAMPLE_KEYS
     assert sample["ticks"] == sample["published"] == 1000
-    assert sample["features"] == 1000  # one feature per measured tick, warm-up excluded
+    # one feature per measured tick of the probed partition (features.0 of 4), warm-up excluded
+    assert sample["features"] == sample["features_expected"] and 100 < sample["features_expected"] < 500
     assert sample["input_rate"] > 0 and sample["publish_s"] > 0
     assert sample["signals"] > 0  # about 50 with these 1,000 seeded ticks
     for kind in ("feature", "signal"):
@@ -180,7 +182,7 @@ def test_tiny_ticks_report_has_the_latency_row_and_the_target(tiny_ticks):
     markdown = (tiny_ticks.out / "results.md").read_text()
     assert "## Tick latency" in markdown and "| ticks | 1,000 | 1/1 |" in markdown
     assert "| ticks tick->signal p99 <= 10 ms at 20,000 ticks/s with 4 partitions |" in markdown
-    assert tiny_ticks.results["settings"]["tick_rate"] == 20_000
+    assert tiny_ticks.results["settings"]["tick_rate"] == 20_000 and tiny_ticks.results["settings"]["ticks_checkpoint_ms"] == 250
 
 
 def test_unknown_figure_is_a_usage_error(capsys):
@@ -188,6 +190,27 @@ def test_unknown_figure_is_a_usage_error(capsys):
         run.parse_args(["--only", "primes1,nope"])
     assert exit_info.value.code == 2
     assert "--only: unknown nope" in capsys.readouterr().err
+
+
+def test_bad_ticks_checkpoint_interval_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.parse_args(["--ticks-checkpoint-ms", "30000"])
+    assert exit_info.value.code == 2
+    assert "--ticks-checkpoint-ms must be 0..25000" in capsys.readouterr().err
+
+
+def test_ticks_topology_carries_the_checkpoint_interval_and_the_probe_reads_one_feature_partition(tmp_path):
+    broker = SimpleNamespace(tcp="127.0.0.1:1", process=SimpleNamespace(http="127.0.0.1:2"))  # not contacted
+    topology = ticks.write_topology(tmp_path / "topology.yaml", broker, checkpoint_ms=250)
+    assert {topology.stages[s].checkpoint_interval_ms for s in ("features", "signals")} == {250}
+    assert ticks.write_topology(tmp_path / "t2.yaml", broker).stages["features"].checkpoint_interval_ms == \
+        ticks.CHECKPOINT_INTERVAL_MS
+    # the expected feature count is the measured ticks of features.0's partition, the warm-up left out
+    expected = ticks._probed_ticks(topology, 4000)
+    router = Router.for_spec("ticks", topology.topics["ticks"])
+    seeded = list(ticks._ticks(4000))[ticks.WARMUP:]
+    assert len(seeded) == 4000 and expected == sum(router.topic_of(t) == "ticks.0" for t in seeded)
+    assert 500 < expected < 1500  # 16 symbols over 4 partitions: about a quarter
 
 
 def test_packed_and_json_inputs_hold_the_same_records():
