@@ -56,7 +56,7 @@ def test_ctrl_c_runs_the_rollbacks_and_leaves_nothing_behind(tmp_path: Path) -> 
     log = open(tmp_path / "chaos.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "chaos", "run", str(scenario), "--seed", "3",
                              "--folder", str(folder)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     try:
         wait_until(lambda: len(_fault_log(folder)) >= 4 or proc.poll() is not None, 120,
                    message="the method never started its faults")
@@ -65,7 +65,14 @@ def test_ctrl_c_runs_the_rollbacks_and_leaves_nothing_behind(tmp_path: Path) -> 
         assert {"toxiproxy", "supervisord", "nsqd-n0:nsqd-n0", "primes:primes-0"} <= pids.keys()
         # When Ctrl-C reaches the harness
         os.kill(proc.pid, signal.SIGINT)
-        code = proc.wait(timeout=120)
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            # A harness that ignores Ctrl-C: SIGABRT makes the fault handler write every thread's stack to its log
+            os.kill(proc.pid, signal.SIGABRT)
+            proc.wait(timeout=30)
+            pytest.fail("the harness did not end within 120 s of Ctrl-C; its log and threads:\n"
+                        + (tmp_path / "chaos.log").read_text()[-20000:])
     finally:
         if proc.poll() is None:
             proc.kill()
