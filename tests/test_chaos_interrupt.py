@@ -56,7 +56,8 @@ def test_ctrl_c_runs_the_rollbacks_and_leaves_nothing_behind(tmp_path: Path) -> 
     log = open(tmp_path / "chaos.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "chaos", "run", str(scenario), "--seed", "3",
                              "--folder", str(folder)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+                            start_new_session=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+                            preexec_fn=_interruptible)
     try:
         wait_until(lambda: len(_fault_log(folder)) >= 4 or proc.poll() is not None, 120,
                    message="the method never started its faults")
@@ -71,6 +72,7 @@ def test_ctrl_c_runs_the_rollbacks_and_leaves_nothing_behind(tmp_path: Path) -> 
             # A harness that ignores Ctrl-C: SIGABRT makes the fault handler write every thread's stack to its log
             os.kill(proc.pid, signal.SIGABRT)
             proc.wait(timeout=30)
+            _kill_listed(folder)  # what it started would outlive it (each in a session of its own)
             pytest.fail("the harness did not end within 120 s of Ctrl-C; its log and threads:\n"
                         + (tmp_path / "chaos.log").read_text()[-20000:])
     finally:
@@ -88,6 +90,27 @@ def test_ctrl_c_runs_the_rollbacks_and_leaves_nothing_behind(tmp_path: Path) -> 
     assert not (folder / "faultpoints.json").exists()  # the fault point was disarmed
     healed = [text for _, text in _fault_log(folder) if text.startswith("healed")]
     assert sorted(healed) == ["healed fault_point", "healed kill_worker", "healed nsqd_stop", "healed toxic"]
+
+
+def _interruptible() -> None:
+    """Give the harness Ctrl-C as a terminal's foreground command gets it.
+
+    A shell without job control starts background commands with SIGINT ignored (`make test &`,
+    `nohup`, some CI runners), and their children inherit that; Python then installs no
+    KeyboardInterrupt handler, and the harness would never see this test's Ctrl-C.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _kill_listed(folder: Path) -> None:
+    """SIGKILL every process the harness listed in pids.json that is still alive."""
+    try:
+        pids = json.loads((folder / "pids.json").read_text())
+    except (OSError, ValueError):
+        return
+    for pid in pids.values():
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _fault_log(folder: Path) -> list[tuple[float, str]]:
