@@ -6,8 +6,10 @@ import email
 import email.policy
 import io
 import os
+import random
 import signal
 import time
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -124,14 +126,26 @@ def test_smtp_down_at_send_time_keeps_sampling_retries_and_sends_once_back(nsqd,
 
 
 def consecutive_free_ports(n: int) -> int:
-    for _ in range(50):
-        base = free_port()
-        try:
-            if all(free_port_is(base + k) for k in range(1, n)):
-                return base
-        except OSError:
-            continue
+    """``n`` consecutive ports nothing listens on, below the range the OS takes ports of outgoing connections from.
+
+    From the OS's own pick (``free_port``, an odd port of that range), ``base + 1`` is an even one, which
+    Linux's connect() prefers: any connection made before the workers listen (``pipeline up``, supervisord,
+    the monitors) could take it, and the worker's metrics endpoint would stay dark (a taken port is logged,
+    not fatal). Below that range no connection takes a port.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    pick = random.Random()
+    for _ in range(200):
+        base = pick.randrange(max(1024, low - 10000), low - n)
+        if all(free_port_is(base + k) for k in range(n)):
+            return base
     raise AssertionError("no run of free ports")
+
+
+def worker_logs(d: Deployment) -> str:
+    """The tail of each primes worker's log, for a failure message."""
+    logs = sorted((d.dir / "var" / "log").glob("primes-*.log"))
+    return "\n".join(f"--- {log.name}\n" + log.read_text(errors="replace")[-3000:] for log in logs)
 
 
 def free_port_is(port: int) -> bool:
@@ -173,9 +187,14 @@ def test_scheduled_report_is_ok_for_a_clean_run_and_warn_after_dead_letters_and_
         monitor.start(serve=False)  # the port is supervisord's monitor's
         # When 2,000 numbers are classified cleanly
         produce_numbers(d.tcp, "numbers", 1, 2000, run_id="s")
-        finished = lambda: sum(max((w.finished for w in monitor.db.workers(0) if w.replica == k), default=0)  # noqa
-                               for k in (0, 1))
-        wait_until(lambda: finished() >= 2000, 60, message="the monitor never saw 2000 finished")
+        finished_by_replica = lambda: [max((w.finished for w in monitor.db.workers(0) if w.replica == k),  # noqa
+                                           default=0) for k in (0, 1)]
+        finished = lambda: sum(finished_by_replica())  # noqa: E731
+        try:
+            wait_until(lambda: finished() >= 2000, 60, message="the monitor never saw 2000 finished")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; finished per replica as sampled: {finished_by_replica()}\n{worker_logs(d)}") \
+                from None
         # Then a report of the run so far is OK
         clean = build_report(d.topology, monitor.db, until=clock())
         assert clean.health.verdict == "OK", clean.health.reasons
