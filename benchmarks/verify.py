@@ -80,7 +80,7 @@ def _columns(body: bytes) -> tuple[list, list]:
         columns = decoded["columns"]
         numbers, flags = columns[keys.index("number")], columns[keys.index("prime")]
         if len(numbers) == len(flags) == decoded.get("n"):  # typed columns are arrays: plain values here
-            return [c.tolist() if hasattr(c, "tolist") else c for c in (numbers, flags)]
+            return envelope.plain(numbers), envelope.plain(flags)
     records = envelope.unpack(decoded, body)  # the general (slower) form; raises DecodeError if malformed
     try:
         return [r["number"] for r in records], [r["prime"] for r in records]

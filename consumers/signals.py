@@ -49,7 +49,8 @@ from typing import Any, Mapping
 
 import msgpack
 
-from pipeline.stage import MISSING, Batch, Columns, Record, StageContext, as_float, field_error, merge_params
+from pipeline.stage import (MISSING, Batch, Columns, Record, StageContext, as_float, field_error, merge_params,
+                            plain)
 
 __all__ = ["Signals", "crossover_position", "zscore_position"]
 
@@ -60,11 +61,6 @@ RULES = ("ema_crossover", "zscore")
 DEFAULTS: Mapping[str, Any] = {"crossover_band": 0.0005, "z_entry": 2.0, "z_exit": 0.5}
 SNAPSHOT_FORMAT = "consumers.signals/1"
 _NUMERIC_FIELDS = ("price", "ema_fast", "ema_slow", "zscore")
-
-
-def _plain(column: Any) -> list:
-    """A column as a list of Python values (a typed column of a batched envelope is a numpy array)."""
-    return column.tolist() if hasattr(column, "tolist") else column
 
 
 def crossover_position(ema_fast: float, ema_slow: float, band: float, previous: str) -> str:
@@ -129,7 +125,7 @@ class Signals:
             return None
         symbols = features["symbol"]
         # A batched envelope's float columns arrive as float64 arrays; the loop below wants Python floats.
-        numbers = [_plain(features[name]) for name in _NUMERIC_FIELDS]
+        numbers = [plain(features[name]) for name in _NUMERIC_FIELDS]
         if set(map(type, symbols)) != {str} or "" in symbols or any(set(map(type, c)) != {float} for c in numbers):
             return None  # ints, NaN-free or not, take the record path, which names the field
         # A sum that is not finite: a NaN or an infinity in the column (or a sum that overflows, which
@@ -140,8 +136,8 @@ class Signals:
         absent = [None] * n
         emitted: list[Record] = []
         apply = self._apply
-        for row in zip(_plain(features.get("id", absent)), _plain(features.get("ts", absent)),
-                       _plain(features.get("seq", absent)), symbols, *numbers):
+        for row in zip(plain(features.get("id", absent)), plain(features.get("ts", absent)),
+                       plain(features.get("seq", absent)), symbols, *numbers):
             apply(*row, emitted)
         return {OUTPUT: emitted}
 

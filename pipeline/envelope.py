@@ -55,6 +55,11 @@ def ext_hook(code: int, data: bytes) -> np.ndarray | msgpack.ExtType:
     return msgpack.ExtType(code, data) if dtype is None else np.frombuffer(data, dtype=dtype).copy()
 
 
+def plain(column) -> list:
+    """A column as a list of plain Python values: a typed column (a numpy array) converted, a list as it is."""
+    return column.tolist() if type(column) is np.ndarray else column
+
+
 def unpackb(body: bytes):
     """Decode msgpack ``body`` with typed columns as numpy arrays (see :func:`ext_hook`)."""
     return msgpack.unpackb(body, raw=False, ext_hook=ext_hook)
@@ -68,7 +73,7 @@ def encode_column(column) -> list | msgpack.ExtType:
     others, such as bool, a list of Python values).
     """
     if len(column) < TYPED_MIN_ROWS:
-        return column.tolist() if isinstance(column, np.ndarray) else column
+        return plain(column)
     if isinstance(column, np.ndarray):
         kind = column.dtype.kind
         if kind == "f":
@@ -129,8 +134,7 @@ def unpack(envelope: dict, body: bytes = b"") -> list[dict]:
     if isinstance(found, str):
         raise DecodeError(found, body)
     keys, columns, _ = found
-    columns = [c.tolist() if isinstance(c, np.ndarray) else c for c in columns]
-    return [dict(zip(keys, row)) for row in zip(*columns)]
+    return [dict(zip(keys, row)) for row in zip(*map(plain, columns))]
 
 
 def _columns(envelope: dict) -> tuple[list[str], list, int] | str:

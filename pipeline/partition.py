@@ -25,6 +25,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
+from .envelope import plain
 from .errors import PipelineError
 
 _CACHE_KEYS = 65536  # a Router remembers the partition of this many keys
@@ -177,8 +178,7 @@ class Router:
         """
         if len(self.topics) == 1:
             return {self.topics[0]: list(range(len(keys)))} if len(keys) else {}
-        if hasattr(keys, "tolist"):  # an int64 column of a batched envelope
-            keys = keys.tolist()
+        keys = plain(keys)  # an int64 column of a batched envelope is an array
         cache, count = self._cache, len(self.topics)
         try:
             distinct = set(map(cache.get, keys))

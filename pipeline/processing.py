@@ -42,7 +42,7 @@ def _joined(parts: list) -> list | np.ndarray:
         return np.concatenate(parts)
     joined: list = []
     for part in parts:
-        joined += part.tolist() if type(part) is np.ndarray else part
+        joined += envelope.plain(part)
     return joined
 
 
@@ -501,8 +501,7 @@ class KeyedProcessor(BatchProcessor):
         found = self._columns_of(messages)
         if found is None or self.key_field not in found or self.seq_field not in found:
             return None
-        seqs = found[self.seq_field]
-        last = self.sequencer.take_in_order(found[self.key_field], seqs.tolist() if type(seqs) is np.ndarray else seqs)
+        last = self.sequencer.take_in_order(found[self.key_field], envelope.plain(found[self.seq_field]))
         if last is None or (self.sequencer.expiry_due() and self.may_give_up()):
             return None
         before = None if self.columns_atomic else self._snapshot()

@@ -50,6 +50,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
+from .envelope import plain  # also for stages: a column as a list of Python values
 from .errors import HandlerLoadError
 
 Record = dict[str, Any]
@@ -125,7 +126,8 @@ class Columns:
         idx = indices.tolist() if hasattr(indices, "tolist") else list(indices)
         if len(idx) == 0:
             return Columns({k: col[:0] for k, col in self.data.items()}, 0)
-        rows = np.array(idx, dtype=np.intp)
+        if any(type(col) is np.ndarray for col in self.data.values()):
+            rows = indices if type(indices) is np.ndarray else np.array(idx, dtype=np.intp)
         if len(idx) == 1:
             pick = lambda col: col[rows] if type(col) is np.ndarray else [col[idx[0]]]  # noqa: E731
         else:
@@ -162,8 +164,7 @@ class Columns:
     def records(self) -> list[Record]:
         """The rows as records (dicts of plain Python values)."""
         keys = list(self.data)
-        columns = [col.tolist() if type(col) is np.ndarray else col for col in self.data.values()]
-        return [dict(zip(keys, row)) for row in zip(*columns)]
+        return [dict(zip(keys, row)) for row in zip(*map(plain, self.data.values()))]
 
 
 class ColumnBatch:
