@@ -16,6 +16,7 @@ for ``/ping``. Every listener binds 127.0.0.1 unless told otherwise. Example::
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -35,11 +36,66 @@ _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _TCP_LISTEN = "0A"  # st column of /proc/net/tcp for a listening socket
 
 
+#: Ports ``free_port`` has handed out in this process: never handed out twice.
+_HANDED_OUT: set[int] = set()
+_PICK = random.Random()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on ``host`` that nothing listens on right now (the OS picks it)."""
+    """Return a TCP port on ``host`` that nothing listens on right now and this process has not handed out before.
+
+    The port is picked at random below the range the OS takes the local ports of
+    outgoing connections from (``/proc/sys/net/ipv4/ip_local_port_range``): a
+    port of that range can be given to a connection before its server binds it,
+    and the OS's own pick (binding port 0) can return the same port to two calls
+    in a row. When less than 1,000 ports lie below that range, the OS picks.
+    """
+    low = _ephemeral_low()
+    for _ in range(500):
+        if low - 1024 >= 1000:
+            port = _PICK.randrange(max(1024, low - 20000), low)
+        else:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+        if port not in _HANDED_OUT and _bindable(host, port):
+            _HANDED_OUT.add(port)
+            return port
+    raise ProcessError(f"no free TCP port on {host} after 500 tries")
+
+
+def consecutive_free_ports(n: int, host: str = "127.0.0.1") -> int:
+    """Return the first of ``n`` consecutive ports that ``free_port`` could hand out, and hand them all out.
+
+    For a topology whose replicas take ``base + k`` (a stage's metrics port).
+    """
+    low = _ephemeral_low()
+    floor = max(1024, low - 20000) if low - 1024 >= 1000 + n else 1024
+    top = low if low - 1024 >= 1000 + n else 65535
+    for _ in range(500):
+        base = _PICK.randrange(floor, top - n)
+        ports = range(base, base + n)
+        if not _HANDED_OUT.intersection(ports) and all(_bindable(host, port) for port in ports):
+            _HANDED_OUT.update(ports)
+            return base
+    raise ProcessError(f"no {n} consecutive free TCP ports on {host} after 500 tries")
+
+
+def _ephemeral_low() -> int:
+    """The lowest port of the OS's range for outgoing connections (32768 when it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def nsqd_args(

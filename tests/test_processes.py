@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pipeline.errors import ProcessError
 from pipeline.install import NSQ_VERSION, installed_version
 from pipeline.processes import (
     NsqProcess,
+    consecutive_free_ports,
     free_port,
     listen_addresses,
     pid_alive,
@@ -158,3 +160,46 @@ def test_a_process_that_has_exited_listens_on_nothing_and_owns_no_port(nsqd: Nsq
     gone.wait()
     assert listen_addresses(gone.pid) == []
     assert not wait_ping(nsqd.http, time.monotonic() + 2, owner=gone.pid)
+
+
+def _ephemeral_low() -> int:
+    return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+
+
+def test_free_port_never_hands_out_a_port_twice_nor_one_outgoing_connections_may_take() -> None:
+    low = _ephemeral_low()
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    if low - 1024 >= 1000:
+        assert all(1024 <= p < low for p in ports), [p for p in ports if not 1024 <= p < low]
+
+
+def test_free_port_skips_a_port_something_listens_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.processes as processes
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        spare = free_port()
+        processes._HANDED_OUT.discard(spare)
+
+        class Picks:  # the random pick is not what this test is about: offer the listening port first
+            def __init__(self) -> None:
+                self.offers = [taken, spare]
+
+            def randrange(self, start: int, stop: int) -> int:
+                return self.offers.pop(0)
+
+        monkeypatch.setattr(processes, "_PICK", Picks())
+        monkeypatch.setattr(processes, "_ephemeral_low", lambda: 65000)
+        assert free_port() == spare
+
+
+def test_consecutive_free_ports_are_free_and_not_handed_out_again() -> None:
+    base = consecutive_free_ports(3)
+    for port in range(base, base + 3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    later = {free_port() for _ in range(300)}
+    assert later.isdisjoint(range(base, base + 3))

@@ -6,10 +6,8 @@ import email
 import email.policy
 import io
 import os
-import random
 import signal
 import time
-from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -21,7 +19,7 @@ from pipeline import nsqd_http
 from pipeline.healthdb import HealthDB
 from pipeline.mailer import LAST_SLOT
 from pipeline.monitor import Monitor
-from pipeline.processes import free_port
+from pipeline.processes import consecutive_free_ports, free_port
 from pipeline.report import build_report
 from pipeline.topology import load_topology
 from producers.numbers import produce_numbers
@@ -125,37 +123,10 @@ def test_smtp_down_at_send_time_keeps_sampling_retries_and_sends_once_back(nsqd,
     assert monitor.reporter.failures == 0
 
 
-def consecutive_free_ports(n: int) -> int:
-    """``n`` consecutive ports nothing listens on, below the range the OS takes ports of outgoing connections from.
-
-    From the OS's own pick (``free_port``, an odd port of that range), ``base + 1`` is an even one, which
-    Linux's connect() prefers: any connection made before the workers listen (``pipeline up``, supervisord,
-    the monitors) could take it, and the worker's metrics endpoint would stay dark (a taken port is logged,
-    not fatal). Below that range no connection takes a port.
-    """
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    pick = random.Random()
-    for _ in range(200):
-        base = pick.randrange(max(1024, low - 10000), low - n)
-        if all(free_port_is(base + k) for k in range(n)):
-            return base
-    raise AssertionError("no run of free ports")
-
-
 def worker_logs(d: Deployment) -> str:
     """The tail of each primes worker's log, for a failure message."""
     logs = sorted((d.dir / "var" / "log").glob("primes-*.log"))
     return "\n".join(f"--- {log.name}\n" + log.read_text(errors="replace")[-3000:] for log in logs)
-
-
-def free_port_is(port: int) -> bool:
-    import socket
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def parts(msg) -> tuple[str, str, list[bytes]]:
