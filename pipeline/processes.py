@@ -48,32 +48,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     outgoing connections from (``/proc/sys/net/ipv4/ip_local_port_range``): a
     port of that range can be given to a connection before its server binds it,
     and the OS's own pick (binding port 0) can return the same port to two calls
-    in a row. When less than 1,000 ports lie below that range, the OS picks.
+    in a row. When less than 1,000 ports lie below that range, any port from 1024 up.
     """
-    low = _ephemeral_low()
-    for _ in range(500):
-        if low - 1024 >= 1000:
-            port = _PICK.randrange(max(1024, low - 20000), low)
-        else:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((host, 0))
-                port = sock.getsockname()[1]
-        if port not in _HANDED_OUT and _bindable(host, port):
-            _HANDED_OUT.add(port)
-            return port
-    raise ProcessError(f"no free TCP port on {host} after 500 tries")
+    return consecutive_free_ports(1, host)
 
 
 def consecutive_free_ports(n: int, host: str = "127.0.0.1") -> int:
-    """Return the first of ``n`` consecutive ports that ``free_port`` could hand out, and hand them all out.
+    """Return the first of ``n`` consecutive ports picked as :func:`free_port` picks one, and hand them all out.
 
     For a topology whose replicas take ``base + k`` (a stage's metrics port).
     """
     low = _ephemeral_low()
-    floor = max(1024, low - 20000) if low - 1024 >= 1000 + n else 1024
-    top = low if low - 1024 >= 1000 + n else 65535
+    floor, top = (max(1024, low - 20000), low) if low - 1024 >= 1000 + n else (1024, 65536)
     for _ in range(500):
-        base = _PICK.randrange(floor, top - n)
+        base = _PICK.randrange(floor, top - n + 1)
         ports = range(base, base + n)
         if not _HANDED_OUT.intersection(ports) and all(_bindable(host, port) for port in ports):
             _HANDED_OUT.update(ports)
