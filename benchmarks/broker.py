@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.nsqclient import NsqPublisher, NsqSubscriber
-from pipeline.processes import NsqProcess, start_nsqd
+from pipeline.client.nsqclient import NsqPublisher, NsqSubscriber
+from pipeline.ops.processes import NsqProcess, start_nsqd
 
 INPUT_TOPIC = "numbers"
 CHANNEL = "bench"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.install import nsq_binary
-from pipeline.topology import load_topology
+from pipeline.ops.install import nsq_binary
+from pipeline.config.topology import load_topology
 
 from .broker import CHANNEL, INPUT_TOPIC, OUTPUT_TOPICS, Broker
 

@@ -106,7 +106,7 @@ def drain_once(contender: Contender, bodies: Sequence[bytes], workdir: Path, rec
 
 def records_in(bodies: Sequence[bytes]) -> int:
     """Records in a list of msgpack envelopes (read from each one's ``n`` or ``records``)."""
-    from pipeline import envelope
+    from pipeline.records import envelope
 
     total = 0
     for body in bodies:
@@ -130,7 +130,7 @@ def wait_subscribed(broker: Broker, launched: Sequence[Launched], deadline: floa
     wait_ready(missing, launched, deadline, interval=0.02)
 
 
-#: What a worker logs once its compiled kernels are loaded (pipeline.jit); until then their plain-Python twins run.
+#: What a worker logs once its compiled kernels are loaded (pipeline.records.jit); until then their plain-Python twins run.
 KERNELS_READY = "compiled kernels ready after"
 
 

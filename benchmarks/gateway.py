@@ -31,9 +31,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import nsqd_http
-from pipeline.codecs import encode_json
-from pipeline.processes import free_port, start_process
+from pipeline.client import nsqd_http
+from pipeline.records.codecs import encode_json
+from pipeline.ops.processes import free_port, start_process
 
 from .broker import BenchError, Broker
 from .drain import MEM_QUEUE_SIZE

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.processes import stop_pid
+from pipeline.ops.processes import stop_pid
 
 ROOT = Path(__file__).resolve().parent.parent
 STOP_GRACE = 15.0

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.codecs import encoder
+from pipeline.records.codecs import encoder
 from producers.numbers import number_records
 
 from .broker import INPUT_TOPIC, BenchError, Broker

@@ -28,10 +28,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline import envelope
-from pipeline.codecs import encoder
+from pipeline.records import envelope
+from pipeline.records.codecs import encoder
 from pipeline.errors import PipelineError
-from pipeline.install import nsq_binary
+from pipeline.ops.install import nsq_binary
 from producers.numbers import number_records
 
 from . import drain, gateway, report, restart, ticks
@@ -48,13 +48,13 @@ RULES = (
     "contender but batched; N = 1,000,000 x scale (100,000 x scale for the textbook consumer), preloaded into a "
     "paused channel before any contender starts.",
     f"batched: the same records (the same dicts, encoded in the same pass), N = {BATCHED_COUNT:,} x scale, "
-    f"packed {BATCHED_PACK} per message with pipeline.envelope.pack (msgpack envelopes), so N / {BATCHED_PACK} "
+    f"packed {BATCHED_PACK} per message with pipeline.records.envelope.pack (msgpack envelopes), so N / {BATCHED_PACK} "
     f"input messages; every topic has pack: {BATCHED_PACK}, and the stage's batch is "
     f"{BATCHED_BATCH['size']} messages ({BATCHED_BATCH['size'] * BATCHED_PACK:,} records per handler call), "
     f"wait {BATCHED_BATCH['wait_ms']} ms, max_in_flight {STAGE_MAX_IN_FLIGHT}.",
     "Clock: starts when every contender process is subscribed to the channel with RDY > 0 (our workers also "
     "logged that their compiled kernels are loaded: a worker subscribes first and loads numba in the "
-    "background, see pipeline.jit) and the channel is unpaused; stops at the first /stats read (every 50 ms) where the output topics' message_count "
+    "background, see pipeline.records.jit) and the channel is unpaused; stops at the first /stats read (every 50 ms) where the output topics' message_count "
     "reaches N (prime + non_prime; prime alone for nsq_to_nsq) and the channel has nothing queued, in "
     "flight or deferred. records/s = N / that time.",
     "Clock for batched (output message counts no longer match N): stops at the first /stats read where the "
@@ -235,7 +235,7 @@ def input_bodies(wanted: Iterable[tuple[int, int]]) -> dict[tuple[int, int], lis
     """The bodies of the numbers 1..count for each ``(pack, count)`` in ``wanted``, encoded once per run.
 
     Pack 1 is one JSON record per body, the same bytes for every contender (each gets a prefix of the
-    longest list); above 1, msgpack envelopes of ``pack`` records made by :func:`pipeline.envelope.pack`.
+    longest list); above 1, msgpack envelopes of ``pack`` records made by :func:`pipeline.records.envelope.pack`.
     Every form is encoded from the same record dicts, in one pass over them.
     """
     wanted = set(wanted)

@@ -44,9 +44,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.partition import Router
-from pipeline.processes import start_nsqd
-from pipeline.topology import Topology, load_topology
+from pipeline.records.partition import Router
+from pipeline.ops.processes import start_nsqd
+from pipeline.config.topology import Topology, load_topology
 from producers.ticks import LINGER_MS, synthetic_ticks
 
 from .broker import BenchError, Broker
@@ -366,8 +366,8 @@ async def _read_until_stopped(tcp: str, topics: list[str], channel: str, got: di
     """
     import asyncio
 
-    from pipeline.fastclient import FastReader
-    from pipeline.fastconn import finish_all
+    from pipeline.client.fastclient import FastReader
+    from pipeline.client.fastconn import finish_all
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -412,8 +412,8 @@ def reader_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     topics = args.topics.split(",")
     got: dict[str, list] = {topic: [] for topic in topics}
-    from pipeline.codecs import decode
-    from pipeline.envelope import records_of
+    from pipeline.records.codecs import decode
+    from pipeline.records.envelope import records_of
 
     # The probe must not pause: a collection while it reads (hundreds of ms for a full one over everything
     # imported and read so far) would delay every arrival behind it and count as the pipeline's latency.

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import msgpack
 import numpy as np
 
-from pipeline import envelope
+from pipeline.records import envelope
 
 from .broker import OUTPUT_TOPICS, VERIFY_CHANNEL, BenchError, Broker
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import orjson
 
-from pipeline.nsqclient import NsqPublisher
+from pipeline.client.nsqclient import NsqPublisher
 
 from .workload import Journal, make_record
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipeline import nsqd_http
+from pipeline.client import nsqd_http
 
 from .checker import Report, check
 from .environment import SINK_CHANNEL, ChaosEnvironment
@@ -144,7 +144,7 @@ def _config(env: ChaosEnvironment, scenario: Scenario, workload, method_s: float
 
 
 def _supervisord_settings(env: ChaosEnvironment) -> str:
-    from pipeline import supervisor_conf as sc
+    from pipeline.ops import supervisor_conf as sc
     stage = env.topology.stage(env.stages[0])
     return (f"autorestart=true, startsecs={sc.WORKER_STARTSECS}, startretries={sc.WORKER_STARTRETRIES}, "
             f"worker stopwaitsecs={sc.worker_stopwaitsecs(stage)}, nsqd stopwaitsecs={sc.NSQD_STOPWAITSECS}, "

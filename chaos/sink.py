@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection
 
-from pipeline.codecs import decode
+from pipeline.records.codecs import decode
 from pipeline.errors import PipelineError
-from pipeline.nsqclient import NsqSubscriber
+from pipeline.client.nsqclient import NsqSubscriber
 
 RECONNECT_S = 0.2
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ProcessError
-from pipeline.install_toxiproxy import toxiproxy_binary
-from pipeline.processes import free_port, stop_pid
+from pipeline.ops.install_toxiproxy import toxiproxy_binary
+from pipeline.ops.processes import free_port, stop_pid
 
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 START_TIMEOUT = 10.0

@@ -19,7 +19,7 @@ from pathlib import Path
 import orjson
 
 from pipeline.errors import PipelineError
-from pipeline.nsqclient import NsqPublisher
+from pipeline.client.nsqclient import NsqPublisher
 
 RETRY_S = 0.2
 

@@ -21,7 +21,7 @@ The numba kernel (:mod:`consumers.primes_kernel`) is compiled with
 ``cache=True`` and run once at import (:func:`warm_up`), so a process pays
 compilation when it loads the handler, not on its first batch, and later
 processes load the cached machine code. A worker defers even that (see
-:mod:`pipeline.jit`): it subscribes first and loads the kernel in the
+:mod:`pipeline.records.jit`): it subscribes first and loads the kernel in the
 background, classifying with :func:`is_prime`, the same test in plain Python,
 for the second that takes.
 """
@@ -33,7 +33,7 @@ from itertools import repeat
 
 import numpy as np
 
-from pipeline import jit
+from pipeline.records import jit
 from pipeline.stage import Batch, Columns, Record
 
 __all__ = ["classify", "is_prime", "is_prime_array", "warm_up"]

@@ -1,6 +1,6 @@
 """The compiled half of :mod:`consumers.primes`: deterministic Miller-Rabin over int64 in numba.
 
-Loaded through :mod:`pipeline.jit`: a worker loads it after it is consuming,
+Loaded through :mod:`pipeline.records.jit`: a worker loads it after it is consuming,
 and :func:`consumers.primes.is_prime_array` uses its plain-Python twin until then.
 """
 from __future__ import annotations

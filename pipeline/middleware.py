@@ -23,8 +23,8 @@ import logging
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 if TYPE_CHECKING:
-    from .stage import Batch
-    from .worker import Worker
+    from pipeline.stage import Batch
+    from pipeline.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
 

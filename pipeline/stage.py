@@ -50,12 +50,16 @@ from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
-from .envelope import plain  # also for stages: a column as a list of Python values
-from .errors import HandlerLoadError
+from pipeline.errors import HandlerLoadError
 
 Record = dict[str, Any]
 Emit = Mapping[str, list[Record]]
 Handler = Callable[["Batch"], Emit]
+
+
+def plain(column: Any) -> list[Any]:
+    """A column as a list of plain Python values: a typed column (a numpy array) converted, a list as it is."""
+    return column.tolist() if type(column) is np.ndarray else column
 
 
 @dataclass
@@ -87,7 +91,7 @@ class Columns:
     """Records as columns: one column per key, all of the same length (a columnar envelope's layout).
 
     A column is a list, or a numpy array: a batched envelope carries a column
-    of floats, or of signed 64-bit integers, as bytes (see :mod:`pipeline.envelope`),
+    of floats, or of signed 64-bit integers, as bytes (see :mod:`pipeline.records.envelope`),
     and it arrives as a float64 or int64 array; a stage may emit
     arrays too (float and integer arrays leave as bytes, others as lists).
     ``type(column) is list`` tells the two apart; ``records()`` gives plain

@@ -11,9 +11,9 @@ import uuid
 from itertools import islice
 from typing import Callable, Iterator, Sequence
 
-from pipeline import envelope
-from pipeline.codecs import encoder
-from pipeline.spread import SpreadPublisher
+from pipeline.records import envelope
+from pipeline.records.codecs import encoder
+from pipeline.client.spread import SpreadPublisher
 
 
 def number_records(start: int, count: int, run_id: str | None = None) -> Iterator[dict]:
@@ -34,15 +34,15 @@ def produce_numbers(address: str | Sequence[str], topic: str, start: int, count:
 
     ``address`` may list several nsqd nodes: chunks then go to them round-robin,
     and a node that fails hands its unacknowledged chunks to the next
-    (:class:`~pipeline.spread.SpreadPublisher`). It returns only once every
+    (:class:`~pipeline.client.spread.SpreadPublisher`). It returns only once every
     MPUB was acknowledged (or raises), so the result is ``count``.
 
     Parameters:
         rate: records per second; 0 publishes as fast as nsqd accepts.
         chunk: messages per MPUB.
-        pack: records per message (msgpack envelopes when above 1, see pipeline.envelope).
+        pack: records per message (msgpack envelopes when above 1, see pipeline.records.envelope).
         on_progress: called with the number of records acknowledged so far.
-        security: TLS and AUTH for the connection (a pipeline.security.ClientSecurity).
+        security: TLS and AUTH for the connection (a pipeline.config.security.ClientSecurity).
 
     Raises:
         PublishError: nsqd refused a chunk or could not be reached.

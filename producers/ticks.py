@@ -2,7 +2,7 @@
 
 Ticks come from a seeded simulation (:func:`synthetic_ticks`) or from a CSV
 file (:func:`replay_ticks`); :func:`produce_ticks` publishes either kind,
-each tick to the partition of its symbol (see :mod:`pipeline.partition`), so
+each tick to the partition of its symbol (see :mod:`pipeline.records.partition`), so
 that one replica of a keyed stage sees every tick of its symbols, in order::
 
     topology = load_topology("topology.yaml")
@@ -23,13 +23,13 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from pipeline import envelope
-from pipeline.codecs import encoder
+from pipeline.records import envelope
+from pipeline.records.codecs import encoder
 from pipeline.errors import PipelineError, PublishError
-from pipeline.nsqclient import chunked
-from pipeline.partition import Router
-from pipeline.spread import SpreadPublisher
-from pipeline.topology import TopicSpec
+from pipeline.client.nsqclient import chunked
+from pipeline.records.partition import Router
+from pipeline.client.spread import SpreadPublisher
+from pipeline.config.topology import TopicSpec
 
 #: One second of trading time in years (252 days of 6.5 hours): the default GBM step.
 ONE_TRADING_SECOND = 1 / (252 * 6.5 * 3600)

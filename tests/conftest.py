@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from nsqhttp import lookupd_nodes, wait_until
-from pipeline.install import install_nsq
-from pipeline.processes import NsqProcess, nsqd_args, start_nsqd, start_nsqlookupd, start_process
+from pipeline.ops.install import install_nsq
+from pipeline.ops.processes import NsqProcess, nsqd_args, start_nsqd, start_nsqlookupd, start_process
 
 REGISTER_TIMEOUT = 10.0
 

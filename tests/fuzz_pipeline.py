@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Workers, collect, write_topology  # noqa: E402
 from pipeline import envelope  # noqa: E402
-from pipeline.codecs import encode_json  # noqa: E402
-from pipeline.nsqclient import MAX_MSG_SIZE, NsqPublisher  # noqa: E402
-from pipeline.processes import start_nsqd  # noqa: E402
+from pipeline.records.codecs import encode_json  # noqa: E402
+from pipeline.client.nsqclient import MAX_MSG_SIZE, NsqPublisher  # noqa: E402
+from pipeline.ops.processes import start_nsqd  # noqa: E402
 
 HUGE_EVERY = 5000  # one body near nsqd's size limit per this many bad messages (and always one)
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import yaml
 
 from nsqhttp import channel_stats, wait_until
-from pipeline import nsqd_http
-from pipeline.codecs import decode
-from pipeline.envelope import records_of
-from pipeline.nsqclient import NsqSubscriber
-from pipeline.processes import stop_pid
+from pipeline.client import nsqd_http
+from pipeline.records.codecs import decode
+from pipeline.records.envelope import records_of
+from pipeline.client.nsqclient import NsqSubscriber
+from pipeline.ops.processes import stop_pid
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECK_CHANNEL = "check"

@@ -17,15 +17,15 @@ import yaml
 
 from harness import Workers
 from nsqhttp import channel_stats, wait_until
-from pipeline import nsqd_http
-from pipeline.authserver import authorizations
-from pipeline.codecs import decode, encode_json
+from pipeline.client import nsqd_http
+from pipeline.edge.authserver import authorizations
+from pipeline.records.codecs import decode, encode_json
 from pipeline.errors import PublishError
-from pipeline.nsqclient import NsqPublisher, NsqSubscriber
-from pipeline.processes import NsqProcess, free_port, start_nsqd, start_process
-from pipeline.security import ClientSecurity
-from pipeline.tail import tail_channel
-from pipeline.topology import load_topology
+from pipeline.client.nsqclient import NsqPublisher, NsqSubscriber
+from pipeline.ops.processes import NsqProcess, free_port, start_nsqd, start_process
+from pipeline.config.security import ClientSecurity
+from pipeline.observe.tail import tail_channel
+from pipeline.config.topology import load_topology
 
 SECRETS = {"primes": "s-primes-" + "1" * 20, "numbers": "s-numbers-" + "2" * 20, "tail": "s-tail-" + "3" * 20,
            "gateway": "s-gateway-" + "4" * 20}
@@ -192,7 +192,7 @@ def test_worker_with_its_secret_runs_and_one_with_a_wrong_secret_never_subscribe
 def test_rendered_config_supervises_the_auth_server_and_tells_nsqd_about_it(tmp_path):
     path = write_topology(tmp_path, "127.0.0.1:4150", "127.0.0.1:4151", "127.0.0.1:4181",
                           {"input": "numbers", "prime": "prime", "non_prime": "non_prime"})
-    from pipeline.supervisor_conf import render
+    from pipeline.ops.supervisor_conf import render
     text = render(load_topology(path))
     assert "--auth-http-address=127.0.0.1:4181" in text
     section = text[text.index("[program:auth]"):].split("\n\n")[0]

@@ -18,8 +18,8 @@ from benchmarks import report, run, ticks
 from benchmarks.broker import BenchError
 from benchmarks.verify import check_records
 from consumers.primes import classify
-from pipeline import envelope
-from pipeline.partition import Router
+from pipeline.records import envelope
+from pipeline.records.partition import Router
 from pipeline.stage import Batch
 
 SUMMARY_KEYS = {"median", "min", "max"}

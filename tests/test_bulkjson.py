@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.bulkjson import OPTIONS, dumps_each
+from pipeline.records.bulkjson import OPTIONS, dumps_each
 
 # Strings full of what the splitter must not take for structure: commas, quotes, backslashes, brackets.
 TEXT = st.text(alphabet=st.sampled_from(list(',"\\{}[]:é€\x00\n a')) | st.characters(), max_size=12)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nsqhttp import wait_until
-from pipeline.processes import pid_alive
+from pipeline.ops.processes import pid_alive
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent

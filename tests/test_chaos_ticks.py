@@ -13,7 +13,7 @@ import pytest
 
 from chaos.run import run_scenario
 from chaos.scenario import find_scenario, load_scenario
-from pipeline.install_toxiproxy import install_toxiproxy
+from pipeline.ops.install_toxiproxy import install_toxiproxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 

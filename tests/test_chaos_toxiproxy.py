@@ -7,9 +7,9 @@ import pytest
 
 from chaos.toxiproxy import ToxiproxyServer
 from pipeline.errors import PublishError
-from pipeline.install_toxiproxy import TOXIPROXY_TOOLS, TOXIPROXY_VERSION, install_toxiproxy, toxiproxy_version
-from pipeline.nsqclient import NsqPublisher
-from pipeline.processes import free_port, listen_addresses, pid_alive
+from pipeline.ops.install_toxiproxy import TOXIPROXY_TOOLS, TOXIPROXY_VERSION, install_toxiproxy, toxiproxy_version
+from pipeline.client.nsqclient import NsqPublisher
+from pipeline.ops.processes import free_port, listen_addresses, pid_alive
 
 pytestmark = pytest.mark.integration
 

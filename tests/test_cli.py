@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from nsqhttp import topic_stats
-from pipeline.processes import free_port
+from pipeline.ops.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

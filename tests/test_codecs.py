@@ -4,8 +4,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from pipeline.codecs import decode, detect, encode
-from pipeline.deadletter import DeadLetter, raw_body
+from pipeline.records.codecs import decode, detect, encode
+from pipeline.records.deadletter import DeadLetter, raw_body
 from pipeline.errors import DecodeError
 
 

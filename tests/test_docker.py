@@ -16,9 +16,9 @@ import jsonschema
 import pytest
 import yaml
 
-from pipeline.compose import NSQ_IMAGE, render_compose
+from pipeline.ops.compose import NSQ_IMAGE, render_compose
 from pipeline.errors import ComposeError
-from pipeline.topology import load_topology
+from pipeline.config.topology import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from pipeline.codecs import decode
-from pipeline.envelope import MARKER, is_envelope, pack, records_of, unpack
+from pipeline.records.codecs import decode
+from pipeline.records.envelope import MARKER, is_envelope, pack, records_of, unpack
 from pipeline.errors import DecodeError
 
 
@@ -74,7 +74,7 @@ def test_columns_that_are_not_all_floats_or_all_int64_or_are_short_stay_lists(co
 
 def test_long_numeric_columns_of_arrays_or_lists_pack_to_the_same_bytes():
     import numpy as np
-    from pipeline.envelope import columns_of, pack_columns
+    from pipeline.records.envelope import columns_of, pack_columns
     ids, values = [f"r{i}" for i in range(300)], [i * 0.25 for i in range(300)]
     from_lists = pack_columns(["id", "v"], [ids, values], 300, 200)
     assert from_lists == pack_columns(["id", "v"], [ids, np.array(values)], 300, 200)
@@ -85,7 +85,7 @@ def test_long_numeric_columns_of_arrays_or_lists_pack_to_the_same_bytes():
 
 
 def test_a_typed_column_of_the_wrong_size_is_a_decode_error():
-    from pipeline.envelope import EXT_FLOAT64
+    from pipeline.records.envelope import EXT_FLOAT64
     body = msgpack.packb({MARKER: 2, "n": 2, "keys": ["v"], "columns": [msgpack.ExtType(EXT_FLOAT64, b"\0" * 12)]})
     with pytest.raises(DecodeError, match="invalid msgpack"):
         decode(body)
@@ -102,7 +102,7 @@ def test_version_1_envelopes_are_still_read():
 
 
 def test_columns_of_and_pack_columns_round_trip_and_refuse_what_is_not_columnar():
-    from pipeline.envelope import columns_of, pack_columns
+    from pipeline.records.envelope import columns_of, pack_columns
     records = [{"id": f"r{i}", "v": i} for i in range(25)]
     bodies = pack_columns(["id", "v"], [[r["id"] for r in records], [r["v"] for r in records]], 25, 10)
     assert [len(unpack(decode(b))) for b in bodies] == [10, 10, 5]

@@ -7,9 +7,9 @@ import struct
 import pytest
 
 from nsqhttp import channel_stats, wait_until
-from pipeline.fastclient import FastReader, FastWriter
-from pipeline.fastconn import FastConn
-from pipeline.nsqclient import NsqPublisher
+from pipeline.client.fastclient import FastReader, FastWriter
+from pipeline.client.fastconn import FastConn
+from pipeline.client.nsqclient import NsqPublisher
 
 
 def frame(kind: int, payload: bytes) -> bytes:
@@ -127,7 +127,7 @@ def test_batch_handler_and_finish_all_consume_everything_once(nsqd, topic):
     received, sizes = [], []
 
     async def main():
-        from pipeline.fastconn import finish_all
+        from pipeline.client.fastconn import finish_all
 
         def on_messages(messages):
             sizes.append(len(messages))

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import faultpoints
-from pipeline.faultpoints import FaultPoints, from_environment
+from pipeline.runtime.middleware import faultpoints
+from pipeline.runtime.middleware.faultpoints import FaultPoints, from_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # A process that builds the middleware from its environment and fires after_receive 100 times.
 FIRE = """
 import sys
-from pipeline.faultpoints import from_environment
+from pipeline.runtime.middleware.faultpoints import from_environment
 stack = from_environment()
 for _ in range(100):
     for m in stack:

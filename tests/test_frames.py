@@ -8,8 +8,10 @@ import struct
 import nsq
 import pytest
 
-from pipeline import frames, jit
-from pipeline.fastconn import FastConn, FastMessage, _Wire, finish_all
+from pipeline.client import frames
+
+from pipeline.records import jit
+from pipeline.client.fastconn import FastConn, FastMessage, _Wire, finish_all
 
 
 def frame(kind: int, payload: bytes) -> bytes:
@@ -41,10 +43,10 @@ def batched_conn():
 @pytest.fixture(params=["compiled", "plain"])
 def read_path(request, monkeypatch):
     """Run a read test with the compiled scanner, and again with the plain-Python reads a worker uses until
-    its kernels are loaded (pipeline.jit)."""
+    its kernels are loaded (pipeline.records.jit)."""
     if request.param == "plain":
         monkeypatch.setattr(jit, "_deferred", True)
-        monkeypatch.setattr(jit, "_ready", {k: v for k, v in jit._ready.items() if k != "pipeline.frames"})
+        monkeypatch.setattr(jit, "_ready", {k: v for k, v in jit._ready.items() if k != "pipeline.client.frames"})
     return request.param
 
 

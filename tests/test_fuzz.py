@@ -17,12 +17,12 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pipeline import envelope
-from pipeline.codecs import decode, encode_json
-from pipeline.deadletter import DeadLetter, raw_body
+from pipeline.records import envelope
+from pipeline.records.codecs import decode, encode_json
+from pipeline.records.deadletter import DeadLetter, raw_body
 from pipeline.errors import DecodeError, TopologyError
-from pipeline.nsqclient import MAX_MSG_SIZE
-from pipeline.topology import load_topology
+from pipeline.client.nsqclient import MAX_MSG_SIZE
+from pipeline.config.topology import load_topology
 from test_processing import Msg, processor
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -22,15 +22,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nsqhttp import get_text, wait_until
-from pipeline import nsqd_http
-from pipeline.codecs import decode
-from pipeline.credentials import SecretError, read_secret_file
-from pipeline.gateway import TokenBucket, schema_violation, split_binary
-from pipeline.gateway_batch import Coalescer
-from pipeline.nsqclient import MAX_BODY_SIZE, MAX_MSG_SIZE, NsqSubscriber
-from pipeline.processes import NsqProcess, free_port, start_nsqd, start_process
-from pipeline.publisher import MPUB_MAX_COUNT
-from pipeline.topology import GatewaySpec
+from pipeline.client import nsqd_http
+from pipeline.records.codecs import decode
+from pipeline.config.credentials import SecretError, read_secret_file
+from pipeline.edge.gateway import TokenBucket, schema_violation, split_binary
+from pipeline.edge.gateway_batch import Coalescer
+from pipeline.client.nsqclient import MAX_BODY_SIZE, MAX_MSG_SIZE, NsqSubscriber
+from pipeline.ops.processes import NsqProcess, free_port, start_nsqd, start_process
+from pipeline.client.publisher import MPUB_MAX_COUNT
+from pipeline.config.topology import GatewaySpec
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITER, SLOW = "w-" + "a" * 30, "s-" + "b" * 30

@@ -5,7 +5,7 @@ import gc
 
 import pytest
 
-from pipeline.gctuning import GEN0_THRESHOLD, GcTuning
+from pipeline.runtime.middleware.gctuning import GEN0_THRESHOLD, GcTuning
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_cyclic_garbage_is_still_collected(collector):
 
 
 def test_kernels_loaded_after_the_boot_are_frozen_too_but_only_while_tuned(collector):
-    from pipeline.gctuning import refreeze
+    from pipeline.runtime.middleware.gctuning import refreeze
     tuning = GcTuning()
     tuning.after_worker_boot(None)
     frozen = gc.get_freeze_count()

@@ -1,4 +1,4 @@
-"""Tests for pipeline.install: idempotence, each install source, and the one-line failure."""
+"""Tests for pipeline.ops.install: idempotence, each install source, and the one-line failure."""
 from __future__ import annotations
 
 import functools
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import install
+from pipeline.ops import install
 from pipeline.errors import InstallError
-from pipeline.install import NSQ_TOOLS, NSQ_VERSION, bin_dir, install_nsq, installed_version, nsq_binary
-from pipeline.processes import free_port
+from pipeline.ops.install import NSQ_TOOLS, NSQ_VERSION, bin_dir, install_nsq, installed_version, nsq_binary
+from pipeline.ops.processes import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.keyed import Checkpoint, Sequencer
+from pipeline.runtime.keyed import Checkpoint, Sequencer
 
 
 class Clock:

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.codecs import decode, encode_json
-from pipeline.envelope import pack
+from pipeline.records.codecs import decode, encode_json
+from pipeline.records.envelope import pack
 from pipeline.errors import StageStateError
-from pipeline.keyed import Checkpoint, Sequencer
+from pipeline.runtime.keyed import Checkpoint, Sequencer
 from pipeline.middleware import MiddlewareStack
-from pipeline.processing import KeyedEntry, KeyedProcessor
+from pipeline.runtime.processing import KeyedEntry, KeyedProcessor
 from pipeline.stage import StageContext
-from pipeline.topology import load_topology
+from pipeline.config.topology import load_topology
 from stages_for_tests import RunningSum
 
 
@@ -152,7 +152,7 @@ def columnar(tmp_path: Path, handler: str = "ColumnarRunningSum", sums_topic: st
 
 
 def all_sums(outcome):
-    from pipeline.envelope import records_of
+    from pipeline.records.envelope import records_of
     return [(r["key"], r["seq"], r["sum"]) for body in [b for bodies in outcome.outputs.values() for b in bodies]
             for r in records_of([decode(body)])]
 

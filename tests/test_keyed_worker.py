@@ -11,13 +11,13 @@ import yaml
 
 from harness import CHECK_CHANNEL, collect
 from chaos.market_reference import reference_features
-from pipeline import nsqd_http
-from pipeline.envelope import pack
+from pipeline.client import nsqd_http
+from pipeline.records.envelope import pack
 from pipeline.errors import PublishError, TopologyError
-from pipeline.keyed import Checkpoint
-from pipeline.nsqclient import NsqPublisher
-from pipeline.topology import load_topology
-from pipeline.worker import Worker
+from pipeline.runtime.keyed import Checkpoint
+from pipeline.client.nsqclient import NsqPublisher
+from pipeline.config.topology import load_topology
+from pipeline.runtime.worker import Worker
 from producers.ticks import produce_ticks, synthetic_ticks
 
 pytestmark = pytest.mark.integration

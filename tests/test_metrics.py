@@ -9,8 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness import Workers, collect, ids_seen, write_topology
 from nsqhttp import http_pub, wait_until
-from pipeline.metrics import BulkHistogram, e2e_seconds
-from pipeline.processes import free_port
+from pipeline.runtime.middleware.metrics import BulkHistogram, e2e_seconds
+from pipeline.ops.processes import free_port
 from producers.numbers import produce_numbers
 
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -83,7 +83,7 @@ def test_scraped_counters_match_what_the_replica_processed(nsqd, tmp_path, topic
 def test_a_columnar_batch_is_measured_without_building_its_records():
     import time as _time
 
-    from pipeline.metrics import WorkerMetrics
+    from pipeline.runtime.middleware.metrics import WorkerMetrics
     from pipeline.stage import ColumnBatch, Columns
     metrics = WorkerMetrics("primes", 0, None)
     now = _time.time_ns()

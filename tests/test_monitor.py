@@ -13,12 +13,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from nsqhttp import channel_stats, topic_stats, wait_until
-from pipeline import nsqd_http
-from pipeline.healthdb import HealthDB
-from pipeline.monitor import Monitor
-from pipeline.nsqclient import NsqPublisher
-from pipeline.processes import free_port
-from pipeline.topology import load_topology
+from pipeline.client import nsqd_http
+from pipeline.observe.healthdb import HealthDB
+from pipeline.observe.monitor import Monitor
+from pipeline.client.nsqclient import NsqPublisher
+from pipeline.ops.processes import free_port
+from pipeline.config.topology import load_topology
 
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

@@ -24,12 +24,12 @@ import yaml
 
 from harness import Workers
 from nsqhttp import channel_stats, lookupd_nodes, wait_until
-from pipeline import nsqd_http
-from pipeline.codecs import decode
+from pipeline.client import nsqd_http
+from pipeline.records.codecs import decode
 from pipeline.errors import PublishError, TopologyError
-from pipeline.nsqclient import NsqSubscriber
-from pipeline.processes import free_port
-from pipeline.topology import load_topology
+from pipeline.client.nsqclient import NsqSubscriber
+from pipeline.ops.processes import free_port
+from pipeline.config.topology import load_topology
 from producers.numbers import produce_numbers
 
 COUNT = 100_000
@@ -56,7 +56,7 @@ def write_topology(tmp_path, nodes, lookupds, topic: str, **nsq) -> tuple:
 
 
 def test_lookupd_poll_interval_is_a_topology_setting_the_worker_uses(tmp_path):
-    from pipeline.worker import Worker
+    from pipeline.runtime.worker import Worker
 
     class Node:
         def __init__(self, i):
@@ -317,8 +317,8 @@ def test_status_shows_each_nodes_health_and_registration(nsq_factory, tmp_path, 
 
     from rich.console import Console
 
-    from pipeline.status import collect
-    from pipeline.views import print_status
+    from pipeline.observe.status import collect
+    from pipeline.observe.views import print_status
 
     # Given: 2 lookupds and 2 nsqd registered with both; then one nsqd and one lookupd are stopped.
     lookupds = [nsq_factory.lookupd(f"nsqlookupd-{i}") for i in range(2)]

@@ -9,11 +9,11 @@ import urllib.request
 import pytest
 import yaml
 
-from pipeline import nsqd_http
-from pipeline.install import bin_dir
-from pipeline.processes import free_port, start_process
-from pipeline.supervisor_conf import render
-from pipeline.topology import load_topology
+from pipeline.client import nsqd_http
+from pipeline.ops.install import bin_dir
+from pipeline.ops.processes import free_port, start_process
+from pipeline.ops.supervisor_conf import render
+from pipeline.config.topology import load_topology
 
 LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

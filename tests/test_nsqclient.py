@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import struct
 
-from pipeline.nsqclient import chunked, encode_mpub
+from pipeline.client.nsqclient import chunked, encode_mpub
 
 
 def test_mpub_frame_layout():

@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumers.primes import classify
-from pipeline.codecs import encode_json
-from pipeline.envelope import MARKER, pack
-from pipeline.processing import BatchProcessor
-from pipeline.topology import load_topology
+from pipeline.records.codecs import encode_json
+from pipeline.records.envelope import MARKER, pack
+from pipeline.runtime.processing import BatchProcessor
+from pipeline.config.topology import load_topology
 from test_processing import Msg, out_records, processor
 
 

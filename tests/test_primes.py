@@ -228,7 +228,7 @@ def test_the_plain_python_twin_agrees_with_the_kernel():
 
 
 def test_is_prime_array_uses_the_twin_while_a_worker_defers_its_kernel(monkeypatch):
-    from pipeline import jit
+    from pipeline.records import jit
     monkeypatch.setattr(jit, "_deferred", True)
     monkeypatch.setattr(jit, "_ready", {})
     values = np.array([[1, 2, 3], [4, 2**61 - 1, 2**62]], dtype=np.int64)

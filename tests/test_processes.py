@@ -1,4 +1,4 @@
-"""Tests for pipeline.processes against real nsqd, nsqlookupd and nsqadmin."""
+"""Tests for pipeline.ops.processes against real nsqd, nsqlookupd and nsqadmin."""
 from __future__ import annotations
 
 import os
@@ -15,8 +15,8 @@ import pytest
 from conftest import NsqCluster
 from nsqhttp import get_text, lookupd_nodes
 from pipeline.errors import ProcessError
-from pipeline.install import NSQ_VERSION, installed_version
-from pipeline.processes import (
+from pipeline.ops.install import NSQ_VERSION, installed_version
+from pipeline.ops.processes import (
     NsqProcess,
     consecutive_free_ports,
     free_port,
@@ -175,7 +175,7 @@ def test_free_port_never_hands_out_a_port_twice_nor_one_outgoing_connections_may
 
 
 def test_free_port_skips_a_port_something_listens_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.processes as processes
+    import pipeline.ops.processes as processes
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

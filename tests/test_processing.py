@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from consumers.primes import classify
-from pipeline.codecs import decode, encode_json
-from pipeline.envelope import pack, records_of
+from pipeline.records.codecs import decode, encode_json
+from pipeline.records.envelope import pack, records_of
 from pipeline.middleware import Middleware, MiddlewareStack
-from pipeline.processing import BatchProcessor
-from pipeline.topology import load_topology
+from pipeline.runtime.processing import BatchProcessor
+from pipeline.config.topology import load_topology
 
 
 class Msg:

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from nsqhttp import wait_until
-from pipeline import nsqd_http
-from pipeline.codecs import decode
-from pipeline.nsqclient import NsqSubscriber
+from pipeline.client import nsqd_http
+from pipeline.records.codecs import decode
+from pipeline.client.nsqclient import NsqSubscriber
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent

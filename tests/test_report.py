@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.health import assess
-from pipeline.healthdb import HealthDB
-from pipeline.report_charts import depth_series, draw, throughput_series
-from pipeline.topology import load_topology
+from pipeline.observe.health import assess
+from pipeline.observe.healthdb import HealthDB
+from pipeline.observe.report_charts import depth_series, draw, throughput_series
+from pipeline.config.topology import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = 86400.0

@@ -15,13 +15,13 @@ import yaml
 from aiosmtpd.controller import Controller
 
 from nsqhttp import channel_stats, http_pub, wait_until
-from pipeline import nsqd_http
-from pipeline.healthdb import HealthDB
-from pipeline.mailer import LAST_SLOT
-from pipeline.monitor import Monitor
-from pipeline.processes import consecutive_free_ports, free_port
-from pipeline.report import build_report
-from pipeline.topology import load_topology
+from pipeline.client import nsqd_http
+from pipeline.observe.healthdb import HealthDB
+from pipeline.observe.mailer import LAST_SLOT
+from pipeline.observe.monitor import Monitor
+from pipeline.ops.processes import consecutive_free_ports, free_port
+from pipeline.observe.report import build_report
+from pipeline.config.topology import load_topology
 from producers.numbers import produce_numbers
 from test_monitor import scrape
 from test_supervise import Deployment

@@ -1,4 +1,4 @@
-"""Tests for pipeline.restarter: unit tests of its parts, then the listener under a real supervisord."""
+"""Tests for pipeline.ops.restarter: unit tests of its parts, then the listener under a real supervisord."""
 from __future__ import annotations
 
 import io
@@ -19,8 +19,8 @@ import pytest
 
 from nsqhttp import wait_until
 from pipeline.errors import PipelineError
-from pipeline.processes import pid_alive
-from pipeline.restarter import (
+from pipeline.ops.processes import pid_alive
+from pipeline.ops.restarter import (
     EventLog,
     Restarter,
     StateEvent,
@@ -239,7 +239,7 @@ def _envelope(eventname: str, payload: str) -> bytes:
 
 
 def _listener(tmp_path: Path, socket: Path) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "pipeline.restarter", "--socket", str(socket),
+    argv = [sys.executable, "-m", "pipeline.ops.restarter", "--socket", str(socket),
             "--events", str(tmp_path / "events.jsonl"), "--base", "0.05", "--max", "0.1"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -329,7 +329,7 @@ redirect_stderr = true
 stdout_logfile = {log}/crasher.log
 
 [eventlistener:restarter]
-command = {python} -m pipeline.restarter --socket {run}/supervisor.sock --events {log}/events.jsonl --base 0.2 --max 1
+command = {python} -m pipeline.ops.restarter --socket {run}/supervisor.sock --events {log}/events.jsonl --base 0.2 --max 1
 environment = PYTHONPATH="{repo}"
 events = PROCESS_STATE
 buffer_size = 1024

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from pipeline.errors import TopologyError
-from pipeline.topology import load_topology
+from pipeline.config.topology import load_topology
 
 BASE = textwrap.dedent("""\
     nsq:
@@ -113,7 +113,7 @@ def test_check_of_the_default_topology_has_no_warning():
 
 
 def test_rendered_config_runs_the_gateway_processes_on_one_port(tmp_path):
-    from pipeline.supervisor_conf import render
+    from pipeline.ops.supervisor_conf import render
     path = tmp_path / "topology.yaml"
     path.write_text(BASE + "gateway:\n  http: 127.0.0.1:4180\n  processes: 3\n  tokens:\n"
                            "    a: {secret: {env: T}, topics: [numbers]}\n")

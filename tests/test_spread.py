@@ -14,11 +14,11 @@ import pytest
 
 from nsqhttp import topic_stats, wait_until
 from pipeline.errors import PublishError
-from pipeline.nodepool import NodePool
-from pipeline.nsqclient import NsqSubscriber
-from pipeline.processes import free_port
-from pipeline.publisher import Publisher
-from pipeline.spread import SpreadPublisher
+from pipeline.client.nodepool import NodePool
+from pipeline.client.nsqclient import NsqSubscriber
+from pipeline.ops.processes import free_port
+from pipeline.client.publisher import Publisher
+from pipeline.client.spread import SpreadPublisher
 from producers.numbers import produce_numbers
 
 

@@ -1,9 +1,9 @@
-"""pipeline.supervise: supervisord whose loop never waits more than WAKE_S, so it restarts a dead worker at once."""
+"""pipeline.ops.supervise: supervisord whose loop never waits more than WAKE_S, so it restarts a dead worker at once."""
 from __future__ import annotations
 
 import time
 
-from pipeline.supervise import WAKE_S, WakingOptions, WakingPoller
+from pipeline.ops.supervise import WAKE_S, WakingOptions, WakingPoller
 
 
 def test_the_poller_caps_supervisords_one_second_wait():

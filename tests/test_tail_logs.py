@@ -16,14 +16,14 @@ import pytest
 import yaml
 
 from nsqhttp import topic_stats, wait_until
-from pipeline.codecs import encode_json, encode_msgpack
+from pipeline.records.codecs import encode_json, encode_msgpack
 from pipeline.errors import PipelineError, PublishError
-from pipeline.install import nsq_binary
-from pipeline.logs import stage_logs
-from pipeline.nsqclient import NsqPublisher
-from pipeline.processes import start_nsqd
-from pipeline.tail import tail_topic
-from pipeline.topology import Topology, load_topology
+from pipeline.ops.install import nsq_binary
+from pipeline.observe.logs import stage_logs
+from pipeline.client.nsqclient import NsqPublisher
+from pipeline.ops.processes import start_nsqd
+from pipeline.observe.tail import tail_topic
+from pipeline.config.topology import Topology, load_topology
 
 WAIT = 10.0
 UNDECODABLE = re.compile(r"# undecodable message [0-9a-f]{16}: (.*)")

@@ -1,4 +1,4 @@
-"""Keyed partitions (pipeline.partition) and the ticks producer (producers.ticks), on a real nsqd."""
+"""Keyed partitions (pipeline.records.partition) and the ticks producer (producers.ticks), on a real nsqd."""
 from __future__ import annotations
 
 import math
@@ -10,14 +10,14 @@ import pytest
 import yaml
 
 from nsqhttp import topic_stats
-from pipeline import nsqd_http
-from pipeline import spread as spread_module
-from pipeline.codecs import decode
-from pipeline.envelope import is_envelope, records_of
+from pipeline.client import nsqd_http
+from pipeline.client import spread as spread_module
+from pipeline.records.codecs import decode
+from pipeline.records.envelope import is_envelope, records_of
 from pipeline.errors import PublishError
-from pipeline.nsqclient import NsqPublisher, NsqSubscriber
-from pipeline.partition import PartitionKeyError, Router, partition_of, partition_topics, route
-from pipeline.topology import TopicSpec, Topology, load_topology
+from pipeline.client.nsqclient import NsqPublisher, NsqSubscriber
+from pipeline.records.partition import PartitionKeyError, Router, partition_of, partition_topics, route
+from pipeline.config.topology import TopicSpec, Topology, load_topology
 from producers import ticks as ticks_module
 from producers.ticks import (ReplayError, parse_speed, produce_ticks, replay_ticks, symbol_names,
                              synthetic_ticks)

@@ -17,15 +17,15 @@ import yaml
 
 from harness import ROOT, Workers
 from nsqhttp import wait_until
-from pipeline import nsqd_http
-from pipeline.certs import create_dev_certs
-from pipeline.codecs import decode, encode_json
+from pipeline.client import nsqd_http
+from pipeline.ops.certs import create_dev_certs
+from pipeline.records.codecs import decode, encode_json
 from pipeline.errors import PublishError
-from pipeline.nsqclient import NsqPublisher, NsqSubscriber
-from pipeline.processes import free_port, start_nsqd
-from pipeline.security import ClientSecurity, client_security, nsqd_security_args
-from pipeline.tail import tail_channel
-from pipeline.topology import load_topology
+from pipeline.client.nsqclient import NsqPublisher, NsqSubscriber
+from pipeline.ops.processes import free_port, start_nsqd
+from pipeline.config.security import ClientSecurity, client_security, nsqd_security_args
+from pipeline.observe.tail import tail_channel
+from pipeline.config.topology import load_topology
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from rich.console import Console
 
 from harness import ROOT, Workers, collect, ids_seen, write_topology
 from nsqhttp import channel_stats, http_pub, wait_until
-from pipeline import nsqd_http
-from pipeline.processes import free_port
-from pipeline.top import build_rows, render, snapshot
-from pipeline.topology import load_topology
+from pipeline.client import nsqd_http
+from pipeline.ops.processes import free_port
+from pipeline.observe.top import build_rows, render, snapshot
+from pipeline.config.topology import load_topology
 from producers.numbers import produce_numbers
 
 pytestmark = pytest.mark.integration

@@ -7,14 +7,14 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline.errors import TopologyError
-from pipeline.topology import (
+from pipeline.config.topology import (
     StageSpec,
     Topology,
     load_topology,
     split_address,
     validate_topology,
 )
-from pipeline.topology_docs import render_reference
+from pipeline.config.docs import render_reference
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -338,7 +338,7 @@ def test_model_rules_apply_without_a_file():
 def test_reference_docs_are_up_to_date():
     docs = (REPO / "docs" / "TOPOLOGY.md").read_text(encoding="utf-8")
     assert docs == render_reference(), (
-        "docs/TOPOLOGY.md is stale; regenerate it with: python -m pipeline.topology_docs > docs/TOPOLOGY.md")
+        "docs/TOPOLOGY.md is stale; regenerate it with: python -m pipeline.config.docs > docs/TOPOLOGY.md")
 
 
 def test_reference_lists_every_field_with_its_bounds():

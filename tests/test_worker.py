@@ -10,7 +10,7 @@ import pytest
 
 from harness import Workers, collect, ids_seen, sigterm, write_topology
 from nsqhttp import http_pub, topic_stats, wait_until
-from pipeline.nsqclient import NsqPublisher
+from pipeline.client.nsqclient import NsqPublisher
 from producers.numbers import produce_numbers
 
 pytestmark = pytest.mark.integration
@@ -164,7 +164,7 @@ def test_a_record_the_handler_keeps_failing_is_dead_lettered_after_max_tries(nsq
 
 
 def test_batched_envelopes_flow_and_a_bad_record_inside_one_is_dead_lettered_alone(nsqd, tmp_path, topic, workers):
-    from pipeline.envelope import pack
+    from pipeline.records.envelope import pack
 
     path, names = write_topology(tmp_path, nsqd, topic, packs={"input": 100, "prime": 50})
     start(workers, path, nsqd.http, names.input)
@@ -190,8 +190,8 @@ def test_the_worker_identifies_with_the_stage_output_buffer_settings(nsqd, tmp_p
     import asyncio
     import time
 
-    from pipeline.topology import load_topology
-    from pipeline.worker import Worker
+    from pipeline.config.topology import load_topology
+    from pipeline.runtime.worker import Worker
     path, names = write_topology(tmp_path, nsqd, topic, output_buffer_timeout=40, output_buffer_size=-1)
 
     async def identified() -> tuple[int, int]:
@@ -211,7 +211,7 @@ def test_the_worker_identifies_with_the_stage_output_buffer_settings(nsqd, tmp_p
 
 
 def test_channel_backlog_counts_queued_and_deferred_messages(nsqd, topic):
-    from pipeline import nsqd_http
+    from pipeline.client import nsqd_http
     assert nsqd_http.channel_backlog(nsqd.http, topic, "c") == 0  # no such topic yet
     nsqd_http.create_channel(nsqd.http, topic, "c")
     with NsqPublisher(nsqd.tcp) as publisher:

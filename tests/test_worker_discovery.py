@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from harness import Workers, collect, write_topology
-from pipeline.nsqclient import NsqPublisher
-from pipeline.processes import start_nsqlookupd
+from pipeline.client.nsqclient import NsqPublisher
+from pipeline.ops.processes import start_nsqlookupd
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,117 @@
+"""The demo behind ``make demo``: numbers 1..N through the primes stage, shown live.
+
+It starts the default topology locally, publishes the numbers, follows the
+stage's output topics on nsqd's ``/stats`` until every record came out, and
+prints the counts with where to look next.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipeline.client import nsqd_http
+from pipeline.errors import PipelineError
+from pipeline.ops.install import bin_dir
+from pipeline.ops.control import Supervisor
+
+STAGE, PRODUCER = "primes", "numbers"
+TICKS, SYMBOLS, SHOWN_SIGNALS = 20_000, 8, 5
+
+
+@dataclass
+class DemoResult:
+    """What came out of the stage, per output topic (dead letters included)."""
+
+    counts: dict[str, int]
+    elapsed: float
+
+
+def run_demo(topology, count: int = 100_000, timeout: float = 300.0, console: Console | None = None) -> DemoResult:
+    """Bring the topology up, publish 1..``count``, wait for every record; return the output counts."""
+    from producers.numbers import produce_numbers
+    console = console or Console()
+    Supervisor(topology).up(log=lambda line: console.print(f"[dim]{line}[/dim]"))
+    stage = topology.stage(STAGE)
+    producer = topology.producers[PRODUCER]
+    http = topology.nsqd_http_addresses()[0]
+    topics = [*stage.outputs, topology.dead_letter_topic(STAGE)]
+    before = {t: nsqd_http.topic_message_count(http, t) for t in topics}
+    started = time.monotonic()
+    columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        published = progress.add_task(f"published to {producer.topic}", total=count)
+        processed = progress.add_task(f"classified by {STAGE}", total=count)
+        produce_numbers(topology.nsqd_tcp_addresses()[0], producer.topic, 1, count, chunk=producer.chunk,
+                        codec=topology.codec_for(producer.topic), pack=topology.pack_for(producer.topic),
+                        on_progress=lambda done: progress.update(published, completed=done))
+        counts = _follow(http, topics, before, count, started + timeout,
+                         lambda done: progress.update(processed, completed=done))
+    return DemoResult(counts, time.monotonic() - started)
+
+
+def _follow(http, topics, before, count, deadline, on_progress) -> dict[str, int]:
+    while True:
+        counts = {t: nsqd_http.topic_message_count(http, t) - before[t] for t in topics}
+        on_progress(min(count, sum(counts.values())))
+        if sum(counts.values()) >= count:
+            return counts
+        if time.monotonic() > deadline:
+            raise PipelineError(f"only {sum(counts.values())} of {count} records came out of {STAGE} in time; "
+                                f"see var/log/ and `pipeline down`")
+        time.sleep(0.2)
+
+
+def print_market(counts: dict[str, int], console: Console) -> None:
+    """Print the market pipeline's counts."""
+    console.print(f"[bold]{counts['features']:,} feature records[/bold] (one per tick) and "
+                  f"[bold]{counts['signals']:,} signals[/bold] so far; archived under var/archive/.")
+
+
+def print_summary(topology, result: DemoResult, console: Console) -> None:
+    """Print the output counts and where to look next."""
+    table = Table(title=f"{STAGE}: records out per topic ({result.elapsed:.1f} s)")
+    table.add_column("topic")
+    table.add_column("records", justify="right")
+    for topic, n in result.counts.items():
+        table.add_row(topic, f"{n:,}")
+    console.print(table)
+    console.print(f"[bold]{result.counts.get('prime', 0):,} primes[/bold] among the numbers published.")
+    lookupd = topology.lookupd_http_addresses()
+    source = f"--lookupd-http-address={lookupd[0]}" if lookupd else \
+        f"--nsqd-tcp-address={topology.nsqd_tcp_addresses()[0]}"
+    if topology.nsq.admin:
+        console.print(f"nsqadmin:  http://{topology.nsq.admin}/")
+    console.print(f"watch it:  {bin_dir() / 'nsq_tail'} {source} --topic=prime -n 5")
+    console.print("stop it:   make down")
+
+
+def run_market_demo(topology, console: Console, timeout: float = 300.0) -> dict[str, int]:
+    """Publish synthetic ticks, wait until every tick has its features, print a few signals; return counts."""
+    from producers.ticks import produce_ticks, synthetic_ticks
+
+    from pipeline.records.codecs import decode
+    from pipeline.client.nsqclient import NsqSubscriber
+    from pipeline.observe.tail import record_json, tail_channel
+    http, tcp = topology.nsqd_http_addresses()[0], topology.nsqd_tcp_addresses()[0]
+    features = topology.physical_topics("features")
+    before = {t: nsqd_http.topic_message_count(http, t) for t in [*features, "signals"]}
+    with NsqSubscriber(tcp, "signals", tail_channel()) as signals:
+        produce_ticks(tcp, "ticks", synthetic_ticks(SYMBOLS, TICKS, seed=1), spec=topology.topics["ticks"])
+        console.print(f"published {TICKS:,} ticks for {SYMBOLS} symbols to ticks.0..{len(features) - 1}; "
+                      f"first signals:")
+        shown, deadline = 0, time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for message in signals.messages(timeout=0.2):
+                if shown < SHOWN_SIGNALS:
+                    console.print(f"  {record_json(decode(message.body))}", soft_wrap=True)
+                    shown += 1
+            counts = {t: nsqd_http.topic_message_count(http, t) - before[t] for t in before}
+            if sum(counts[t] for t in features) >= TICKS:
+                break
+        else:
+            raise PipelineError("the features stage did not keep up; see `pipeline status` and var/log/")
+    return {"features": sum(counts[t] for t in features), "signals": counts["signals"]}

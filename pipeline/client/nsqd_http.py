@@ -1,0 +1,91 @@
+"""Small client for nsqd's HTTP API: topic/channel creation, stats, /pub."""
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+class NsqdHTTPError(PipelineError):
+    """Raised when nsqd's HTTP API cannot be reached or answers with an error."""
+
+
+def request(http: str, path: str, params: dict[str, str] | None = None, *,
+            body: bytes | None = None, method: str = "POST", timeout: float = 5.0) -> bytes:
+    """Send one request to nsqd's HTTP API at ``http`` (host:port) and return the body."""
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    req = urllib.request.Request(f"http://{http}{path}{query}", data=body, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.read()
+    except urllib.error.HTTPError as e:
+        raise NsqdHTTPError(f"nsqd {http}{path}: HTTP {e.code}: {e.read().decode(errors='replace')}") from e
+    except OSError as e:
+        raise NsqdHTTPError(f"nsqd {http}{path}: {e}") from e
+
+
+def create_channel(http: str, topic: str, channel: str) -> None:
+    """Create ``topic`` and its ``channel`` so messages published before a consumer connects wait for it."""
+    request(http, "/topic/create", {"topic": topic})
+    request(http, "/channel/create", {"topic": topic, "channel": channel})
+
+
+def create_topic(http: str, topic: str) -> None:
+    """Create ``topic`` (no-op when it exists)."""
+    request(http, "/topic/create", {"topic": topic})
+
+
+def stats(http: str, topic: str | None = None) -> dict[str, Any]:
+    """Return nsqd's ``/stats?format=json`` (only ``topic`` when given)."""
+    params = {"format": "json"}
+    if topic:
+        params["topic"] = topic
+    return json.loads(request(http, "/stats", params, method="GET"))
+
+
+def topic_message_count(http: str, topic: str) -> int:
+    """Messages nsqd has accepted on ``topic`` since it started (0 if it does not exist)."""
+    for t in stats(http, topic).get("topics") or []:
+        if t["topic_name"] == topic:
+            return int(t["message_count"])
+    return 0
+
+
+def channel_backlog(http: str, topic: str, channel: str) -> int:
+    """Messages of ``topic/channel`` nsqd still holds for delivery: queued, on disk or deferred (0 if none)."""
+    for t in stats(http, topic).get("topics") or []:
+        if t["topic_name"] != topic:
+            continue
+        for c in t.get("channels") or []:
+            if c["channel_name"] == channel:
+                return int(c["depth"]) + int(c["backend_depth"]) + int(c["deferred_count"])
+    return 0
+
+
+def create_channel_on_nodes(https: list[str], topic: str, channel: str) -> list[str]:
+    """Create ``topic`` and ``channel`` on every reachable nsqd; return the nodes that could not be reached.
+
+    A node that is down does not stop a consumer from starting: its channel
+    was persisted with its metadata if it existed, and a consumer's SUB
+    creates it otherwise.
+
+    Raises:
+        NsqdHTTPError: no node could be reached (the last node's error).
+    """
+    missed: list[str] = []
+    for http in https:
+        try:
+            create_channel(http, topic, channel)
+        except NsqdHTTPError as e:
+            if len(missed) == len(https) - 1:
+                raise
+            log.warning("cannot create %s/%s on nsqd %s (down?): %s", topic, channel, http, e)
+            missed.append(http)
+    return missed

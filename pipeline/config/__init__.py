@@ -1,0 +1,6 @@
+"""The topology: what a pipeline declares in topology.yaml, validated at load.
+
+The schema of every section, the loader that turns YAML into it with
+``file:line:col`` errors, and the settings derived from it (security, observation).
+Layer 1: imports only the public face (``pipeline.errors``, ``pipeline.stage``).
+"""

@@ -1,0 +1,575 @@
+"""From a batch of NSQ messages to what to publish and how to answer each message.
+
+:class:`BatchProcessor` holds the stage contract's decisions, free of any I/O:
+decode (an undecodable message is dead-lettered whole), run the handler once
+over every record of the batch, and when it raises, again message by message
+so one bad message cannot hold the others back. A message whose records keep
+failing is retried until ``max_tries``; then each failing record is
+dead-lettered alone and the rest of its records go on. The worker publishes
+the :class:`Outcome` and only then finishes or requeues the messages.
+
+A message is a *unit*: one record, or the records of an envelope (``pack``).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from itertools import repeat
+from typing import Any, Callable
+
+import numpy as np
+import orjson
+
+from pipeline.records import bulkjson
+
+from pipeline.records import envelope
+from pipeline.records.codecs import DIGITS_TO_9, MSGPACK_MAP_MARKERS, TWENTY_DIGITS, decode, encode_json, encode_msgpack, encoder
+from pipeline.records.deadletter import DeadLetter
+from pipeline.errors import DecodeError, StageOutputError, StageStateError
+from pipeline.middleware import MiddlewareStack
+from pipeline.config.topology import MAX_MSG_SIZE
+from pipeline.records.partition import PartitionKeyError, Router
+from pipeline.stage import Batch, ColumnBatch, Columns, Handler
+
+
+_ATTEMPTS, _BODY = operator.attrgetter("attempts"), operator.attrgetter("body")
+
+
+def _joined(parts: list) -> list | np.ndarray:
+    """One column from its parts (one per message): as it is for one part; arrays of one dtype joined
+    as an array; anything else as one list of Python values."""
+    if len(parts) == 1:
+        return parts[0]
+    if set(map(type, parts)) == {np.ndarray} and len({p.dtype for p in parts}) == 1:
+        return np.concatenate(parts)
+    joined: list = []
+    for part in parts:
+        joined += envelope.plain(part)
+    return joined
+
+
+class Failed(Exception):
+    """A handler call failed; ``permanent`` when retrying cannot help."""
+
+    def __init__(self, reason: str, permanent: bool):
+        super().__init__(reason)
+        self.reason, self.permanent = reason, permanent
+
+
+@dataclass(slots=True)
+class Unit:
+    """One message and the records it carries (several when it is an envelope)."""
+
+    message: Any
+    records: list[dict]
+    packed: bool = False
+
+
+@dataclass
+class Dead:
+    """A message, or one record of an envelope, bound for the dead-letter topic."""
+
+    message: Any
+    reason: str
+    body: bytes
+    index: int | None = None  # the record's position in its envelope
+
+
+@dataclass
+class Outcome:
+    """What one batch's messages become: outputs to publish, and their fate after."""
+
+    outputs: dict[str, list[bytes]] = field(default_factory=dict)
+    finish: list = field(default_factory=list)
+    retry: list = field(default_factory=list)
+    dead: list[Dead] = field(default_factory=list)
+
+    def emit(self, encoded: dict[str, list[bytes]]) -> None:
+        for topic, bodies in encoded.items():
+            self.outputs.setdefault(topic, []).extend(bodies)
+
+
+class BatchProcessor:
+    """Applies one stage's handler to batches of messages.
+
+    Parameters:
+        worker: passed to middleware hooks.
+        spec: the stage's topology entry.
+        topology: for output topics' codecs and ``pack``.
+        handler: the stage function.
+        middleware: hooks around each handler call.
+        on_error: called with (record count, exception) when the handler raises.
+    """
+
+    def __init__(self, worker, name: str, spec, topology, handler: Handler, middleware: MiddlewareStack,
+                 on_error: Callable[[int, BaseException], None] = lambda n, e: None):
+        self.worker, self.name, self.spec = worker, name, spec
+        self.handler, self.middleware, self.on_error = handler, middleware, on_error
+        self.columns_handler = getattr(handler, "columns", None)
+        self.columns_declined = False  # whether the last columnar call returned None (see _run_columns)
+        # handler output name -> (topic, encode a list of records, records per message, partition router)
+        self.outputs = {out: (topic, _encoder_of_lists(topology.codec_for(topic)), topology.pack_for(topic),
+                              Router.of(topology, topic)) for out, topic in spec.output_topics.items()}
+
+    def process(self, messages: list) -> Outcome:
+        """Decode, run the handler and encode; decide each message's fate."""
+        if self.columns_handler is not None:
+            columnar = self._process_columns(messages)
+            if columnar is not None:
+                return columnar
+        outcome = Outcome()
+        records = self._plain_records(messages)
+        if records is not None:
+            try:
+                self._apply_plain(messages, records, outcome)
+                return outcome
+            except Failed as failure:
+                self._failed([Unit(m, [r]) for m, r in zip(messages, records)], failure, outcome)
+                return outcome
+        units, suspects = [], []
+        for unit in self._decode_all(messages, outcome):
+            # A message past max_tries was last seen by a worker that died or
+            # timed out on it: it runs alone so it cannot take a batch down.
+            (suspects if unit.message.attempts > self.spec.max_tries else units).append(unit)
+        if units:
+            try:
+                self._apply(units, outcome)
+            except Failed as failure:
+                self._failed(units, failure, outcome)
+        for unit in suspects:
+            self._isolate(unit, outcome)
+        return outcome
+
+    def _failed(self, units: list[Unit], failure: Failed, outcome: Outcome) -> None:
+        """The handler failed on ``units`` together: decide a lone unit's fate, else run each alone."""
+        if len(units) == 1:
+            self._unit_failed(units[0], failure, outcome)
+            return
+        for unit in units:
+            self._isolate(unit, outcome)
+
+    def _plain_records(self, messages: list) -> list[dict] | None:
+        """The records of a batch of plain JSON messages, decoded together; None hands it to :meth:`_decode_all`.
+
+        This is the common case of one JSON record per message, decoded with
+        no Python code per message: it applies only when every message is
+        within max_tries and its body is a JSON object (not an envelope) that
+        orjson decodes exactly (no run of 20 digits, see
+        :mod:`pipeline.records.codecs`). Anything else, including one malformed body,
+        goes the general way, which decodes each message alone and
+        dead-letters the bad ones, so the result is the same either way.
+        """
+        if not messages or max(map(_ATTEMPTS, messages)) > self.spec.max_tries:
+            return None
+        bodies = list(map(_BODY, messages))
+        if TWENTY_DIGITS in b" ".join(bodies).translate(DIGITS_TO_9):
+            return None
+        try:
+            records = list(map(orjson.loads, bodies))
+        except ValueError:
+            return None
+        if set(map(type, records)) != {dict} or any(map(operator.contains, records, repeat(envelope.MARKER))):
+            return None
+        return records
+
+    def _apply_plain(self, messages: list, records: list[dict], outcome: Outcome) -> None:
+        """:meth:`_apply` for messages of one record each (``records[i]`` from ``messages[i]``).
+
+        Raises:
+            Failed: the handler raised, or emitted something unpublishable.
+        """
+        batch, outcome.outputs = self._run_handler(records, permanent=False)
+        for index, reason in sorted(batch.rejected.items()):
+            outcome.dead.append(Dead(messages[index], reason, messages[index].body))
+        outcome.finish = list(messages)
+
+    def _process_columns(self, messages: list) -> Outcome | None:
+        """The columnar fast path (see :mod:`pipeline.stage`); None hands the batch to the record path.
+
+        It applies only when every message is a columnar envelope with the same
+        keys, within max_tries, and the columnar function returns Columns for
+        outputs of the stage (packed ones are packed straight from the columns,
+        others are encoded record by record); anything else (including the
+        function raising) falls back, and the record path runs the batch as usual.
+        """
+        found = self._columns_of(messages)
+        encoded = self._run_columns(found) if found is not None else None
+        return Outcome(outputs=encoded, finish=list(messages)) if encoded is not None else None
+
+    def _run_columns(self, found: Columns) -> dict[str, list[bytes]] | None:
+        """Call the columnar function with the middleware hooks around it; its encoded outputs.
+
+        None when it declined, raised, or emitted what cannot be published:
+        the record path then runs the batch (and owns any error).
+        :attr:`columns_declined` tells the first case from the other two.
+        """
+        batch = ColumnBatch(found, stage=self.name)
+        self.middleware.emit_before("before_process_batch", self.worker, batch)
+        try:
+            emitted = self.columns_handler(found)
+            self.columns_declined = emitted is None
+        except Exception:
+            emitted, self.columns_declined = None, False
+        encoded = self._encode_columns(emitted) if emitted is not None else None
+        self.middleware.emit_after("after_process_batch", self.worker, batch,
+                                   result=emitted if encoded is not None else None, exception=None)
+        return encoded
+
+    def _columns_of(self, messages: list) -> Columns | None:
+        keys, parts, n = None, None, 0
+        for message in messages:
+            body = message.body
+            if message.attempts > self.spec.max_tries or not body or body[0] not in MSGPACK_MAP_MARKERS:
+                return None
+            try:
+                found = envelope.columns_of(envelope.unpackb(body))
+            except Exception:
+                return None
+            if found is None:
+                return None
+            if keys is None:
+                keys, parts, n = found[0], [[c] for c in found[1]], found[2]
+            elif found[0] != keys:
+                return None
+            else:
+                for column_parts, more in zip(parts, found[1]):
+                    column_parts.append(more)
+                n += found[2]
+        if keys is None or len(set(keys)) != len(keys):
+            return None
+        return Columns(dict(zip(keys, map(_joined, parts))), n)
+
+    def _encode_columns(self, emitted) -> dict[str, list[bytes]] | None:
+        """Encode a columnar handler's ``{output: Columns or list of records}``; None when it cannot be published."""
+        encoded: dict[str, list[bytes]] = {}
+        for name, columns in emitted.items():
+            if name not in self.outputs:
+                return None
+            topic, _, pack, router = self.outputs[name]
+            if isinstance(columns, list) or (isinstance(columns, Columns) and pack <= 1):
+                # records (a few signals), or one record per message: encoded as the record path does
+                try:
+                    records = columns if isinstance(columns, list) else columns.records()
+                    for physical, bodies in self._encode({name: records}).items():
+                        encoded.setdefault(physical, []).extend(bodies)
+                except Failed:
+                    return None
+                continue
+            if not isinstance(columns, Columns):
+                return None
+            if len(columns) == 0:
+                continue
+            parts: dict[str, Columns] = {topic: columns}
+            if router.partitioned:
+                rows = router.route_rows(columns[router.key]) if router.key in columns else None
+                if rows is None:
+                    return None  # the record path names the bad key
+                parts = {t: columns if len(r) == len(columns) else columns.take(r) for t, r in rows.items()}
+            for physical, part in parts.items():
+                try:
+                    bodies = envelope.pack_columns(part.keys, list(part.data.values()), len(part), pack)
+                except (TypeError, ValueError, OverflowError):
+                    return None
+                if max(map(len, bodies)) > MAX_MSG_SIZE:
+                    return None
+                encoded.setdefault(physical, []).extend(bodies)
+        return encoded
+
+    def _decode_all(self, messages: list, outcome: Outcome) -> list[Unit]:
+        """Decode every message; an undecodable one is dead-lettered whole."""
+        units: list[Unit] = []
+        append, marker = units.append, envelope.MARKER
+        for message in messages:  # the hot loop of every batch: no helper calls but decode
+            body = message.body
+            try:
+                record = decode(body)
+                append(Unit(message, envelope.unpack(record, body), True) if marker in record
+                       else Unit(message, [record]))
+            except DecodeError as e:
+                self._dead_message(outcome, message, e.reason)
+        return units
+
+    def _isolate(self, unit: Unit, outcome: Outcome) -> None:
+        try:
+            self._apply([unit], outcome)
+        except Failed as failure:
+            self._unit_failed(unit, failure, outcome)
+
+    def _unit_failed(self, unit: Unit, failure: Failed, outcome: Outcome) -> None:
+        attempts = unit.message.attempts
+        if not failure.permanent and attempts < self.spec.max_tries:
+            outcome.retry.append(unit.message)
+            return
+        tries = "" if failure.permanent else f" (attempt {attempts} of max_tries {self.spec.max_tries})"
+        if not unit.packed:
+            self._dead_message(outcome, unit.message, failure.reason + tries)
+            return
+        # Out of tries: the envelope's records that work go on, the others are dead-lettered alone.
+        for i, record in enumerate(unit.records):
+            single = Unit(unit.message, [record], packed=True)
+            try:
+                self._apply([single], outcome, finish=False)
+            except Failed as record_failure:
+                outcome.dead.append(Dead(unit.message, record_failure.reason + tries, _record_body(record), i))
+        outcome.finish.append(unit.message)
+
+    def _dead_message(self, outcome: Outcome, message, reason: str) -> None:
+        outcome.dead.append(Dead(message, reason, message.body))
+        outcome.finish.append(message)
+
+    def _apply(self, units: list[Unit], outcome: Outcome, finish: bool = True) -> None:
+        """Run the handler over the units' records; add outputs, rejects and finishes to ``outcome``.
+
+        Raises:
+            Failed: the handler raised, or emitted something unpublishable.
+        """
+        batch, encoded = self._run_handler([r for u in units for r in u.records], permanent=False)
+        outcome.emit(encoded)
+        if batch.rejected:
+            owners = [(u, i) for u in units for i in range(len(u.records))]
+            for index, reason in sorted(batch.rejected.items()):
+                unit, i = owners[index]
+                if unit.packed:
+                    outcome.dead.append(Dead(unit.message, reason, _record_body(unit.records[i]), i))
+                else:
+                    outcome.dead.append(Dead(unit.message, reason, unit.message.body))
+        if finish:
+            outcome.finish.extend(u.message for u in units)
+
+    def _run_handler(self, records: list[dict], permanent: bool) -> tuple[Batch, dict[str, list[bytes]]]:
+        """Call the handler with the middleware hooks around it; return the batch and its encoded outputs.
+
+        Raises:
+            Failed: the handler raised (``permanent`` as given), or emitted something unpublishable.
+        """
+        batch = Batch(records, stage=self.name)
+        self.middleware.emit_before("before_process_batch", self.worker, batch)
+        try:
+            emitted = self.handler(batch) or {}
+        except Exception as e:
+            self.on_error(len(records), e)
+            self.middleware.emit_after("after_process_batch", self.worker, batch, result=None, exception=e)
+            raise Failed(f"handler raised {type(e).__name__}: {e}", permanent=permanent) from e
+        self.middleware.emit_after("after_process_batch", self.worker, batch, result=emitted, exception=None)
+        return batch, self._encode(emitted)
+
+    def _encode(self, emitted) -> dict[str, list[bytes]]:
+        encoded: dict[str, list[bytes]] = {}
+        for name, records in emitted.items():
+            if name not in self.outputs:
+                err = StageOutputError(f"stage {self.name} emitted to {name!r}, not one of its outputs "
+                                       f"{list(self.spec.output_topics)}")
+                raise Failed(str(err), permanent=True)
+            topic, encode, pack, router = self.outputs[name]
+            try:
+                routed = router.route(records) if len(router.topics) > 1 else {topic: records}
+            except PartitionKeyError as e:
+                raise Failed(f"output for partitioned topic {topic}: {e.reason}", permanent=True) from e
+            for physical, part in routed.items():
+                try:
+                    bodies = envelope.pack(part, pack) if pack > 1 else encode(part)
+                except (TypeError, ValueError) as e:
+                    raise Failed(f"cannot encode output for {topic}: {e}", permanent=True) from e
+                if bodies and max(map(len, bodies)) > MAX_MSG_SIZE:
+                    raise Failed(f"an output for {topic} exceeds nsqd's max message size ({MAX_MSG_SIZE} bytes)",
+                                 permanent=True)
+                encoded.setdefault(physical, []).extend(bodies)
+        return encoded
+
+    def dead_letter(self, dead: Dead) -> bytes:
+        """The dead-letter message body for ``dead``."""
+        message = dead.message
+        return DeadLetter(reason=dead.reason, stage=self.name, topic=self.spec.input, channel=self.spec.channel,
+                          attempts=message.attempts, message_id=message.id.decode(errors="replace"),
+                          body=dead.body, envelope_index=dead.index).encode()
+
+
+def _encoder_of_lists(codec: str) -> Callable[[list[dict]], list[bytes]]:
+    """A function encoding each record of a list with ``codec`` (JSON: in one orjson call, see :mod:`.bulkjson`)."""
+    if codec == "json":
+        return bulkjson.dumps_each
+    encode = encoder(codec)
+    return lambda records: list(map(encode, records))
+
+
+def _record_body(record: dict) -> bytes:
+    """One record of an envelope as a message body of its own (JSON when it can be)."""
+    try:
+        return encode_json(record)
+    except TypeError:
+        return encode_msgpack(record)
+
+
+_UNKNOWN = object()
+
+
+@dataclass(eq=False, slots=True)
+class KeyedEntry:
+    """One keyed record and the message it came in, as much as its dead letter needs.
+
+    A parked record outlives its message (finished once the checkpoint holds
+    the record), so it carries the message's id and attempts itself.
+    """
+
+    record: dict
+    id: bytes
+    attempts: int
+    body: bytes | None = None  # the message body, when the message carried this record alone
+    index: int | None = None  # the record's position in its envelope
+
+    def pack(self) -> list:
+        """The entry as msgpack-able data, for the checkpoint (the message body itself when there is one)."""
+        single = self.body is not None
+        return [self.body if single else _record_body(self.record), self.id, self.attempts, single, self.index]
+
+    @classmethod
+    def unpack(cls, data: list) -> KeyedEntry:
+        source, message_id, attempts, single, index = data
+        return cls(decode(source), message_id, attempts, source if single else None, index)
+
+    def dead(self, reason: str) -> Dead:
+        body = self.body if self.body is not None else _record_body(self.record)
+        return Dead(self, reason, body, self.index)
+
+
+class KeyedProcessor(BatchProcessor):
+    """A :class:`BatchProcessor` for keyed stages: per key in ``seq`` order, once, state kept exact.
+
+    Records pass through a :class:`~pipeline.runtime.keyed.Sequencer`; only the ones it
+    releases reach the handler, in order; the ones ahead of a gap are parked
+    in the checkpoint. Every decoded message is therefore finished with its
+    batch. A stateful handler is snapshotted before each call and restored
+    when the call raises, so a failing call changes nothing; the failing
+    record is then dead-lettered at once (a later retry would apply it after
+    the records behind it).
+    """
+
+    def __init__(self, *args, key_field: str, seq_field: str, sequencer, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.key_field, self.seq_field, self.sequencer = key_field, seq_field, sequencer
+        self.columns_path = 0  # batches the columnar path took (see _process_in_order_columns)
+        # Whether a gap that waited gap_max_ms may be given up now; the worker
+        # allows it only when nsqd holds nothing more for the partition.
+        self.may_give_up: Callable[[], bool] = lambda: True
+        self.duplicates = self.parked = 0
+        self._handler_state: Any = _UNKNOWN
+        # The stage's columnar function declines only before it changes any state (see pipeline.stage):
+        # no snapshot before each call, and the worker takes one only when a checkpoint needs it.
+        self.columns_atomic = bool(getattr(self.handler, "columns_atomic", False)) and self.columns_handler is not None
+
+    def process(self, messages: list) -> Outcome:
+        """Sequence the batch's records (and any whose gap expired), apply what is ready, in order."""
+        if self.columns_handler is not None:
+            columnar = self._process_in_order_columns(messages)
+            if columnar is not None:
+                return columnar
+        outcome = Outcome()
+        ready: list[KeyedEntry] = []
+        in_order, key_field, seq_field = self.sequencer.in_order, self.key_field, self.seq_field
+        for unit in self._decode_all(messages, outcome):
+            message = unit.message
+            for i, record in enumerate(unit.records):
+                entry = KeyedEntry(record, message.id, message.attempts,
+                                   None if unit.packed else message.body, i if unit.packed else None)
+                key, seq = record.get(key_field), record.get(seq_field)
+                if type(seq) is int and type(key) is str and key and in_order(key, seq):
+                    ready.append(entry)  # the next of its key: no Offer needed
+                else:
+                    ready += self._offer(entry, outcome)
+            outcome.finish.append(message)
+        if self.sequencer.expiry_due() and self.may_give_up():
+            ready += self.sequencer.expire()
+        self._apply_in_order(ready, outcome)
+        return outcome
+
+    def _process_in_order_columns(self, messages: list) -> Outcome | None:
+        """The columnar fast path of a keyed batch; None hands the batch, untouched, to the record path.
+
+        It applies when every message is a columnar envelope with the same keys
+        (see :meth:`BatchProcessor._process_columns`), nothing is parked, every
+        record is the next ``seq`` of its key, no gap is due to be given up, and
+        the stage's columnar function takes the batch (returns outputs it can
+        publish). Then the whole batch is applied at once, as the record path
+        would apply it, with no dict per record. Otherwise the stage's state is
+        put back as it was (a ``columns_atomic`` stage declines before changing
+        it) and the sequencer is left unchanged, so the record path sequences,
+        applies or dead-letters every record exactly as usual.
+
+        Raises:
+            StageStateError: a ``columns_atomic`` stage's call raised, or emitted
+                what cannot be published, after it may have changed the state;
+                the worker then rewinds the replica to its last checkpoint.
+        """
+        found = self._columns_of(messages)
+        if found is None or self.key_field not in found or self.seq_field not in found:
+            return None
+        last = self.sequencer.take_in_order(found[self.key_field], envelope.plain(found[self.seq_field]))
+        if last is None or (self.sequencer.expiry_due() and self.may_give_up()):
+            return None
+        before = None if self.columns_atomic else self._snapshot()
+        self._handler_state = _UNKNOWN  # the call may change the state, whatever it returns
+        encoded = self._run_columns(found)
+        if encoded is None:
+            if before is not None:
+                self._restore(before)
+            elif not self.columns_declined:
+                raise StageStateError(f"stage {self.name}: its columnar call raised or emitted what cannot be "
+                                      "published after it may have changed the state")
+            return None
+        self.sequencer.advance(last)
+        self.columns_path += 1
+        return Outcome(outputs=encoded, finish=list(messages))
+
+    def _offer(self, entry: KeyedEntry, outcome: Outcome) -> list[KeyedEntry]:
+        key, seq = entry.record.get(self.key_field), entry.record.get(self.seq_field)
+        if not isinstance(key, str) or not key:
+            outcome.dead.append(entry.dead(f"field {self.key_field!r} must be a non-empty string, got {key!r:.60}"))
+            return []
+        if type(seq) is not int or seq < 1:
+            outcome.dead.append(entry.dead(f"field {self.seq_field!r} must be a positive integer, got {seq!r:.60}"))
+            return []
+        offer = self.sequencer.offer(key, seq, entry)
+        if offer.refused:
+            outcome.dead.append(entry.dead(offer.refused))
+        self.duplicates += offer.duplicate
+        self.parked += offer.parked
+        return offer.ready
+
+    def _apply_in_order(self, ready: list[KeyedEntry], outcome: Outcome) -> None:
+        if not ready:
+            return
+        before = self._snapshot()
+        try:
+            self._apply_records(ready, outcome)
+            return
+        except Failed:
+            self._restore(before)
+        for entry in ready:  # one at a time, so only the failing record is lost to the state
+            before = self._snapshot()
+            try:
+                self._apply_records([entry], outcome)
+            except Failed as failure:
+                self._restore(before)
+                outcome.dead.append(entry.dead(failure.reason + " (keyed stages do not retry)"))
+
+    def _apply_records(self, entries: list[KeyedEntry], outcome: Outcome) -> None:
+        self._handler_state = _UNKNOWN  # the call changes the state, whether it returns or raises
+        batch, encoded = self._run_handler([e.record for e in entries], permanent=True)
+        outcome.emit(encoded)
+        for index, reason in sorted(batch.rejected.items()):
+            outcome.dead.append(entries[index].dead(reason))
+
+    def handler_state(self) -> bytes | None:
+        """The handler's snapshot as of now (None for a handler without state); taken once per change."""
+        if self._handler_state is _UNKNOWN:
+            snapshot = getattr(self.handler, "snapshot", None)
+            self._handler_state = snapshot() if snapshot else None
+        return self._handler_state
+
+    def restore_handler(self, state: bytes | None) -> None:
+        """Put the handler back to ``state``, a :meth:`handler_state` (or a checkpoint's)."""
+        if state is not None:
+            self.handler.restore(state)
+        self._handler_state = _UNKNOWN if state is None else state
+
+    _snapshot, _restore = handler_state, restore_handler
