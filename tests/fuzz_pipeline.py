@@ -30,7 +30,7 @@ import msgpack
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Workers, collect, write_topology  # noqa: E402
-from pipeline import envelope  # noqa: E402
+from pipeline.records import envelope  # noqa: E402
 from pipeline.records.codecs import encode_json  # noqa: E402
 from pipeline.client.nsqclient import MAX_MSG_SIZE, NsqPublisher  # noqa: E402
 from pipeline.ops.processes import start_nsqd  # noqa: E402
