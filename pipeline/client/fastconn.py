@@ -1,11 +1,7 @@
 """A faster pynsq connection: an asyncio transport, one socket write per loop iteration, all frames per read.
 
-pynsq's ``AsyncConn`` reads through a tornado ``IOStream``: every frame costs
-two read futures (size, then body), each resolved through a callback on a
-later loop iteration, and every command (each FIN, each RDY) is its own
-``socket.send``. A keyed worker at a few hundred small batches a second spent
-most of its CPU there. :class:`FastConn` keeps pynsq's protocol, handshake and
-events unchanged and changes only the I/O:
+It keeps pynsq's protocol, handshake and events unchanged and changes only
+the I/O (why: docs/PERFORMANCE.md, "The connection"):
 
 - the socket is an asyncio transport whose protocol hands every read to the
   connection at once (no future, no extra loop iteration per read);

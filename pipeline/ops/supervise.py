@@ -1,12 +1,7 @@
 """supervisord, woken every 0.1 s, so a dead worker is started again at once instead of up to 1 s later.
 
-supervisord's main loop waits for a file-descriptor event with a 1 s timeout,
-and only after that wait does it act on a child it has reaped: a worker that
-dies is noticed at once (its pipes close), but started again on the next
-turn of the loop, which nothing wakes when the other workers are quiet. So a
-SIGKILLed worker came back 1.0 s late every time; a program that writes to its
-stdout or an XML-RPC call (a monitor polling supervisord) hid it by waking the
-loop.
+supervisord starts a dead program again only on the next turn of its main
+loop, which waits up to 1 s (measured, and why it matters: docs/PERFORMANCE.md).
 
 ``python -m pipeline.ops.supervise -c supervisord.conf`` is supervisord with one
 change: the loop's wait is capped at :data:`WAKE_S`. Everything else
