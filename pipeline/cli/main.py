@@ -511,7 +511,7 @@ def _serve_section(topology_path: str, section: str, module: str) -> None:
     topology = load(topology_path)
     if getattr(topology, section) is None:
         raise click.UsageError(f"{topology_path} has no {section} section")
-    asyncio.run(importlib.import_module(f"{__package__}.{module}").serve(topology))
+    asyncio.run(importlib.import_module(f"pipeline.edge.{module}").serve(topology))
 
 
 @main.command()
