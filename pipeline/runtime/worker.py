@@ -50,7 +50,7 @@ from pipeline.runtime.middleware.gctuning import GcTuning
 from pipeline.runtime.middleware.metrics import WorkerMetrics
 from pipeline.middleware import Middleware, MiddlewareStack
 from pipeline.runtime.keyed import Checkpoint, Sequencer
-from pipeline.runtime.processing import BatchProcessor, Dead, KeyedEntry, KeyedProcessor
+from pipeline.runtime.processing import BatchProcessor, Dead, KeyedEntry, KeyedProcessor, ProcessingContext
 from pipeline.client.publisher import Publisher
 from pipeline.config.security import client_options
 from pipeline.stage import Handler, StageContext, load_handler
@@ -87,16 +87,17 @@ class Worker:
         self.middleware.add(GcTuning())
         self.dead_topic = topology.dead_letter_topic(stage_name)
         self.input_topic = topology.input_topic(stage_name, replica)
-        args = (self, stage_name, self.spec, topology, self.handler, self.middleware)
+        context = ProcessingContext(stage_name, self.spec, topology, self.handler, self.middleware, self,
+                                    self._on_handler_error)
         self.checkpoint: Checkpoint | None = None
         if self.spec.keyed:
             source = topology.topics[self.spec.input]
             self.checkpoint = Checkpoint(topology.var_dir / "state" / f"{stage_name}-{replica}.ckpt")
-            self.processor = KeyedProcessor(*args, on_error=self._on_handler_error, key_field=source.key,
-                                            seq_field=source.seq, sequencer=self._new_sequencer())
+            self.processor = KeyedProcessor(context, key_field=source.key, seq_field=source.seq,
+                                            sequencer=self._new_sequencer())
             self.processor.may_give_up = lambda: self._gaps_may_go
         else:
-            self.processor = BatchProcessor(*args, on_error=self._on_handler_error)
+            self.processor = BatchProcessor(context)
         # A keyed stage's batches go through the handler one at a time, in
         # order; their commits (publish OK, then checkpoint, then FIN) follow in
         # the same order, so a checkpoint never holds unpublished effects.
