@@ -223,7 +223,7 @@ class Worker:
 
     async def _await_close_wait(self, deadline: float) -> None:
         # Messages nsqd sent before it saw CLS arrive ahead of CLOSE_WAIT and are
-        # requeued by _on_message; after CLOSE_WAIT nothing more comes.
+        # requeued by _on_messages; after CLOSE_WAIT nothing more comes.
         while time.monotonic() < deadline:
             if all(cid in self._close_waits for cid in self.reader.conns):
                 return
