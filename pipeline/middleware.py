@@ -1,4 +1,4 @@
-"""Middleware: cross-cutting behaviour hooked into the worker runtime.
+"""Middleware: cross-cutting behaviour hooked into the worker runtime (docs/ARCHITECTURE.md).
 
 A middleware subclasses :class:`Middleware` and overrides the hooks it needs;
 every hook is a no-op by default. ``before_*`` hooks run in the order the
@@ -20,45 +20,88 @@ Example::
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Sequence
 
 if TYPE_CHECKING:
     from pipeline.stage import Batch
-    from pipeline.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
+
+
+class WorkerView(Protocol):
+    """What a hook may read of the worker that calls it (a :class:`pipeline.runtime.worker.Worker`).
+
+    The spec, topology, reader and publisher are typed loosely: their classes
+    live in layers above this module (config, client).
+    """
+
+    @property
+    def name(self) -> str:
+        """The stage's name."""
+
+    @property
+    def replica(self) -> int:
+        """This replica's number."""
+
+    @property
+    def spec(self) -> Any:
+        """The stage's topology entry (a :class:`pipeline.config.topology.StageSpec`)."""
+
+    @property
+    def topology(self) -> Any:
+        """The loaded topology (a :class:`pipeline.config.topology.Topology`)."""
+
+    @property
+    def input_topic(self) -> str:
+        """The topic this replica consumes (its partition's, for a keyed stage)."""
+
+    @property
+    def stats(self) -> Mapping[str, int]:
+        """The runtime's counters (messages received, finished, requeued, ...)."""
+
+    @property
+    def reader(self) -> Any:
+        """The subscription to the input topic (a ``FastReader``; None before the worker starts)."""
+
+    @property
+    def publisher(self) -> Any:
+        """The publisher of outputs and dead letters (None before the worker starts)."""
+
+    @property
+    def draining(self) -> bool:
+        """Whether the worker is draining (SIGTERM or ``stop()``)."""
 
 
 class Middleware:
     """Base class of worker middleware; override the hooks you need."""
 
-    def after_worker_boot(self, worker: Worker) -> None:
+    def after_worker_boot(self, worker: WorkerView) -> None:
         """Called once the worker is connected and about to consume."""
 
-    def before_worker_shutdown(self, worker: Worker) -> None:
+    def before_worker_shutdown(self, worker: WorkerView) -> None:
         """Called when the worker starts draining (SIGTERM or stop())."""
 
-    def after_receive(self, worker: Worker, message: Any) -> None:
+    def after_receive(self, worker: WorkerView, message: Any) -> None:
         """Called for each message as it arrives, before it is batched."""
 
-    def before_process_batch(self, worker: Worker, batch: Batch) -> None:
+    def before_process_batch(self, worker: WorkerView, batch: Batch) -> None:
         """Called with the decoded batch before the stage's handler runs."""
 
-    def after_process_batch(self, worker: Worker, batch: Batch, *,
+    def after_process_batch(self, worker: WorkerView, batch: Batch, *,
                             result: Mapping[str, list] | None, exception: BaseException | None) -> None:
         """Called after the handler ran, with what it emitted or what it raised."""
 
-    def after_dead_letter(self, worker: Worker, message: Any, reason: str) -> None:
+    def after_dead_letter(self, worker: WorkerView, message: Any, reason: str) -> None:
         """Called for each message routed to the dead-letter topic."""
 
-    def before_publish(self, worker: Worker, outputs: Mapping[str, Sequence[bytes]]) -> None:
+    def before_publish(self, worker: WorkerView, outputs: Mapping[str, Sequence[bytes]]) -> None:
         """Called before a batch's outputs and dead letters are published."""
 
-    def after_publish(self, worker: Worker, outputs: Mapping[str, Sequence[bytes]], *,
+    def after_publish(self, worker: WorkerView, outputs: Mapping[str, Sequence[bytes]], *,
                       exception: BaseException | None) -> None:
         """Called when nsqd acknowledged the outputs (or the publish failed), before FIN/REQ."""
 
-    def after_ack(self, worker: Worker, finished: Sequence[Any], requeued: Sequence[Any]) -> None:
+    def after_ack(self, worker: WorkerView, finished: Sequence[Any], requeued: Sequence[Any]) -> None:
         """Called after the batch's messages were finished or requeued."""
 
 

@@ -10,7 +10,7 @@ from pipeline.records.envelope import pack
 from pipeline.errors import StageStateError
 from pipeline.runtime.keyed import Checkpoint, Sequencer
 from pipeline.middleware import MiddlewareStack
-from pipeline.runtime.processing import KeyedEntry, KeyedProcessor
+from pipeline.runtime.processing import KeyedEntry, KeyedProcessor, ProcessingContext
 from pipeline.stage import StageContext
 from pipeline.config.topology import load_topology
 from stages_for_tests import RunningSum
@@ -37,8 +37,8 @@ def keyed(tmp_path: Path, gap_max_count: int = 100, sequencer_state=None, handle
     if sequencer_state is not None:
         sequencer.restore(sequencer_state)
         stage.restore(handler_state)
-    return KeyedProcessor(None, "s", topology.stage("s"), topology, stage, MiddlewareStack(), key_field="key",
-                          seq_field="seq", sequencer=sequencer)
+    context = ProcessingContext("s", topology.stage("s"), topology, stage, MiddlewareStack())
+    return KeyedProcessor(context, key_field="key", seq_field="seq", sequencer=sequencer)
 
 
 def tick(key, seq, v):
@@ -147,8 +147,8 @@ def columnar(tmp_path: Path, handler: str = "ColumnarRunningSum", sums_topic: st
     topology = load_topology(path)
     stage = getattr(stages_for_tests, handler)(StageContext("s", 0, tmp_path))
     sequencer = Sequencer(100, 60_000, pack_item=KeyedEntry.pack, unpack_item=KeyedEntry.unpack)
-    return KeyedProcessor(None, "s", topology.stage("s"), topology, stage, MiddlewareStack(), key_field="key",
-                          seq_field="seq", sequencer=sequencer)
+    context = ProcessingContext("s", topology.stage("s"), topology, stage, MiddlewareStack())
+    return KeyedProcessor(context, key_field="key", seq_field="seq", sequencer=sequencer)
 
 
 def all_sums(outcome):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from consumers.primes import classify
 from pipeline.records.codecs import encode_json
 from pipeline.records.envelope import MARKER, pack
-from pipeline.runtime.processing import BatchProcessor
+from pipeline.runtime.processing import BatchProcessor, ProcessingContext
 from pipeline.config.topology import load_topology
 from test_processing import Msg, out_records, processor
 
@@ -31,8 +31,8 @@ class MessageByMessage(BatchProcessor):
 def reference(tmp_path, handler=classify) -> BatchProcessor:
     """A processor like ``processor(tmp_path, handler)`` that decodes message by message."""
     fast = processor(tmp_path, handler)
-    return MessageByMessage(None, fast.name, fast.spec, load_topology(tmp_path / "topology.yaml"), handler,
-                            fast.middleware)
+    return MessageByMessage(ProcessingContext(fast.name, fast.spec, load_topology(tmp_path / "topology.yaml"),
+                                              handler, fast.middleware))
 
 
 def msgs(*bodies: bytes, attempts: int = 1) -> list[Msg]:

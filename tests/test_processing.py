@@ -11,7 +11,7 @@ from consumers.primes import classify
 from pipeline.records.codecs import decode, encode_json
 from pipeline.records.envelope import pack, records_of
 from pipeline.middleware import Middleware, MiddlewareStack
-from pipeline.runtime.processing import BatchProcessor
+from pipeline.runtime.processing import BatchProcessor, ProcessingContext
 from pipeline.config.topology import load_topology
 
 
@@ -29,7 +29,7 @@ def processor(tmp_path: Path, handler=classify, in_pack=1, out_pack=1, max_tries
         f"  primes: {{handler: 'consumers.primes:classify', input: numbers, channel: c, max_tries: {max_tries},\n"
         "           outputs: [prime, non_prime]}\n")
     topology = load_topology(path)
-    return BatchProcessor(None, "primes", topology.stage("primes"), topology, handler, MiddlewareStack())
+    return BatchProcessor(ProcessingContext("primes", topology.stage("primes"), topology, handler, MiddlewareStack()))
 
 
 def out_records(outcome, topic):

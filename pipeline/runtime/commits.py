@@ -1,5 +1,7 @@
 """A keyed replica's commits: its batches between their handler call and their FIN, in order.
 
+See docs/ARCHITECTURE.md, "Keyed state".
+
 A keyed replica runs its batches through the handler one at a time, as they
 come, and publishes each batch's outputs at once; it does not wait for the
 previous batch's checkpoint. The commits follow in batch order: once a batch's
@@ -23,15 +25,14 @@ import asyncio
 import functools
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from pipeline.errors import PublishError
 from pipeline.client.fastconn import when_read_done
-
-if TYPE_CHECKING:
-    from pipeline.runtime.worker import Worker
+from pipeline.config.topology import StageSpec
+from pipeline.errors import PublishError
+from pipeline.runtime.keyed import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +49,51 @@ class KeyedCommit:
     finish: list  # the messages to FIN once committed
     retry: list  # requeued already (for the after_ack hook)
     outputs: dict[str, list[bytes]]
-    # (sequencer state, handler snapshot) right after the handler call; None when not kept (see Worker)
+    # (sequencer state, handler snapshot) right after the handler call; None when not kept (see KeyedPath.apply)
     state: tuple[dict, bytes | None] | None
     answer: Any = _WAITING  # the publish's answer: None (acknowledged) or the error
     failed: bool = False  # the runtime failed on the batch (answer holds the exception)
+
+
+class CommitHost(Protocol):
+    """What a :class:`CommitQueue` calls back: the keyed path of its replica."""
+
+    @property
+    def draining(self) -> bool:
+        """Whether the replica drains (the next checkpoint is then due at once)."""
+
+    def hold_answers(self, hold: bool) -> None:
+        """Leave nsqd's answers to the publishes unread (True), or read them as they come (False)."""
+
+    def published(self, outputs: dict[str, list[bytes]]) -> None:
+        """A commit's outputs are acknowledged; its checkpoint is about to be written."""
+
+    def publish_failed(self, outputs: dict[str, list[bytes]], count: int, error: BaseException) -> None:
+        """A commit's publish failed; :meth:`rewind` follows."""
+
+    def finish(self, finished: list, requeued: list) -> None:
+        """A commit's checkpoint is written: FIN its messages (``requeued`` were requeued before)."""
+
+    def state_now(self) -> tuple[dict, bytes | None]:
+        """The (sequencer state, handler snapshot) as of the last batch applied."""
+
+    def rewind(self) -> None:
+        """Requeue every queued commit (:meth:`CommitQueue.drop_all`) and go back to the last checkpoint."""
 
 
 class CommitQueue:
     """The commits of one keyed replica (see the module's description).
 
     Parameters:
-        worker: the replica; the queue uses its spec, publisher, checkpoint,
-            stats and middleware, and calls back its ``_published``,
-            ``_publish_failed``, ``_finish``, ``_state_now`` and ``_rewind``.
+        host: called back as each commit is acknowledged, checkpointed and finished, or fails.
+        spec: the stage's topology entry (``max_in_flight``, ``checkpoint_interval_ms``, ``publish_timeout``).
+        checkpoint: the replica's checkpoint file.
+        stats: the runtime's counters (``checkpoints`` is counted here).
+        label: names the replica in logs (``stage NAME replica N``).
     """
 
-    def __init__(self, worker: Worker):
-        self.worker, self.spec = worker, worker.spec
+    def __init__(self, host: CommitHost, spec: StageSpec, checkpoint: Checkpoint, stats: Counter[str], label: str):
+        self.host, self.spec, self.checkpoint, self.stats, self.label = host, spec, checkpoint, stats, label
         self.commits: deque[KeyedCommit] = deque()
         self.done = asyncio.Event()  # set while no commit is queued or being written
         self.done.set()
@@ -102,7 +131,7 @@ class CommitQueue:
     def checkpoint_wait(self) -> float:
         """Seconds until the next checkpoint is due: checkpoint_interval_ms after the last one, or now when
         half the in-flight window waits for it or the worker drains."""
-        if self.worker.draining or self.uncommitted * 2 >= self.spec.max_in_flight:
+        if self.host.draining or self.uncommitted * 2 >= self.spec.max_in_flight:
             return 0.0
         return self._last_checkpoint + self.spec.checkpoint_interval_ms / 1000.0 - time.monotonic()
 
@@ -111,7 +140,7 @@ class CommitQueue:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.worker.publisher.hold_answers(False)  # the answers come in now and move the commits on
+        self.host.hold_answers(False)  # the answers come in now and move the commits on
         self.advance()
 
     def drop_all(self) -> deque[KeyedCommit]:
@@ -120,16 +149,16 @@ class CommitQueue:
         self.uncommitted = 0
         for commit in commits:
             commit.answer = _DROPPED
-        self.worker.publisher.hold_answers(False)
+        self.host.hold_answers(False)
         return commits
 
     def advance(self) -> None:
         """Commit what can be: the acknowledged batches at the head, in one checkpoint, once one is due."""
         if self._writing is not None:
             return  # the write's end comes back here
-        commits, worker = self.commits, self.worker
+        commits, host = self.commits, self.host
         if not commits:
-            worker.publisher.hold_answers(False)  # nothing waits for them: no reason to leave them unread
+            host.hold_answers(False)  # nothing waits for them: no reason to leave them unread
             self.done.set()
             return
         head = commits[0]
@@ -137,8 +166,8 @@ class CommitQueue:
             return
         if head.answer is not None:
             if not head.failed:  # else the runtime failed on the batch (logged already)
-                worker._publish_failed(head.outputs, len(head.finish), head.answer)
-            worker._rewind()
+                host.publish_failed(head.outputs, len(head.finish), head.answer)
+            host.rewind()
             return
         wait = self.checkpoint_wait()
         if wait > 0:
@@ -148,12 +177,12 @@ class CommitQueue:
         if not group:
             return  # the next answer comes back here; a batch applied meanwhile keeps its state
         for commit in group:
-            worker._published(commit.outputs)
+            host.published(commit.outputs)
             self.uncommitted -= len(commit.finish)
         self._last_checkpoint = time.monotonic()
-        worker.stats["checkpoints"] += 1
-        data = worker.checkpoint.encode(*state)  # here: the thread only writes, with no GIL to take back and forth
-        self._writing = asyncio.get_running_loop().run_in_executor(None, worker.checkpoint.write, data)
+        self.stats["checkpoints"] += 1
+        data = self.checkpoint.encode(*state)  # here: the thread only writes, with no GIL to take back and forth
+        self._writing = asyncio.get_running_loop().run_in_executor(None, self.checkpoint.write, data)
         self._writing.add_done_callback(functools.partial(self._checkpointed, group))
 
     def _group(self) -> tuple[list[KeyedCommit], tuple | None]:
@@ -163,7 +192,7 @@ class CommitQueue:
         while acknowledged < len(commits) and commits[acknowledged].answer is None:
             acknowledged += 1
         if acknowledged == len(commits):  # nothing applied after them: the state now is theirs
-            state = self.worker._state_now()
+            state = self.host.state_now()
         else:
             kept = [i for i in range(acknowledged) if commits[i].state is not None]
             if not kept:
@@ -183,7 +212,7 @@ class CommitQueue:
             self._timer = asyncio.get_running_loop().call_later(min(later, self.spec.publish_timeout / 2),
                                                                  self.checkpoint_now)
         if wait >= HOLD_ANSWERS_MIN_S:
-            self.worker.publisher.hold_answers(True)
+            self.host.hold_answers(True)
 
     def _advance_after_read(self) -> None:
         self._advance_due = False
@@ -192,15 +221,12 @@ class CommitQueue:
     def _checkpointed(self, group: list[KeyedCommit], written: asyncio.Future) -> None:
         """The checkpoint of ``group`` is written (or failed): FIN its messages (or rewind), then go on."""
         self._writing = None
-        worker = self.worker
         if written.exception() is not None:
-            log.critical("stage %s replica %d: writing the checkpoint failed; rewinding", worker.name,
-                         worker.replica, exc_info=written.exception())
+            log.critical("%s: writing the checkpoint failed; rewinding", self.label, exc_info=written.exception())
             self.commits.extendleft(reversed(group))
             self.uncommitted += sum(len(commit.finish) for commit in group)
-            worker._rewind()
+            self.host.rewind()
             return
         for commit in group:
-            worker._finish(commit.finish)
-            worker.middleware.emit_after("after_ack", worker, commit.finish, commit.retry)
+            self.host.finish(commit.finish, commit.retry)
         self.advance()

@@ -1,4 +1,4 @@
-"""From a batch of NSQ messages to what to publish and how to answer each message.
+"""From a batch of NSQ messages to what to publish and how to answer each message (docs/ARCHITECTURE.md).
 
 :class:`BatchProcessor` holds the stage contract's decisions, free of any I/O:
 decode (an undecodable message is dead-lettered whole), run the handler once
@@ -26,9 +26,10 @@ from pipeline.records import envelope
 from pipeline.records.codecs import DIGITS_TO_9, MSGPACK_MAP_MARKERS, TWENTY_DIGITS, decode, encode_json, encode_msgpack, encoder
 from pipeline.records.deadletter import DeadLetter
 from pipeline.errors import DecodeError, StageOutputError, StageStateError
-from pipeline.middleware import MiddlewareStack
-from pipeline.config.topology import MAX_MSG_SIZE
+from pipeline.middleware import MiddlewareStack, WorkerView
+from pipeline.config.topology import MAX_MSG_SIZE, StageSpec, Topology
 from pipeline.records.partition import PartitionKeyError, Router
+from pipeline.runtime.keyed import Sequencer
 from pipeline.stage import Batch, ColumnBatch, Columns, Handler
 
 
@@ -89,27 +90,42 @@ class Outcome:
             self.outputs.setdefault(topic, []).extend(bodies)
 
 
-class BatchProcessor:
-    """Applies one stage's handler to batches of messages.
+def _ignore_error(count: int, error: BaseException) -> None:
+    """The default ``on_error``: the outcome already says what became of the records."""
 
-    Parameters:
-        worker: passed to middleware hooks.
-        spec: the stage's topology entry.
-        topology: for output topics' codecs and ``pack``.
-        handler: the stage function.
-        middleware: hooks around each handler call.
-        on_error: called with (record count, exception) when the handler raises.
+
+@dataclass(frozen=True, slots=True)
+class ProcessingContext:
+    """What a processor is given of its stage and replica.
+
+    ``topology`` gives the output topics' codecs, ``pack`` and partitioning;
+    ``worker`` is passed to the middleware hooks (None in tests of the
+    decisions alone); ``on_error`` is called with (record count, exception)
+    when the handler raises.
     """
 
-    def __init__(self, worker, name: str, spec, topology, handler: Handler, middleware: MiddlewareStack,
-                 on_error: Callable[[int, BaseException], None] = lambda n, e: None):
-        self.worker, self.name, self.spec = worker, name, spec
-        self.handler, self.middleware, self.on_error = handler, middleware, on_error
-        self.columns_handler = getattr(handler, "columns", None)
+    name: str
+    spec: StageSpec
+    topology: Topology
+    handler: Handler
+    middleware: MiddlewareStack
+    worker: WorkerView | None = None
+    on_error: Callable[[int, BaseException], None] = _ignore_error
+
+
+class BatchProcessor:
+    """Applies one stage's handler to batches of messages, as ``context`` describes."""
+
+    def __init__(self, context: ProcessingContext):
+        # Copied out of the context: the per-batch and per-message code reads them often.
+        self.worker, self.name, self.spec = context.worker, context.name, context.spec
+        self.handler, self.middleware, self.on_error = context.handler, context.middleware, context.on_error
+        topology = context.topology
+        self.columns_handler = getattr(self.handler, "columns", None)
         self.columns_declined = False  # whether the last columnar call returned None (see _run_columns)
         # handler output name -> (topic, encode a list of records, records per message, partition router)
         self.outputs = {out: (topic, _encoder_of_lists(topology.codec_for(topic)), topology.pack_for(topic),
-                              Router.of(topology, topic)) for out, topic in spec.output_topics.items()}
+                              Router.of(topology, topic)) for out, topic in self.spec.output_topics.items()}
 
     def process(self, messages: list) -> Outcome:
         """Decode, run the handler and encode; decide each message's fate."""
@@ -444,8 +460,8 @@ class KeyedProcessor(BatchProcessor):
     the records behind it).
     """
 
-    def __init__(self, *args, key_field: str, seq_field: str, sequencer, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, context: ProcessingContext, *, key_field: str, seq_field: str, sequencer: Sequencer):
+        super().__init__(context)
         self.key_field, self.seq_field, self.sequencer = key_field, seq_field, sequencer
         self.columns_path = 0  # batches the columnar path took (see _process_in_order_columns)
         # Whether a gap that waited gap_max_ms may be given up now; the worker

@@ -26,7 +26,7 @@ import signal
 import time
 from typing import Any
 
-from pipeline.middleware import Middleware
+from pipeline.middleware import Middleware, WorkerView
 
 ENV = "NSQ_PIPELINE_FAULTPOINTS"
 POINTS = ("after_receive", "after_publish", "publish_callback")
@@ -76,22 +76,22 @@ class FaultPoints(Middleware):
         with open(self.path + ".events", "a") as f:
             f.write(json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), **fields}) + "\n")
 
-    def after_worker_boot(self, worker: Any) -> None:
+    def after_worker_boot(self, worker: WorkerView) -> None:
         asyncio.ensure_future(self._report_subscribed(worker))
 
-    async def _report_subscribed(self, worker: Any) -> None:
+    async def _report_subscribed(self, worker: WorkerView) -> None:
         # Recovery ends when the new process is subscribed with RDY > 0, whether or not work is waiting.
         while not any(conn.connected() and conn.last_rdy > 0 for conn in list(worker.reader.conns.values())):
             await asyncio.sleep(0.01)
         self._event("subscribed")
 
-    def after_receive(self, worker: Any, message: Any) -> None:
+    def after_receive(self, worker: WorkerView, message: Any) -> None:
         if not self._consuming:
             self._consuming = True
             self._event("consuming")
         self._maybe_die("after_receive")
 
-    def before_publish(self, worker: Any, outputs: Any) -> None:
+    def before_publish(self, worker: WorkerView, outputs: Any) -> None:
         # pynsq calls the publish callback from the connection's "response"
         # event; a listener on that event runs at the same moment.
         for conn in list(worker.publisher.writer.conns.values()):
@@ -102,6 +102,6 @@ class FaultPoints(Middleware):
     def _on_response(self, conn: Any, data: Any = None, **_: Any) -> None:
         self._maybe_die("publish_callback")
 
-    def after_publish(self, worker: Any, outputs: Any, *, exception: BaseException | None) -> None:
+    def after_publish(self, worker: WorkerView, outputs: Any, *, exception: BaseException | None) -> None:
         if exception is None:
             self._maybe_die("after_publish")

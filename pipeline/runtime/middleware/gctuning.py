@@ -28,12 +28,8 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from typing import TYPE_CHECKING
 
-from pipeline.middleware import Middleware
-
-if TYPE_CHECKING:
-    from pipeline.runtime.worker import Worker
+from pipeline.middleware import Middleware, WorkerView
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +47,7 @@ class GcTuning(Middleware):
         self.gen0_threshold = gen0_threshold
         self._applied = False
 
-    def after_worker_boot(self, worker: Worker) -> None:
+    def after_worker_boot(self, worker: WorkerView) -> None:
         global _active, _saved
         with _lock:
             if self._applied:
@@ -65,7 +61,7 @@ class GcTuning(Middleware):
             gc.set_threshold(max(self.gen0_threshold, _saved[0]), gen1, gen2)
         log.debug("gc: %d objects frozen, thresholds %s", gc.get_freeze_count(), gc.get_threshold())
 
-    def before_worker_shutdown(self, worker: Worker) -> None:
+    def before_worker_shutdown(self, worker: WorkerView) -> None:
         global _active, _saved
         with _lock:
             if not self._applied:

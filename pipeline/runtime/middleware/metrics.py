@@ -32,11 +32,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
-from pipeline.middleware import Middleware
+from pipeline.middleware import Middleware, WorkerView
 
 if TYPE_CHECKING:
     from pipeline.stage import Batch
-    from pipeline.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +97,7 @@ def _le(bound: float) -> str:
 class RuntimeCollector(Collector):
     """Exposes a worker's runtime counters, in-flight count and e2e latency at scrape time."""
 
-    def __init__(self, worker: Worker, labels: dict[str, str], e2e: BulkHistogram):
+    def __init__(self, worker: WorkerView, labels: dict[str, str], e2e: BulkHistogram):
         self.worker, self.labels, self.e2e = worker, labels, e2e
 
     def collect(self) -> Iterable[Any]:
@@ -186,16 +185,16 @@ class WorkerMetrics(Middleware):
 
     # -- hooks -----------------------------------------------------------------
 
-    def after_worker_boot(self, worker: Worker) -> None:
+    def after_worker_boot(self, worker: WorkerView) -> None:
         self.registry.register(RuntimeCollector(worker, self.labels, self.e2e))
         if self.requested_port is not None:
             self.serve()
 
-    def before_process_batch(self, worker: Worker, batch: Batch) -> None:
+    def before_process_batch(self, worker: WorkerView, batch: Batch) -> None:
         # Handler calls are synchronous, so before/after pairs never interleave.
         self._handler_started = time.perf_counter()
 
-    def after_process_batch(self, worker: Worker, batch: Batch, *, result, exception) -> None:
+    def after_process_batch(self, worker: WorkerView, batch: Batch, *, result, exception) -> None:
         self._handler.observe(time.perf_counter() - self._handler_started)
         self._batch_size.observe(len(batch))
         if exception is None:
@@ -205,11 +204,11 @@ class WorkerMetrics(Middleware):
             else:
                 self.e2e.observe_many(e2e_seconds(batch.records, time.time_ns()))
 
-    def before_publish(self, worker: Worker, outputs: Mapping[str, Sequence[bytes]]) -> None:
+    def before_publish(self, worker: WorkerView, outputs: Mapping[str, Sequence[bytes]]) -> None:
         # Publishes of different batches overlap; each batch has its own outputs dict.
         self._publishing[id(outputs)] = time.perf_counter()
 
-    def after_publish(self, worker: Worker, outputs: Mapping[str, Sequence[bytes]], *, exception) -> None:
+    def after_publish(self, worker: WorkerView, outputs: Mapping[str, Sequence[bytes]], *, exception) -> None:
         started = self._publishing.pop(id(outputs), None)
         if started is not None:
             self._publish.observe(time.perf_counter() - started)
