@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline.errors import TopologyError
-from pipeline.config.topology import (
+from pipeline.config.schema import (
     StageSpec,
     Topology,
     load_topology,

@@ -47,7 +47,7 @@ def _email(value: str) -> str:
 
 
 def _listen(value: str) -> str:
-    from pipeline.config.topology import _address  # topology imports this module
+    from pipeline.config.schema import _address  # topology imports this module
     return _address(value)
 
 

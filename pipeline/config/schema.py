@@ -6,7 +6,7 @@ from the same declaration. The loader rejects unknown keys and reports every
 problem as a :class:`~pipeline.errors.TopologyError` pointing at the offending
 line and column::
 
-    from pipeline.config.topology import load_topology
+    from pipeline.config.schema import load_topology
 
     topology = load_topology("topology.yaml")
     stage = topology.stage("primes")
