@@ -7,13 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline.errors import TopologyError
-from pipeline.config.schema import (
-    StageSpec,
-    Topology,
-    load_topology,
-    split_address,
-    validate_topology,
-)
+from pipeline.config import StageSpec, Topology, load_topology, split_address, validate_topology
 from pipeline.config.docs import render_reference
 
 REPO = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ import struct
 from collections import deque
 from typing import Iterable, Sequence
 
-from pipeline.config.schema import MAX_MSG_SIZE
+from pipeline.config import MAX_MSG_SIZE
 from pipeline.errors import PublishError, PublishRefused
 
 MAGIC_V2 = b"  V2"

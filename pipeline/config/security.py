@@ -15,7 +15,7 @@ import ssl
 from dataclasses import dataclass
 
 from pipeline.config.credentials import SecretError, env_name, read_secret, resolve
-from pipeline.config.schema import split_address
+from pipeline.config.types import split_address
 
 __all__ = ["ClientSecurity", "SecretError", "client_options", "client_security", "exposure_warnings", "identity_secret",
            "nsqd_security_args"]

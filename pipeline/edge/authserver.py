@@ -28,7 +28,7 @@ from tornado.web import Application, RequestHandler
 
 from pipeline.config.credentials import SecretError
 from pipeline.config.security import identity_secret
-from pipeline.config.schema import split_address
+from pipeline.config import split_address
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from pipeline.config.credentials import read_secret
 from pipeline.errors import DecodeError, PipelineError, PublishError
 from pipeline.client.publisher import Publisher
 from pipeline.config.security import client_options
-from pipeline.config.schema import split_address
+from pipeline.config import split_address
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from pipeline.observe.healthdb import ChannelSample, HealthDB, ProcessSample, WorkerSample
-from pipeline.config.observe import ReportSpec
+from pipeline.config import ReportSpec
 
 OK, WARN, CRIT = "OK", "WARN", "CRIT"
 LEVELS = {OK: 0, WARN: 1, CRIT: 2}

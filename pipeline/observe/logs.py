@@ -8,7 +8,7 @@ files' sizes and inodes, so it needs no inotify and survives rotation
 scaling (replica files that appear later are read from their start). Example::
 
     from pipeline.observe.logs import stage_logs
-    from pipeline.config.schema import load_topology
+    from pipeline.config import load_topology
 
     stage_logs(load_topology("topology.yaml"), "primes", lines=20, follow=True, out=sys.stdout)
 """
@@ -58,7 +58,7 @@ def stage_logs(topology, stage: str, *, lines: int = 50, follow: bool = False, o
     """Print the last ``lines`` lines of each replica's log of ``stage``, then follow them if asked.
 
     Parameters:
-        topology: the :class:`~pipeline.config.schema.Topology`; logs are under its ``var_dir``.
+        topology: the :class:`~pipeline.config.topology.Topology`; logs are under its ``var_dir``.
         stage: the stage's name.
         lines: lines shown per replica before following (0: none).
         follow: keep printing lines appended to any replica's log, until ``until()`` or Ctrl-C.

@@ -35,7 +35,7 @@ from pipeline.ops.control import Supervisor
 from pipeline.observe.healthdb import HealthDB
 from pipeline.observe.nsq_exporter import NsqCollector, NsqdNode, channel_rows, discover_nsqd, fetch_stats
 from pipeline.client.nsqclient import NsqSubscriber
-from pipeline.config.observe import MonitorSpec
+from pipeline.config import MonitorSpec
 
 log = logging.getLogger(__name__)
 

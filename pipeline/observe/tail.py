@@ -7,7 +7,7 @@ gets its own copy. Like ``nsq_tail``, the tail only sees messages published
 after its channel was created. Example::
 
     from pipeline.observe.tail import tail_topic
-    from pipeline.config.schema import load_topology
+    from pipeline.config import load_topology
 
     tail_topic(load_topology("topology.yaml"), "prime", count=10, out=sys.stdout)
 
@@ -54,7 +54,7 @@ def tail_topic(topology, topic: str, *, count: int | None, out: TextIO, timeout:
     """Print the records of ``topic`` to ``out`` as they arrive; return how many were printed.
 
     Parameters:
-        topology: the :class:`~pipeline.config.schema.Topology`; every nsqd in it is read.
+        topology: the :class:`~pipeline.config.topology.Topology`; every nsqd in it is read.
         topic: the topic to read; it need not be declared (dead-letter topics are not).
         count: stop after this many records; None follows until Ctrl-C.
             Undecodable messages are reported but not counted.

@@ -30,8 +30,8 @@ from pipeline.errors import PipelineError
 
 _CACHE_KEYS = 65536  # a Router remembers the partition of this many keys
 
-if TYPE_CHECKING:  # only for hints: pipeline.config.schema may import this module
-    from pipeline.config.schema import TopicSpec, Topology
+if TYPE_CHECKING:  # only for hints
+    from pipeline.config import TopicSpec, Topology
 
 
 class PartitionKeyError(PipelineError, ValueError):
@@ -80,7 +80,7 @@ def _key_bytes(key: str | int) -> bytes:
 def partition_topics(topic: str, partitions: int) -> list[str]:
     """The physical topics of ``topic``: ``<topic>.<k>`` per partition, or ``[topic]`` for one partition.
 
-    The same naming as :meth:`pipeline.config.schema.Topology.physical_topics`,
+    The same naming as :meth:`pipeline.config.topology.Topology.physical_topics`,
     for callers that hold a :class:`TopicSpec` rather than a whole topology.
     """
     if partitions == 1:

@@ -17,7 +17,7 @@ So a crash anywhere may duplicate a record downstream but never loses one.
 
 Example::
 
-    from pipeline.config.schema import load_topology
+    from pipeline.config import load_topology
     from pipeline.runtime.worker import Worker
 
     exit_code = Worker(load_topology("topology.yaml"), "primes").run()
