@@ -33,6 +33,7 @@ from pipeline.errors import TopologyError
 
 __all__ = ["load_topology", "validate_topology"]
 
+#: A place in the file: the keys and list indexes that lead to it.
 Loc = tuple[str, ...]
 
 

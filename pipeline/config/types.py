@@ -27,7 +27,7 @@ NSQ_NAME_MAX = 64
 MAX_MSG_SIZE = 1024 * 1024
 #: A stage's dead-letter topic is its input topic followed by this.
 DEAD_LETTER_SUFFIX = ".dead"
-# supervisord program (and log file) names the pipeline uses for itself
+#: supervisord program (and log file) names the pipeline uses for itself; no stage may take them.
 RESERVED_STAGE_NAMES = ("nsqd", "nsqlookupd", "nsqadmin", "restarter", "supervisord", "monitor", "auth",
                         "gateway")
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -35,7 +35,7 @@ _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
 _ADDRESS = re.compile(r"(\[[^\]]*\]|[^:\[\]]*):(\d+)")
 
-# A rule broken: (location inside the model, reason, offending value).
+#: Rules broken: (location inside the model, reason, offending value) each.
 Problems = list[tuple[tuple[Any, ...], str, Any]]
 
 
@@ -82,14 +82,19 @@ def _not_a_dot_dir(value: str) -> str:
 # nsqd's own rules (protocol.IsValidTopicName / IsValidChannelName): at most 64 characters.
 _NAME_RULE = "1..64 characters of a-z A-Z 0-9 . _ -"
 _NSQ_NAME = r"(?=.{1,64}\Z)[.a-zA-Z0-9_-]+"
+#: An NSQ topic name, as nsqd accepts it.
 TopicName = _matching("topic name", _NSQ_NAME, _NAME_RULE)
+#: An NSQ channel name, as nsqd accepts it.
 ChannelName = _matching(
     "channel name", _NSQ_NAME + "(#ephemeral)?", _NAME_RULE + ", optionally ending in #ephemeral"
 )
+#: An nsqd's name; also the directory of its data under ``<var_dir>/nsqd/``.
 NsqdName = Annotated[_matching("nsqd name", _NSQ_NAME, _NAME_RULE), AfterValidator(_not_a_dot_dir)]
-# Stage and producer names become supervisord program names and CLI arguments.
+#: A stage, producer, token or identity name: these become supervisord program names and CLI arguments.
 LocalName = _matching("name", r"[a-zA-Z0-9_-]{1,64}", "1..64 characters of a-z A-Z 0-9 _ -")
-EnvName = _matching("variable", r"[A-Za-z_][A-Za-z0-9_]*", "a shell variable name")
+#: The name of an environment variable.
+EnvName = _matching("variable", _IDENT, "a shell variable name")
+#: A stage's batch function, ``package.module:function``.
 HandlerPath = _matching("handler", rf"{_IDENT}(\.{_IDENT})*:{_IDENT}", "'package.module:function'", "look like")
 
 
@@ -151,6 +156,7 @@ def check_address(value: str) -> str:
     return value
 
 
+#: A ``host:port`` address, checked by :func:`split_address`.
 Address = Annotated[str, AfterValidator(check_address), TypeDoc("address", "host:port, port 1..65535")]
 
 
@@ -161,6 +167,7 @@ def _metrics_host(value: str) -> str:
     return value
 
 
+#: A host to listen on, an IPv6 address without brackets.
 MetricsHost = Annotated[str, AfterValidator(_metrics_host),
                         TypeDoc("host", "an IPv4 address, host name or IPv6 address")]
 
@@ -171,5 +178,6 @@ def _nsqd_flag(value: str) -> str:
     return value
 
 
+#: An extra nsqd command-line flag, ``--name`` or ``--name=value``.
 NsqdFlag = Annotated[str, AfterValidator(_nsqd_flag)]
 
