@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.ops.install import nsq_binary
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 
 from .broker import CHANNEL, INPUT_TOPIC, OUTPUT_TOPICS, Broker
 

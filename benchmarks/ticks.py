@@ -46,7 +46,7 @@ import yaml
 
 from pipeline.records.partition import Router
 from pipeline.ops.processes import start_nsqd
-from pipeline.config.topology import Topology, load_topology
+from pipeline.config import Topology, load_topology
 from producers.ticks import LINGER_MS, synthetic_ticks
 
 from .broker import BenchError, Broker

@@ -27,7 +27,7 @@ from pipeline.runtime.middleware import faultpoints
 from pipeline.client import nsqd_http
 from pipeline.ops.control import Supervisor
 from pipeline.ops.processes import free_port, pid_alive, stop_pid
-from pipeline.config.topology import Topology, load_topology
+from pipeline.config import Topology, load_topology
 
 from .scenario import PipelineSpec
 from .toxiproxy import ToxiproxyServer

@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import PipelineError, ScenarioError, TopologyError
-from pipeline.config.topology import _REASONS, _parse, _Positions, _yaml_error
+from pipeline.config.loader import _REASONS, _Positions, _parse, _yaml_error
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 

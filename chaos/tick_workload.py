@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.config.topology import TopicSpec
+from pipeline.config import TopicSpec
 from producers.ticks import produce_ticks, synthetic_ticks
 
 from .workload import RETRY_S, Journaled

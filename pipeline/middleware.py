@@ -45,7 +45,7 @@ class WorkerView(Protocol):
 
     @property
     def spec(self) -> Any:
-        """The stage's topology entry (a :class:`pipeline.config.topology.StageSpec`)."""
+        """The stage's topology entry (a :class:`pipeline.config.schema.StageSpec`)."""
 
     @property
     def topology(self) -> Any:

@@ -29,7 +29,7 @@ from pipeline.errors import PipelineError, PublishError
 from pipeline.client.nsqclient import chunked
 from pipeline.records.partition import Router
 from pipeline.client.spread import SpreadPublisher
-from pipeline.config.topology import TopicSpec
+from pipeline.config import TopicSpec
 
 #: One second of trading time in years (252 days of 6.5 hours): the default GBM step.
 ONE_TRADING_SECOND = 1 / (252 * 6.5 * 3600)

@@ -25,7 +25,7 @@ from pipeline.client.nsqclient import NsqPublisher, NsqSubscriber
 from pipeline.ops.processes import NsqProcess, free_port, start_nsqd, start_process
 from pipeline.config.security import ClientSecurity
 from pipeline.observe.tail import tail_channel
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 
 SECRETS = {"primes": "s-primes-" + "1" * 20, "numbers": "s-numbers-" + "2" * 20, "tail": "s-tail-" + "3" * 20,
            "gateway": "s-gateway-" + "4" * 20}

@@ -18,7 +18,7 @@ import yaml
 
 from pipeline.ops.compose import NSQ_IMAGE, render_compose
 from pipeline.errors import ComposeError
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"

@@ -30,7 +30,7 @@ from pipeline.edge.gateway_batch import Coalescer
 from pipeline.client.nsqclient import MAX_BODY_SIZE, MAX_MSG_SIZE, NsqSubscriber
 from pipeline.ops.processes import NsqProcess, free_port, start_nsqd, start_process
 from pipeline.client.publisher import MPUB_MAX_COUNT
-from pipeline.config.topology import GatewaySpec
+from pipeline.config import GatewaySpec
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITER, SLOW = "w-" + "a" * 30, "s-" + "b" * 30

@@ -12,7 +12,7 @@ from pipeline.runtime.keyed import Checkpoint, Sequencer
 from pipeline.middleware import MiddlewareStack
 from pipeline.runtime.processing import KeyedEntry, KeyedProcessor, ProcessingContext
 from pipeline.stage import StageContext
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 from stages_for_tests import RunningSum
 
 

@@ -16,7 +16,7 @@ from pipeline.records.envelope import pack
 from pipeline.errors import PublishError, TopologyError
 from pipeline.runtime.keyed import Checkpoint
 from pipeline.client.nsqclient import NsqPublisher
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 from pipeline.runtime.worker import Worker
 from producers.ticks import produce_ticks, synthetic_ticks
 

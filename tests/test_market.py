@@ -13,7 +13,7 @@ from harness import CHECK_CHANNEL, Workers, collect
 from chaos.market_reference import reference_features, reference_signals
 from nsqhttp import channel_stats, wait_until
 from pipeline.client import nsqd_http
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 from producers.ticks import produce_ticks, replay_ticks, synthetic_ticks
 
 pytestmark = pytest.mark.integration

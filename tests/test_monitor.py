@@ -18,7 +18,7 @@ from pipeline.observe.healthdb import HealthDB
 from pipeline.observe.monitor import Monitor
 from pipeline.client.nsqclient import NsqPublisher
 from pipeline.ops.processes import free_port
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

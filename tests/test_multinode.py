@@ -29,7 +29,7 @@ from pipeline.records.codecs import decode
 from pipeline.errors import PublishError, TopologyError
 from pipeline.client.nsqclient import NsqSubscriber
 from pipeline.ops.processes import free_port
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 from producers.numbers import produce_numbers
 
 COUNT = 100_000

@@ -13,7 +13,7 @@ from pipeline.client import nsqd_http
 from pipeline.ops.install import bin_dir
 from pipeline.ops.processes import free_port, start_process
 from pipeline.ops.supervisor_conf import render
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 
 LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

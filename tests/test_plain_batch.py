@@ -17,7 +17,7 @@ from consumers.primes import classify
 from pipeline.records.codecs import encode_json
 from pipeline.records.envelope import MARKER, pack
 from pipeline.runtime.processing import BatchProcessor, ProcessingContext
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 from test_processing import Msg, out_records, processor
 
 

@@ -12,7 +12,7 @@ from pipeline.records.codecs import decode, encode_json
 from pipeline.records.envelope import pack, records_of
 from pipeline.middleware import Middleware, MiddlewareStack
 from pipeline.runtime.processing import BatchProcessor, ProcessingContext
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 
 
 class Msg:

@@ -21,7 +21,7 @@ import yaml
 from pipeline.observe.health import assess
 from pipeline.observe.healthdb import HealthDB
 from pipeline.observe.report_charts import depth_series, draw, throughput_series
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = 86400.0

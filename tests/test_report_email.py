@@ -21,7 +21,7 @@ from pipeline.observe.mailer import LAST_SLOT
 from pipeline.observe.monitor import Monitor
 from pipeline.ops.processes import consecutive_free_ports, free_port
 from pipeline.observe.report import build_report
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 from producers.numbers import produce_numbers
 from test_monitor import scrape
 from test_supervise import Deployment

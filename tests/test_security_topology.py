@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from pipeline.errors import TopologyError
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 
 BASE = textwrap.dedent("""\
     nsq:

@@ -22,7 +22,7 @@ from nsqhttp import channel_stats, get_json, topic_stats, wait_until
 from pipeline.client import nsqd_http
 from pipeline.ops.control import Supervisor
 from pipeline.ops.processes import free_port, pid_alive, stop_pid
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 from producers.numbers import produce_numbers
 
 pytestmark = pytest.mark.integration

@@ -5,7 +5,7 @@ import configparser
 from pathlib import Path
 
 from pipeline.ops.supervisor_conf import conf_path, render
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ def test_nsqd_behind_a_proxy_advertises_the_proxy(tmp_path) -> None:
     import yaml
 
     from pipeline.ops.supervisor_conf import render
-    from pipeline.config.topology import load_topology
+    from pipeline.config import load_topology
     doc = {"nsq": {"nsqd": [{"name": "n0", "tcp": "127.0.0.1:7150", "http": "127.0.0.1:7151",
                              "proxy_tcp": "127.0.0.1:7250", "args": ["--mem-queue-size=0"]}]}}
     path = tmp_path / "topology.yaml"
@@ -68,7 +68,7 @@ def test_nsqd_args_must_be_flags(tmp_path) -> None:
     import yaml
 
     from pipeline.errors import TopologyError
-    from pipeline.config.topology import load_topology
+    from pipeline.config import load_topology
     path = tmp_path / "topology.yaml"
     path.write_text(yaml.safe_dump({"nsq": {"nsqd": [{"name": "n0", "tcp": "127.0.0.1:7150",
                                                        "http": "127.0.0.1:7151", "args": ["rm -rf"]}]}}))
@@ -81,7 +81,7 @@ def test_a_proxy_address_may_not_be_another_listener(tmp_path) -> None:
     import yaml
 
     from pipeline.errors import TopologyError
-    from pipeline.config.topology import load_topology
+    from pipeline.config import load_topology
     path = tmp_path / "topology.yaml"
     path.write_text(yaml.safe_dump({"nsq": {"nsqd": [{"name": "n0", "tcp": "127.0.0.1:7150", "http": "127.0.0.1:7151",
                                                        "proxy_tcp": "127.0.0.1:7151"}]}}))

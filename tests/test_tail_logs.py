@@ -23,7 +23,7 @@ from pipeline.observe.logs import stage_logs
 from pipeline.client.nsqclient import NsqPublisher
 from pipeline.ops.processes import start_nsqd
 from pipeline.observe.tail import tail_topic
-from pipeline.config.topology import Topology, load_topology
+from pipeline.config import Topology, load_topology
 
 WAIT = 10.0
 UNDECODABLE = re.compile(r"# undecodable message [0-9a-f]{16}: (.*)")

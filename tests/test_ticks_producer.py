@@ -17,7 +17,7 @@ from pipeline.records.envelope import is_envelope, records_of
 from pipeline.errors import PublishError
 from pipeline.client.nsqclient import NsqPublisher, NsqSubscriber
 from pipeline.records.partition import PartitionKeyError, Router, partition_of, partition_topics, route
-from pipeline.config.topology import TopicSpec, Topology, load_topology
+from pipeline.config import TopicSpec, Topology, load_topology
 from producers import ticks as ticks_module
 from producers.ticks import (ReplayError, parse_speed, produce_ticks, replay_ticks, symbol_names,
                              synthetic_ticks)

@@ -25,7 +25,7 @@ from pipeline.client.nsqclient import NsqPublisher, NsqSubscriber
 from pipeline.ops.processes import free_port, start_nsqd
 from pipeline.config.security import ClientSecurity, client_security, nsqd_security_args
 from pipeline.observe.tail import tail_channel
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 
 
 @pytest.fixture(scope="module")

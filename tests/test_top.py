@@ -13,7 +13,7 @@ from nsqhttp import channel_stats, http_pub, wait_until
 from pipeline.client import nsqd_http
 from pipeline.ops.processes import free_port
 from pipeline.observe.top import build_rows, render, snapshot
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 from producers.numbers import produce_numbers
 
 pytestmark = pytest.mark.integration

@@ -7,13 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline.errors import TopologyError
-from pipeline.config.topology import (
-    StageSpec,
-    Topology,
-    load_topology,
-    split_address,
-    validate_topology,
-)
+from pipeline.config import StageSpec, Topology, load_topology, socket_address, split_address, validate_topology
 from pipeline.config.docs import render_reference
 
 REPO = Path(__file__).resolve().parent.parent
@@ -147,6 +141,20 @@ def test_split_address():
     assert split_address("[::1]:4150") == ("[::1]", 4150)
     with pytest.raises(ValueError, match="must be host:port"):
         split_address("localhost")
+
+
+def test_port_zero_only_for_listeners_that_ask_for_it():
+    # The monitor listens on port 0 in tests so the OS picks a free port; topology.yaml may not.
+    with pytest.raises(ValueError, match=r"port 0 in '127.0.0.1:0' must be 1\.\.65535"):
+        split_address("127.0.0.1:0")
+    assert split_address("[::1]:0", port_zero=True) == ("[::1]", 0)
+
+
+def test_socket_address_drops_the_brackets_of_an_ipv6_host():
+    assert socket_address("[::1]:4150") == ("::1", 4150)
+    assert socket_address("localhost:4150") == ("localhost", 4150)
+    with pytest.raises(ValueError, match="has an empty host"):
+        socket_address(":4150")
 
 
 # --- broken files: every message in full ------------------------------------------------------

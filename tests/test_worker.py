@@ -190,7 +190,7 @@ def test_the_worker_identifies_with_the_stage_output_buffer_settings(nsqd, tmp_p
     import asyncio
     import time
 
-    from pipeline.config.topology import load_topology
+    from pipeline.config import load_topology
     from pipeline.runtime.worker import Worker
     path, names = write_topology(tmp_path, nsqd, topic, output_buffer_timeout=40, output_buffer_size=-1)
 

@@ -41,7 +41,7 @@ class OneLineErrors(click.Group):
 
 def load(topology_path: str):
     """Load the topology, turning its error into the one-line CLI form."""
-    from pipeline.config.topology import load_topology
+    from pipeline.config import load_topology
     return load_topology(topology_path)
 
 
@@ -68,7 +68,7 @@ def main(verbose: bool) -> None:
 @topology_option
 def check(topology_path: str) -> None:
     """Validate the topology file; print every error as FILE:LINE:COL: field: reason."""
-    from pipeline.config.topology import validate_topology
+    from pipeline.config import validate_topology
     errors = validate_topology(topology_path)
     for error in errors:
         click.echo(str(error), err=True)
@@ -319,7 +319,7 @@ def monitor(interval: float | None, topology_path: str) -> None:
     import signal
 
     from pipeline.observe.monitor import Monitor
-    from pipeline.config.topology import load_topology
+    from pipeline.config import load_topology
     running = Monitor(load_topology(topology_path, environment=True), interval=interval)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: running.stop())
@@ -338,7 +338,7 @@ def report(since: str, out_dir: Path | None, send: bool, topology_path: str) -> 
 
     from pipeline.observe.healthdb import HealthDB
     from pipeline.observe.report import build_report, parse_duration, render_text, to_email, write_files
-    from pipeline.config.topology import load_topology
+    from pipeline.config import load_topology
     try:
         seconds = parse_duration(since)
     except ValueError as e:

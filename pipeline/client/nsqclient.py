@@ -18,7 +18,7 @@ import struct
 from collections import deque
 from typing import Iterable, Sequence
 
-from pipeline.config.topology import MAX_MSG_SIZE
+from pipeline.config import MAX_MSG_SIZE, socket_address
 from pipeline.errors import PublishError, PublishRefused
 
 MAGIC_V2 = b"  V2"
@@ -27,12 +27,6 @@ FRAME_RESPONSE, FRAME_ERROR, FRAME_MESSAGE = 0, 1, 2
 MAX_BODY_SIZE = 5 * 1024 * 1024
 _SIZE = struct.Struct(">l")
 _U32 = struct.Struct(">I")
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """Split ``host:port`` (``[v6]:port`` too) into a (host, port) tuple."""
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def encode_mpub(topic: str, bodies: Sequence[bytes]) -> bytes:
@@ -71,7 +65,7 @@ class _Connection:
     def __init__(self, address: str, timeout: float, security=None):
         self.address = address
         try:
-            self._sock = socket.create_connection(parse_address(address), timeout=timeout)
+            self._sock = socket.create_connection(socket_address(address), timeout=timeout)
         except OSError as e:
             raise PublishError(f"cannot connect to nsqd at {address}: {e}") from e
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -93,7 +87,7 @@ class _Connection:
         if tls and not features.get("tls_v1"):
             raise PublishError(f"nsqd at {self.address} does not offer TLS (start it with --tls-cert/--tls-key)")
         if tls:
-            host = parse_address(self.address)[0]
+            host = socket_address(self.address)[0]
             try:
                 self._sock = security.ssl_context.wrap_socket(self._sock, server_hostname=host)
             except OSError as e:

@@ -4,3 +4,37 @@ The schema of every section, the loader that turns YAML into it with
 ``file:line:col`` errors, and the settings derived from it (security, observation).
 Layer 1: imports only the public face (``pipeline.errors``, ``pipeline.stage``).
 """
+from __future__ import annotations
+
+from pipeline.config.loader import load_topology, validate_topology
+from pipeline.config.observe import MonitorSpec, ReportSpec, SmtpSpec
+from pipeline.config.schema import (
+    AuthSpec,
+    BatchSpec,
+    GatewaySpec,
+    GatewayTokenSpec,
+    LookupdSpec,
+    NsqdSpec,
+    NsqSpec,
+    ProducerSpec,
+    SecretSpec,
+    StageSpec,
+    TlsSpec,
+    TopicSpec,
+)
+from pipeline.config.topology import Topology
+from pipeline.config.types import (
+    DEAD_LETTER_SUFFIX,
+    MAX_MSG_SIZE,
+    NSQ_NAME_MAX,
+    RESERVED_STAGE_NAMES,
+    socket_address,
+    split_address,
+)
+
+__all__ = [
+    "DEAD_LETTER_SUFFIX", "MAX_MSG_SIZE", "NSQ_NAME_MAX", "RESERVED_STAGE_NAMES", "AuthSpec", "BatchSpec",
+    "GatewaySpec", "GatewayTokenSpec", "LookupdSpec", "MonitorSpec", "NsqSpec", "NsqdSpec", "ProducerSpec",
+    "ReportSpec", "SecretSpec", "SmtpSpec", "StageSpec", "TlsSpec", "TopicSpec", "Topology", "load_topology",
+    "socket_address", "split_address", "validate_topology",
+]

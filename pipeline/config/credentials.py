@@ -28,7 +28,7 @@ def resolve(topology, path: str) -> Path:
 
 
 def read_secret(spec, topology, where: str) -> str:
-    """Return the secret ``spec`` (a :class:`~pipeline.config.topology.SecretSpec`) names.
+    """Return the secret ``spec`` (a :class:`~pipeline.config.schema.SecretSpec`) names.
 
     Parameters:
         where: the topology field, for the error message.

@@ -1,4 +1,4 @@
-"""The topology reference, rendered as Markdown from the schema in ``pipeline.config.topology``.
+"""The topology reference, rendered as Markdown from the models of ``pipeline.config``.
 
 The field list is never written by hand: every section and row comes from the
 pydantic models, so the docs cannot drift from what the loader accepts.
@@ -18,14 +18,15 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from pipeline.config.topology import Topology, TypeDoc
+from pipeline.config.topology import Topology
+from pipeline.config.types import TypeDoc
 
 __all__ = ["render_reference"]
 
 _HEADER = """\
 # topology.yaml reference
 
-<!-- Generated from pipeline/config/topology.py; do not edit.
+<!-- Generated from the models in pipeline/config/; do not edit.
      Regenerate: python -m pipeline.config.docs > docs/TOPOLOGY.md -->
 
 `topology.yaml` describes the whole pipeline. Unknown keys are errors, and every

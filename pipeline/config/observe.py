@@ -15,20 +15,16 @@ import zoneinfo
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
-from pydantic_core import PydanticCustomError
 
-
-def _problem(reason: str) -> PydanticCustomError:
-    # the type "topology" makes the loader print the reason as it is
-    return PydanticCustomError("topology", "{reason}", {"reason": reason})
+from pipeline.config.types import check_address, problem
 
 
 def _clock_time(value: str) -> str:
     if not re.fullmatch(r"\d{1,2}:\d{2}", value):
-        raise _problem(f"time {value!r} must be HH:MM (24-hour clock), e.g. 08:00")
+        raise problem(f"time {value!r} must be HH:MM (24-hour clock), e.g. 08:00")
     hour, minute = map(int, value.split(":"))
     if hour > 23 or minute > 59:
-        raise _problem(f"time {value!r} is not a time of day: hours 0..23, minutes 0..59")
+        raise problem(f"time {value!r} is not a time of day: hours 0..23, minutes 0..59")
     return value
 
 
@@ -36,25 +32,20 @@ def _timezone(value: str) -> str:
     try:
         zoneinfo.ZoneInfo(value)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise _problem(f"unknown timezone {value!r}; use an IANA name such as UTC or Europe/Paris") from None
+        raise problem(f"unknown timezone {value!r}; use an IANA name such as UTC or Europe/Paris") from None
     return value
 
 
 def _email(value: str) -> str:
     if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+", value):
-        raise _problem(f"{value!r} is not an email address (name@host)")
+        raise problem(f"{value!r} is not an email address (name@host)")
     return value
-
-
-def _listen(value: str) -> str:
-    from pipeline.config.topology import _address  # topology imports this module
-    return _address(value)
 
 
 ClockTime = Annotated[str, AfterValidator(_clock_time)]
 TimeZone = Annotated[str, AfterValidator(_timezone)]
 Email = Annotated[str, AfterValidator(_email)]
-Listen = Annotated[str, AfterValidator(_listen)]
+Listen = Annotated[str, AfterValidator(check_address)]
 
 
 class _Section(BaseModel):

@@ -15,7 +15,7 @@ import ssl
 from dataclasses import dataclass
 
 from pipeline.config.credentials import SecretError, env_name, read_secret, resolve
-from pipeline.config.topology import split_address
+from pipeline.config.types import socket_address
 
 __all__ = ["ClientSecurity", "SecretError", "client_options", "client_security", "exposure_warnings", "identity_secret",
            "nsqd_security_args"]
@@ -32,7 +32,7 @@ def identity_secret(topology, identity: str) -> str:
     spec = topology.auth.secrets.get(identity)
     if spec is not None:
         return read_secret(spec, topology, f"auth.secrets.{identity}")
-    from pipeline.config.topology import SecretSpec
+    from pipeline.config.schema import SecretSpec
     return read_secret(SecretSpec(env=env_name(identity)), topology, f"auth identity {identity!r}")
 
 
@@ -99,7 +99,7 @@ def nsqd_security_args(topology) -> list[str]:
 
 
 def _loopback(address: str) -> bool:
-    host = split_address(address)[0].strip("[]")
+    host = socket_address(address)[0]
     if host == "localhost":
         return True
     try:

@@ -28,7 +28,7 @@ from tornado.web import Application, RequestHandler
 
 from pipeline.config.credentials import SecretError
 from pipeline.config.security import identity_secret
-from pipeline.config.topology import split_address
+from pipeline.config import socket_address
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +135,9 @@ def application(topology, identities: list[Identity]) -> Application:
 async def serve(topology) -> None:
     """Run the auth server until SIGTERM or SIGINT."""
     identities = load_identities(topology)
-    host, port = split_address(topology.auth.http)
+    host, port = socket_address(topology.auth.http)
     server = HTTPServer(application(topology, identities))
-    server.listen(port, address=host.strip("[]"))
+    server.listen(port, address=host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

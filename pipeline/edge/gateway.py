@@ -36,7 +36,7 @@ from pipeline.config.credentials import read_secret
 from pipeline.errors import DecodeError, PipelineError, PublishError
 from pipeline.client.publisher import Publisher
 from pipeline.config.security import client_options
-from pipeline.config.topology import split_address
+from pipeline.config import socket_address
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +242,10 @@ async def serve(topology, *, ready=None) -> None:
         await gateway.publisher.wait_connected(CONNECT_TIMEOUT)
     except PublishError as e:
         log.warning("%s; starting anyway, answering 503 until it connects", e)
-    host, port = split_address(topology.gateway.http)
+    host, port = socket_address(topology.gateway.http)
     server = GatewayServer(gateway)
     # reuse_port: the `processes` replicas supervisord starts share the port; the kernel spreads connections
-    server.add_sockets(bind_sockets(port, address=host.strip("[]"), reuse_port=True))
+    server.add_sockets(bind_sockets(port, address=host, reuse_port=True))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from pipeline.observe.healthdb import ChannelSample, HealthDB, ProcessSample, WorkerSample
-from pipeline.config.observe import ReportSpec
+from pipeline.config import DEAD_LETTER_SUFFIX, ReportSpec
 
 OK, WARN, CRIT = "OK", "WARN", "CRIT"
 LEVELS = {OK: 0, WARN: 1, CRIT: 2}
@@ -230,8 +230,8 @@ def _dead_letter_reasons(topology, channels: list[ChannelSample], stages: list[S
 
 def _growth_reasons(channels: list[ChannelSample], until: float, growth_s: float) -> list[Reason]:
     reasons = []
-    for (topic, channel), samples in _series([c for c in channels if c.channel and not c.topic.endswith(".dead")],
-                                             lambda c: (c.topic, c.channel)).items():
+    consumed = [c for c in channels if c.channel and not c.topic.endswith(DEAD_LETTER_SUFFIX)]
+    for (topic, channel), samples in _series(consumed, lambda c: (c.topic, c.channel)).items():
         depth_at = {ts: sum(c.depth for c in g) for ts, g in _series(samples, lambda c: c.ts).items()}
         recent = [(ts, d) for ts, d in sorted(depth_at.items()) if ts >= until - growth_s]
         older = [ts for ts in depth_at if ts < until - growth_s]

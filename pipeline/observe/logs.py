@@ -8,7 +8,7 @@ files' sizes and inodes, so it needs no inotify and survives rotation
 scaling (replica files that appear later are read from their start). Example::
 
     from pipeline.observe.logs import stage_logs
-    from pipeline.config.topology import load_topology
+    from pipeline.config import load_topology
 
     stage_logs(load_topology("topology.yaml"), "primes", lines=20, follow=True, out=sys.stdout)
 """

@@ -23,7 +23,7 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter
 
 from pipeline.observe.healthdb import HealthDB
-from pipeline.config.observe import ReportSpec
+from pipeline.config import ReportSpec
 
 log = logging.getLogger(__name__)
 

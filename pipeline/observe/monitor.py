@@ -35,7 +35,7 @@ from pipeline.ops.control import Supervisor
 from pipeline.observe.healthdb import HealthDB
 from pipeline.observe.nsq_exporter import NsqCollector, NsqdNode, channel_rows, discover_nsqd, fetch_stats
 from pipeline.client.nsqclient import NsqSubscriber
-from pipeline.config.observe import MonitorSpec
+from pipeline.config import MonitorSpec, split_address
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ class Monitor:
 
     def serve(self, listen: str) -> int:
         """Serve ``/metrics`` (NSQ stats and the monitor's own) on ``listen``; return the port."""
-        host, _, port = listen.rpartition(":")  # validated by the schema; port 0 (tests) picks a free one
-        port = int(port)
+        host, port = split_address(listen, port_zero=True)  # port 0 (tests) picks a free one
         self._server, _ = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
         port = self._server.server_address[1]
         log.info("monitor metrics on http://%s:%d/metrics", host, port)

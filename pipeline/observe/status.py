@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pipeline.client import nsqd_http
 from pipeline.ops.control import Supervisor
 from pipeline.ops.restarter import read_restarts
-from pipeline.config.topology import split_address
+from pipeline.config import split_address
 
 
 @dataclass

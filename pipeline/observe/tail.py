@@ -7,7 +7,7 @@ gets its own copy. Like ``nsq_tail``, the tail only sees messages published
 after its channel was created. Example::
 
     from pipeline.observe.tail import tail_topic
-    from pipeline.config.topology import load_topology
+    from pipeline.config import load_topology
 
     tail_topic(load_topology("topology.yaml"), "prime", count=10, out=sys.stdout)
 

@@ -28,7 +28,7 @@ import yaml
 
 from pipeline.errors import ComposeError
 from pipeline.ops.supervisor_conf import NSQD_STOPWAITSECS, worker_stopwaitsecs
-from pipeline.config.topology import split_address
+from pipeline.config import split_address
 
 NSQ_IMAGE = "nsqio/nsq:v1.3.0"
 PIPELINE_IMAGE = "nsq-pipeline:latest"

@@ -27,7 +27,7 @@ from pipeline.errors import ProcessError
 from pipeline.ops.install import bin_dir
 from pipeline.ops.processes import stop_pid
 from pipeline.ops.supervisor_conf import conf_path, render, socket_path
-from pipeline.config.topology import split_address
+from pipeline.config import split_address
 
 START_TIMEOUT = 90.0  # a cold worker start compiles numba kernels
 SUPERVISORD_TIMEOUT = 15.0

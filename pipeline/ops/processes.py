@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.config import split_address
 from pipeline.errors import ProcessError
 from pipeline.ops.install import nsq_binary
 
@@ -255,8 +256,9 @@ def _owns_port(pid: int | None, address: str) -> bool:
     listening = listen_addresses(pid)
     if listening is None:
         return True
-    port = address.rpartition(":")[2]
-    return any(entry.rpartition(":")[2] == port for entry in listening)
+    port = split_address(address)[1]
+    # listen_addresses writes IPv6 hosts in brackets, as topology.yaml does, so one parser reads both
+    return any(split_address(entry)[1] == port for entry in listening)
 
 
 def start_nsqd(

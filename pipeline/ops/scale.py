@@ -15,7 +15,7 @@ import yaml
 
 from pipeline.ops.control import Log, Supervisor
 from pipeline.errors import PipelineError
-from pipeline.config.topology import load_topology
+from pipeline.config import load_topology
 
 
 class ScaleError(PipelineError):

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.ops.processes import nsqadmin_args, nsqd_args, nsqlookupd_args
 from pipeline.config.security import nsqd_security_args
-from pipeline.config.topology import split_address
+from pipeline.config import split_address
 
 BIN = "%(ENV_NSQ_PIPELINE_BIN)s"
 PYTHON = "%(ENV_NSQ_PIPELINE_PYTHON)s"

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from pipeline.records.codecs import decode, encode_json, encode_msgpack
-from pipeline.config.topology import MAX_MSG_SIZE
+from pipeline.config import MAX_MSG_SIZE
 
 _ROOM = 256  # for the msgpack framing of the metadata when the body must be cut
 

@@ -30,8 +30,8 @@ from pipeline.errors import PipelineError
 
 _CACHE_KEYS = 65536  # a Router remembers the partition of this many keys
 
-if TYPE_CHECKING:  # only for hints: pipeline.config.topology may import this module
-    from pipeline.config.topology import TopicSpec, Topology
+if TYPE_CHECKING:  # only for hints
+    from pipeline.config import TopicSpec, Topology
 
 
 class PartitionKeyError(PipelineError, ValueError):

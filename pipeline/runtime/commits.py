@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pipeline.client.fastconn import when_read_done
-from pipeline.config.topology import StageSpec
+from pipeline.config import StageSpec
 from pipeline.errors import PublishError
 from pipeline.runtime.keyed import Checkpoint
 

@@ -27,7 +27,7 @@ from pipeline.records.codecs import DIGITS_TO_9, MSGPACK_MAP_MARKERS, TWENTY_DIG
 from pipeline.records.deadletter import DeadLetter
 from pipeline.errors import DecodeError, StageOutputError, StageStateError
 from pipeline.middleware import MiddlewareStack, WorkerView
-from pipeline.config.topology import MAX_MSG_SIZE, StageSpec, Topology
+from pipeline.config import MAX_MSG_SIZE, StageSpec, Topology
 from pipeline.records.partition import PartitionKeyError, Router
 from pipeline.runtime.keyed import Sequencer
 from pipeline.stage import Batch, ColumnBatch, Columns, Handler

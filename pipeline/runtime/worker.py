@@ -21,7 +21,7 @@ the messages.
 
 Example::
 
-    from pipeline.config.topology import load_topology
+    from pipeline.config import load_topology
     from pipeline.runtime.worker import Worker
 
     exit_code = Worker(load_topology("topology.yaml"), "primes").run()
@@ -39,7 +39,7 @@ from pipeline.client import nsqd_http
 from pipeline.client.fastclient import FastReader
 from pipeline.client.publisher import Publisher
 from pipeline.config.security import client_options
-from pipeline.config.topology import Topology
+from pipeline.config import Topology
 from pipeline.errors import PublishError
 from pipeline.middleware import Middleware, MiddlewareStack
 from pipeline.records import jit
