@@ -16,9 +16,9 @@ import json
 import socket
 import struct
 from collections import deque
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
-from pipeline.config.topology import MAX_MSG_SIZE
+from pipeline.config.topology import MAX_MSG_SIZE as MAX_MSG_SIZE  # re-exported: callers import it from here
 from pipeline.errors import PublishError, PublishRefused
 
 MAGIC_V2 = b"  V2"
