@@ -31,7 +31,7 @@ NSQ_VERSION = "1.3.0"
 NSQ_TOOLS = ("nsqd", "nsqlookupd", "nsqadmin", "nsq_tail", "nsq_stat", "nsq_to_nsq")
 
 #: The Go module (go.mod, go.sum) that pins NSQ and repeats its replace directive.
-TOOLS_MODULE = Path(__file__).resolve().parent.parent / "tools" / "nsq"
+TOOLS_MODULE = Path(__file__).resolve().parents[2] / "tools" / "nsq"
 #: Where the official Go installer puts ``go``; it is often not on a service's PATH.
 GO_FALLBACKS = (Path("/usr/local/go/bin/go"),)
 #: The Go release NSQ 1.3.0's official archives were built with (part of their names).
