@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Workers, collect, write_topology  # noqa: E402
 from pipeline.records import envelope  # noqa: E402
 from pipeline.records.codecs import encode_json  # noqa: E402
-from pipeline.client.nsqclient import MAX_MSG_SIZE, NsqPublisher  # noqa: E402
+from pipeline.client.nsqclient import NsqPublisher  # noqa: E402
+from pipeline.config import MAX_MSG_SIZE  # noqa: E402
 from pipeline.ops.processes import start_nsqd  # noqa: E402
 
 HUGE_EVERY = 5000  # one body near nsqd's size limit per this many bad messages (and always one)

@@ -27,7 +27,8 @@ from pipeline.records.codecs import decode
 from pipeline.config.credentials import SecretError, read_secret_file
 from pipeline.edge.gateway import TokenBucket, schema_violation, split_binary
 from pipeline.edge.gateway_batch import Coalescer
-from pipeline.client.nsqclient import MAX_BODY_SIZE, MAX_MSG_SIZE, NsqSubscriber
+from pipeline.client.nsqclient import MAX_BODY_SIZE, NsqSubscriber
+from pipeline.config import MAX_MSG_SIZE
 from pipeline.ops.processes import NsqProcess, free_port, start_nsqd, start_process
 from pipeline.client.publisher import MPUB_MAX_COUNT
 from pipeline.config import GatewaySpec

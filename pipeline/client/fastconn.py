@@ -34,7 +34,7 @@ import struct
 import threading
 import time
 from itertools import repeat
-from typing import Callable
+from collections.abc import Callable
 
 import nsq
 from nsq import event, protocol
@@ -156,7 +156,7 @@ class _Reads(threading.local):
     with :func:`when_read_done` run just before that; outside a read, both happen on the next loop turn.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.pending: list[FastConn] = []  # connections with data to write
         self.after: list[Callable[[], None]] = []  # when_read_done callbacks
         self.reading = 0  # reads being handled (nested only when a test feeds reads by hand)
@@ -226,8 +226,9 @@ class FastConn(nsq.AsyncConn):
         if self.snappy or self.deflate:
             raise ValueError("FastConn does not compress: snappy and deflate are not supported")
         self.output_buffer_size = output_buffer_size
-        self.on_messages = None  # set by FastReader: called with (conn, [FastMessage, ...]) per read
-        self.transport = None
+        # set by FastReader: called with (conn, [FastMessage, ...]) per read
+        self.on_messages: Callable[[FastConn, list[FastMessage]], None] | None = None
+        self.transport: asyncio.Transport | None = None
         self._wire: _Wire | None = None
         self._opening: asyncio.Task | None = None
         self._fast = False
@@ -260,7 +261,7 @@ class FastConn(nsq.AsyncConn):
             else:
                 self._lost(None)
             raise
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             log.warning("[%s] cannot connect to nsqd: %s", self.id, e or "timed out")
             self._lost(e)
         finally:
@@ -307,9 +308,12 @@ class FastConn(nsq.AsyncConn):
         asyncio.get_event_loop().create_task(self._start_tls(ssl_options_to_context(opts, server_side=False)))
 
     async def _start_tls(self, context: ssl.SSLContext) -> None:
-        plain, self.transport = self.transport, None  # nothing may be written until TLS is up
+        plain, wire = self.transport, self._wire
+        if plain is None or wire is None:  # closed before the upgrade began: the close is reported already
+            return
+        self.transport = None  # nothing may be written until TLS is up
         try:
-            self.transport = await asyncio.get_running_loop().start_tls(plain, self._wire, context,
+            self.transport = await asyncio.get_running_loop().start_tls(plain, wire, context,
                                                                         server_hostname=self.host)
         except Exception as e:
             plain.close()
@@ -359,14 +363,14 @@ class FastConn(nsq.AsyncConn):
             StreamClosedError: the connection is not open.
         """
         self.write(data)
-        if self._flushed is None:
-            self._flushed = asyncio.get_event_loop().create_future()
-            self._flushed.add_done_callback(_retrieve)
+        flushed = self._flushed
+        if flushed is None:
+            flushed = self._flushed = asyncio.get_event_loop().create_future()
+            flushed.add_done_callback(_retrieve)
             if not self._pending:  # written at once (during the handshake)
-                self._flushed.set_result(None)
-                self._flushed, written = None, self._flushed
-                return written
-        return self._flushed
+                flushed.set_result(None)
+                self._flushed = None
+        return flushed
 
     def write(self, data: bytes) -> None:
         """Write ``data``: during the handshake at once, then together with whatever else is sent while
@@ -430,7 +434,8 @@ class FastConn(nsq.AsyncConn):
         while end - pos >= 4:
             size = _SIZE.unpack_from(data, pos)[0]
             if size < 0:
-                return self._corrupt(pos)
+                self._corrupt(pos)
+                return None
             if end - pos - 4 < size:
                 break
             start, pos = pos + 4, pos + 4 + size
@@ -461,20 +466,23 @@ class FastConn(nsq.AsyncConn):
             rows, end, valid = frames.scan(data, pos)
             self._dispatch(data, rows)
             if not valid:
-                return self._corrupt(end)
+                self._corrupt(end)
+                return None
             if end == pos or len(rows) < frames.MAX_FRAMES:
                 return end
             pos = end
 
     def _read_batched_plain(self, data: bytes) -> int | None:
         """:meth:`_read_batched` frame by frame in Python, for the time before the compiled scanner is loaded."""
-        pos, end, run = 0, len(data), []
+        pos, end = 0, len(data)
+        run: list[FastMessage] = []
         while end - pos >= 4:
             size = _SIZE.unpack_from(data, pos)[0]
             if size < 0:
                 if run:
                     self._deliver(run)
-                return self._corrupt(pos)
+                self._corrupt(pos)
+                return None
             if end - pos - 4 < size:
                 break
             start, pos = pos + 4, pos + 4 + size
@@ -513,6 +521,6 @@ class FastConn(nsq.AsyncConn):
         self.last_recv_timestamp = self.last_msg_timestamp = time.time()
         self.in_flight += len(messages)
         try:
-            self.on_messages(self, messages)
+            self.on_messages(self, messages)  # type: ignore[misc]  # set: only _on_read's batched path delivers
         except Exception:
             log.exception("[%s] uncaught exception handling %d messages", self.id, len(messages))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 BACKOFF = 0.5
 MAX_BACKOFF = 30.0

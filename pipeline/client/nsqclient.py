@@ -16,7 +16,7 @@ import json
 import socket
 import struct
 from collections import deque
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from pipeline.config import MAX_MSG_SIZE, socket_address
 from pipeline.errors import PublishError, PublishRefused

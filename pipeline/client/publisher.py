@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import nsq
 from tornado.concurrent import Future
@@ -81,8 +81,13 @@ class Publisher:
             PublishError: a publish was refused, its connection closed, or the
                 deadline passed first. Some chunks may have been accepted.
         """
-        done = asyncio.get_running_loop().create_future()
-        self.send(outputs, timeout, lambda error: done.done() or done.set_result(error))
+        done: asyncio.Future[PublishError | None] = asyncio.get_running_loop().create_future()
+
+        def finish(error: PublishError | None) -> None:
+            if not done.done():
+                done.set_result(error)
+
+        self.send(outputs, timeout, finish)
         error = await done
         if error is not None:
             raise error
@@ -95,7 +100,8 @@ class Publisher:
 
         A keyed worker publishes every batch this way: no task, future or extra loop turn per batch.
         """
-        parts = [(topic, part) for topic, bodies in outputs.items() if bodies for part in chunked(bodies, MPUB_MAX_COUNT)]
+        parts = [(topic, part) for topic, bodies in outputs.items() if bodies
+                 for part in chunked(bodies, MPUB_MAX_COUNT)]
         if not parts:
             on_done(None)
             return
@@ -192,15 +198,16 @@ class _Mpub:
         self.answered(error, data)
 
     def _on_answer(self, conn, data) -> None:
-        if self.done:
+        address = self.address
+        if self.done or address is None:  # answered already (the deadline passed), or never sent
             return
         pool = self.publisher.pool
         if isinstance(data, nsq.Error):
-            self.errors[self.address] = str(data)
-            pool.failed(self.address, data)
+            self.errors[address] = str(data)
+            pool.failed(address, data)
             if len(pool.order) > 1:
-                log.warning("MPUB %s to %s failed (%s); trying the next nsqd", self.topic, self.address, data)
+                log.warning("MPUB %s to %s failed (%s); trying the next nsqd", self.topic, address, data)
             self._attempt()
         else:
-            pool.succeeded(self.address)
+            pool.succeeded(address)
             self._answer(None, data)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipeline.errors import PublishError, PublishRefused
 from pipeline.client.nodepool import NodeHealth, NodePool

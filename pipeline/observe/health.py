@@ -17,7 +17,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from pipeline.observe.healthdb import ChannelSample, HealthDB, ProcessSample, WorkerSample
 from pipeline.config import DEAD_LETTER_SUFFIX, ReportSpec
@@ -88,7 +88,7 @@ class Health:
 def increase(values: Sequence[float]) -> float:
     """How much a counter grew over ``values``, counting a drop as a restart from zero."""
     total = 0.0
-    for before, after in zip(values, values[1:]):
+    for before, after in zip(values, values[1:], strict=False):
         total += after - before if after >= before else after
     return total
 
@@ -142,7 +142,7 @@ def restarts_by_process(processes: list[ProcessSample]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for name, samples in _series(processes, lambda p: f"{p.grp}:{p.name}").items():
         pids = [p.pid for p in samples if p.pid]
-        counts[name] = sum(1 for a, b in zip(pids, pids[1:]) if a != b)
+        counts[name] = sum(1 for a, b in zip(pids, pids[1:], strict=False) if a != b)
     return counts
 
 
@@ -153,12 +153,17 @@ def stage_table(topology, workers: list[WorkerSample], processes: list[ProcessSa
     rows = []
     for name, stage in topology.stages.items():
         series = [[w for w in per_replica.get((name, k), []) if w.up] for k in range(stage.replicas)]
-        grow = lambda attr: int(sum(increase([getattr(w, attr) for w in s]) for s in series))  # noqa: E731
-        processed = grow("finished") if any(series) else None
+        processed = _growth(series, "finished") if any(series) else None
         restarted = sum(n for p, n in restarts.items() if p.startswith(f"{name}:"))
-        rows.append(StageRow(name, stage.replicas, processed, grow("dead_lettered"), grow("requeued"),
-                             grow("publish_errors"), restarted, p99_of_buckets(_bucket_increase(series))))
+        rows.append(StageRow(name, stage.replicas, processed, _growth(series, "dead_lettered"),
+                             _growth(series, "requeued"), _growth(series, "publish_errors"), restarted,
+                             p99_of_buckets(_bucket_increase(series))))
     return rows
+
+
+def _growth(series: list[list[WorkerSample]], attr: str) -> int:
+    """How much the counter ``attr`` grew over the window, summed over replicas."""
+    return int(sum(increase([getattr(w, attr) for w in s]) for s in series))
 
 
 def _bucket_increase(series: list[list[WorkerSample]]) -> list[tuple[float, float]]:
@@ -215,7 +220,7 @@ def _dead_letter_reasons(topology, channels: list[ChannelSample], stages: list[S
     dead_topics = {topology.dead_letter_topic(name): name for name in topology.stages}
     counts: dict[str, int] = {}
     first_ts = channels[0].ts if channels else 0.0
-    for (node, topic), samples in _series([c for c in channels if c.channel == "" and c.topic in dead_topics],
+    for (_node, topic), samples in _series([c for c in channels if c.channel == "" and c.topic in dead_topics],
                                           lambda c: (c.nsqd, c.topic)).items():
         grown = increase([c.messages for c in samples])
         if samples[0].ts > first_ts:  # the topic appeared during the window: all of its messages are new
@@ -238,7 +243,7 @@ def _growth_reasons(channels: list[ChannelSample], until: float, growth_s: float
         if not older or len(recent) < 2:
             continue  # not sampled long enough to tell
         depths = [d for _, d in recent]
-        if depths[-1] > depths[0] and all(b >= a for a, b in zip(depths, depths[1:])):
+        if depths[-1] > depths[0] and all(b >= a for a, b in zip(depths, depths[1:], strict=False)):
             reasons.append(Reason(WARN, "depth_growing", f"depth of {topic}/{channel} grew for "
                                   f"{growth_s / 60:g} min without falling ({depths[0]} -> {depths[-1]})"))
     return reasons

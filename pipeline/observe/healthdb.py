@@ -13,11 +13,13 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS channel (
@@ -104,7 +106,7 @@ class HealthDB:
         max_bytes: when the file grows past this, :meth:`prune` deletes the oldest rows until it fits.
     """
 
-    def __init__(self, path: str | Path, retention_days: float = 30.0, max_bytes: int = 512 * 2**20):
+    def __init__(self, path: str | os.PathLike[str], retention_days: float = 30.0, max_bytes: int = 512 * 2**20):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.retention_s, self.max_bytes = retention_days * 86400.0, max_bytes
@@ -152,7 +154,7 @@ class HealthDB:
                              f"(SELECT rowid FROM dead_letter ORDER BY ts DESC LIMIT {DEAD_LETTER_KEEP})")
         while self.size_bytes() > self.max_bytes:
             oldest, newest = self._span()
-            if oldest is None or newest <= oldest:
+            if oldest is None or newest is None or newest <= oldest:  # both None when empty
                 break
             removed = self._delete_before(oldest + max((newest - oldest) / 10, 1.0))  # the oldest tenth
             deleted += removed

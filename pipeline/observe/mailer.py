@@ -18,7 +18,7 @@ import ssl
 import time
 import zoneinfo
 from email.message import EmailMessage
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -40,7 +40,7 @@ def send_email(spec: ReportSpec, msg: EmailMessage) -> None:
     smtp = spec.smtp
     context = ssl.create_default_context()
     if smtp.security == "ssl":
-        client = smtplib.SMTP_SSL(smtp.host, smtp.port, timeout=smtp.timeout, context=context)
+        client: smtplib.SMTP = smtplib.SMTP_SSL(smtp.host, smtp.port, timeout=smtp.timeout, context=context)
     else:
         client = smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout)
     with client:

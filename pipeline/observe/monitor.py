@@ -24,7 +24,8 @@ import shutil
 import threading
 import time
 import urllib.request
-from typing import Callable
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
@@ -70,7 +71,7 @@ class Monitor:
         self._stats: dict[str, dict | None] = {}  # the last /stats of each nsqd, by http address
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._server = None
+        self._server: WSGIServer | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         self.samples = Counter("pipeline_monitor_samples", "Samples taken.", registry=self.registry)
@@ -119,9 +120,10 @@ class Monitor:
 
     def serve(self, listen: str) -> int:
         """Serve ``/metrics`` (NSQ stats and the monitor's own) on ``listen``; return the port."""
-        host, port = split_address(listen, port_zero=True)  # port 0 (tests) picks a free one
-        self._server, _ = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
-        port = self._server.server_address[1]
+        host, wanted = split_address(listen, port_zero=True)  # port 0 (tests) picks a free one
+        server, _ = start_http_server(wanted, addr=host.strip("[]"), registry=self.registry)
+        self._server = server
+        port: int = server.server_address[1]
         log.info("monitor metrics on http://%s:%d/metrics", host, port)
         return port
 
@@ -139,9 +141,12 @@ class Monitor:
             self._stop.wait(self.interval)
 
     def _report_loop(self) -> None:
+        reporter = self.reporter
+        if reporter is None:  # started only with a report section
+            return
         while not self._stop.is_set():
             try:
-                self.reporter.tick()
+                reporter.tick()
             except Exception:  # the scheduler logs its own send failures; this is a bug of ours
                 log.exception("report scheduler failed")
             self._stop.wait(min(self.interval, 1.0))

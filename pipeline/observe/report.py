@@ -92,9 +92,9 @@ def render_text(report: Report) -> str:
         if not rows:
             lines.append("(none)")
             continue
-        widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+        widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=False)]
         for row in [header, ["-" * w for w in widths], *rows]:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
     lines += ["", "Charts: see the HTML part of this report."]
     return "\n".join(lines) + "\n"
 
@@ -134,7 +134,7 @@ def to_email(report: Report, sender: str = "pipeline@localhost", to: list[str] |
     cids = {name: make_msgid(domain="nsq-pipeline") for name in report.charts}
     msg.set_content(render_text(report))
     msg.add_alternative(render_html(report, {n: f"cid:{c[1:-1]}" for n, c in cids.items()}), subtype="html")
-    html_part = msg.get_payload()[1]
+    html_part = list(msg.iter_parts())[1]
     for name, png in report.charts.items():
         html_part.add_related(png, "image", "png", cid=cids[name], filename=f"{name}.png")
     return msg

@@ -30,7 +30,7 @@ def throughput_series(channels: list[ChannelSample]) -> dict[str, list[tuple[flo
             per_node[(c.topic, c.nsqd)].append(c)
     series: dict[str, dict[float, float]] = defaultdict(lambda: defaultdict(float))
     for (topic, _), samples in per_node.items():
-        for a, b in zip(samples, samples[1:]):
+        for a, b in zip(samples, samples[1:], strict=False):
             if b.ts > a.ts:
                 grown = b.messages - a.messages if b.messages >= a.messages else b.messages
                 series[topic][b.ts] += grown / (b.ts - a.ts)
@@ -53,7 +53,8 @@ def draw(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str, 
     fig, ax = plt.subplots(figsize=SIZE_INCHES, dpi=DPI)
     for name, points in busiest:
         times = [dt.datetime.fromtimestamp(ts, zone) for ts, _ in points]
-        ax.plot(times, [v for _, v in points], label=name, linewidth=1.5, marker="." if len(points) < 30 else None)
+        ax.plot(times, [v for _, v in points],  # type: ignore[arg-type]  # the stubs omit datetimes (date units)
+                label=name, linewidth=1.5, marker="." if len(points) < 30 else None)
     if not busiest:
         ax.text(0.5, 0.5, "no samples in this window", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(title)

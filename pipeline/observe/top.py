@@ -109,9 +109,10 @@ def _sum_by_channel(channels: list[ChannelSample]) -> dict[tuple[str, str], Chan
         if old is None:
             summed[key] = c
             continue
-        summed[key] = ChannelSample(c.ts, "*", c.topic, c.channel, *(
-            getattr(old, f) + getattr(c, f) for f in ("depth", "backend_depth", "in_flight", "deferred", "requeue",
-                                                      "timeout", "messages", "clients")), old.e2e_p99)
+        summed[key] = ChannelSample(c.ts, "*", c.topic, c.channel, old.depth + c.depth,
+                                    old.backend_depth + c.backend_depth, old.in_flight + c.in_flight,
+                                    old.deferred + c.deferred, old.requeue + c.requeue, old.timeout + c.timeout,
+                                    old.messages + c.messages, old.clients + c.clients, old.e2e_p99)
     return summed
 
 

@@ -20,7 +20,7 @@ def urls(topology) -> list[tuple[str, str]]:
     """The addresses an operator opens: nsqadmin and every nsqd's HTTP API."""
     found = [("nsqadmin", f"http://{topology.nsq.admin}/")] if topology.nsq.admin else []
     found += [(f"nsqd {n.name}", f"http://{n.http}/stats") for n in topology.nsq.nsqd]
-    found += [(f"nsqlookupd {i}", f"http://{l.http}/nodes") for i, l in enumerate(topology.nsq.lookupd)]
+    found += [(f"nsqlookupd {i}", f"http://{lookupd.http}/nodes") for i, lookupd in enumerate(topology.nsq.lookupd)]
     return found
 
 

@@ -60,7 +60,7 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -80,7 +80,8 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _leaf(name: str, hosts: list[str], usage, ca_name: x509.Name, ca_key) -> tuple[x509.Certificate, object]:
+def _leaf(name: str, hosts: list[str], usage: x509.ObjectIdentifier, ca_name: x509.Name,
+          ca_key: ec.EllipticCurvePrivateKey) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (_builder(_name(name), ca_name, key)
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

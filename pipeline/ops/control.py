@@ -16,16 +16,16 @@ import subprocess
 import sys
 import time
 import xmlrpc.client
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-from supervisor.xmlrpc import SupervisorTransport
+from typing import Any
 
 from pipeline.client import nsqd_http
 from pipeline.errors import ProcessError
 from pipeline.ops.install import bin_dir
 from pipeline.ops.processes import stop_pid
+from pipeline.ops.restarter import SupervisorProcessInfo, supervisor_rpc
 from pipeline.ops.supervisor_conf import conf_path, render, socket_path
 from pipeline.config import split_address
 
@@ -61,10 +61,9 @@ class Supervisor:
 
     # -- connection ------------------------------------------------------------
 
-    def rpc(self) -> xmlrpc.client.ServerProxy:
-        """An XML-RPC proxy to supervisord over the unix socket."""
-        transport = SupervisorTransport(None, None, serverurl=f"unix://{self.socket}")
-        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+    def rpc(self) -> Any:
+        """An XML-RPC proxy to supervisord over the unix socket (Any: see :func:`supervisor_rpc`)."""
+        return supervisor_rpc(self.socket)
 
     def running(self) -> bool:
         """True when supervisord answers on the socket."""
@@ -77,9 +76,10 @@ class Supervisor:
 
     def processes(self) -> list[ProcessInfo]:
         """Every process supervisord manages (the restarter included)."""
+        infos: list[SupervisorProcessInfo] = self.rpc().supervisor.getAllProcessInfo()
         return [ProcessInfo(p["name"], p["group"], p["statename"], p["pid"],
                             max(0, p["now"] - p["start"]) if p["start"] else 0, p["description"])
-                for p in self.rpc().supervisor.getAllProcessInfo()]
+                for p in infos]
 
     # -- up ----------------------------------------------------------------------
 
@@ -129,6 +129,9 @@ class Supervisor:
     def update(self, log: Log = print) -> list[str]:
         """Apply config changes like ``supervisorctl update``; return the groups touched."""
         rpc = self.rpc()
+        added: list[str]
+        changed: list[str]
+        removed: list[str]
         [[added, changed, removed]] = rpc.supervisor.reloadConfig()
         for group in changed + removed:
             rpc.supervisor.stopProcessGroup(group, True)
@@ -202,7 +205,7 @@ class Supervisor:
         for group in [g for g in order if g in groups]:
             rpc.supervisor.stopProcessGroup(group, True)
             log(f"stopped {group}")
-        pid = rpc.supervisor.getPID()
+        pid: int = rpc.supervisor.getPID()
         rpc.supervisor.shutdown()
         stop_pid(pid, grace=30)  # returns at once when shutdown already ended it
         log("stopped supervisord")
@@ -226,7 +229,8 @@ def preflight_ports(topology) -> None:
     """
     nsq = topology.nsq
     wanted = [(n.tcp, f"nsqd {n.name} tcp") for n in nsq.nsqd] + [(n.http, f"nsqd {n.name} http") for n in nsq.nsqd]
-    wanted += [(l.tcp, "nsqlookupd tcp") for l in nsq.lookupd] + [(l.http, "nsqlookupd http") for l in nsq.lookupd]
+    wanted += [(lookupd.tcp, "nsqlookupd tcp") for lookupd in nsq.lookupd]
+    wanted += [(lookupd.http, "nsqlookupd http") for lookupd in nsq.lookupd]
     if nsq.admin:
         wanted.append((nsq.admin, "nsqadmin http"))
     if getattr(topology, "monitor", None) is not None and topology.monitor.listen:

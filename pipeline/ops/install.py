@@ -142,7 +142,7 @@ def _current_tools(dest: Path, tools: Sequence[str]) -> dict[str, bool]:
     """Check every tool in ``dest`` at once; each check starts a process, so run them in parallel."""
     with ThreadPoolExecutor(max_workers=len(tools)) as pool:
         results = pool.map(lambda tool: _is_current(dest / tool, tool), tools)
-        return dict(zip(tools, results))
+        return dict(zip(tools, results, strict=True))
 
 
 def _verify(dest: Path) -> None:

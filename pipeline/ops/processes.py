@@ -91,7 +91,7 @@ def nsqd_args(
     *,
     tcp: str,
     http: str,
-    data_dir: Path,
+    data_dir: str | Path,
     lookupd_tcp: Sequence[str] = (),
     broadcast: str = "127.0.0.1",
     extra: Sequence[str] = (),

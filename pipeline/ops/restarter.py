@@ -31,7 +31,7 @@ import xmlrpc.client
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TypedDict
 
 from supervisor.xmlrpc import Faults, SupervisorTransport
 
@@ -203,8 +203,32 @@ def start_timer(delay: float, call: Callable[[], None]) -> Cancellable:
     return timer
 
 
+class SupervisorProcessInfo(TypedDict):
+    """One process as supervisord's ``getProcessInfo`` and ``getAllProcessInfo`` answer it."""
+
+    name: str
+    group: str
+    description: str
+    start: int  # epoch seconds; 0 if never started
+    stop: int
+    now: int
+    state: int
+    statename: str
+    spawnerr: str
+    exitstatus: int
+    logfile: str
+    stdout_logfile: str
+    stderr_logfile: str
+    pid: int  # 0 when not running
+
+
 def supervisor_rpc(socket_path: str | os.PathLike[str]) -> Any:
-    """Return an XML-RPC proxy to supervisord on its unix socket ``socket_path``."""
+    """Return an XML-RPC proxy to supervisord on its unix socket ``socket_path``.
+
+    Typed Any: the proxy resolves ``proxy.supervisor.<method>`` at run time, and each answer is
+    whatever that method returns (typeshed can only say "any XML-RPC value"); callers annotate
+    what they keep, e.g. ``list[SupervisorProcessInfo]``.
+    """
     transport = SupervisorTransport(None, None, serverurl=f"unix://{os.fspath(socket_path)}")
     return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
@@ -297,7 +321,7 @@ class Restarter:
     def recover(self) -> None:
         """Schedule restarts of processes already FATAL, whose pending restart a previous listener took along."""
         try:
-            infos = self._rpc().supervisor.getAllProcessInfo()
+            infos: list[SupervisorProcessInfo] = self._rpc().supervisor.getAllProcessInfo()
         except (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError) as e:
             log.warning("could not list processes to recover FATAL ones: %s", e)
             return

@@ -115,9 +115,10 @@ def _daemon(name: str, argv: list[str], kind: str, var: str, stopwaitsecs: int =
 
 def _nsq_programs(topology, var: str) -> list[tuple[str, dict]]:
     nsq = topology.nsq
-    programs = [_daemon(f"nsqlookupd-{i}", nsqlookupd_args(tcp=l.tcp, http=l.http, binary=f"{BIN}/nsqlookupd"),
-                        "nsqlookupd", var) for i, l in enumerate(nsq.lookupd)]
-    lookupd_tcp = [l.tcp for l in nsq.lookupd]
+    programs = [_daemon(f"nsqlookupd-{i}",
+                        nsqlookupd_args(tcp=lookupd.tcp, http=lookupd.http, binary=f"{BIN}/nsqlookupd"),
+                        "nsqlookupd", var) for i, lookupd in enumerate(nsq.lookupd)]
+    lookupd_tcp = [lookupd.tcp for lookupd in nsq.lookupd]
     for i, n in enumerate(nsq.nsqd):
         # nsqd derives its node id (part of every message id) from the hostname,
         # so nodes on one host would share one; each gets its own.
@@ -127,7 +128,8 @@ def _nsq_programs(topology, var: str) -> list[tuple[str, dict]]:
                          broadcast=broadcast, extra=extra, binary=f"{BIN}/nsqd")
         programs.append(_daemon(f"nsqd-{n.name}", argv, "nsqd", var, NSQD_STOPWAITSECS))
     if nsq.admin and nsq.lookupd:
-        argv = nsqadmin_args(http=nsq.admin, lookupd_http=[l.http for l in nsq.lookupd], binary=f"{BIN}/nsqadmin")
+        argv = nsqadmin_args(http=nsq.admin, lookupd_http=[lookupd.http for lookupd in nsq.lookupd],
+                             binary=f"{BIN}/nsqadmin")
         if nsq.admin_users:  # privileged actions only for these users, as the proxy in front names them
             argv += [f"--acl-http-header={nsq.admin_acl_header}", *(f"--admin-user={u}" for u in nsq.admin_users)]
         programs.append(_daemon("nsqadmin", argv, "nsqadmin", var))
@@ -141,7 +143,7 @@ def _broadcast_port(nsqd) -> list[str]:
 
 def _restarter(var: str) -> tuple[str, dict]:
     argv = [PYTHON, "-m", "pipeline.ops.restarter", "--socket", f"{var}/run/supervisor.sock",
-            "--events", f"{var}/log/events.jsonl", "--base", RESTARTER_BASE, "--max", RESTARTER_MAX]
+            "--events", f"{var}/log/events.jsonl", "--base", str(RESTARTER_BASE), "--max", str(RESTARTER_MAX)]
     # buffer_size: events queue while the listener starts; the default 10 drops
     # them silently when many replicas start at once. stdout carries the protocol.
     options = {"command": _command(argv), "events": "PROCESS_STATE", "buffer_size": 1024,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import json
 import threading
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import msgpack
 import orjson

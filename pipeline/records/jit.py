@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from types import ModuleType
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 

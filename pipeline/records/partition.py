@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Iterable
 
 from pipeline.records.envelope import plain
 from pipeline.errors import PipelineError
@@ -138,15 +139,16 @@ class Router:
         try:
             key = record[self.key]
         except (KeyError, TypeError):
+            # a partitioned topic has a key field (__post_init__)
             raise PartitionKeyError(f"record has no {self.key!r} field to pick a partition of {self.topic!r}",
-                                    record, self.key, self.topic) from None
+                                    record, cast(str, self.key), self.topic) from None
         if type(key) is str and (topic := self._cache.get(key)) is not None:
             return topic
         try:
             return self._remember(key, self.topics[partition_of(key, len(self.topics))])
         except TypeError as e:
             raise PartitionKeyError(f"{self.key!r} of a record for {self.topic!r}: {e}",
-                                    record, self.key, self.topic) from e
+                                    record, cast(str, self.key), self.topic) from e
 
     def route(self, records: Iterable[dict]) -> dict[str, list[dict]]:
         """Group ``records`` by physical topic, keeping their order within each topic.
@@ -184,8 +186,8 @@ class Router:
             distinct = set(map(cache.get, keys))
         except TypeError:  # an unhashable key: the loop below gives up on it
             distinct = set()
-        if len(distinct) == 1 and None not in distinct:
-            return {distinct.pop(): list(range(len(keys)))}  # every key cached, all in one partition
+        if len(distinct) == 1 and (only := distinct.pop()) is not None:
+            return {only: list(range(len(keys)))}  # every key cached, all in one partition
         groups: dict[str, list[int]] = {t: [] for t in self.topics}
         for i, key in enumerate(keys):
             topic = cache.get(key) if type(key) is str else None
