@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.client import nsqd_http
+from pipeline.config import socket_address
 from pipeline.records.codecs import encode_json
 from pipeline.ops.processes import free_port, start_process
 
@@ -143,13 +144,13 @@ class _Client(asyncio.Protocol):
 
 
 async def _load(address: str, shares: list[list[bytes]], depth: int) -> int:
-    host, port = address.rsplit(":", 1)
+    host, port = socket_address(address)
     loop = asyncio.get_running_loop()
     futures = []
     for share in shares:
         done = loop.create_future()
         futures.append(done)
-        await loop.create_connection(lambda s=share, d=done: _Client(s, depth, d), host, int(port))
+        await loop.create_connection(lambda s=share, d=done: _Client(s, depth, d), host, port)
     return sum(await asyncio.gather(*futures))
 
 

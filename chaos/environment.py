@@ -27,7 +27,7 @@ from pipeline.runtime.middleware import faultpoints
 from pipeline.client import nsqd_http
 from pipeline.ops.control import Supervisor
 from pipeline.ops.processes import free_port, pid_alive, stop_pid
-from pipeline.config import Topology, load_topology
+from pipeline.config import DEAD_LETTER_SUFFIX, Topology, load_topology
 
 from .scenario import PipelineSpec
 from .toxiproxy import ToxiproxyServer
@@ -49,7 +49,7 @@ class Topics:
 
     @property
     def dead(self) -> str:
-        return f"{self.input}.dead"
+        return self.input + DEAD_LETTER_SUFFIX
 
     @property
     def sinks(self) -> list[str]:
@@ -72,11 +72,11 @@ class TickTopics:
 
     @property
     def dead(self) -> str:
-        return f"{self.input}.dead"
+        return self.input + DEAD_LETTER_SUFFIX
 
     @property
     def dead_topics(self) -> tuple[str, ...]:
-        return (self.dead, f"{self.features}.dead")
+        return (self.dead, self.features + DEAD_LETTER_SUFFIX)
 
     @property
     def feature_topics(self) -> list[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from nsqhttp import lookupd_nodes, wait_until
+from pipeline.config import split_address
 from pipeline.ops.install import install_nsq
 from pipeline.ops.processes import NsqProcess, nsqd_args, start_nsqd, start_nsqlookupd, start_process
 
@@ -57,7 +58,7 @@ def nsq_cluster(nsq_bin: Path, tmp_path: Path) -> Iterator[NsqCluster]:
         _stop(lookupd)
         raise
     try:
-        port = int(nsqd.tcp.rpartition(":")[2])
+        port = split_address(nsqd.tcp)[1]
         wait_until(
             lambda: any(node["tcp_port"] == port for node in lookupd_nodes(lookupd.http)),
             REGISTER_TIMEOUT,
