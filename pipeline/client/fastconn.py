@@ -216,6 +216,20 @@ class _Wire(asyncio.Protocol):
         self.conn._lost(exc)
 
 
+async def _start_tls(conn: FastConn, context: ssl.SSLContext) -> None:
+    """Upgrade ``conn``'s transport to TLS in place; a failure closes it and is reported as pynsq reports one."""
+    plain, wire = conn.transport, conn._wire
+    if plain is None or wire is None:  # closed before the upgrade began: the close is reported already
+        return
+    conn.transport = None  # nothing may be written until TLS is up
+    try:
+        conn.transport = await asyncio.get_running_loop().start_tls(plain, wire, context,
+                                                                    server_hostname=conn.host)
+    except Exception as e:
+        plain.close()
+        conn.trigger(event.ERROR, conn=conn, error=protocol.SendError("failed to upgrade to TLS", e))
+
+
 class FastConn(nsq.AsyncConn):
     """pynsq's ``AsyncConn`` on an asyncio transport, with coalesced writes and batched frame decoding."""
 
@@ -305,19 +319,7 @@ class FastConn(nsq.AsyncConn):
     def upgrade_to_tls(self, options=None) -> None:
         """Start TLS on the open connection, as pynsq's does on its IOStream (nsqd answers OK once it is up)."""
         opts = {"cert_reqs": ssl.CERT_REQUIRED, "ssl_version": ssl.PROTOCOL_TLSv1_2, **(options or {})}
-        asyncio.get_event_loop().create_task(self._start_tls(ssl_options_to_context(opts, server_side=False)))
-
-    async def _start_tls(self, context: ssl.SSLContext) -> None:
-        plain, wire = self.transport, self._wire
-        if plain is None or wire is None:  # closed before the upgrade began: the close is reported already
-            return
-        self.transport = None  # nothing may be written until TLS is up
-        try:
-            self.transport = await asyncio.get_running_loop().start_tls(plain, wire, context,
-                                                                        server_hostname=self.host)
-        except Exception as e:
-            plain.close()
-            self.trigger(event.ERROR, conn=self, error=protocol.SendError("failed to upgrade to TLS", e))
+        asyncio.get_event_loop().create_task(_start_tls(self, ssl_options_to_context(opts, server_side=False)))
 
     def upgrade_to_snappy(self) -> None:
         raise nsq.Error("FastConn does not support snappy")
