@@ -493,25 +493,25 @@ def replay(missing: bool, run_folder: Path, topic: str, nsqd_tcp: str | None) ->
 @topology_option
 def gateway(topology_path: str) -> None:
     """Serve the authenticated /pub and /mpub edge of the topology's gateway section until SIGTERM."""
-    _serve_section(topology_path, "gateway", "gateway")
+    _serve_section(topology_path, "gateway", "pipeline.edge.gateway_http")
 
 
 @main.command("auth-server")
 @topology_option
 def auth_server(topology_path: str) -> None:
     """Answer nsqd's --auth-http-address from the topology's identities until SIGTERM."""
-    _serve_section(topology_path, "auth", "authserver")
+    _serve_section(topology_path, "auth", "pipeline.edge.authserver")
 
 
 def _serve_section(topology_path: str, section: str, module: str) -> None:
-    """Run ``pipeline.<module>.serve`` for the topology, which must have ``section``."""
+    """Run ``module.serve`` for the topology, which must have ``section``."""
     import asyncio
     import importlib
 
     topology = load(topology_path)
     if getattr(topology, section) is None:
         raise click.UsageError(f"{topology_path} has no {section} section")
-    asyncio.run(importlib.import_module(f"{__package__}.{module}").serve(topology))
+    asyncio.run(importlib.import_module(module).serve(topology))
 
 
 @main.command()
