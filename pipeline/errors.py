@@ -73,7 +73,3 @@ class GatewayError(PipelineError):
         super().__init__(message)
         self.status, self.error, self.message = status, error, message
         self.headers = headers or {}
-
-
-class ScenarioError(TopologyError):
-    """Raised when a chaos scenario file cannot be read or breaks its schema (``PATH:LINE:COL: field: reason``)."""
