@@ -41,5 +41,5 @@ def load_plugin(name: str) -> ModuleType:
         context = click.get_current_context(silent=True)
         command = context.command_path if context is not None else "pipeline"
         raise PluginMissing(f"`{command}` needs {REFERENCE[root]} (module {root!r}), found in the nsq-pipeline "
-                            f"checkout; run it there (make, or `python -m pipeline.cli ...` from the checkout's "
-                            f"folder)") from None
+                            "checkout; run it from there (with `make`, or as `python -m pipeline.cli ...` in its "
+                            "folder)") from None
