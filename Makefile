@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 PIPELINE := $(VENV)/bin/pipeline
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= --durations=15
+# The venv holds only the framework (`pipeline`); the reference stages, producers, chaos
+# harness and benchmarks are imported from this checkout, by the commands below and the
+# workers they start.
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: setup demo test down clean bench soak chaos fuzz
 

@@ -36,7 +36,9 @@ STAGE = "primes"
 PROXY = "nsqd-n0"
 SINK_CHANNEL = "chaos_sink"
 MARKET_STAGES = ("features", "signals")
-DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "topology.yaml"
+#: The nsq-pipeline checkout this harness is part of.
+CHECKOUT = Path(__file__).resolve().parent.parent
+DEFAULT_TOPOLOGY = CHECKOUT / "topology.yaml"
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,9 @@ class ChaosEnvironment:
         self.topology = load_topology(self._write_topology())
         self.toxiproxy.create_proxy(PROXY, listen=self.nsqd.proxy_tcp, upstream=self.nsqd.tcp)
         self.supervisor = Supervisor(self.topology)
-        with _environ(faultpoints.ENV, str(self.faultpoints_path)):
+        # the workers run in the run's folder and import the reference stages (consumers/) from this checkout
+        checkout = os.pathsep.join(filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))
+        with _environ(faultpoints.ENV, str(self.faultpoints_path)), _environ("PYTHONPATH", checkout):
             self.supervisor.up(log=lambda line: None)
         self._record("supervisord", self.supervisor.rpc().supervisor.getPID())
         for process in self.supervisor.processes():

@@ -28,10 +28,14 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.errors import PipelineError, ScenarioError, TopologyError
+from pipeline.errors import PipelineError, TopologyError
 from pipeline.config.loader import _REASONS, _Positions, _parse, _yaml_error
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
+
+
+class ScenarioError(TopologyError):
+    """Raised when a chaos scenario file cannot be read or breaks its schema (``PATH:LINE:COL: field: reason``)."""
 
 
 class _Spec(BaseModel):

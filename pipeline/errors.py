@@ -66,5 +66,10 @@ class StageStateError(PipelineError):
     after it may have changed the stage's state: the replica rewinds to its last checkpoint."""
 
 
-class ScenarioError(TopologyError):
-    """Raised when a chaos scenario file cannot be read or breaks its schema (``PATH:LINE:COL: field: reason``)."""
+class GatewayError(PipelineError):
+    """Raised when the gateway must refuse a request; ``status`` and ``error`` form the HTTP answer."""
+
+    def __init__(self, status: int, error: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.error, self.message = status, error, message
+        self.headers = headers or {}

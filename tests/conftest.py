@@ -5,6 +5,7 @@ and checked to be gone, so no test leaks a server into the next.
 """
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,18 @@ from pipeline.ops.install import install_nsq
 from pipeline.ops.processes import NsqProcess, nsqd_args, start_nsqd, start_nsqlookupd, start_process
 
 REGISTER_TIMEOUT = 10.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Put the checkout on PYTHONPATH for every process a test starts.
+
+    pytest imports the checkout's reference code (consumers/, producers/, chaos/)
+    through ``pythonpath = ["."]``; the installed package is only ``pipeline``.
+    Workers under supervisord run in a test's temporary folder and import their
+    handlers (``consumers.primes:classify``) from here too.
+    """
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 @dataclass

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from chaos.faults import PLUGINS
-from chaos.scenario import FAULT_NAMES, list_scenarios, load_scenario, validate_scenario
-from pipeline.errors import ScenarioError
+from chaos.scenario import FAULT_NAMES, ScenarioError, list_scenarios, load_scenario, validate_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 

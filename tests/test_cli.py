@@ -1,6 +1,7 @@
 """The pipeline CLI: exit codes and one-line errors, run as a user runs it."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,23 @@ def test_produce_numbers_publishes_every_record(nsqd, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "published 1234 records to numbers" in result.stdout
     assert topic_stats(nsqd.http, "numbers")["message_count"] == 1234
+
+
+@pytest.mark.parametrize("args, module, what", [
+    (["demo"], "producers", "the reference producers"),
+    (["produce", "ticks", "--count", "5"], "producers", "the reference producers"),
+    (["chaos", "list"], "chaos", "the chaos harness"),
+    (["replay", "--missing", "--run", "."], "chaos", "the chaos harness"),
+    (["bench"], "benchmarks", "the benchmarks"),
+])
+def test_commands_of_the_checkouts_code_fail_in_one_line_where_it_is_absent(tmp_path, args, module, what):
+    # Given a folder outside the checkout and no PYTHONPATH: only the installed `pipeline` is importable
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    command = " ".join(["pipeline", *(a for a in args if not a.startswith("-") and a not in {"5", "."})])
+    assert result.returncode == 1, result.stderr
+    assert one_line(result.stderr) == (
+        f"pipeline: `{command}` needs {what} (module '{module}'), found in the nsq-pipeline checkout; "
+        "run it from there (with `make`, or as `python -m pipeline.cli ...` in its folder)")
+

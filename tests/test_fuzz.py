@@ -21,8 +21,7 @@ from pipeline.records import envelope
 from pipeline.records.codecs import decode, encode_json
 from pipeline.records.deadletter import DeadLetter, raw_body
 from pipeline.errors import DecodeError, TopologyError
-from pipeline.config import MAX_MSG_SIZE
-from pipeline.config import load_topology
+from pipeline.config import MAX_MSG_SIZE, load_topology
 from test_processing import Msg, processor
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,

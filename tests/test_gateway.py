@@ -28,10 +28,9 @@ from pipeline.config.credentials import SecretError, read_secret_file
 from pipeline.edge.gateway import TokenBucket, schema_violation, split_binary
 from pipeline.edge.gateway_batch import Coalescer
 from pipeline.client.nsqclient import MAX_BODY_SIZE, NsqSubscriber
-from pipeline.config import MAX_MSG_SIZE
+from pipeline.config import MAX_MSG_SIZE, GatewaySpec
 from pipeline.ops.processes import NsqProcess, free_port, start_nsqd, start_process
 from pipeline.client.publisher import MPUB_MAX_COUNT
-from pipeline.config import GatewaySpec
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITER, SLOW = "w-" + "a" * 30, "s-" + "b" * 30

@@ -101,7 +101,7 @@ def test_failed_go_build_is_reported(offline: Path, tmp_path: Path) -> None:
         '#!/bin/sh\necho "go: downloading x" >&2\necho "go: go.mod requires go >= 1.24" >&2\nexit 1\n'
     )
     fake_go.chmod(0o755)
-    failed = r"`go build` in .*tools/nsq failed: go: go.mod requires go >= 1.24, and the release download"
+    failed = r"`go build` in .*gomod/nsq failed: go: go.mod requires go >= 1.24, and the release download"
     with pytest.raises(InstallError, match=failed):
         install_nsq(tmp_path / "dest", log=lambda line: None)
 
@@ -121,7 +121,7 @@ def test_missing_tool_is_built_with_go(
     # When installing
     install_nsq(dest, log=lines.append)
     # Then only nsq_stat was built, through a temp folder that is gone now
-    assert lines[-2].startswith("building nsq_stat from the Go module proxy (tools/nsq)")
+    assert lines[-2].startswith("building nsq_stat from the Go module proxy (gomod/nsq)")
     assert installed_version(dest / "nsq_stat") == NSQ_VERSION
     assert sorted(p.name for p in dest.iterdir()) == sorted(NSQ_TOOLS)
 

@@ -2,12 +2,15 @@
 
 It starts the default topology locally, publishes the numbers, follows the
 stage's output topics on nsqd's ``/stats`` until every record came out, and
-prints the counts with where to look next.
+prints the counts with where to look next. The reference producers it
+publishes with live in the checkout; the ``demo`` command loads them
+(:mod:`pipeline.cli.plugins`) and hands them in.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from types import ModuleType
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -15,8 +18,8 @@ from rich.table import Table
 
 from pipeline.client import nsqd_http
 from pipeline.errors import PipelineError
-from pipeline.ops.install import bin_dir
 from pipeline.ops.control import Supervisor
+from pipeline.ops.install import bin_dir
 
 STAGE, PRODUCER = "primes", "numbers"
 TICKS, SYMBOLS, SHOWN_SIGNALS = 20_000, 8, 5
@@ -30,9 +33,9 @@ class DemoResult:
     elapsed: float
 
 
-def run_demo(topology, count: int = 100_000, timeout: float = 300.0, console: Console | None = None) -> DemoResult:
-    """Bring the topology up, publish 1..``count``, wait for every record; return the output counts."""
-    from producers.numbers import produce_numbers
+def run_demo(topology, numbers: ModuleType, count: int = 100_000, timeout: float = 300.0,
+             console: Console | None = None) -> DemoResult:
+    """Bring the topology up, publish 1..``count`` with ``numbers.produce_numbers``, wait; return the output counts."""
     console = console or Console()
     Supervisor(topology).up(log=lambda line: console.print(f"[dim]{line}[/dim]"))
     stage = topology.stage(STAGE)
@@ -45,9 +48,9 @@ def run_demo(topology, count: int = 100_000, timeout: float = 300.0, console: Co
     with Progress(*columns, console=console) as progress:
         published = progress.add_task(f"published to {producer.topic}", total=count)
         processed = progress.add_task(f"classified by {STAGE}", total=count)
-        produce_numbers(topology.nsqd_tcp_addresses()[0], producer.topic, 1, count, chunk=producer.chunk,
-                        codec=topology.codec_for(producer.topic), pack=topology.pack_for(producer.topic),
-                        on_progress=lambda done: progress.update(published, completed=done))
+        numbers.produce_numbers(topology.nsqd_tcp_addresses()[0], producer.topic, 1, count, chunk=producer.chunk,
+                                codec=topology.codec_for(producer.topic), pack=topology.pack_for(producer.topic),
+                                on_progress=lambda done: progress.update(published, completed=done))
         counts = _follow(http, topics, before, count, started + timeout,
                          lambda done: progress.update(processed, completed=done))
     return DemoResult(counts, time.monotonic() - started)
@@ -89,18 +92,16 @@ def print_summary(topology, result: DemoResult, console: Console) -> None:
     console.print("stop it:   make down")
 
 
-def run_market_demo(topology, console: Console, timeout: float = 300.0) -> dict[str, int]:
-    """Publish synthetic ticks, wait until every tick has its features, print a few signals; return counts."""
-    from producers.ticks import produce_ticks, synthetic_ticks
-
-    from pipeline.records.codecs import decode
+def run_market_demo(topology, ticks: ModuleType, console: Console, timeout: float = 300.0) -> dict[str, int]:
+    """Publish ``ticks.synthetic_ticks``, wait until every tick has its features, print a few signals; return counts."""
     from pipeline.client.nsqclient import NsqSubscriber
     from pipeline.observe.tail import record_json, tail_channel
+    from pipeline.records.codecs import decode
     http, tcp = topology.nsqd_http_addresses()[0], topology.nsqd_tcp_addresses()[0]
     features = topology.physical_topics("features")
     before = {t: nsqd_http.topic_message_count(http, t) for t in [*features, "signals"]}
     with NsqSubscriber(tcp, "signals", tail_channel()) as signals:
-        produce_ticks(tcp, "ticks", synthetic_ticks(SYMBOLS, TICKS, seed=1), spec=topology.topics["ticks"])
+        ticks.produce_ticks(tcp, "ticks", ticks.synthetic_ticks(SYMBOLS, TICKS, seed=1), spec=topology.topics["ticks"])
         console.print(f"published {TICKS:,} ticks for {SYMBOLS} symbols to ticks.0..{len(features) - 1}; "
                       f"first signals:")
         shown, deadline = 0, time.monotonic() + timeout

@@ -14,45 +14,30 @@ naming the field), 401 (no or unknown token), 403 (topic not allowed), 413
 refuses whole, so a failure publishes none of its messages.
 
 This module holds what a request is checked against (tokens, rates, schemas,
-nsqd's limits); :mod:`pipeline.edge.gateway_http` is the HTTP server and
-:mod:`pipeline.edge.gateway_batch` publishes the requests of one IOLoop iteration
+nsqd's limits); :mod:`pipeline.edge.gateway_http` is the HTTP server (and ``serve()``,
+which runs it) and :mod:`pipeline.edge.gateway_batch` publishes the requests of one IOLoop iteration
 to a topic as one MPUB.
 """
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import math
-import signal
 import struct
 import time
 from dataclasses import dataclass, field
 
-from tornado.netutil import bind_sockets
-
 from pipeline.records.codecs import decode
 from pipeline.config.credentials import read_secret
-from pipeline.errors import DecodeError, PipelineError, PublishError
+from pipeline.errors import DecodeError, GatewayError
 from pipeline.client.publisher import Publisher
 from pipeline.config.security import client_options
-from pipeline.config import socket_address
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 30.0
 _TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
           "object": (dict,), "array": (list,)}
 _U32 = struct.Struct(">I")
-
-
-class GatewayError(PipelineError):
-    """Raised when a gateway request must be refused; ``status`` and ``error`` form the HTTP answer."""
-
-    def __init__(self, status: int, error: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.error, self.message = status, error, message
-        self.headers = headers or {}
 
 
 @dataclass
@@ -230,30 +215,3 @@ class Gateway:
         if binary:
             return split_binary(body, self.spec.max_msg_size)
         return split_newlines(body, self.spec.max_msg_size)
-
-
-
-async def serve(topology, *, ready=None) -> None:
-    """Run the gateway until SIGTERM or SIGINT; ``ready()`` is called once it listens."""
-    from pipeline.edge.gateway_http import GatewayServer
-
-    gateway = Gateway(topology)
-    try:
-        await gateway.publisher.wait_connected(CONNECT_TIMEOUT)
-    except PublishError as e:
-        log.warning("%s; starting anyway, answering 503 until it connects", e)
-    host, port = socket_address(topology.gateway.http)
-    server = GatewayServer(gateway)
-    # reuse_port: the `processes` replicas supervisord starts share the port; the kernel spreads connections
-    server.add_sockets(bind_sockets(port, address=host, reuse_port=True))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("gateway listening on http://%s, publishing to %s", topology.gateway.http,
-             ", ".join(topology.nsqd_tcp_addresses()))
-    if ready is not None:
-        ready()
-    await stop.wait()
-    await server.shut_down(topology.gateway.publish_timeout)
-    gateway.publisher.close()

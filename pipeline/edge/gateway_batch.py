@@ -17,8 +17,8 @@ import asyncio
 import logging
 from typing import Protocol
 
-from pipeline.edge.gateway import GatewayError
 from pipeline.client.publisher import MPUB_MAX_COUNT, Publisher
+from pipeline.errors import GatewayError
 
 log = logging.getLogger(__name__)
 

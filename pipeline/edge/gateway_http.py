@@ -7,7 +7,7 @@ request here). This server reads whatever a connection sent, lets ``httptools``
 each one, and hands those that pass to the :class:`~pipeline.edge.gateway_batch.Coalescer`,
 which publishes each topic's requests of one IOLoop iteration as one MPUB.
 Answers go back in request order, all the ready ones of a connection in one
-write.
+write. :func:`serve` runs the server for a topology (``pipeline gateway``).
 
 Checked from the headers, before any body is kept: method, topic, token and
 ``Content-Length`` (413 beyond the limit; a body over
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections import deque
 from http import HTTPStatus
@@ -31,13 +32,17 @@ from urllib.parse import unquote_plus
 import httptools
 import orjson
 from tornado.iostream import IOStream, StreamClosedError
+from tornado.netutil import bind_sockets
 from tornado.tcpserver import TCPServer
 
-from pipeline.edge.gateway import Gateway, GatewayError, Token
+from pipeline.config import socket_address
+from pipeline.edge.gateway import Gateway, Token
 from pipeline.edge.gateway_batch import Coalescer
+from pipeline.errors import GatewayError, PublishError
 
 log = logging.getLogger(__name__)
 
+CONNECT_TIMEOUT = 30.0
 READ_CHUNK = 65536
 MAX_UNANSWERED = 256
 DISCARD_LIMIT = 2  # a refused body up to this many times its limit is read and dropped, keeping the connection
@@ -357,3 +362,27 @@ class GatewayServer(TCPServer):
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
             conn.stream.close()
+
+
+async def serve(topology, *, ready=None) -> None:
+    """Run the gateway until SIGTERM or SIGINT; ``ready()`` is called once it listens."""
+    gateway = Gateway(topology)
+    try:
+        await gateway.publisher.wait_connected(CONNECT_TIMEOUT)
+    except PublishError as e:
+        log.warning("%s; starting anyway, answering 503 until it connects", e)
+    host, port = socket_address(topology.gateway.http)
+    server = GatewayServer(gateway)
+    # reuse_port: the `processes` replicas supervisord starts share the port; the kernel spreads connections
+    server.add_sockets(bind_sockets(port, address=host, reuse_port=True))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("gateway listening on http://%s, publishing to %s", topology.gateway.http,
+             ", ".join(topology.nsqd_tcp_addresses()))
+    if ready is not None:
+        ready()
+    await stop.wait()
+    await server.shut_down(topology.gateway.publish_timeout)
+    gateway.publisher.close()

@@ -2,7 +2,7 @@
 
 ``install_nsq()`` is idempotent: tools already present at the right version are
 left alone; the missing ones are copied from ``PATH``, built with Go from the
-pinned module in ``tools/nsq``, or taken from NSQ's release archive, in that
+pinned module in ``gomod/nsq`` (beside this file), or taken from NSQ's release archive, in that
 order. Example::
 
     from pipeline.ops.install import install_nsq, nsq_binary
@@ -30,8 +30,9 @@ from pipeline.errors import InstallError
 NSQ_VERSION = "1.3.0"
 NSQ_TOOLS = ("nsqd", "nsqlookupd", "nsqadmin", "nsq_tail", "nsq_stat", "nsq_to_nsq")
 
-#: The Go module (go.mod, go.sum) that pins NSQ and repeats its replace directive.
-TOOLS_MODULE = Path(__file__).resolve().parents[2] / "tools" / "nsq"
+#: The Go module (go.mod, go.sum) that pins NSQ and repeats its replace directive; package data, so an
+#: installed wheel builds from it too.
+TOOLS_MODULE = Path(__file__).resolve().parent / "gomod" / "nsq"
 #: Where the official Go installer puts ``go``; it is often not on a service's PATH.
 GO_FALLBACKS = (Path("/usr/local/go/bin/go"),)
 #: The Go release NSQ 1.3.0's official archives were built with (part of their names).
@@ -82,7 +83,7 @@ def install_nsq(dest: Path | None = None, *, log: Log = print) -> Path:
     """Make sure ``dest`` (default :func:`bin_dir`) holds every tool in ``NSQ_TOOLS`` at ``NSQ_VERSION``.
 
     Missing or wrong-version tools are copied from ``PATH``, else built with Go
-    from ``tools/nsq``, else extracted from NSQ's release archive. ``log``
+    from ``gomod/nsq``, else extracted from NSQ's release archive. ``log``
     receives one short line per step. Returns ``dest``.
 
     Raises:
