@@ -94,7 +94,7 @@ def report(since: str, out_dir: Path | None, send: bool, topology_path: str) -> 
     if out_dir is not None:
         for path in write_files(built, out_dir, *((spec.sender, list(spec.to)) if spec else ())):
             click.echo(str(path))
-    if send:
+    if send and spec is not None:  # --send without a report section was refused above
         import smtplib
 
         from pipeline.observe.mailer import send_email

@@ -71,10 +71,10 @@ def produce_ticks_cmd(symbols: int, count: int | None, seed: int, replay_path: s
     spec = topology.producers.get(producer_name)
     if spec is None:
         raise click.BadParameter(f"no producer {producer_name!r} in {topology_path}", param_hint="--producer")
-    if replay_path:
+    if replay_path is not None:
         total = sum(1 for _ in ticks.replay_ticks(replay_path))  # a bad file fails here, before anything is sent
         records = ticks.replay_ticks(replay_path, run_id=run_id)
-    else:
+    elif count is not None:  # exactly one of --count and --replay: checked above
         total, records = count, ticks.synthetic_ticks(symbols, count, seed=seed, run_id=run_id)
     address = topology.nsqd_tcp_addresses()  # several nodes: partitions spread, with failover
     with _progress(f"publishing to {spec.topic}", total) as advance:

@@ -46,7 +46,8 @@ def chaos_list() -> None:
 @click.argument("scenario_name", metavar="SCENARIO")
 @click.option("--seed", type=int, default=None, help="Seed of the fault schedule (default: random, printed).")
 @click.option("--records", type=click.IntRange(min=1), default=None, help="Records to publish (scenario's default).")
-@click.option("--duration", type=click.FloatRange(min=0.1), default=None, help="Seconds of faults (scenario's default).")
+@click.option("--duration", type=click.FloatRange(min=0.1), default=None,
+              help="Seconds of faults (scenario's default).")
 @click.option("--folder", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the run's topology, logs, journal and report go (default: var/chaos/NAME-SEED-TIME).")
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -33,11 +33,9 @@ def check(topology_path: str) -> None:
 @topology_option
 def render(output: str, compose: bool, topology_path: str) -> None:
     """Print the supervisord configuration of the topology (or, with --compose, its compose file)."""
-    if compose:
-        from pipeline.ops.compose import render_compose as render_text
-    else:
-        from pipeline.ops.supervisor_conf import render as render_text
-    text = render_text(load(topology_path))
+    from pipeline.ops.compose import render_compose
+    from pipeline.ops.supervisor_conf import render
+    text = (render_compose if compose else render)(load(topology_path))
     if output == "-":
         click.echo(text, nl=False)
     else:

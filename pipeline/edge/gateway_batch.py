@@ -14,8 +14,9 @@ a single ``/mpub`` larger than that count still goes whole, as its own MPUB.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 from pipeline.client.publisher import MPUB_MAX_COUNT, Publisher
 from pipeline.errors import GatewayError
@@ -115,12 +116,12 @@ class Coalescer:
         self.pending.add(batch)
         # the publisher's one-MPUB call: it tries the next nsqd on a refusal, never splits the batch
         future = self.publisher.mpub(batch.topic, batch.messages)
-        batch.timer = asyncio.get_running_loop().call_later(self.timeout, self._expire, batch)
-        future.add_done_callback(lambda f, b=batch: self._answered(b, f))
+        timer = batch.timer = asyncio.get_running_loop().call_later(self.timeout, self._expire, batch)
+        future.add_done_callback(functools.partial(self._answered, batch, timer))
 
-    def _answered(self, batch: Batch, future: asyncio.Future) -> None:
+    def _answered(self, batch: Batch, timer: asyncio.TimerHandle, future: asyncio.Future[Any]) -> None:
         self.pending.discard(batch)
-        batch.timer.cancel()
+        timer.cancel()
         error = future.exception()
         if error is None:
             batch.succeed()

@@ -131,7 +131,9 @@ class Connection:
         self.parser = httptools.HttpRequestParser(self)
         self.unanswered: deque[Request] = deque()
         self.held = 0  # body bytes of unanswered requests
-        self.request: Request | None = None  # the one being parsed
+        # The request being parsed. None only between requests: llhttp calls on_message_begin before any other
+        # callback of a request, so every callback below sees a Request.
+        self.request: Request = None  # type: ignore[assignment]  # see above
         self.closing = False  # read nothing more; close once every answer is written
         self.resume: asyncio.Future | None = None
         self.writing: asyncio.Future | None = None
@@ -169,7 +171,7 @@ class Connection:
         if request is None or request.response is not None:  # between requests, or one answered from its headers
             request = Request(self)
             self.unanswered.append(request)
-        self.request = None
+        self.request = None  # type: ignore[assignment]  # between requests
         request.connection = b"close"
         self.close_when_answered()
         request.fail(GatewayError(400, "BAD_REQUEST", message))
@@ -224,7 +226,7 @@ class Connection:
         self.held += len(body)
 
     def on_message_complete(self) -> None:
-        request, self.request = self.request, None
+        request, self.request = self.request, None  # type: ignore[assignment]  # between requests
         if not request.discard:
             self.publish(request)
         if request.connection == b"close":
@@ -288,7 +290,7 @@ class Connection:
         try:
             messages = gateway.messages(request.multi, request.binary, body)
             framed = gateway.check(request.topic, messages)
-            gateway.admit(request.token, len(messages))
+            gateway.admit(request.token, len(messages))  # type: ignore[arg-type]  # route() set it: it was routed
         except GatewayError as e:
             request.fail(e)
             return
@@ -301,7 +303,7 @@ class Connection:
         """
         request.response = response
         self.held -= request.size
-        request.chunks = None
+        request.chunks = []  # the body is not needed any more
         if not self.flushing:
             self.flushing = True
             self.loop.call_soon(self.flush)
@@ -309,9 +311,10 @@ class Connection:
     def flush(self) -> None:
         """Write the answers that are next in order, in one write; resume reading if it waited."""
         self.flushing = False
-        unanswered, out = self.unanswered, []
+        unanswered = self.unanswered
+        out: list[bytes] = []
         while unanswered and unanswered[0].response is not None:
-            out.append(unanswered.popleft().response)
+            out.append(unanswered.popleft().response)  # type: ignore[arg-type]  # not None: checked above
         stream = self.stream
         if out and not stream.closed():
             self.writing = stream.write(out[0] if len(out) == 1 else b"".join(out))
