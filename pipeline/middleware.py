@@ -20,7 +20,8 @@ Example::
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from pipeline.stage import Batch
@@ -88,7 +89,7 @@ class Middleware:
         """Called with the decoded batch before the stage's handler runs."""
 
     def after_process_batch(self, worker: WorkerView, batch: Batch, *,
-                            result: Mapping[str, list] | None, exception: BaseException | None) -> None:
+                            result: Mapping[str, list[Any]] | None, exception: BaseException | None) -> None:
         """Called after the handler ran, with what it emitted or what it raised."""
 
     def after_dead_letter(self, worker: WorkerView, message: Any, reason: str) -> None:
@@ -139,7 +140,7 @@ class MiddlewareStack:
             self._call(m, hook, args, kwargs)
 
     @staticmethod
-    def _call(m: Middleware, hook: str, args: tuple, kwargs: dict) -> None:
+    def _call(m: Middleware, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         try:
             getattr(m, hook)(*args, **kwargs)
         except Exception:

@@ -46,11 +46,15 @@ import operator
 from itertools import compress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from pipeline.errors import HandlerLoadError
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 Record = dict[str, Any]
 Emit = Mapping[str, list[Record]]
@@ -59,7 +63,8 @@ Handler = Callable[["Batch"], Emit]
 
 def plain(column: Any) -> list[Any]:
     """A column as a list of plain Python values: a typed column (a numpy array) converted, a list as it is."""
-    return column.tolist() if type(column) is np.ndarray else column
+    values: list[Any] = column.tolist() if type(column) is np.ndarray else column
+    return values
 
 
 @dataclass
@@ -79,7 +84,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.records)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Record]:
         return iter(self.records)
 
     def reject(self, index: int, reason: str) -> None:
@@ -125,13 +130,14 @@ class Columns:
     def keys(self) -> list[str]:
         return list(self.data)
 
-    def take(self, indices) -> Columns:
+    def take(self, indices: Sequence[int] | npt.NDArray[np.integer[Any]]) -> Columns:
         """The rows at ``indices`` (a sequence or numpy array of ints), in that order."""
         idx = indices.tolist() if hasattr(indices, "tolist") else list(indices)
         if len(idx) == 0:
             return Columns({k: col[:0] for k, col in self.data.items()}, 0)
         if any(type(col) is np.ndarray for col in self.data.values()):
             rows = indices if type(indices) is np.ndarray else np.array(idx, dtype=np.intp)
+        pick: Callable[[Any], Any]
         if len(idx) == 1:
             pick = lambda col: col[rows] if type(col) is np.ndarray else [col[idx[0]]]  # noqa: E731
         else:
@@ -139,13 +145,13 @@ class Columns:
             pick = lambda col: col[rows] if type(col) is np.ndarray else list(getter(col))  # noqa: E731
         return Columns({k: pick(col) for k, col in self.data.items()}, len(idx))
 
-    def where(self, mask) -> Columns:
+    def where(self, mask: npt.NDArray[np.bool_]) -> Columns:
         """The rows where ``mask`` (a numpy bool array of length n) is true, in order."""
         count = int(mask.sum())
         if count <= self.n // 4:  # few rows: picking by index is cheaper than walking the mask
             return self.take(mask.nonzero()[0])
         flags = None
-        picked = {}
+        picked: dict[str, Any] = {}
         for k, col in self.data.items():
             if type(col) is np.ndarray:
                 picked[k] = col[mask]
@@ -157,6 +163,7 @@ class Columns:
     def with_column(self, key: str, values: Any) -> Columns:
         """A copy with column ``key`` set (kept in place if it exists); a value that is not a list, tuple
         or numpy array fills every row."""
+        column: npt.NDArray[Any] | list[Any]
         if isinstance(values, np.ndarray):
             column = values
         else:
@@ -168,11 +175,14 @@ class Columns:
     def records(self) -> list[Record]:
         """The rows as records (dicts of plain Python values)."""
         keys = list(self.data)
-        return [dict(zip(keys, row)) for row in zip(*map(plain, self.data.values()))]
+        return [dict(zip(keys, row))  # noqa: B905 - per-record hot path; lengths checked by Columns (a value per key)
+                for row in zip(*map(plain, self.data.values()), strict=False)]
 
 
 class ColumnBatch:
     """What middleware sees of a batch on the columnar path: its length, and records only on demand."""
+
+    rejected: dict[int, str]
 
     def __init__(self, columns: Columns, stage: str = ""):
         self.columns, self.stage, self.rejected = columns, stage, {}
@@ -273,12 +283,13 @@ def load_handler(path: str, context: StageContext | None = None) -> Handler:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise HandlerLoadError(f"handler {path!r}: cannot import {module_name!r}: {e}") from e
-    handler = getattr(module, attr, None)
+    handler: object = getattr(module, attr, None)
     if not callable(handler):
         raise HandlerLoadError(f"handler {path!r}: {module_name!r} has no callable {attr!r}")
     if isinstance(handler, type):
         try:
-            return handler(context or StageContext(stage="", replica=0, var_dir=Path("var")))
+            built: Handler = handler(context or StageContext(stage="", replica=0, var_dir=Path("var")))
         except (TypeError, ValueError, KeyError) as e:
             raise HandlerLoadError(f"handler {path!r}: {e}") from e
+        return built
     return handler

@@ -11,6 +11,7 @@ from __future__ import annotations
 from types import UnionType
 
 import inspect
+from collections.abc import Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
 import annotated_types
@@ -90,7 +91,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _type(annotation: Any, metadata: list[Any] = ()) -> str:
+def _type(annotation: Any, metadata: Sequence[Any] = ()) -> str:
     """Name a type the way a YAML author thinks of it."""
     for item in metadata:
         if isinstance(item, TypeDoc):

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from pipeline.config.observe import environment_problems
 from pipeline.config.topology import Topology
@@ -123,7 +124,7 @@ _REASONS = {
 }
 
 
-def _reason(error: dict[str, Any]) -> str:
+def _reason(error: ErrorDetails) -> str:
     """Turn one pydantic error into a short, human-readable reason."""
     kind, ctx = error["type"], error.get("ctx") or {}
     if kind == "extra_forbidden":
@@ -167,7 +168,7 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
-def _to_topology_error(shown: str, positions: _Positions, error: dict[str, Any]) -> TopologyError:
+def _to_topology_error(shown: str, positions: _Positions, error: ErrorDetails) -> TopologyError:
     loc = tuple(str(part) for part in error["loc"])
     on_key = error["type"] == "extra_forbidden" or loc[-1:] == ("[key]",)
     if loc[-1:] == ("[key]",):
@@ -240,6 +241,7 @@ def _load(path: str | os.PathLike[str], environment: bool = False) -> _Outcome:
                      for loc, reason in environment_problems(topology)]
     if problems:
         return _Outcome(None, sorted(problems, key=lambda p: (p.line, p.col)), cause)
+    assert topology is not None  # no problems means validation passed
     topology._path = Path(shown)
     return _Outcome(topology, [])
 

@@ -7,6 +7,7 @@ the big picture is in docs/ARCHITECTURE.md.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -28,8 +29,8 @@ from pipeline.config.types import (
 )
 
 __all__ = [
-    "AuthSpec", "BatchSpec", "Spec", "GatewaySpec", "GatewayTokenSpec", "LookupdSpec", "NsqSpec", "NsqdSpec", "ProducerSpec",
-    "SecretSpec", "StageSpec", "TlsSpec", "TopicSpec",
+    "AuthSpec", "BatchSpec", "Spec", "GatewaySpec", "GatewayTokenSpec", "LookupdSpec", "NsqSpec", "NsqdSpec",
+    "ProducerSpec", "SecretSpec", "StageSpec", "TlsSpec", "TopicSpec",
 ]
 
 
@@ -115,11 +116,14 @@ class NsqSpec(Spec):
     def addresses(self) -> list[tuple[tuple[Any, ...], str]]:
         """Every address of the section with its place in it, e.g. ``(("nsqd", 0, "tcp"), "127.0.0.1:4150")``."""
         found: list[tuple[tuple[Any, ...], str]] = []
-        for section, nodes in (("nsqd", self.nsqd), ("lookupd", self.lookupd)):
+        sections: tuple[tuple[str, Sequence[NsqdSpec | LookupdSpec]], ...] = (
+            ("nsqd", self.nsqd), ("lookupd", self.lookupd))
+        for section, nodes in sections:
             for i, node in enumerate(nodes):
                 found += [((section, i, "tcp"), node.tcp), ((section, i, "http"), node.http)]
-                if getattr(node, "proxy_tcp", None) is not None:
-                    found.append(((section, i, "proxy_tcp"), node.proxy_tcp))
+                proxy_tcp = getattr(node, "proxy_tcp", None)
+                if proxy_tcp is not None:
+                    found.append(((section, i, "proxy_tcp"), proxy_tcp))
         if self.admin is not None:
             found.append((("admin",), self.admin))
         return found

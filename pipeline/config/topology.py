@@ -74,7 +74,7 @@ class Topology(Spec):
             problems += self._keyed_rules(name, stage)
             outputs: set[str] = set()
             keys = stage.outputs if isinstance(stage.outputs, dict) else range(len(stage.outputs))
-            for key, output in zip(keys, stage.output_topics.values()):
+            for key, output in zip(keys, stage.output_topics.values(), strict=False):
                 loc = ("stages", name, "outputs", key)
                 if output == stage.input:
                     reason = f"output {output!r} is the stage's own input; it would consume its own output"

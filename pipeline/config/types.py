@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -60,8 +61,11 @@ def raise_problems(title: str, problems: Problems) -> None:
         raise ValidationError.from_exception_data(title, details)
 
 
-def _matching(kind: str, pattern: str, rule: str, must: str = "be") -> Any:
-    """Return a str type that must fully match ``pattern``; errors and docs state ``rule``."""
+def _matching(kind: str, pattern: str, rule: str, must: str = "be", then: Callable[[str], str] | None = None) -> Any:
+    """Return a str type that must fully match ``pattern``; errors and docs state ``rule``.
+
+    ``then``, if given, is a further check that runs after the match.
+    """
     compiled = re.compile(pattern)
 
     def check(value: str) -> str:
@@ -69,7 +73,9 @@ def _matching(kind: str, pattern: str, rule: str, must: str = "be") -> Any:
             raise problem(f"{kind} {value!r} must {must} {rule}")
         return value
 
-    return Annotated[str, AfterValidator(check), TypeDoc(kind, rule)]
+    if then is None:
+        return Annotated[str, AfterValidator(check), TypeDoc(kind, rule)]
+    return Annotated[str, AfterValidator(check), TypeDoc(kind, rule), AfterValidator(then)]
 
 
 def _not_a_dot_dir(value: str) -> str:
@@ -89,7 +95,7 @@ ChannelName = _matching(
     "channel name", _NSQ_NAME + "(#ephemeral)?", _NAME_RULE + ", optionally ending in #ephemeral"
 )
 #: An nsqd's name; also the directory of its data under ``<var_dir>/nsqd/``.
-NsqdName = Annotated[_matching("nsqd name", _NSQ_NAME, _NAME_RULE), AfterValidator(_not_a_dot_dir)]
+NsqdName = _matching("nsqd name", _NSQ_NAME, _NAME_RULE, then=_not_a_dot_dir)
 #: A stage, producer, token or identity name: these become supervisord program names and CLI arguments.
 LocalName = _matching("name", r"[a-zA-Z0-9_-]{1,64}", "1..64 characters of a-z A-Z 0-9 _ -")
 #: The name of an environment variable.

@@ -181,12 +181,14 @@ class CommitQueue:
             self.uncommitted -= len(commit.finish)
         self._last_checkpoint = time.monotonic()
         self.stats["checkpoints"] += 1
-        data = self.checkpoint.encode(*state)  # here: the thread only writes, with no GIL to take back and forth
+        # Encoded here: the thread only writes, with no GIL to take back and forth.
+        data = self.checkpoint.encode(*state)  # type: ignore[misc]  # state is None only when group is empty
         self._writing = asyncio.get_running_loop().run_in_executor(None, self.checkpoint.write, data)
         self._writing.add_done_callback(functools.partial(self._checkpointed, group))
 
-    def _group(self) -> tuple[list[KeyedCommit], tuple | None]:
+    def _group(self) -> tuple[list[KeyedCommit], tuple[dict, bytes | None] | None]:
         """Take the commits of the next checkpoint off the queue, with the state it holds ([] when none yet)."""
+        state: tuple[dict, bytes | None] | None
         commits = self.commits
         acknowledged = 1
         while acknowledged < len(commits) and commits[acknowledged].answer is None:

@@ -30,7 +30,8 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import msgpack
 
@@ -114,8 +115,9 @@ class Sequencer:
         """
         if self._parked:
             return None
+        last: dict[str, int]
         applied, last = self.applied, {}
-        for key, seq in zip(keys, seqs):
+        for key, seq in zip(keys, seqs, strict=False):
             previous = last.get(key)
             if previous is None:
                 if type(key) is not str or not key:
@@ -148,6 +150,7 @@ class Sequencer:
         return sum(len(seqs) for seqs in self._parked_seqs.values())
 
     def _release(self, key: str) -> list[Any]:
+        ready: list[Any]
         parked, ready = self._parked.get(key), []
         if not parked:
             return ready

@@ -12,7 +12,8 @@ import asyncio
 import functools
 import logging
 import time
-from typing import Any, Callable, Coroutine
+from typing import Any
+from collections.abc import Callable, Coroutine
 
 from tornado.ioloop import PeriodicCallback
 

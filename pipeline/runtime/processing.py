@@ -15,7 +15,8 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import orjson
@@ -23,7 +24,9 @@ import orjson
 from pipeline.records import bulkjson
 
 from pipeline.records import envelope
-from pipeline.records.codecs import DIGITS_TO_9, MSGPACK_MAP_MARKERS, TWENTY_DIGITS, decode, encode_json, encode_msgpack, encoder
+from pipeline.records.codecs import (
+    DIGITS_TO_9, MSGPACK_MAP_MARKERS, TWENTY_DIGITS, decode, encode_json, encode_msgpack, encoder,
+)
 from pipeline.records.deadletter import DeadLetter
 from pipeline.errors import DecodeError, StageOutputError, StageStateError
 from pipeline.middleware import MiddlewareStack, WorkerView
@@ -140,8 +143,10 @@ class BatchProcessor:
                 self._apply_plain(messages, records, outcome)
                 return outcome
             except Failed as failure:
-                self._failed([Unit(m, [r]) for m, r in zip(messages, records)], failure, outcome)
+                self._failed([Unit(m, [r]) for m, r in zip(messages, records, strict=False)], failure, outcome)
                 return outcome
+        units: list[Unit]
+        suspects: list[Unit]
         units, suspects = [], []
         for unit in self._decode_all(messages, outcome):
             # A message past max_tries was last seen by a worker that died or
@@ -222,7 +227,7 @@ class BatchProcessor:
         batch = ColumnBatch(found, stage=self.name)
         self.middleware.emit_before("before_process_batch", self.worker, batch)
         try:
-            emitted = self.columns_handler(found)
+            emitted = self.columns_handler(found)  # type: ignore[misc]  # set: callers check it is not None
             self.columns_declined = emitted is None
         except Exception:
             emitted, self.columns_declined = None, False
@@ -232,7 +237,9 @@ class BatchProcessor:
         return encoded
 
     def _columns_of(self, messages: list) -> Columns | None:
-        keys, parts, n = None, None, 0
+        keys: list[str] | None
+        parts: list[list[Any]]
+        keys, parts, n = None, None, 0  # type: ignore[assignment]  # parts is None only until keys is set
         for message in messages:
             body = message.body
             if message.attempts > self.spec.max_tries or not body or body[0] not in MSGPACK_MAP_MARKERS:
@@ -248,12 +255,12 @@ class BatchProcessor:
             elif found[0] != keys:
                 return None
             else:
-                for column_parts, more in zip(parts, found[1]):
+                for column_parts, more in zip(parts, found[1]):  # noqa: B905 - per-record hot path; lengths checked by found[0] != keys
                     column_parts.append(more)
                 n += found[2]
         if keys is None or len(set(keys)) != len(keys):
             return None
-        return Columns(dict(zip(keys, map(_joined, parts))), n)
+        return Columns(dict(zip(keys, map(_joined, parts), strict=False)), n)
 
     def _encode_columns(self, emitted) -> dict[str, list[bytes]] | None:
         """Encode a columnar handler's ``{output: Columns or list of records}``; None when it cannot be published."""
@@ -277,7 +284,7 @@ class BatchProcessor:
                 continue
             parts: dict[str, Columns] = {topic: columns}
             if router.partitioned:
-                rows = router.route_rows(columns[router.key]) if router.key in columns else None
+                rows = router.route_rows(columns[router.key]) if router.key in columns else None  # type: ignore[index,operator]  # partitioned, so key is set
                 if rows is None:
                     return None  # the record path names the bad key
                 parts = {t: columns if len(r) == len(columns) else columns.take(r) for t, r in rows.items()}
@@ -585,7 +592,7 @@ class KeyedProcessor(BatchProcessor):
     def restore_handler(self, state: bytes | None) -> None:
         """Put the handler back to ``state``, a :meth:`handler_state` (or a checkpoint's)."""
         if state is not None:
-            self.handler.restore(state)
+            self.handler.restore(state)  # type: ignore[attr-defined]  # a state comes from its snapshot()
         self._handler_state = _UNKNOWN if state is None else state
 
     _snapshot, _restore = handler_state, restore_handler

@@ -33,7 +33,8 @@ import logging
 import signal
 import time
 from collections import Counter
-from typing import Any, Coroutine, Iterable
+from typing import Any
+from collections.abc import Coroutine, Iterable
 
 from pipeline.client import nsqd_http
 from pipeline.client.fastclient import FastReader
@@ -84,10 +85,10 @@ class Worker:
         self.input_topic = topology.input_topic(stage_name, replica)
         self.stats: Counter[str] = Counter()
         self.draining = False
-        self.reader: FastReader | None = None
-        self.publisher: Publisher | None = None
+        self.reader: FastReader = None  # type: ignore[assignment]  # None until start(); used only after it
+        self.publisher: Publisher = None  # type: ignore[assignment]  # None until start(); used only after it
         self._active: set[asyncio.Future] = set()
-        self._done: asyncio.Event | None = None
+        self._done: asyncio.Event = None  # type: ignore[assignment]  # None until start(); used only after it
         self._close_waits: set[str] = set()
         context = ProcessingContext(stage_name, self.spec, topology, self.handler, self.middleware, self,
                                     self._on_handler_error)
@@ -95,8 +96,8 @@ class Worker:
         self.keyed: KeyedPath | None = None
         if self.spec.keyed:
             source = topology.topics[self.spec.input]
-            keyed = KeyedProcessor(context, key_field=source.key, seq_field=source.seq,
-                                   sequencer=new_sequencer(self.spec))
+            keyed = KeyedProcessor(context, key_field=source.key,  # type: ignore[arg-type]  # checked: _keyed_rules
+                                   seq_field=source.seq, sequencer=new_sequencer(self.spec))
             self.processor: BatchProcessor = keyed
             self.acks = Acks(self, keyed, self.stats, topology.dead_letter_topic(stage_name), self.middleware)
             checkpoint = Checkpoint(topology.var_dir / "state" / f"{stage_name}-{replica}.ckpt")

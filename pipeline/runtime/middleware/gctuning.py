@@ -57,6 +57,7 @@ class GcTuning(Middleware):
                 _saved = gc.get_threshold()
             _active += 1
             gc.freeze()
+            assert _saved is not None  # taken when _active was 0, by this boot or an earlier one
             _, gen1, gen2 = gc.get_threshold()
             gc.set_threshold(max(self.gen0_threshold, _saved[0]), gen1, gen2)
         log.debug("gc: %d objects frozen, thresholds %s", gc.get_freeze_count(), gc.get_threshold())

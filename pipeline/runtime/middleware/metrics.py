@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, GCCollector, Histogram, PlatformCollector, ProcessCollector
@@ -35,6 +36,8 @@ from prometheus_client.registry import Collector
 from pipeline.middleware import Middleware, WorkerView
 
 if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
     from pipeline.stage import Batch
 
 log = logging.getLogger(__name__)
@@ -87,7 +90,7 @@ class BulkHistogram:
         with self._lock:
             cumulative, total = np.cumsum(self.counts), self.total
         les = [_le(b) for b in self.bounds] + ["+Inf"]
-        return [(le, int(c)) for le, c in zip(les, cumulative)], total
+        return [(le, int(c)) for le, c in zip(les, cumulative, strict=False)], total
 
 
 def _le(bound: float) -> str:
@@ -174,7 +177,7 @@ class WorkerMetrics(Middleware):
         self.e2e = BulkHistogram(LATENCY_BUCKETS)
         self._handler_started = 0.0
         self._publishing: dict[int, float] = {}
-        self._server = None
+        self._server: WSGIServer | None = None
 
     @classmethod
     def for_replica(cls, spec, stage: str, replica: int) -> WorkerMetrics | None:
