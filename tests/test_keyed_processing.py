@@ -10,7 +10,8 @@ from pipeline.records.envelope import pack
 from pipeline.errors import StageStateError
 from pipeline.runtime.keyed import Checkpoint, Sequencer
 from pipeline.middleware import MiddlewareStack
-from pipeline.runtime.processing import KeyedEntry, KeyedProcessor, ProcessingContext
+from pipeline.runtime.keyed_processing import KeyedEntry, KeyedProcessor
+from pipeline.runtime.processing import ProcessingContext
 from pipeline.stage import StageContext
 from pipeline.config import load_topology
 from stages_for_tests import RunningSum

@@ -12,8 +12,8 @@ import asyncio
 import functools
 import logging
 import time
-from typing import Any
 from collections.abc import Callable, Coroutine
+from typing import Any
 
 from tornado.ioloop import PeriodicCallback
 
@@ -22,7 +22,7 @@ from pipeline.middleware import WorkerView
 from pipeline.runtime.acks import Acks
 from pipeline.runtime.commits import CommitQueue, KeyedCommit
 from pipeline.runtime.keyed import Checkpoint, Sequencer
-from pipeline.runtime.processing import KeyedEntry, KeyedProcessor
+from pipeline.runtime.keyed_processing import KeyedEntry, KeyedProcessor
 
 log = logging.getLogger(__name__)
 

@@ -33,14 +33,14 @@ import logging
 import signal
 import time
 from collections import Counter
-from typing import Any
 from collections.abc import Coroutine, Iterable
+from typing import Any
 
 from pipeline.client import nsqd_http
 from pipeline.client.fastclient import FastReader
 from pipeline.client.publisher import Publisher
-from pipeline.config.security import client_options
 from pipeline.config import Topology
+from pipeline.config.security import client_options
 from pipeline.errors import PublishError
 from pipeline.middleware import Middleware, MiddlewareStack
 from pipeline.records import jit
@@ -48,10 +48,11 @@ from pipeline.runtime.acks import Acks
 from pipeline.runtime.batcher import Batcher
 from pipeline.runtime.keyed import Checkpoint
 from pipeline.runtime.keyed_path import KeyedPath, new_sequencer
+from pipeline.runtime.keyed_processing import KeyedProcessor
 from pipeline.runtime.middleware import faultpoints, gctuning
 from pipeline.runtime.middleware.gctuning import GcTuning
 from pipeline.runtime.middleware.metrics import WorkerMetrics
-from pipeline.runtime.processing import BatchProcessor, KeyedProcessor, ProcessingContext
+from pipeline.runtime.processing import BatchProcessor, ProcessingContext
 from pipeline.stage import Handler, StageContext, load_handler
 
 log = logging.getLogger(__name__)
