@@ -11,7 +11,7 @@ PYTEST_ARGS ?= --durations=15
 # workers they start.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: setup demo test down clean bench soak chaos fuzz
+.PHONY: setup demo lint test down clean bench soak chaos fuzz
 
 # compileall: bytecode for the project's own modules (pip compiles the libraries). With
 # PYTHONDONTWRITEBYTECODE set, every worker start would compile them again: ~0.1 s of CPU
@@ -30,8 +30,14 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PIPELINE) demo
 
+# The gates (docs/ARCHITECTURE.md): lint and import order, types, and the layer contract.
+lint: setup
+	$(VENV)/bin/ruff check pipeline
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
+
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
-test: setup
+test: setup lint
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc

@@ -18,8 +18,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import (DecodeError, HandlerLoadError, PipelineError, PublishError, PublishRefused,
-                             StageOutputError, StageStateError, TopologyError)
+from pipeline.errors import (
+    DecodeError,
+    HandlerLoadError,
+    PipelineError,
+    PublishError,
+    PublishRefused,
+    StageOutputError,
+    StageStateError,
+    TopologyError,
+)
 
 if TYPE_CHECKING:
     from pipeline.config import Topology, load_topology

@@ -43,10 +43,10 @@ from __future__ import annotations
 import importlib
 import math
 import operator
-from itertools import compress
-from dataclasses import dataclass, field
-from pathlib import Path
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import compress
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np

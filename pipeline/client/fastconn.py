@@ -33,8 +33,8 @@ import ssl
 import struct
 import threading
 import time
-from itertools import repeat
 from collections.abc import Callable
+from itertools import repeat
 
 import nsq
 from nsq import event, protocol

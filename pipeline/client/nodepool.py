@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import dataclass
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
 BACKOFF = 0.5
 MAX_BACKOFF = 30.0

@@ -18,7 +18,7 @@ import struct
 from collections import deque
 from collections.abc import Iterable, Sequence
 
-from pipeline.config import MAX_MSG_SIZE, socket_address
+from pipeline.config import socket_address
 from pipeline.errors import PublishError, PublishRefused
 
 MAGIC_V2 = b"  V2"

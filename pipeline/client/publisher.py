@@ -16,10 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 import nsq
 from tornado.concurrent import Future
 
-from pipeline.errors import PublishError
 from pipeline.client.fastclient import FastWriter
 from pipeline.client.nodepool import NodeHealth, NodePool
 from pipeline.client.nsqclient import chunked
+from pipeline.errors import PublishError
 
 log = logging.getLogger(__name__)
 

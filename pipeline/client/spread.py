@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from pipeline.errors import PublishError, PublishRefused
 from pipeline.client.nodepool import NodeHealth, NodePool
 from pipeline.client.nsqclient import NsqPublisher
+from pipeline.errors import PublishError, PublishRefused
 
 FAILOVER_TIMEOUT = 5.0  # a batch no node takes within this long fails the publish
 

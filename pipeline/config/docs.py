@@ -8,10 +8,9 @@ Regenerate ``docs/TOPOLOGY.md`` with::
 """
 from __future__ import annotations
 
-from types import UnionType
-
 import inspect
 from collections.abc import Sequence
+from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import annotated_types

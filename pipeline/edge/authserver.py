@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from tornado.httpserver import HTTPServer
 from tornado.web import Application, RequestHandler
 
+from pipeline.config import socket_address
 from pipeline.config.credentials import SecretError
 from pipeline.config.security import identity_secret
-from pipeline.config import socket_address
 
 log = logging.getLogger(__name__)
 

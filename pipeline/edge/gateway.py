@@ -27,11 +27,11 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from pipeline.records.codecs import decode
-from pipeline.config.credentials import read_secret
-from pipeline.errors import DecodeError, GatewayError
 from pipeline.client.publisher import Publisher
+from pipeline.config.credentials import read_secret
 from pipeline.config.security import client_options
+from pipeline.errors import DecodeError, GatewayError
+from pipeline.records.codecs import decode
 
 log = logging.getLogger(__name__)
 

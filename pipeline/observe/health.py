@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable, Sequence
 
-from pipeline.observe.healthdb import ChannelSample, HealthDB, ProcessSample, WorkerSample
 from pipeline.config import DEAD_LETTER_SUFFIX, ReportSpec
+from pipeline.observe.healthdb import ChannelSample, HealthDB, ProcessSample, WorkerSample
 
 OK, WARN, CRIT = "OK", "WARN", "CRIT"
 LEVELS = {OK: 0, WARN: 1, CRIT: 2}

@@ -16,10 +16,10 @@ import json
 import os
 import sqlite3
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS channel (

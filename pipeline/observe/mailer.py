@@ -17,13 +17,13 @@ import smtplib
 import ssl
 import time
 import zoneinfo
-from email.message import EmailMessage
 from collections.abc import Callable
+from email.message import EmailMessage
 
 from prometheus_client import CollectorRegistry, Counter
 
-from pipeline.observe.healthdb import HealthDB
 from pipeline.config import ReportSpec
+from pipeline.observe.healthdb import HealthDB
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollecto
 from prometheus_client.exposition import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.ops.control import Supervisor
-from pipeline.observe.healthdb import HealthDB
-from pipeline.observe.nsq_exporter import NsqCollector, NsqdNode, channel_rows, discover_nsqd, fetch_stats
 from pipeline.client.nsqclient import NsqSubscriber
 from pipeline.config import MonitorSpec, split_address
+from pipeline.observe.healthdb import HealthDB
+from pipeline.observe.nsq_exporter import NsqCollector, NsqdNode, channel_rows, discover_nsqd, fetch_stats
+from pipeline.ops.control import Supervisor
 
 log = logging.getLogger(__name__)
 

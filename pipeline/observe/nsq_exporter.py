@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector

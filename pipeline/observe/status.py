@@ -10,9 +10,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from pipeline.client import nsqd_http
+from pipeline.config import split_address
 from pipeline.ops.control import Supervisor
 from pipeline.ops.restarter import read_restarts
-from pipeline.config import split_address
 
 
 @dataclass

@@ -29,11 +29,11 @@ from typing import Any, TextIO
 
 import orjson
 
-from pipeline.records import envelope
-from pipeline.records.codecs import decode
-from pipeline.errors import DecodeError
 from pipeline.client.nsqclient import NsqMessage, NsqSubscriber
 from pipeline.config.security import client_security
+from pipeline.errors import DecodeError
+from pipeline.records import envelope
+from pipeline.records.codecs import decode
 
 #: Seconds each nsqd is waited on per turn, so a quiet node delays the others little.
 READ_TIMEOUT = 0.05

@@ -26,9 +26,9 @@ from typing import Any
 
 import yaml
 
+from pipeline.config import split_address
 from pipeline.errors import ComposeError
 from pipeline.ops.supervisor_conf import NSQD_STOPWAITSECS, worker_stopwaitsecs
-from pipeline.config import split_address
 
 NSQ_IMAGE = "nsqio/nsq:v1.3.0"
 PIPELINE_IMAGE = "nsq-pipeline:latest"

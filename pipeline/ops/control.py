@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.client import nsqd_http
+from pipeline.config import split_address
 from pipeline.errors import ProcessError
 from pipeline.ops.install import bin_dir
 from pipeline.ops.processes import stop_pid
 from pipeline.ops.restarter import SupervisorProcessInfo, supervisor_rpc
 from pipeline.ops.supervisor_conf import conf_path, render, socket_path
-from pipeline.config import split_address
 
 START_TIMEOUT = 90.0  # a cold worker start compiles numba kernels
 SUPERVISORD_TIMEOUT = 15.0

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.ops.control import Log, Supervisor
-from pipeline.errors import PipelineError
 from pipeline.config import load_topology
+from pipeline.errors import PipelineError
+from pipeline.ops.control import Log, Supervisor
 
 
 class ScaleError(PipelineError):

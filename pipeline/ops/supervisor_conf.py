@@ -18,9 +18,9 @@ from __future__ import annotations
 import math
 from pathlib import Path, PurePosixPath
 
-from pipeline.ops.processes import nsqadmin_args, nsqd_args, nsqlookupd_args
-from pipeline.config.security import nsqd_security_args
 from pipeline.config import split_address
+from pipeline.config.security import nsqd_security_args
+from pipeline.ops.processes import nsqadmin_args, nsqd_args, nsqlookupd_args
 
 BIN = "%(ENV_NSQ_PIPELINE_BIN)s"
 PYTHON = "%(ENV_NSQ_PIPELINE_PYTHON)s"

@@ -11,14 +11,14 @@ from __future__ import annotations
 import functools
 import json
 import threading
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import orjson
 
-from pipeline.records.envelope import ext_hook
 from pipeline.errors import DecodeError
+from pipeline.records.envelope import ext_hook
 
 CODECS = ("json", "msgpack")
 

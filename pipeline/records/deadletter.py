@@ -16,8 +16,8 @@ import base64
 import time
 from dataclasses import dataclass
 
-from pipeline.records.codecs import decode, encode_json, encode_msgpack
 from pipeline.config import MAX_MSG_SIZE
+from pipeline.records.codecs import decode, encode_json, encode_msgpack
 
 _ROOM = 256  # for the msgpack framing of the metadata when the body must be cut
 

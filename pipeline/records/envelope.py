@@ -24,8 +24,8 @@ envelopes.
 """
 from __future__ import annotations
 
-from operator import itemgetter
 from collections.abc import Iterable, Iterator
+from operator import itemgetter
 
 import msgpack
 import numpy as np

@@ -23,8 +23,8 @@ import importlib
 import logging
 import threading
 import time
-from types import ModuleType
 from collections.abc import Callable
+from types import ModuleType
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ what to do with it.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
-from collections.abc import Iterable
 
-from pipeline.records.envelope import plain
 from pipeline.errors import PipelineError
+from pipeline.records.envelope import plain
 
 _CACHE_KEYS = 65536  # a Router remembers the partition of this many keys
 

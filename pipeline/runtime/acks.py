@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any
 from collections.abc import Sequence
+from typing import Any
 
 from pipeline.client.fastconn import finish_all
 from pipeline.middleware import MiddlewareStack, WorkerView

@@ -7,8 +7,8 @@ the keyed path. See docs/ARCHITECTURE.md, "The stage contract".
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 
 class Batcher:
