@@ -1,8 +1,7 @@
-"""The ``pipeline`` command line: every command, and the demo.
+"""The ``pipeline`` command line: one module per group of commands, and the demo.
 
-Commands that use the reference stages, producers, chaos harness or benchmarks
-load them at call time (see :mod:`pipeline.cli.plugins`).
-Layer 7, the top: may import every layer.
+Layer 7, the top: may import every layer; the checkout's reference code only
+through :mod:`pipeline.cli.plugins`, at call time. Map: docs/ARCHITECTURE.md.
 """
 from pipeline.cli.main import main
 

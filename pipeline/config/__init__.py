@@ -1,8 +1,7 @@
-"""The topology: what a pipeline declares in topology.yaml, validated at load.
+"""The topology: what a pipeline declares in topology.yaml, validated at load with ``file:line:col`` errors.
 
-The schema of every section, the loader that turns YAML into it with
-``file:line:col`` errors, and the settings derived from it (security, observation).
 Layer 1: imports only the public face (``pipeline.errors``, ``pipeline.stage``).
+This package's own face re-exports what callers use. Map: docs/ARCHITECTURE.md.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Running a pipeline on one machine: NSQ binaries, supervisord, processes, scaling, certificates.
+"""Running a pipeline on one machine: NSQ binaries, processes, supervisord, scaling, compose, certificates.
 
-Renders supervisord.conf and docker-compose from the topology and drives them.
 Layer 5: imports ``pipeline.runtime`` and below; never ``observe``, ``edge`` or ``cli``.
+Map: docs/ARCHITECTURE.md.
 """

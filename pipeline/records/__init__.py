@@ -1,5 +1,5 @@
-"""Records as bytes: codecs, packed envelopes, partitions, dead letters, compiled kernels.
+"""Records as bytes: codecs, packed envelopes, partitions, dead letters and their compiled kernels.
 
-Everything here is pure data handling, with no sockets and no processes.
-Layer 2: imports ``pipeline.config`` and the public face, nothing above.
+Layer 2: pure data handling, no sockets, no processes; imports ``pipeline.config`` and the
+public face. Map: docs/ARCHITECTURE.md.
 """

@@ -1,5 +1,5 @@
-"""Middleware the worker installs itself: metrics, collector tuning, chaos fault points.
+"""Middleware the worker installs itself, one module each: metrics, collector tuning, chaos fault points.
 
-One module per middleware, each a :class:`pipeline.middleware.Middleware`.
-Part of the runtime layer: imports ``pipeline.runtime``'s lower layers, never the worker.
+Part of the runtime layer; typed against :class:`pipeline.middleware.WorkerView`, never the
+worker itself. Map: docs/ARCHITECTURE.md.
 """
