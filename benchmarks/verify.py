@@ -18,6 +18,7 @@ import msgpack
 import numpy as np
 
 from pipeline.records import envelope
+from pipeline.stage import plain
 
 from .broker import OUTPUT_TOPICS, VERIFY_CHANNEL, BenchError, Broker
 
@@ -80,7 +81,7 @@ def _columns(body: bytes) -> tuple[list, list]:
         columns = decoded["columns"]
         numbers, flags = columns[keys.index("number")], columns[keys.index("prime")]
         if len(numbers) == len(flags) == decoded.get("n"):  # typed columns are arrays: plain values here
-            return envelope.plain(numbers), envelope.plain(flags)
+            return plain(numbers), plain(flags)
     records = envelope.unpack(decoded, body)  # the general (slower) form; raises DecodeError if malformed
     try:
         return [r["number"] for r in records], [r["prime"] for r in records]

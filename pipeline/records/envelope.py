@@ -31,7 +31,7 @@ import msgpack
 import numpy as np
 
 from pipeline.errors import DecodeError
-from pipeline.stage import plain  # noqa: F401  (envelope.plain: a column as a list of Python values)
+from pipeline.stage import plain
 
 MARKER = "__nsq_pipeline_pack__"
 VERSION = 2  # what pack() writes

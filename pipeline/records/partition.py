@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from pipeline.errors import PipelineError
-from pipeline.records.envelope import plain
+from pipeline.stage import plain
 
 _CACHE_KEYS = 65536  # a Router remembers the partition of this many keys
 

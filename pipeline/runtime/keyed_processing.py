@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import StageStateError
-from pipeline.records import envelope
 from pipeline.records.codecs import decode
 from pipeline.runtime.keyed import Sequencer
 from pipeline.runtime.processing import BatchProcessor, Dead, Failed, Outcome, ProcessingContext, record_body
+from pipeline.stage import plain
 
 _UNKNOWN = object()
 
@@ -119,7 +119,7 @@ class KeyedProcessor(BatchProcessor):
         found = self._columns_of(messages)
         if found is None or self.key_field not in found or self.seq_field not in found:
             return None
-        last = self.sequencer.take_in_order(found[self.key_field], envelope.plain(found[self.seq_field]))
+        last = self.sequencer.take_in_order(found[self.key_field], plain(found[self.seq_field]))
         if last is None or (self.sequencer.expiry_due() and self.may_give_up()):
             return None
         before = None if self.columns_atomic else self._snapshot()

@@ -36,7 +36,7 @@ from pipeline.records.codecs import (
 )
 from pipeline.records.deadletter import DeadLetter
 from pipeline.records.partition import PartitionKeyError, Router
-from pipeline.stage import Batch, ColumnBatch, Columns, Handler
+from pipeline.stage import Batch, ColumnBatch, Columns, Handler, plain
 
 _ATTEMPTS, _BODY = operator.attrgetter("attempts"), operator.attrgetter("body")
 
@@ -50,7 +50,7 @@ def _joined(parts: list) -> list | np.ndarray:
         return np.concatenate(parts)
     joined: list = []
     for part in parts:
-        joined += envelope.plain(part)
+        joined += plain(part)
     return joined
 
 

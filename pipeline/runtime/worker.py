@@ -100,12 +100,12 @@ class Worker:
             keyed = KeyedProcessor(context, key_field=source.key,  # type: ignore[arg-type]  # checked: _keyed_rules
                                    seq_field=source.seq, sequencer=new_sequencer(self.spec))
             self.processor: BatchProcessor = keyed
-            self.acks = Acks(self, keyed, self.stats, topology.dead_letter_topic(stage_name), self.middleware)
-            checkpoint = Checkpoint(topology.var_dir / "state" / f"{stage_name}-{replica}.ckpt")
-            self.keyed = KeyedPath(self, keyed, checkpoint, self.acks, self._spawn)
         else:
             self.processor = BatchProcessor(context)
-            self.acks = Acks(self, self.processor, self.stats, topology.dead_letter_topic(stage_name), self.middleware)
+        self.acks = Acks(self, self.processor, self.stats, topology.dead_letter_topic(stage_name), self.middleware)
+        if self.spec.keyed:
+            checkpoint = Checkpoint(topology.var_dir / "state" / f"{stage_name}-{replica}.ckpt")
+            self.keyed = KeyedPath(self, keyed, checkpoint, self.acks, self._spawn)
         dispatch = self.keyed.take if self.keyed is not None else self._start_batch
         self.batcher = Batcher(self.spec.batch.size, self.spec.batch.wait_ms, dispatch)
 
