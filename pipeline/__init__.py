@@ -30,6 +30,7 @@ from pipeline.errors import (
 )
 
 if TYPE_CHECKING:
+    from pipeline.client.producer import Producer
     from pipeline.config import Topology, load_topology
     from pipeline.middleware import Middleware
     from pipeline.stage import Batch, Columns, Emit, Handler, Record, StageContext, StatefulStage, plain
@@ -42,11 +43,12 @@ _LAZY = {
                     "pipeline.stage"),
     "Middleware": "pipeline.middleware",
     **dict.fromkeys(["Topology", "load_topology"], "pipeline.config"),
+    "Producer": "pipeline.client.producer",
 }
 
 __all__ = [
     "Batch", "Columns", "DecodeError", "Emit", "Handler", "HandlerLoadError", "Middleware", "PipelineError",
-    "PublishError", "PublishRefused", "Record", "StageContext", "StageOutputError", "StageStateError",
+    "Producer", "PublishError", "PublishRefused", "Record", "StageContext", "StageOutputError", "StageStateError",
     "StatefulStage", "Topology", "TopologyError", "__version__", "load_topology", "plain",
 ]
 

@@ -1,19 +1,17 @@
 """The numbers producer: records ``{"id", "ts", "number"}`` for a range of integers.
 
 Used by ``pipeline produce numbers --start S --count N [--rate R]``, by the
-demo and by tests. Records go out in TCP MPUB chunks; each chunk counts as
-published only once nsqd answered OK.
+demo and by tests. Records go out through :class:`pipeline.Producer`, in TCP MPUB chunks; each
+chunk counts as published only once nsqd answered OK.
 """
 from __future__ import annotations
 
 import time
 import uuid
-from itertools import islice
 from typing import Callable, Iterator, Sequence
 
-from pipeline.records import envelope
-from pipeline.records.codecs import encoder
-from pipeline.client.spread import SpreadPublisher
+from pipeline.client.producer import Producer
+from pipeline.config import TopicSpec
 
 
 def number_records(start: int, count: int, run_id: str | None = None) -> Iterator[dict]:
@@ -47,29 +45,13 @@ def produce_numbers(address: str | Sequence[str], topic: str, start: int, count:
     Raises:
         PublishError: nsqd refused a chunk or could not be reached.
     """
-    encode = encoder(codec)
-    records = number_records(start, count, run_id)
-    started = time.monotonic()
-    sent = 0
-    with SpreadPublisher([address] if isinstance(address, str) else list(address), security=security) as pub:
-        while sent < count:
-            size = min(chunk * pack, count - sent)
-            batch = list(islice(records, size))
-            pub.send_mpub(topic, envelope.pack(batch, pack) if pack > 1 else [encode(r) for r in batch],
-                          records=size)
-            sent += size
-            if on_progress:
-                on_progress(pub.acked_records)
-            if rate > 0:
-                _pace(started, sent, rate)
-        pub.flush()
-        if on_progress:
-            on_progress(count)
-        return count
+    spec = TopicSpec(codec=codec, pack=pack)
+    with Producer.to(address, topic, spec, chunk=chunk, security=security) as producer:
+        return publish_numbers(producer, start, count, rate=rate, run_id=run_id, on_progress=on_progress)
 
 
-def _pace(started: float, sent: int, rate: float) -> None:
-    # Rate limiting, not synchronisation: hold back until the schedule allows the next chunk.
-    ahead = started + sent / rate - time.monotonic()
-    if ahead > 0:
-        time.sleep(ahead)
+def publish_numbers(producer: Producer, start: int, count: int, *, rate: float = 0.0, run_id: str | None = None,
+                    on_progress: Callable[[int], None] | None = None) -> int:
+    """Publish ``count`` numbers from ``start`` through ``producer``; return how many nsqd acknowledged."""
+    producer.on_progress = on_progress
+    return producer.publish(number_records(start, count, run_id), rate=rate)

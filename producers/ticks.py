@@ -23,13 +23,9 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from pipeline.records import envelope
-from pipeline.records.codecs import encoder
-from pipeline.errors import PipelineError, PublishError
-from pipeline.client.nsqclient import chunked
-from pipeline.records.partition import Router
-from pipeline.client.spread import SpreadPublisher
+from pipeline.client.producer import LINGER_MS, Producer
 from pipeline.config import TopicSpec
+from pipeline.errors import PipelineError
 
 #: One second of trading time in years (252 days of 6.5 hours): the default GBM step.
 ONE_TRADING_SECOND = 1 / (252 * 6.5 * 3600)
@@ -37,10 +33,6 @@ MAX_SIZE = 1000
 REPLAY_COLUMNS = ("ts", "symbol", "price", "size")
 # Draws are made in fixed blocks so that the first n ticks of a seed do not depend on ``count``.
 _BLOCK = 4096
-#: The default longest wait of a record in the producer's buffer, in ms (see ``produce_ticks``'s ``linger_ms``).
-LINGER_MS = 5.0
-# nsqd drops a client that sent nothing for two heartbeats (60 s by default); reconnect well before.
-_IDLE_RECONNECT = 30.0
 
 
 class ReplayError(PipelineError, ValueError):
@@ -239,131 +231,15 @@ def produce_ticks(address: str | Sequence[str], topic: str, records: Iterable[di
         ValueError: both ``rate`` and ``speed`` are given, or either is invalid.
     """
     factor = parse_speed(speed)
-    if not 0 < linger_ms <= 1000:
-        raise ValueError(f"linger_ms must be in (0, 1000], got {linger_ms!r}")
-    min_sleep = linger_ms / 1000.0  # shorter waits are not worth a sleep (and a send): run slightly ahead
-    if rate < 0 or (rate > 0 and factor is not None):
-        raise ValueError(f"pace by rate (>= 0) or by speed, not both: rate={rate!r}, speed={speed!r}")
-    spec = spec or TopicSpec()
-    pacer = _Pacer(rate, factor)
-    paced = rate > 0 or factor is not None
-    with _Sender(address, Router.for_spec(topic, spec), spec, chunk, on_progress, security) as sender:
-        try:
-            oldest = None  # when the oldest buffered record was added (paced runs)
-            for record in records:
-                wait = pacer.wait(record)
-                if wait >= min_sleep:
-                    sender.drain()  # nothing waits in a buffer while the producer sleeps
-                    oldest = None
-                    time.sleep(wait)
-                elif oldest is not None and time.monotonic() - oldest >= min_sleep:
-                    sender.drain()  # behind the rate, it never sleeps: still no record waits longer
-                    oldest = None
-                sender.add(record)
-                if paced and oldest is None:
-                    oldest = time.monotonic()
-        except PublishError:
-            raise
-        except Exception:
-            sender.drain()  # a bad record stops the run with everything before it published
-            raise
-        sender.drain()
-        return sender.acked
+    # The records' own seq, numbered per run by synthetic_ticks and replay_ticks
+    # (`pipeline produce ticks` numbers them durably instead: publish_ticks).
+    with Producer.to(address, topic, spec, chunk=chunk, security=security, keep_seq=True) as producer:
+        producer.on_progress = on_progress
+        return producer.publish(records, rate=rate, speed=factor, linger_ms=linger_ms)
 
 
-class _Pacer:
-    """Says how long to wait before a record is due: by rate (records/s) or by its ``ts`` and a speed."""
-
-    def __init__(self, rate: float, speed: float | None):
-        self.rate, self.speed = rate, speed
-        self.started: float | None = None
-        self.first_ts = 0
-        self.count = 0
-
-    def wait(self, record: dict) -> float:
-        if not self.rate and self.speed is None:
-            return 0.0
-        now = time.monotonic()
-        if self.started is None:
-            self.started, self.first_ts = now, self._ts(record) if self.speed else 0
-        if self.rate:
-            due = self.started + self.count / self.rate
-            self.count += 1
-        else:
-            due = self.started + (self._ts(record) - self.first_ts) / 1e9 / self.speed
-        return due - now
-
-    @staticmethod
-    def _ts(record: dict) -> int:
-        ts = record.get("ts")
-        if not isinstance(ts, int) or isinstance(ts, bool):
-            raise ValueError(f"pacing by speed needs an integer 'ts' in ns in every record: {record!r:.200}")
-        return ts
-
-
-class _Sender:
-    """Buffers records per physical topic and publishes them in pipelined MPUBs on one connection."""
-
-    def __init__(self, address: str | Sequence[str], router: Router, spec: TopicSpec, chunk: int,
-                 on_progress: Callable[[int], None] | None, security=None):
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, not {chunk!r}")
-        self.address, self.router, self.chunk, self.on_progress = address, router, chunk, on_progress
-        self.pack, self.encode = spec.pack, encoder(spec.codec)
-        self.buffers: dict[str, list[dict]] = {t: [] for t in router.topics}
-        self.acked = 0  # records acknowledged
-        self.partitioned = len(router.topics) > 1
-        self.pub = SpreadPublisher([address] if isinstance(address, str) else list(address), security=security)
-        self.last_send = time.monotonic()
-
-    def __enter__(self) -> _Sender:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.pub.close()
-
-    def add(self, record: dict) -> None:
-        topic = self.router.topic_of(record)
-        buffer = self.buffers[topic]
-        buffer.append(record)
-        if len(buffer) >= self.chunk * self.pack:
-            self._send(topic)
-
-    def drain(self) -> None:
-        """Send every buffered record and wait for all answers."""
-        for topic, buffer in self.buffers.items():
-            if buffer:
-                self._send(topic)
-        self.pub.flush()
-        self._count_acks()
-
-    def _send(self, topic: str) -> None:
-        records, self.buffers[topic] = self.buffers[topic], []
-        if self.pack > 1:
-            bodies = envelope.pack(records, self.pack)
-            sizes = [min(self.pack, len(records) - i) for i in range(0, len(records), self.pack)]
-        else:
-            bodies, sizes = [self.encode(r) for r in records], [1] * len(records)
-        self._keep_alive()
-        start = 0
-        for part in chunked(bodies, self.chunk):
-            self.pub.send_mpub(topic, part, records=sum(sizes[start:start + len(part)]),
-                               key=topic if self.partitioned else None)
-            start += len(part)
-        self.last_send = time.monotonic()
-        self._count_acks()
-
-    def _keep_alive(self) -> None:
-        # After a long pause nsqd may have dropped the connection: collect the
-        # answers already sent (nothing is then in flight) and reconnect.
-        if time.monotonic() - self.last_send < _IDLE_RECONNECT:
-            return
-        self.pub.flush()
-        self._count_acks()
-        self.pub.close()  # it reconnects on the next send
-
-    def _count_acks(self) -> None:
-        before = self.acked
-        self.acked = self.pub.acked_records
-        if self.on_progress and self.acked != before:
-            self.on_progress(self.acked)
+def publish_ticks(producer: Producer, records: Iterable[dict], *, rate: float = 0.0, speed: str | float = "max",
+                  on_progress: Callable[[int], None] | None = None, linger_ms: float = LINGER_MS) -> int:
+    """:func:`produce_ticks` through ``producer``, which numbers each symbol's ticks where its last run stopped."""
+    producer.on_progress = on_progress
+    return producer.publish(records, rate=rate, speed=parse_speed(speed), linger_ms=linger_ms)

@@ -8,19 +8,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from nsqhttp import topic_stats
+
 from pipeline.client import nsqd_http
+from pipeline.client import producer as producer_module
 from pipeline.client import spread as spread_module
+from pipeline.client.nsqclient import NsqPublisher, NsqSubscriber
+from pipeline.config import TopicSpec, Topology, load_topology
+from pipeline.errors import PublishError
 from pipeline.records.codecs import decode
 from pipeline.records.envelope import is_envelope, records_of
-from pipeline.errors import PublishError
-from pipeline.client.nsqclient import NsqPublisher, NsqSubscriber
 from pipeline.records.partition import PartitionKeyError, Router, partition_of, partition_topics, route
-from pipeline.config import TopicSpec, Topology, load_topology
-from producers import ticks as ticks_module
-from producers.ticks import (ReplayError, parse_speed, produce_ticks, replay_ticks, symbol_names,
-                             synthetic_ticks)
+from producers.ticks import ReplayError, parse_speed, produce_ticks, replay_ticks, symbol_names, synthetic_ticks
 
 CHANNEL = "check"
 SYMBOLS = [f"SYM00{i}" for i in range(6)]
@@ -341,7 +340,7 @@ def test_replay_at_a_speed_keeps_the_original_spacing_scaled(nsqd, topic, tmp_pa
 @pytest.mark.integration
 def test_a_long_pause_reconnects_without_losing_or_reordering(nsqd, topic, tmp_path, monkeypatch):
     # regression guard: nsqd drops a client silent for 60 s, so a paced replay reconnects after a pause
-    monkeypatch.setattr(ticks_module, "_IDLE_RECONNECT", 0.0)  # every MPUB counts as after a long pause
+    monkeypatch.setattr(producer_module, "_IDLE_RECONNECT", 0.0)  # every MPUB counts as after a long pause
     connections = []
 
     closed = []
@@ -396,6 +395,7 @@ def test_linger_must_be_positive_and_at_most_a_second():
 
 def test_the_cli_refuses_a_bad_linger_in_one_line():
     from click.testing import CliRunner
+
     from pipeline.cli import main
     result = CliRunner().invoke(main, ["produce", "ticks", "--count", "5", "--linger-ms", "0"])
     assert result.exit_code == 2 and "--linger-ms" in result.output
