@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pipeline.client import nsqd_http
+from pipeline.client.producer import Producer
 from pipeline.errors import PipelineError
 from pipeline.ops.control import Supervisor
 from pipeline.ops.install import bin_dir
@@ -35,7 +36,7 @@ class DemoResult:
 
 def run_demo(topology, numbers: ModuleType, count: int = 100_000, timeout: float = 300.0,
              console: Console | None = None) -> DemoResult:
-    """Bring the topology up, publish 1..``count`` with ``numbers.produce_numbers``, wait; return the output counts."""
+    """Bring the topology up, publish 1..``count`` with ``numbers.publish_numbers``, wait; return the output counts."""
     console = console or Console()
     Supervisor(topology).up(log=lambda line: console.print(f"[dim]{line}[/dim]"))
     stage = topology.stage(STAGE)
@@ -48,9 +49,9 @@ def run_demo(topology, numbers: ModuleType, count: int = 100_000, timeout: float
     with Progress(*columns, console=console) as progress:
         published = progress.add_task(f"published to {producer.topic}", total=count)
         processed = progress.add_task(f"classified by {STAGE}", total=count)
-        numbers.produce_numbers(topology.nsqd_tcp_addresses()[0], producer.topic, 1, count, chunk=producer.chunk,
-                                codec=topology.codec_for(producer.topic), pack=topology.pack_for(producer.topic),
-                                on_progress=lambda done: progress.update(published, completed=done))
+        with Producer(topology, producer.topic, chunk=producer.chunk) as publisher:
+            numbers.publish_numbers(publisher, 1, count,
+                                    on_progress=lambda done: progress.update(published, completed=done))
         counts = _follow(http, topics, before, count, started + timeout,
                          lambda done: progress.update(processed, completed=done))
     return DemoResult(counts, time.monotonic() - started)
@@ -101,7 +102,9 @@ def run_market_demo(topology, ticks: ModuleType, console: Console, timeout: floa
     features = topology.physical_topics("features")
     before = {t: nsqd_http.topic_message_count(http, t) for t in [*features, "signals"]}
     with NsqSubscriber(tcp, "signals", tail_channel()) as signals:
-        ticks.produce_ticks(tcp, "ticks", ticks.synthetic_ticks(SYMBOLS, TICKS, seed=1), spec=topology.topics["ticks"])
+        # numbered where the last run stopped, so a second demo's ticks are applied too
+        with Producer(topology, "ticks") as publisher:
+            ticks.publish_ticks(publisher, ticks.synthetic_ticks(SYMBOLS, TICKS, seed=1))
         console.print(f"published {TICKS:,} ticks for {SYMBOLS} symbols to ticks.0..{len(features) - 1}; "
                       f"first signals:")
         shown, deadline = 0, time.monotonic() + timeout
