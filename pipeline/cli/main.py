@@ -21,7 +21,7 @@ from pipeline.errors import PipelineError
 #: Every command: its name and ``module:function`` in :mod:`pipeline.cli`, grouped by concept.
 COMMANDS = {
     # a topology and its processes
-    "check": "stack:check", "render": "stack:render", "up": "stack:up", "down": "stack:down",
+    "init": "project:init", "check": "stack:check", "render": "stack:render", "up": "stack:up", "down": "stack:down",
     "status": "stack:status", "scale": "stack:scale", "worker": "stack:worker",
     # watching it run
     "tail": "observe:tail", "logs": "observe:logs", "top": "observe:top", "monitor": "observe:monitor",
