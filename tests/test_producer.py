@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -183,3 +184,85 @@ def test_file_source_reads_csv_values_and_reports_lines(tmp_path):
     ]
     mark = source.mark()
     assert mark is not None and mark.line == 6 and mark.offset == path.stat().st_size
+
+
+def ticks_file(path: Path, ticks: list[dict]) -> Path:
+    """The ticks as JSON lines, without the seq the producer assigns."""
+    return write_jsonl(path, [{k: v for k, v in t.items() if k not in ("seq", "id")} for t in ticks])
+
+
+def numbered(ticks: list[dict]) -> list[dict]:
+    """``ticks`` with each symbol's seq from 1 in order, as one uninterrupted producer run numbers them."""
+    counts: dict[str, int] = defaultdict(int)
+    out = []
+    for t in ticks:
+        counts[t["symbol"]] += 1
+        out.append({**t, "seq": counts[t["symbol"]]})
+    return out
+
+
+def assert_features_equal_the_uninterrupted_run(got: list[dict], ticks: list[dict]) -> None:
+    from chaos.market_reference import reference_features
+    from test_keyed_worker import FLOATS
+
+    reference = reference_features(numbered(ticks), window=20)
+    by_key: dict[tuple, dict] = {}
+    for f in got:
+        first = by_key.setdefault((f["symbol"], f["seq"]), f)
+        assert all(first[n] == f[n] for n in FLOATS)  # a redelivered tick's features are identical
+    assert set(by_key) == set(reference)
+    for key, expected in reference.items():
+        assert all(math.isclose(by_key[key][n], expected[n], rel_tol=1e-9, abs_tol=1e-9) for n in FLOATS), key
+
+
+@pytest.fixture
+def features_worker(nsqd, tmp_path):
+    """A keyed features replica, in-process, on a one-partition ticks topic; yields the topology."""
+    from test_keyed_worker import InProcessWorker, features_topology
+
+    from pipeline.runtime.worker import Worker
+
+    topology = features_topology(tmp_path, nsqd)
+    running = InProcessWorker(Worker(topology, "features"), lambda w: None)
+    try:
+        yield topology
+    finally:
+        running.stop()
+
+
+@pytest.mark.integration
+def test_two_producer_runs_into_a_keyed_topic_are_both_applied_by_the_keyed_stage(nsqd, tmp_path, features_worker):
+    from harness import collect
+    from producers.ticks import synthetic_ticks
+
+    ticks = list(synthetic_ticks(4, 1_600, seed=11))
+    first, second = ticks_file(tmp_path / "monday.jsonl", ticks[:800]), ticks_file(tmp_path / "tuesday.jsonl", ticks[800:])
+    for source in (first, second):
+        done = produce_cli(features_worker.path, "ticks", "--from", str(source))
+        assert done.returncode == 0, done.stderr
+    got = collect(nsqd.tcp, ["features"], lambda g: len({(f["symbol"], f["seq"]) for f in g["features"]}) >= 1_600,
+                  60)
+    assert_features_equal_the_uninterrupted_run(got["features"], ticks)
+
+
+@pytest.mark.integration
+def test_a_producer_killed_halfway_gives_the_keyed_stage_the_uninterrupted_outputs(nsqd, tmp_path, features_worker):
+    from harness import collect
+    from producers.ticks import synthetic_ticks
+
+    ticks = list(synthetic_ticks(4, 4_000, seed=12))
+    source = ticks_file(tmp_path / "ticks.jsonl", ticks)
+    argv = [sys.executable, "-m", "pipeline.cli", "produce", "ticks", "--from", str(source), "--rate", "1500",
+            "-t", str(features_worker.path)]
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: nsqd_http.topic_message_count(nsqd.http, "ticks") >= 2_000, 30,
+                   message="the first run never published half the file")
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+    again = produce_cli(features_worker.path, "ticks", "--from", str(source))
+    assert again.returncode == 0 and "resuming" in again.stderr, again.stderr
+    got = collect(nsqd.tcp, ["features"], lambda g: len({(f["symbol"], f["seq"]) for f in g["features"]}) >= 4_000,
+                  60)
+    assert_features_equal_the_uninterrupted_run(got["features"], ticks)
