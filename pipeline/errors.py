@@ -58,7 +58,19 @@ class HandlerLoadError(PipelineError):
 
 
 class StageOutputError(PipelineError):
-    """Raised when a stage emits to a topic that is not among its declared outputs."""
+    """Raised when a handler returns anything but a mapping of its stage's declared outputs to records.
+
+    ``kind`` names the problem, so it can be reported once per kind:
+    ``"none"`` (the handler returned None), ``"not_mapping"`` (a list, a
+    tuple ...), ``"undeclared_output"`` (a key that is not an output of the
+    stage) or ``"bad_value"`` (an output's value is neither a list of records
+    nor ``Columns``). ``columnar`` is set when the stage's columnar function
+    returned it.
+    """
+
+    def __init__(self, reason: str, kind: str = "undeclared_output", *, columnar: bool = False):
+        super().__init__(reason)
+        self.reason, self.kind, self.columnar = reason, kind, columnar
 
 
 class StageStateError(PipelineError):

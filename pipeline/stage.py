@@ -17,8 +17,11 @@ A stage is any callable ``handler(batch) -> Emit``::
 The runtime owns acknowledgement: a stage never finishes or requeues a message.
 It returns the records to publish, keyed by output topic, and raises when it
 cannot process the batch (the runtime then retries, and dead-letters a record
-that keeps failing). A record that can never succeed (bad input) is passed to
-:meth:`Batch.reject` with a reason; the runtime dead-letters it.
+that keeps failing). It must return a mapping of its declared outputs to a
+list of records or :class:`Columns` (``{}`` emits nothing): anything else,
+None from a forgotten ``return`` first of all, fails the batch as a raise does.
+A record that can never succeed (bad input) is passed to :meth:`Batch.reject`
+with a reason; the runtime dead-letters it.
 
 A stage may also offer a *columnar* fast path for batched envelopes
 (``pack``): a function set as ``handler.columns`` takes the batch as

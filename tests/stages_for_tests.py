@@ -13,6 +13,11 @@ def fail_on_13(batch):
     return classify(batch)
 
 
+def forgets_return(batch):
+    """Classify like primes, but forget to return what it classified (the result is None)."""
+    classify(batch)
+
+
 class RunningSum:
     """A keyed stage for runtime tests: per key, the running sum of ``v`` (raises on v == 13)."""
 

@@ -161,6 +161,7 @@ def test_an_atomic_columnar_stage_that_fails_halfway_rewinds_to_its_checkpoint_a
             expected[record["seq"]] = total
     assert {r["seq"]: r["sum"] for r in got["sums"]} == expected
     assert [d["reason"] for d in got["ins.dead"]] == ["handler raised ValueError: unlucky 13 (keyed stages do not retry)"]
+    assert 'stages_for_tests.py", line' in got["ins.dead"][0]["traceback"]
     assert worker.stats["requeued"] >= 4, "the failing batch was requeued by a rewind"
 
 

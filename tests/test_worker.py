@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from harness import Workers, collect, ids_seen, sigterm, write_topology
-from nsqhttp import http_pub, topic_stats, wait_until
+from nsqhttp import channel_stats, http_pub, topic_stats, wait_until
 from pipeline.client.nsqclient import NsqPublisher
 from producers.numbers import produce_numbers
 
@@ -161,6 +161,44 @@ def test_a_record_the_handler_keeps_failing_is_dead_lettered_after_max_tries(nsq
     [dead] = got[names.dead]
     assert '"number":13' in dead["body"] and dead["attempts"] == 3
     assert "ValueError: unlucky 13" in dead["reason"] and "max_tries 3" in dead["reason"]
+    # The dead letter keeps the handler's last frames: where in the stage's own file it raised
+    assert 'stages_for_tests.py", line' in dead["traceback"] and "in fail_on_13" in dead["traceback"]
+    assert dead["traceback"].endswith("ValueError: unlucky 13") and "processing.py" not in dead["traceback"]
+
+
+def test_a_handler_that_returns_none_has_every_record_dead_lettered_none_dropped(nsqd, tmp_path, topic, workers):
+    import ast
+    import inspect
+    import json
+
+    import stages_for_tests
+    path, names = write_topology(tmp_path, nsqd, topic, handler="stages_for_tests:forgets_return", max_tries=3,
+                                 requeue_delay=0.05, max_backoff_duration=0.2, batch={"size": 64, "wait_ms": 5})
+    w = start(workers, path, nsqd.http, names.input, replicas=1)
+
+    # When a stage forgets its `return` on 50 records
+    produce_numbers(nsqd.tcp, names.input, 1, 50, run_id="n")
+    got = collect(nsqd.tcp, names.outputs, lambda g: len(g[names.dead]) >= 50, 60)
+
+    # Then each is dead-lettered once, after max_tries, with the reason, and nothing else is published
+    dead = got[names.dead]
+    assert sorted(json.loads(d["body"])["id"] for d in dead) == sorted(f"n-{k}" for k in range(1, 51))
+    assert {(d["reason"], d["attempts"]) for d in dead} == \
+        {("handler returned None; return {} to emit nothing (attempt 3 of max_tries 3)", 3)}
+    assert "traceback" not in dead[0]
+    wait_until(lambda: (s := channel_stats(nsqd.http, names.input, "primes")) is not None
+               and s["depth"] == s["in_flight_count"] == s["deferred_count"] == 0, 30,
+               message="the input channel never drained")
+    sigterm(w.procs[0])
+    assert w.procs[0].wait(timeout=15) == 0
+    log = (tmp_path / "worker-0-0.log").read_text()
+    stats = ast.literal_eval(log.split("stopped: ", 1)[1].splitlines()[0])
+    assert stats["finished"] == stats["dead_lettered"] == 50, stats  # none finished silently
+    assert not got.get(names.prime) and not got.get(names.non_prime)
+    # And the worker said so once, at ERROR, naming the handler's file:line
+    line = inspect.getsourcelines(stages_for_tests.forgets_return)[1]
+    errors = [entry for entry in log.splitlines() if " ERROR " in entry]
+    assert len(errors) == 1 and f"stages_for_tests.py:{line}: handler returned None" in errors[0], errors
 
 
 def test_batched_envelopes_flow_and_a_bad_record_inside_one_is_dead_lettered_alone(nsqd, tmp_path, topic, workers):

@@ -9,6 +9,12 @@ then the dead letter is msgpack with the raw bytes in ``body_bytes``, and only
 if even that is too big is the body cut to fit, with ``body_truncated_from``
 giving its real length (nsqd would refuse the dead letter otherwise, and the
 message would be retried forever).
+
+When the handler raised, ``traceback`` holds the last few frames of what it
+raised and the exception, as Python prints them (a couple of thousand
+characters at most); a dead letter without it (bad input, a handler that
+returned something other than its outputs, or one written before the field
+existed) simply has no such key.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ class DeadLetter:
     message_id: str
     body: bytes
     envelope_index: int | None = None  # set when the record came out of a batched envelope
+    traceback: str | None = None  # the last frames of the exception the handler raised, when it raised
 
     def to_record(self) -> dict:
         """The record published on the dead-letter topic."""
@@ -48,6 +55,8 @@ class DeadLetter:
         }
         if self.envelope_index is not None:
             record["envelope_index"] = self.envelope_index
+        if self.traceback is not None:
+            record["traceback"] = self.traceback
         try:
             record["body"] = self.body.decode("utf-8")
         except UnicodeDecodeError:

@@ -43,9 +43,9 @@ class KeyedEntry:
         source, message_id, attempts, single, index = data
         return cls(decode(source), message_id, attempts, source if single else None, index)
 
-    def dead(self, reason: str) -> Dead:
+    def dead(self, reason: str, traceback: str | None = None) -> Dead:
         body = self.body if self.body is not None else record_body(self.record)
-        return Dead(self, reason, body, self.index)
+        return Dead(self, reason, body, self.index, traceback)
 
 
 class KeyedProcessor(BatchProcessor):
@@ -166,7 +166,7 @@ class KeyedProcessor(BatchProcessor):
                 self._apply_records([entry], outcome)
             except Failed as failure:
                 self._restore(before)
-                outcome.dead.append(entry.dead(failure.reason + " (keyed stages do not retry)"))
+                outcome.dead.append(entry.dead(failure.reason + " (keyed stages do not retry)", failure.traceback()))
 
     def _apply_records(self, entries: list[KeyedEntry], outcome: Outcome) -> None:
         self._handler_state = _UNKNOWN  # the call changes the state, whether it returns or raises

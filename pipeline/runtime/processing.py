@@ -13,7 +13,7 @@ A message is a *unit*: one record, or the records of an envelope (``pack``).
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
@@ -36,6 +36,7 @@ from pipeline.records.codecs import (
 )
 from pipeline.records.deadletter import DeadLetter
 from pipeline.records.partition import PartitionKeyError, Router
+from pipeline.runtime.results import check_result, handler_frames
 from pipeline.stage import Batch, ColumnBatch, Columns, Handler, plain
 
 _ATTEMPTS, _BODY = operator.attrgetter("attempts"), operator.attrgetter("body")
@@ -55,11 +56,15 @@ def _joined(parts: list) -> list | np.ndarray:
 
 
 class Failed(Exception):
-    """A handler call failed; ``permanent`` when retrying cannot help."""
+    """A handler call failed; ``permanent`` when retrying cannot help; ``error``, what the handler raised."""
 
-    def __init__(self, reason: str, permanent: bool):
+    def __init__(self, reason: str, permanent: bool, error: BaseException | None = None):
         super().__init__(reason)
-        self.reason, self.permanent = reason, permanent
+        self.reason, self.permanent, self.error = reason, permanent, error
+
+    def traceback(self) -> str | None:
+        """The last frames of what the handler raised, for a dead letter (None when it did not raise)."""
+        return handler_frames(self.error) if self.error is not None else None
 
 
 @dataclass(slots=True)
@@ -79,6 +84,7 @@ class Dead:
     reason: str
     body: bytes
     index: int | None = None  # the record's position in its envelope
+    traceback: str | None = None  # the last frames of what the handler raised, when it raised
 
 
 @dataclass
@@ -106,7 +112,9 @@ class ProcessingContext:
     ``topology`` gives the output topics' codecs, ``pack`` and partitioning;
     ``worker`` is passed to the middleware hooks (None in tests of the
     decisions alone); ``on_error`` is called with (record count, exception)
-    when the handler raises.
+    when the handler raises, or with a :class:`~pipeline.errors.StageOutputError`
+    when it returns anything but a mapping of the stage's outputs (see
+    :func:`~pipeline.runtime.results.check_result`).
     """
 
     name: str
@@ -222,20 +230,26 @@ class BatchProcessor:
     def _run_columns(self, found: Columns) -> dict[str, list[bytes]] | None:
         """Call the columnar function with the middleware hooks around it; its encoded outputs.
 
-        None when it declined, raised, or emitted what cannot be published:
-        the record path then runs the batch (and owns any error).
-        :attr:`columns_declined` tells the first case from the other two.
+        None when it declined (returned None), raised, returned anything else
+        but a mapping of outputs (reported to ``on_error`` as the handler's
+        failures are), or emitted what cannot be published: the record path
+        then runs the batch (and owns any error). :attr:`columns_declined`
+        tells the first case from the others.
         """
         batch = ColumnBatch(found, stage=self.name)
         self.middleware.emit_before("before_process_batch", self.worker, batch)
+        problem: Exception | None = None
         try:
             emitted = self.columns_handler(found)  # type: ignore[misc]  # set: callers check it is not None
-            self.columns_declined = emitted is None
-        except Exception:
-            emitted, self.columns_declined = None, False
+            if emitted is not None:
+                check_result(emitted, self.outputs, self.name, columnar=True)
+        except Exception as e:
+            emitted, problem = None, e
+            self.on_error(len(found), e)
+        self.columns_declined = emitted is None and problem is None
         encoded = self._encode_columns(emitted) if emitted is not None else None
         self.middleware.emit_after("after_process_batch", self.worker, batch,
-                                   result=emitted if encoded is not None else None, exception=None)
+                                   result=emitted if encoded is not None else None, exception=problem)
         return encoded
 
     def _columns_of(self, messages: list) -> Columns | None:
@@ -264,24 +278,20 @@ class BatchProcessor:
             return None
         return Columns(dict(zip(keys, map(_joined, parts), strict=False)), n)
 
-    def _encode_columns(self, emitted) -> dict[str, list[bytes]] | None:
-        """Encode a columnar handler's ``{output: Columns or list of records}``; None when it cannot be published."""
+    def _encode_columns(self, emitted: Mapping[str, list | Columns]) -> dict[str, list[bytes]] | None:
+        """Encode a columnar handler's ``{output: Columns or list of records}`` (checked by
+        :func:`~pipeline.runtime.results.check_result`); None when it cannot be published."""
         encoded: dict[str, list[bytes]] = {}
         for name, columns in emitted.items():
-            if name not in self.outputs:
-                return None
             topic, _, pack, router = self.outputs[name]
-            if isinstance(columns, list) or (isinstance(columns, Columns) and pack <= 1):
+            if isinstance(columns, list) or pack <= 1:
                 # records (a few signals), or one record per message: encoded as the record path does
                 try:
-                    records = columns if isinstance(columns, list) else columns.records()
-                    for physical, bodies in self._encode({name: records}).items():
+                    for physical, bodies in self._encode({name: columns}).items():
                         encoded.setdefault(physical, []).extend(bodies)
                 except Failed:
                     return None
                 continue
-            if not isinstance(columns, Columns):
-                return None
             if len(columns) == 0:
                 continue
             parts: dict[str, Columns] = {topic: columns}
@@ -327,7 +337,7 @@ class BatchProcessor:
             return
         tries = "" if failure.permanent else f" (attempt {attempts} of max_tries {self.spec.max_tries})"
         if not unit.packed:
-            self._dead_message(outcome, unit.message, failure.reason + tries)
+            self._dead_message(outcome, unit.message, failure.reason + tries, failure.traceback())
             return
         # Out of tries: the envelope's records that work go on, the others are dead-lettered alone.
         for i, record in enumerate(unit.records):
@@ -335,11 +345,12 @@ class BatchProcessor:
             try:
                 self._apply([single], outcome, finish=False)
             except Failed as record_failure:
-                outcome.dead.append(Dead(unit.message, record_failure.reason + tries, record_body(record), i))
+                outcome.dead.append(Dead(unit.message, record_failure.reason + tries, record_body(record), i,
+                                         record_failure.traceback()))
         outcome.finish.append(unit.message)
 
-    def _dead_message(self, outcome: Outcome, message, reason: str) -> None:
-        outcome.dead.append(Dead(message, reason, message.body))
+    def _dead_message(self, outcome: Outcome, message, reason: str, traceback: str | None = None) -> None:
+        outcome.dead.append(Dead(message, reason, message.body, traceback=traceback))
         outcome.finish.append(message)
 
     def _apply(self, units: list[Unit], outcome: Outcome, finish: bool = True) -> None:
@@ -365,26 +376,34 @@ class BatchProcessor:
         """Call the handler with the middleware hooks around it; return the batch and its encoded outputs.
 
         Raises:
-            Failed: the handler raised (``permanent`` as given), or emitted something unpublishable.
+            Failed: the handler raised or returned anything but a mapping of the
+                stage's outputs to lists of records or Columns (``permanent`` as
+                given, either way), or emitted something unpublishable.
         """
         batch = Batch(records, stage=self.name)
         self.middleware.emit_before("before_process_batch", self.worker, batch)
         try:
-            emitted = self.handler(batch) or {}
+            emitted = self.handler(batch)
         except Exception as e:
-            self.on_error(len(records), e)
-            self.middleware.emit_after("after_process_batch", self.worker, batch, result=None, exception=e)
-            raise Failed(f"handler raised {type(e).__name__}: {e}", permanent=permanent) from e
+            raise self._handler_failed(batch, e, Failed(f"handler raised {type(e).__name__}: {e}", permanent, e)) from e
+        try:
+            check_result(emitted, self.outputs, self.name)
+        except StageOutputError as e:
+            raise self._handler_failed(batch, e, Failed(e.reason, permanent)) from e
         self.middleware.emit_after("after_process_batch", self.worker, batch, result=emitted, exception=None)
         return batch, self._encode(emitted)
+
+    def _handler_failed(self, batch: Batch, error: Exception, failed: Failed) -> Failed:
+        """Report a handler call that raised ``error`` or returned a bad result (``error`` says which); ``failed``."""
+        self.on_error(len(batch), error)
+        self.middleware.emit_after("after_process_batch", self.worker, batch, result=None, exception=error)
+        return failed
 
     def _encode(self, emitted) -> dict[str, list[bytes]]:
         encoded: dict[str, list[bytes]] = {}
         for name, records in emitted.items():
-            if name not in self.outputs:
-                err = StageOutputError(f"stage {self.name} emitted to {name!r}, not one of its outputs "
-                                       f"{list(self.spec.output_topics)}")
-                raise Failed(str(err), permanent=True)
+            if isinstance(records, Columns):  # check_result let through lists and Columns only
+                records = records.records()
             topic, encode, pack, router = self.outputs[name]
             try:
                 routed = router.route(records) if len(router.topics) > 1 else {topic: records}
@@ -406,7 +425,7 @@ class BatchProcessor:
         message = dead.message
         return DeadLetter(reason=dead.reason, stage=self.name, topic=self.spec.input, channel=self.spec.channel,
                           attempts=message.attempts, message_id=message.id.decode(errors="replace"),
-                          body=dead.body, envelope_index=dead.index).encode()
+                          body=dead.body, envelope_index=dead.index, traceback=dead.traceback).encode()
 
 
 def _encoder_of_lists(codec: str) -> Callable[[list[dict]], list[bytes]]:

@@ -53,6 +53,7 @@ from pipeline.runtime.middleware import faultpoints, gctuning
 from pipeline.runtime.middleware.gctuning import GcTuning
 from pipeline.runtime.middleware.metrics import WorkerMetrics
 from pipeline.runtime.processing import BatchProcessor, ProcessingContext
+from pipeline.runtime.results import FailureLog
 from pipeline.stage import Handler, StageContext, load_handler
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class Worker:
         self.middleware.add(GcTuning())
         self.input_topic = topology.input_topic(stage_name, replica)
         self.stats: Counter[str] = Counter()
+        self.failures = FailureLog(stage_name, self.handler)
         self.draining = False
         self.reader: FastReader = None  # type: ignore[assignment]  # None until start(); used only after it
         self.publisher: Publisher = None  # type: ignore[assignment]  # None until start(); used only after it
@@ -262,8 +264,9 @@ class Worker:
         self.batcher.add(messages)
 
     def _on_handler_error(self, count: int, error: BaseException) -> None:
+        """A handler call raised ``error``, or returned a bad result (a StageOutputError): count and log it."""
         self.stats["handler_errors"] += 1
-        log.warning("stage %s: handler raised on %d records: %r", self.name, count, error)
+        self.failures.report(count, error)
 
     # -- the plain path: handler, publish, then FIN --------------------------
 

@@ -57,7 +57,7 @@ RUNTIME_COUNTERS = {
     "dead_lettered": ("dead_lettered", "Messages or envelope records published to the dead-letter topic."),
     "publish_errors": ("publish_errors", "Batches whose outputs nsqd refused or did not acknowledge in time."),
     "batches": ("batches", "Batches of messages taken from nsqd by the runtime."),
-    "handler_errors": ("handler_errors", "Handler calls that raised."),
+    "handler_errors": ("handler_errors", "Handler calls that raised or returned a bad result."),
     "gaps": ("keyed_gaps", "Missing seqs a keyed stage gave up waiting for."),
 }
 
