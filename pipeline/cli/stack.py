@@ -10,18 +10,28 @@ from pipeline.cli.common import echo_err, load, load_for_stage, topology_option
 
 
 @click.command()
+@click.option("--no-import", is_flag=True, help="Validate the file only; do not import the stages' handlers.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="Seconds the handlers may take to import.")
 @topology_option
-def check(topology_path: str) -> None:
-    """Validate the topology file; print every error as FILE:LINE:COL: field: reason."""
+def check(no_import: bool, timeout: float, topology_path: str) -> None:
+    """Validate the topology file, then import and build every stage's handler as its worker will.
+
+    Nothing is started or published. Every problem prints as FILE:LINE:COL: field: reason; exit 1 if any.
+    """
     from pipeline.config import validate_topology
     errors = validate_topology(topology_path)
+    if not errors:
+        from pipeline.config.security import exposure_warnings
+        for warning in exposure_warnings(load(topology_path)):
+            click.echo(f"{topology_path}: warning: {warning}", err=True)
+        if not no_import:
+            from pipeline.ops.handlers import check_handlers
+            errors = check_handlers(topology_path, timeout=timeout)
     for error in errors:
         click.echo(str(error), err=True)
     if errors:
         sys.exit(1)
-    from pipeline.config.security import exposure_warnings
-    for warning in exposure_warnings(load(topology_path)):
-        click.echo(f"{topology_path}: warning: {warning}", err=True)
     click.echo(f"{topology_path}: ok")
 
 

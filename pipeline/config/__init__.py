@@ -5,7 +5,7 @@ This package's own face re-exports what callers use. Map: docs/ARCHITECTURE.md.
 """
 from __future__ import annotations
 
-from pipeline.config.loader import load_topology, validate_topology
+from pipeline.config.loader import Positions, load_topology, read_positions, validate_topology
 from pipeline.config.observe import MonitorSpec, ReportSpec, SmtpSpec
 from pipeline.config.schema import (
     AuthSpec,
@@ -33,7 +33,7 @@ from pipeline.config.types import (
 
 __all__ = [
     "DEAD_LETTER_SUFFIX", "MAX_MSG_SIZE", "NSQ_NAME_MAX", "RESERVED_STAGE_NAMES", "AuthSpec", "BatchSpec",
-    "GatewaySpec", "GatewayTokenSpec", "LookupdSpec", "MonitorSpec", "NsqSpec", "NsqdSpec", "ProducerSpec",
-    "ReportSpec", "SecretSpec", "SmtpSpec", "StageSpec", "TlsSpec", "TopicSpec", "Topology", "load_topology",
-    "socket_address", "split_address", "validate_topology",
+    "GatewaySpec", "GatewayTokenSpec", "LookupdSpec", "MonitorSpec", "NsqSpec", "NsqdSpec", "Positions",
+    "ProducerSpec", "ReportSpec", "SecretSpec", "SmtpSpec", "StageSpec", "TlsSpec", "TopicSpec", "Topology",
+    "load_topology", "read_positions", "socket_address", "split_address", "validate_topology",
 ]

@@ -31,7 +31,8 @@ _HEADER = """\
 
 `topology.yaml` describes the whole pipeline. Unknown keys are errors, and every
 error names its place as `topology.yaml:LINE:COL: dotted.field: reason`.
-Run `pipeline check` to list all of them at once.
+Run `pipeline check` to list all of them at once; it then imports every stage's
+`handler` (and builds a stage class with its `params`) as the stage's worker will.
 """
 
 _SCALARS = {int: "int", float: "float", str: "str", bool: "bool"}

@@ -32,15 +32,18 @@ from pipeline.config.observe import environment_problems
 from pipeline.config.topology import Topology
 from pipeline.errors import TopologyError
 
-__all__ = ["load_topology", "validate_topology"]
+__all__ = ["Positions", "load_topology", "read_positions", "validate_topology"]
 
 #: A place in the file: the keys and list indexes that lead to it.
 Loc = tuple[str, ...]
 
 
 @dataclass
-class _Positions:
-    """Where each key and value of a YAML document starts (1-based line, col), by field path."""
+class Positions:
+    """Where each key and value of a YAML document starts (1-based line, col), by field path.
+
+    A field path is the keys (and list indexes, as strings) leading to it: ``("stages", "primes", "handler")``.
+    """
 
     root: tuple[int, int] = (1, 1)
     keys: dict[Loc, tuple[int, int]] = field(default_factory=dict)
@@ -62,7 +65,7 @@ def _mark(node: yaml.Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
-def _walk(node: yaml.Node, path: Loc, positions: _Positions, stack: tuple[int, ...] = ()) -> None:
+def _walk(node: yaml.Node, path: Loc, positions: Positions, stack: tuple[int, ...] = ()) -> None:
     """Record the position of every key and value under ``node`` and note duplicate keys."""
     if id(node) in stack:  # a recursive alias; the validator reports it
         return
@@ -88,12 +91,12 @@ def _walk(node: yaml.Node, path: Loc, positions: _Positions, stack: tuple[int, .
             _walk(value, loc, positions, stack)
 
 
-def _parse(text: str) -> tuple[Any, _Positions]:
+def _parse(text: str) -> tuple[Any, Positions]:
     """Parse one YAML document into plain data and the positions of its nodes."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
-        positions = _Positions()
+        positions = Positions()
         if node is not None:
             positions.root = _mark(node)
             # Walk before constructing: construction flattens merge keys in place.
@@ -168,7 +171,7 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
-def _to_topology_error(shown: str, positions: _Positions, error: ErrorDetails) -> TopologyError:
+def _to_topology_error(shown: str, positions: Positions, error: ErrorDetails) -> TopologyError:
     loc = tuple(str(part) for part in error["loc"])
     on_key = error["type"] == "extra_forbidden" or loc[-1:] == ("[key]",)
     if loc[-1:] == ("[key]",):
@@ -186,7 +189,7 @@ class _Outcome:
     cause: BaseException | None = None
 
 
-def _read(shown: str) -> tuple[dict[str, Any], _Positions]:
+def _read(shown: str) -> tuple[dict[str, Any], Positions]:
     """Read and parse the file into a mapping and its positions.
 
     Raises:
@@ -270,3 +273,12 @@ def validate_topology(path: str | os.PathLike[str], *, environment: bool = True)
     fields they compare are themselves valid.
     """
     return _load(path, environment).problems
+
+
+def read_positions(path: str | os.PathLike[str]) -> Positions:
+    """Return where each field of a topology file starts, for problems found after loading it.
+
+    Raises:
+        TopologyError: the file cannot be read, is not YAML, or is not a mapping.
+    """
+    return _read(os.fspath(path))[1]

@@ -176,7 +176,9 @@ class StageSpec(Spec):
     same input use different channels; `<input>.dead` is a valid topic name.
     """
 
-    handler: HandlerPath = Field(description="Import path of the batch function; imported by the worker, not here.")
+    handler: HandlerPath = Field(
+        description="Import path of the batch function or stage class, found from the topology's folder, then"
+                    " `PYTHONPATH`; `pipeline check` imports it as the worker does.")
     input: TopicName = Field(description="Topic the stage consumes; failures go to `<input>.dead`.")
     channel: ChannelName = Field(description="NSQ channel all replicas share, so NSQ balances messages across them.")
     outputs: list[TopicName] | dict[LocalName, TopicName] = Field(
