@@ -266,3 +266,12 @@ def test_a_producer_killed_halfway_gives_the_keyed_stage_the_uninterrupted_outpu
     got = collect(nsqd.tcp, ["features"], lambda g: len({(f["symbol"], f["seq"]) for f in g["features"]}) >= 4_000,
                   60)
     assert_features_equal_the_uninterrupted_run(got["features"], ticks)
+
+
+def test_a_generator_name_with_from_is_the_topic_of_that_name(tmp_path):
+    topology = write_topology(tmp_path, {"numbers": {}})
+    done = produce_cli(topology.path, "numbers", "--from", "-", input="")  # nothing to send: no nsqd needed
+    assert done.returncode == 0, done.stderr
+    assert "<stdin>: read 0 lines; published 0 records to numbers, 0 acknowledged; refused 0" in done.stdout
+    generator = produce_cli(topology.path, "numbers", "--help")
+    assert "--count" in generator.stdout and "--from" not in generator.stdout
