@@ -38,7 +38,8 @@ def pipeline(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
 class Deployment:
     """A topology in a short temporary folder (unix socket paths are limited to 108 bytes)."""
 
-    def __init__(self, handler: str = "consumers.primes:classify", replicas: int = 2, msg_timeout: float = 10):
+    def __init__(self, handler: str = "consumers.primes:classify", replicas: int = 2, msg_timeout: float = 10,
+                 topics: dict | None = None, stages: dict | None = None):
         self.dir = Path(tempfile.mkdtemp(prefix="np-"))
         port = lambda: f"127.0.0.1:{free_port()}"  # noqa: E731
         doc = {
@@ -50,6 +51,8 @@ class Deployment:
                                   "msg_timeout": msg_timeout, "publish_timeout": min(5, msg_timeout / 2)}},
             "producers": {"numbers": {"topic": "numbers"}},
         }
+        doc["topics"].update(topics or {})
+        doc["stages"].update(stages or {})
         self.path = self.dir / "topology.yaml"
         self.path.write_text("# test topology\n" + yaml.safe_dump(doc, sort_keys=False))
         self.topology = load_topology(self.path)
@@ -241,3 +244,99 @@ def test_up_with_a_port_taken_starts_nothing(deployment):
     [line] = result.stderr.strip().splitlines()
     assert f"{host}:{port} (nsqd n0 http) is not free" in line
     assert not (d.dir / "var" / "run" / "supervisord.pid").exists()
+
+
+RESTART_HANDLER = '''"""A primes stage whose version the restart tests change on disk."""
+from consumers.primes import classify as _classify
+
+MARK = {mark!r}
+
+
+def classify(batch):
+    return {{topic: [dict(r, handler=MARK) if MARK else r for r in records]
+            for topic, records in _classify(batch).items()}}
+'''
+
+
+def _write_handler(d: Deployment, mark: str | None, broken: bool = False) -> None:
+    text = RESTART_HANDLER.format(mark=mark) + ("raise ImportError('broken on purpose')\n" if broken else "")
+    (d.dir / "restart_stage.py").write_text(text)
+
+
+def _ids_delivered_or_dead(got: dict[str, list[dict]]) -> set[str]:
+    dead = [json.loads(r["body"])["id"] for r in got.get("numbers.dead", [])]
+    return set(ids_seen(got, ["prime", "non_prime"])) | set(dead)
+
+
+def test_restart_rolls_every_replica_onto_new_code_while_numbers_flow_and_loses_nothing(deployment):
+    # Given: two replicas of a handler in the topology's folder, 50,000 numbers being published
+    d = deployment(handler="restart_stage:classify", replicas=2)
+    _write_handler(d, mark=None)
+    d.up()
+    outputs = d.checked_outputs()
+    old = d.worker_pids()
+    bad = pipeline("restart", "nosuchstage", "primes", "-t", str(d.path))
+    assert bad.returncode == 2 and "no stage 'nosuchstage'" in bad.stderr.strip()
+    assert len(bad.stderr.strip().splitlines()) == 1 and d.worker_pids() == old
+    producer = _publish_in_background(d, 50_000, rate=5_000)
+    wait_until(lambda: (topic_stats(d.http, "non_prime") or {}).get("message_count", 0) >= 2_000, 30)
+
+    # When: the handler changes on disk and the stage is restarted mid-flow
+    _write_handler(d, mark="v2")
+    result = pipeline("restart", "primes", "-t", str(d.path))
+
+    # Then: every replica has a new pid, one line each, and every record published after carries the mark
+    assert result.returncode == 0, result.stderr
+    new = d.worker_pids()
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["primes-0", "primes-1"], result.stdout
+    for name, line in zip(["primes-0", "primes-1"], lines, strict=True):
+        assert new[name] != old[name] and f"pid {old[name]} → {new[name]}," in line
+    producer.join(60)
+    produce_numbers(d.tcp, "numbers", 1, 1_000, run_id="after")
+    expected = {f"s-{n}" for n in range(1, 50_001)} | {f"after-{n}" for n in range(1, 1_001)}
+    got = collect(d.tcp, outputs, lambda g: _ids_delivered_or_dead(g) >= expected, 120)
+    assert not expected - _ids_delivered_or_dead(got)
+    records = [r for topic in ("prime", "non_prime") for r in got[topic]]
+    assert all(r.get("handler") == "v2" for r in records if r["id"].startswith("after-"))
+    marked = sum(r.get("handler") == "v2" for r in records if r["id"].startswith("s-"))
+    assert 0 < marked < 50_000, "the restart should have happened while the 50,000 flowed"
+    print(result.stdout + f"{marked} of the 50,000 classified by the new code, dead letters: "
+          f"{len(got.get('numbers.dead', []))}")
+
+
+def test_restart_stops_the_roll_at_a_replica_that_does_not_come_back(deployment):
+    d = deployment(handler="restart_stage:classify", replicas=2)
+    _write_handler(d, mark=None)
+    d.up()
+    old = d.worker_pids()
+    _write_handler(d, mark="v2", broken=True)
+    result = pipeline("restart", "-t", str(d.path))
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert "primes-0 did not come back: BACKOFF" in line and "the roll stopped there" in line
+    assert d.worker_pids().get("primes-1") == old["primes-1"]  # never stopped
+
+
+def test_restart_without_supervisord_exits_1_with_one_line(deployment):
+    d = deployment()
+    result = pipeline("restart", "-t", str(d.path))
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert f"supervisord is not running for {d.path}" in line
+
+
+def test_restart_rolls_a_keyed_stage_partition_by_partition(deployment):
+    d = deployment(replicas=1, topics={"ins": {"codec": "msgpack", "key": "key", "partitions": 2},
+                                       "sums": {"codec": "msgpack"}},
+                   stages={"sums": {"handler": "stages_for_tests:RunningSum", "input": "ins", "channel": "sums",
+                                    "outputs": ["sums"], "keyed": True, "replicas": 2}})
+    d.up()
+    old = {p.name: p.pid for p in d.supervisor().processes() if p.group == "sums"}
+    result = pipeline("restart", "sums", "-t", str(d.path))
+    assert result.returncode == 0, result.stderr
+    new = {p.name: p.pid for p in d.supervisor().processes() if p.group == "sums"}
+    assert sorted(old) == ["sums-0", "sums-1"] and all(new[n] != old[n] for n in old)
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == ["sums-0", "sums-1"]
+    for k in range(2):  # replica k is back on its own partition
+        assert len(channel_stats(d.http, f"ins.{k}", "sums")["clients"]) == 1

@@ -22,7 +22,7 @@ from pipeline.errors import PipelineError
 COMMANDS = {
     # a topology and its processes
     "init": "project:init", "check": "stack:check", "render": "stack:render", "up": "stack:up", "down": "stack:down",
-    "status": "stack:status", "scale": "stack:scale", "worker": "stack:worker",
+    "status": "stack:status", "scale": "stack:scale", "restart": "stack:restart", "worker": "stack:worker",
     # watching it run
     "tail": "observe:tail", "logs": "observe:logs", "top": "observe:top", "monitor": "observe:monitor",
     "report": "observe:report",

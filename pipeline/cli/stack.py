@@ -1,4 +1,4 @@
-"""Commands that run a topology: check, render, up, down, status, scale and worker."""
+"""Commands that run a topology: check, render, up, down, status, scale, worker and restart."""
 from __future__ import annotations
 
 import sys
@@ -117,3 +117,22 @@ def worker(stage: str, replica: int, topology_path: str) -> None:
     from pipeline.runtime.worker import Worker
     sys.exit(Worker(topology, stage, replica=replica, handler=handler).run())
 
+
+@click.command()
+@click.argument("stages", metavar="[STAGE]...", nargs=-1)
+@click.option("--timeout", type=click.FloatRange(min=1), default=90.0, show_default=True,
+              help="Seconds each replica has to be RUNNING and consuming again.")
+@topology_option
+def restart(stages: tuple[str, ...], timeout: float, topology_path: str) -> None:
+    """Restart the replicas of STAGE (default: every stage) one at a time, so they load new code.
+
+    Each replica drains on SIGTERM, starts again, and is consuming before the
+    next one stops. One line per replica: old pid → new pid, seconds.
+    """
+    from pipeline.ops.restart import restart as roll
+    topology = load(topology_path)
+    unknown = [stage for stage in stages if stage not in topology.stages]
+    if unknown:  # every name is checked before anything is restarted
+        raise click.BadParameter(f"no stage {unknown[0]!r} in {topology_path} (stages: {', '.join(topology.stages)}); "
+                                 "nothing restarted", param_hint="STAGE")
+    roll(topology, stages, log=click.echo, timeout=timeout)

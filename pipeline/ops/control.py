@@ -213,12 +213,17 @@ class Supervisor:
 
 def channel_clients(http: str, topic: str, channel: str) -> int:
     """Clients subscribed to ``topic/channel`` on one nsqd (0 when it does not exist yet)."""
+    return len(channel_subscribers(http, topic, channel))
+
+
+def channel_subscribers(http: str, topic: str, channel: str) -> list[dict[str, Any]]:
+    """nsqd's ``/stats`` of each client on ``topic/channel`` ([] when it does not exist yet or nsqd is down)."""
     try:
         topics = nsqd_http.stats(http, topic).get("topics") or []
     except nsqd_http.NsqdHTTPError:
-        return 0
-    return sum(len(c.get("clients") or []) for t in topics if t["topic_name"] == topic
-               for c in t.get("channels") or [] if c["channel_name"] == channel)
+        return []
+    return [client for t in topics if t["topic_name"] == topic
+            for c in t.get("channels") or [] if c["channel_name"] == channel for client in c.get("clients") or []]
 
 
 def preflight_ports(topology) -> None:
