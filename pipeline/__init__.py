@@ -9,7 +9,8 @@ the errors. A stage is a function from a batch to what it emits::
         return {"even": [r for r in batch.records if r["n"] % 2 == 0]}
 
 and ``topology.yaml`` names it (``handler: mystages:classify``); ``pipeline up``
-runs it. The names are imported on first use, so ``import pipeline`` (and so
+runs it, and :mod:`pipeline.testing` runs it in a test (``run_stage``) with the
+runtime's own rules. The names are imported on first use, so ``import pipeline`` (and so
 every ``pipeline`` command) does not load numpy or the topology schema until
 something needs them.
 """

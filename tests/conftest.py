@@ -1,7 +1,10 @@
-"""Shared fixtures: real NSQ binaries, nsqd and nsqlookupd processes, fresh topics.
+"""Shared fixtures: nsqd and nsqlookupd processes, fresh topics.
 
 Every process is started on free 127.0.0.1 ports, stopped by pid at teardown,
-and checked to be gone, so no test leaks a server into the next.
+and checked to be gone, so no test leaks a server into the next. ``nsq_bin``
+and ``nsq_cluster`` come from the package's own pytest plugin
+(``pipeline.testing.fixtures``, registered by its entry point), as in any
+project that installs it.
 """
 from __future__ import annotations
 
@@ -13,12 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from nsqhttp import lookupd_nodes, wait_until
-from pipeline.config import split_address
-from pipeline.ops.install import install_nsq
 from pipeline.ops.processes import NsqProcess, nsqd_args, start_nsqd, start_nsqlookupd, start_process
 
-REGISTER_TIMEOUT = 10.0
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -33,20 +32,6 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
-@dataclass
-class NsqCluster:
-    """One nsqlookupd and one nsqd registered with it."""
-
-    lookupd: NsqProcess
-    nsqd: NsqProcess
-
-
-@pytest.fixture(scope="session")
-def nsq_bin() -> Path:
-    """Install the NSQ binaries into the venv once per session (builds them on the first run)."""
-    return install_nsq()
-
-
 def _stop(process: NsqProcess) -> None:
     """Stop ``process`` and fail the test if it survives."""
     process.stop()
@@ -59,30 +44,6 @@ def nsqd(nsq_bin: Path, tmp_path: Path) -> Iterator[NsqProcess]:
     process = start_nsqd(tmp_path / "nsqd")
     yield process
     _stop(process)
-
-
-@pytest.fixture
-def nsq_cluster(nsq_bin: Path, tmp_path: Path) -> Iterator[NsqCluster]:
-    """Yield an nsqlookupd and an nsqd that has registered with it."""
-    lookupd = start_nsqlookupd(tmp_path / "nsqlookupd.log")
-    try:
-        nsqd = start_nsqd(tmp_path / "nsqd", lookupd_tcp=[lookupd.tcp])
-    except BaseException:
-        _stop(lookupd)
-        raise
-    try:
-        port = split_address(nsqd.tcp)[1]
-        wait_until(
-            lambda: any(node["tcp_port"] == port for node in lookupd_nodes(lookupd.http)),
-            REGISTER_TIMEOUT,
-            message=f"nsqd {nsqd.tcp} never registered with nsqlookupd {lookupd.http}",
-        )
-        yield NsqCluster(lookupd=lookupd, nsqd=nsqd)
-    finally:
-        try:
-            _stop(nsqd)
-        finally:
-            _stop(lookupd)
 
 
 @dataclass

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NsqCluster
 from nsqhttp import get_text, lookupd_nodes
 from pipeline.errors import ProcessError
+from pipeline.testing import NsqCluster
 from pipeline.ops.install import NSQ_VERSION, installed_version
 from pipeline.ops.processes import (
     NsqProcess,
