@@ -67,13 +67,17 @@ from pipeline.testing import run_stage
 from stages import value_orders
 
 
+OUTPUTS = ["valued_orders"]  # as topology.yaml declares the stage (or: run_stage("valuer", ..., topology=PATH))
+
+
 def test_an_order_is_valued():
-    result = run_stage(value_orders, [{"order": 1, "qty": 3, "price": 2.5}])
+    result = run_stage(value_orders, [{"order": 1, "qty": 3, "price": 2.5}], outputs=OUTPUTS)
     assert [r["value"] for r in result.outputs["valued_orders"]] == [7.5]
 
 
 def test_a_bad_order_goes_to_the_dead_letters_with_its_reason():
-    result = run_stage(value_orders, [{"order": 2, "qty": 0, "price": 1.0}, {"order": 3, "qty": 1}])
+    result = run_stage(value_orders, [{"order": 2, "qty": 0, "price": 1.0}, {"order": 3, "qty": 1}],
+                       outputs=OUTPUTS)
     assert result.outputs["valued_orders"] == []
     assert [reason for _, reason in result.dead] == ["qty must be a positive integer, got 0",
                                                      "price must be a number >= 0, got None"]
