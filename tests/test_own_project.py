@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import CHECK_CHANNEL, collect
 from nsqhttp import wait_until
 from test_wheel import NOT_COPIED
 
@@ -36,10 +37,11 @@ def venv(tmp_path_factory: pytest.TempPathFactory, nsq_bin: Path) -> Iterator[Pa
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(source), "-w", str(tmp / "dist")], tmp)
     [wheel] = (tmp / "dist").glob("nsq_pipeline-*.whl")
     run([sys.executable, "-m", "venv", str(tmp / "venv")], tmp)
+    # with the user's environment: the checkout on PYTHONPATH would make pip take the package as installed
     run([str(tmp / "venv" / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", f"{wheel}[testing]"],
-        tmp, timeout=600)
+        tmp, venv=tmp / "venv", timeout=600)
     # NSQ v1.3.0 already on PATH is copied rather than built
-    done = run([str(tmp / "venv" / "bin" / "pipeline"), "install-nsq"], tmp, path=str(bin_dir()))
+    done = run([str(tmp / "venv" / "bin" / "pipeline"), "install-nsq"], tmp, venv=tmp / "venv", path=str(bin_dir()))
     assert (tmp / "venv" / "bin" / "nsqd").exists(), done.stdout + done.stderr
     yield tmp / "venv"
 
@@ -53,8 +55,7 @@ def user_env(venv: Path, path: str | None = None) -> dict[str, str]:
 
 def run(argv: list[str], cwd: Path, *, venv: Path | None = None, path: str | None = None, timeout: float = 240,
         check: bool = True) -> subprocess.CompletedProcess:
-    env = user_env(venv, path) if venv else {**os.environ, "PATH": f"{path}:{os.environ['PATH']}" if path else
-                                                 os.environ["PATH"]}
+    env = user_env(venv, path) if venv else None
     done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert done.returncode == 0, f"{argv}: {done.stdout}\n{done.stderr}"
@@ -93,8 +94,7 @@ def test_init_up_produce_tail_down_and_the_scaffolds_own_tests(venv: Path, tmp_p
     good, bad = orders_file(project / "orders.jsonl", 10_000)
     run([pipeline, "up"], project, venv=venv, timeout=120)
     try:
-        nsqd_http.create_channel(http, "orders.dead", "check")  # keep the dead letters for this test
-        nsqd_http.create_channel(http, "valued_orders", "check")
+        nsqd_http.create_channel(http, "orders.dead", CHECK_CHANNEL)  # keep the dead letters for this test
         produced = run([pipeline, "produce", "orders", "--from", "orders.jsonl"], project, venv=venv)
         assert "read 10000 lines; published 10000 records to orders, 10000 acknowledged; refused 0" in produced.stdout
         wait_until(lambda: nsqd_http.topic_message_count(http, "valued_orders") >= good
@@ -102,8 +102,8 @@ def test_init_up_produce_tail_down_and_the_scaffolds_own_tests(venv: Path, tmp_p
                    message="the stage did not process every order")
         assert nsqd_http.topic_message_count(http, "valued_orders") == good
         assert nsqd_http.topic_message_count(http, "orders.dead") == len(bad)
-        shown = run([pipeline, "tail", "orders.dead", "-n", str(len(bad))], project, venv=venv)
-        letters = [json.loads(line) for line in shown.stdout.splitlines()]
+        tcp = "127.0.0.1:" + re.search(r"tcp: 127\.0\.0\.1:(\d+), http", topology).group(1)
+        letters = collect(tcp, ["orders.dead"], lambda got: len(got["orders.dead"]) >= len(bad), 30)["orders.dead"]
         assert {json.loads(d["body"])["order"]: d["reason"] for d in letters} == bad
         tail = run([pipeline, "tail", "valued_orders", "-n", "3"], project, venv=venv)
         assert all(json.loads(line)["value"] > 0 for line in tail.stdout.splitlines())
