@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import PipelineError, TopologyError
-from pipeline.config.loader import _REASONS, _Positions, _parse, _yaml_error
+from pipeline.config.loader import _REASONS, Positions, _parse, _yaml_error
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
@@ -256,7 +256,7 @@ def _loc(error: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(p) for p in error["loc"] if str(p) not in FAULT_NAMES)
 
 
-def _to_error(shown: str, positions: _Positions, error: dict[str, Any]) -> ScenarioError:
+def _to_error(shown: str, positions: Positions, error: dict[str, Any]) -> ScenarioError:
     loc = _loc(error)
     on_key = error["type"] in ("extra_forbidden", "missing") or loc[-1:] == ("[key]",)
     loc = loc[:-1] if loc[-1:] == ("[key]",) else loc

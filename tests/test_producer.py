@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -275,3 +276,20 @@ def test_a_generator_name_with_from_is_the_topic_of_that_name(tmp_path):
     assert "<stdin>: read 0 lines; published 0 records to numbers, 0 acknowledged; refused 0" in done.stdout
     generator = produce_cli(topology.path, "numbers", "--help")
     assert "--count" in generator.stdout and "--from" not in generator.stdout
+
+
+@pytest.mark.integration
+def test_a_record_nsqd_cannot_take_is_its_lines_reason_not_a_failed_mpub(nsqd, tmp_path):
+    topology = write_topology(tmp_path, {"orders": {}}, nsqd.tcp, nsqd.http)
+    prepare(nsqd, topology, "orders")
+    source = tmp_path / "orders.csv"  # CSV: an integer of any size reads as one
+    source.write_text("order,qty,note\n0,1,a\n9,1180591620717411303424,b\n1,2,c\n4,1," + "x" * (1 << 20) + "\n2,3,d\n")
+    failed = produce_cli(topology.path, "orders", "--from", str(source))
+    assert failed.returncode == 1
+    assert f"{source}:3: cannot be encoded as json: Integer exceeds 64-bit range" in failed.stderr
+    skipped = produce_cli(topology.path, "orders", "--from", str(source), "--on-error", "skip")
+    assert skipped.returncode == 0, skipped.stderr
+    assert re.search(f"{source}:5: 1,048,6[0-9]{{2}} bytes encoded, more than nsqd takes in a message "
+                     r"\(1,048,576\)", skipped.stderr), skipped.stderr
+    assert "published 2 records to orders, 2 acknowledged; refused 2" in skipped.stdout  # resumed after line 2
+    assert sorted(r["order"] for r in published(nsqd, topology, "orders")) == [0, 1, 2]

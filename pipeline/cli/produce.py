@@ -78,7 +78,8 @@ def produce_file(topic: str, source_path: str, file_format: str | None, rate: fl
         try:
             with _progress(f"{source.shown} -> {topic}", total) as advance:
                 producer.on_progress = lambda _: advance(source.line)
-                producer.publish(run.records(), rate=rate)
+                with contextlib.suppress(_Stopped):
+                    producer.publish(run.records(), rate=rate, on_bad=run.bad_record)
                 if not run.failed:
                     producer.source_mark = lambda: source.mark(done=True)
                     producer.flush()
@@ -91,12 +92,17 @@ def produce_file(topic: str, source_path: str, file_format: str | None, rate: fl
         sys.exit(1)
 
 
+class _Stopped(Exception):
+    """A bad line stopped the run (--on-error fail); every line before it was acknowledged."""
+
+
 class _FileRun:
     """The records of a file for a producer; reports bad lines as FILE:LINE: reason."""
 
     def __init__(self, source, producer, skip: bool):
         self.source, self.producer, self.skip = source, producer, skip
         self.refused, self.failed = 0, False
+        self.line = 0  # the line of the record being sent
         producer.source_mark = source.mark
 
     def records(self):
@@ -109,14 +115,27 @@ class _FileRun:
                 except PartitionKeyError as e:
                     reason = e.reason
             if reason is None:
+                self.line = line.number
                 yield line.record
                 continue
-            self.refused += 1
-            click.echo(f"{self.source.shown}:{line.number}: {reason}", err=True)
-            if not self.skip:
-                self.failed = True
-                self.producer.source_mark = lambda: self.source.mark(before_last=True)
+            self.refuse(line.number, reason)
+            if self.failed:
                 return
+
+    def refuse(self, number: int, reason: str) -> None:
+        """Report line ``number``; with --on-error fail, stop the run before it."""
+        self.refused += 1
+        click.echo(f"{self.source.shown}:{number}: {reason}", err=True)
+        if not self.skip:
+            self.failed = True
+            self.producer.source_mark = lambda: self.source.mark(before_last=True)
+
+    def bad_record(self, error) -> None:
+        """A record the producer cannot publish (see Producer.publish's on_bad): its line is refused."""
+        self.refuse(self.line, error.reason)
+        if self.failed:
+            raise _Stopped
+
 
 
 def _count_lines(path: str) -> int | None:

@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline.client.nsqclient import chunked
 from pipeline.client.position import Position, PositionError
 from pipeline.client.spread import SpreadPublisher
-from pipeline.config import TopicSpec
+from pipeline.config import MAX_MSG_SIZE, TopicSpec
+from pipeline.errors import PipelineError, PublishError
 from pipeline.records import envelope
 from pipeline.records.codecs import encoder
 from pipeline.records.partition import PartitionKeyError, Router
@@ -80,7 +81,6 @@ class Producer:
                  position: str | os.PathLike[str] | None = _DEFAULT, keep_seq: bool = False):
         from pipeline.config import load_topology
         from pipeline.config.security import client_security
-        from pipeline.errors import PipelineError
 
         if isinstance(topology, (str, os.PathLike)):
             topology = load_topology(topology)
@@ -128,7 +128,8 @@ class Producer:
             log.warning("%s; this run of %r cannot be resumed", e, topic)
             self.position = Position(None)
         self.seq: dict[str, int] = dict(self.position.seq)  # numbering of the records sent so far
-        self.buffers: dict[str, list[dict]] = {t: [] for t in self.router.topics}
+        # per physical topic: records (packed at send) or, one record per message, their bodies
+        self.buffers: dict[str, list[Any]] = {t: [] for t in self.router.topics}
         self.sent = self.acked = 0  # records
         self.on_progress: Callable[[int], None] | None = None  # called with the records acknowledged so far
         #: What :meth:`flush` records as the source's mark (a file reader sets it; see pipeline.records.sources).
@@ -158,8 +159,9 @@ class Producer:
         """Queue one record or many; full MPUBs go out at once, the rest at :meth:`flush`.
 
         Raises:
-            PartitionKeyError: a record of a partitioned topic has no usable key
+            PartitionKeyError: a record of a keyed topic has no usable key
                 (the records before it are queued).
+            RecordError: a record cannot be encoded, or is larger than an nsqd message.
             PublishError: nsqd refused a publish or could not be reached.
         """
         if isinstance(records, Mapping):
@@ -186,17 +188,29 @@ class Producer:
     def _add(self, record: Mapping[str, Any]) -> None:
         topic = self.check_key(record)  # a record without its key fails before it is numbered
         out = dict(record)
+        name = seq = None
         if self.numbered:
             key = out[self.key_field]  # type: ignore[index]  # numbered: a key field
             name = key if type(key) is str else str(key)
-            out[self.seq_field] = self.seq[name] = self.seq.get(name, 0) + 1
+            out[self.seq_field] = seq = self.seq.get(name, 0) + 1
         if "ts" not in out:
             out["ts"] = time.time_ns()
         if "id" not in out:
             out["id"] = f"{self._run}-{self.sent + 1}"
+        item: dict | bytes = out
+        if self.pack == 1:  # encoded now, so a record that cannot be is refused alone, before it is numbered
+            try:
+                item = self.encode(out)
+            except (TypeError, ValueError, OverflowError) as e:
+                raise RecordError(f"cannot be encoded as {self.spec.codec}: {e}", record) from e
+            if len(item) > MAX_MSG_SIZE:
+                raise RecordError(f"{len(item):,} bytes encoded, more than nsqd takes in a message "
+                                  f"({MAX_MSG_SIZE:,})", record)
+        if name is not None:
+            self.seq[name] = seq  # type: ignore[assignment]  # numbered: set with name
         self.sent += 1
         buffer = self.buffers[topic]
-        buffer.append(out)
+        buffer.append(item)
         if len(buffer) >= self.chunk * self.pack:
             self._send(topic)
 
@@ -217,7 +231,7 @@ class Producer:
         return self.acked
 
     def publish(self, records: Iterable[Mapping[str, Any]], *, rate: float = 0.0, speed: float | None = None,
-                linger_ms: float = LINGER_MS) -> int:
+                linger_ms: float = LINGER_MS, on_bad: Callable[[RecordError], None] | None = None) -> int:
         """:meth:`send` every record, paced; :meth:`flush`; return the records acknowledged.
 
         Parameters:
@@ -228,6 +242,8 @@ class Producer:
                 rather than slept for, and the buffer is sent before each sleep or
                 once its oldest record has waited this long: a record waits at most
                 about this long in the producer.
+            on_bad: called with the :class:`RecordError` of a record that cannot be published,
+                which is then skipped (raise in it to stop); None: the error stops the run.
 
         Raises:
             ValueError: both ``rate`` and ``speed``, or a bad value of either.
@@ -251,11 +267,16 @@ class Producer:
                 elif oldest is not None and time.monotonic() - oldest >= min_sleep:
                     self._drain()  # behind the rate, it never sleeps: still no record waits longer
                     oldest = None
-                self.send(record)
+                try:
+                    self.send(record)
+                except RecordError as e:
+                    if on_bad is None:
+                        raise
+                    on_bad(e)
+                    continue
                 if paced and oldest is None:
                     oldest = time.monotonic()
         except Exception as e:
-            from pipeline.errors import PublishError
             if not isinstance(e, PublishError):
                 self.flush()  # a bad record stops the run with everything before it acknowledged
             raise
@@ -272,7 +293,7 @@ class Producer:
             bodies = envelope.pack(records, self.pack)
             sizes = [min(self.pack, len(records) - i) for i in range(0, len(records), self.pack)]
         else:
-            bodies, sizes = [self.encode(r) for r in records], [1] * len(records)
+            bodies, sizes = records, [1] * len(records)
         self._keep_alive()
         start, partitioned = 0, len(self.router.topics) > 1
         for part in chunked(bodies, self.chunk):
@@ -295,6 +316,17 @@ class Producer:
         before, self.acked = self.acked, self._pub.acked_records
         if self.on_progress and self.acked != before:
             self.on_progress(self.acked)
+
+
+class RecordError(PipelineError, ValueError):
+    """Raised by :meth:`Producer.send` for a record that cannot be published (not encodable, too large).
+
+    ``error.reason`` says why; ``error.record`` is the record. Nothing of it was queued.
+    """
+
+    def __init__(self, reason: str, record: Any):
+        super().__init__(f"{reason}: {record!r:.200}")
+        self.reason, self.record = reason, record
 
 
 class Pacer:

@@ -34,6 +34,7 @@ import orjson
 from pipeline.errors import PipelineError
 
 FORMATS = ("jsonl", "csv")
+_FIELD_LIMIT = 16 << 20
 _INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
 _DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 
@@ -64,6 +65,7 @@ class Line:
     number: int  # the line the record starts on (1 is the first)
     record: dict[str, Any] | None
     error: str | None = None
+    size: int = 0  # bytes of the file it was read from
 
 
 class FileSource:
@@ -133,7 +135,7 @@ class FileSource:
             except orjson.JSONDecodeError as e:
                 yield Line(self.line, None, f"not JSON: {e}")
             else:
-                yield Line(self.line, value) if type(value) is dict else \
+                yield Line(self.line, value, size=len(raw)) if type(value) is dict else \
                     Line(self.line, None, f"expected a JSON object, got {_kind(value)}")
             self._start_row()
 
@@ -148,6 +150,8 @@ class FileSource:
 
     def _csv(self, lines: Iterator[bytes]) -> Iterator[Line]:
         undecodable: dict[int, str] = {}
+        # the csv module refuses fields over 128 KiB; nsqd takes messages up to 1 MiB (the producer checks)
+        csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
         reader = csv.reader(self._decoded(lines, undecodable))
         try:
             header = next(reader)
@@ -177,7 +181,8 @@ class FileSource:
             if len(row) != len(names):
                 yield Line(first, None, f"expected {len(names)} fields ({','.join(names)}), got {len(row)}")
                 continue
-            yield Line(first, {name: _value(text) for name, text in zip(names, row, strict=True)})
+            yield Line(first, {name: _value(text) for name, text in zip(names, row, strict=True)},
+                       size=self.offset - self._row_start[0])
 
 
 def _value(text: str) -> Any:
