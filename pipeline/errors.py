@@ -5,6 +5,12 @@ as an attribute, so a caller can report or dead-letter the exact payload.
 """
 from __future__ import annotations
 
+import os
+import sysconfig
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
 
 class PipelineError(Exception):
     """Base class for every error raised by nsq-pipeline."""
@@ -85,3 +91,14 @@ class GatewayError(PipelineError):
         super().__init__(message)
         self.status, self.error, self.message = status, error, message
         self.headers = headers or {}
+
+
+def user_frame(frames: Sequence[traceback.FrameSummary]) -> traceback.FrameSummary | None:
+    """The deepest frame outside the standard library, the installed packages and ``pipeline``, else the deepest."""
+    paths = sysconfig.get_paths()
+    folders = [paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")] + [str(Path(__file__).parent)]
+    others = tuple({os.path.join(os.path.realpath(folder), "") for folder in folders})
+    files = [f for f in frames if not f.filename.startswith("<")]
+    user = [f for f in files if not os.path.realpath(f.filename).startswith(others)]
+    chosen = user or files
+    return chosen[-1] if chosen else None

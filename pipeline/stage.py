@@ -46,6 +46,7 @@ from __future__ import annotations
 import importlib
 import math
 import operator
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import compress
@@ -54,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from pipeline.errors import HandlerLoadError
+from pipeline.errors import HandlerLoadError, user_frame
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -272,6 +273,12 @@ def merge_params(params: Mapping[str, Any], defaults: Mapping[str, Any], stage: 
     return {**defaults, **params}
 
 
+def _where(error: BaseException) -> str:
+    """`` (at FILE:LINE)`` of the innermost frame of ``error`` in the user's code, or ``""``."""
+    frame = user_frame(traceback.extract_tb(error.__traceback__))
+    return f" (at {frame.filename}:{frame.lineno})" if frame else ""
+
+
 def load_handler(path: str, context: StageContext | None = None) -> Handler:
     """Import the stage named by ``module.path:name``: a function, or a class built with ``context``.
 
@@ -286,6 +293,11 @@ def load_handler(path: str, context: StageContext | None = None) -> Handler:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise HandlerLoadError(f"handler {path!r}: cannot import {module_name!r}: {e}") from e
+    except SyntaxError as e:
+        raise HandlerLoadError(f"handler {path!r}: {e.filename}:{e.lineno}: SyntaxError: {e.msg}") from e
+    except Exception as e:  # raised by the module's own code as it was imported
+        raise HandlerLoadError(f"handler {path!r}: importing {module_name!r} raised {type(e).__name__}: {e}"
+                               f"{_where(e)}") from e
     handler: object = getattr(module, attr, None)
     if not callable(handler):
         raise HandlerLoadError(f"handler {path!r}: {module_name!r} has no callable {attr!r}")

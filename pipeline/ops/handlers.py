@@ -26,15 +26,14 @@ import os
 import signal
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import StageSpec, load_topology, read_positions
-from pipeline.errors import TopologyError
+from pipeline.errors import TopologyError, user_frame
 from pipeline.stage import StageContext
 
 __all__ = ["DEFAULT_TIMEOUT", "check_handlers"]
@@ -210,19 +209,8 @@ def _raised(error: BaseException, show: _Show) -> str:
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
     message = str(error).strip().splitlines()[:1]
     what = f"{name}: {message[0]}" if message else name
-    frame = _user_frame(traceback.extract_tb(error.__traceback__))
+    frame = user_frame(traceback.extract_tb(error.__traceback__))
     return f"{show(frame.filename, frame.lineno)}: {what}" if frame is not None else what
-
-
-def _user_frame(frames: Sequence[traceback.FrameSummary]) -> traceback.FrameSummary | None:
-    """The deepest frame outside the standard library, the installed packages and ``pipeline``, else the deepest."""
-    paths = sysconfig.get_paths()
-    folders = [paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")] + [str(Path(__file__).parent.parent)]
-    others = tuple({os.path.join(os.path.realpath(folder), "") for folder in folders})
-    files = [f for f in frames if not f.filename.startswith("<")]
-    user = [f for f in files if not os.path.realpath(f.filename).startswith(others)]
-    chosen = user or files
-    return chosen[-1] if chosen else None
 
 
 def _main(argv: list[str]) -> None:
