@@ -24,6 +24,7 @@ from pipeline.config.schema import (
 from pipeline.config.topology import Topology
 from pipeline.config.types import (
     DEAD_LETTER_SUFFIX,
+    KEEP_CHANNEL,
     MAX_MSG_SIZE,
     NSQ_NAME_MAX,
     RESERVED_STAGE_NAMES,
@@ -32,7 +33,8 @@ from pipeline.config.types import (
 )
 
 __all__ = [
-    "DEAD_LETTER_SUFFIX", "MAX_MSG_SIZE", "NSQ_NAME_MAX", "RESERVED_STAGE_NAMES", "AuthSpec", "BatchSpec",
+    "DEAD_LETTER_SUFFIX", "KEEP_CHANNEL", "MAX_MSG_SIZE", "NSQ_NAME_MAX", "RESERVED_STAGE_NAMES", "AuthSpec",
+    "BatchSpec",
     "GatewaySpec", "GatewayTokenSpec", "LookupdSpec", "MonitorSpec", "NsqSpec", "NsqdSpec", "Positions",
     "ProducerSpec", "ReportSpec", "SecretSpec", "SmtpSpec", "StageSpec", "TlsSpec", "TopicSpec", "Topology",
     "load_topology", "read_positions", "socket_address", "split_address", "validate_topology",

@@ -17,7 +17,8 @@ from pydantic import AfterValidator, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = [
-    "DEAD_LETTER_SUFFIX", "MAX_MSG_SIZE", "NSQ_NAME_MAX", "RESERVED_STAGE_NAMES", "Address", "ChannelName",
+    "DEAD_LETTER_SUFFIX", "KEEP_CHANNEL", "MAX_MSG_SIZE", "NSQ_NAME_MAX", "RESERVED_STAGE_NAMES", "Address",
+    "ChannelName",
     "EnvName", "HandlerPath", "LocalName", "MetricsHost", "NsqdFlag", "NsqdName", "Problems", "TopicName",
     "TypeDoc", "check_address", "problem", "raise_problems", "socket_address", "split_address",
 ]
@@ -28,6 +29,9 @@ NSQ_NAME_MAX = 64
 MAX_MSG_SIZE = 1024 * 1024
 #: A stage's dead-letter topic is its input topic followed by this.
 DEAD_LETTER_SUFFIX = ".dead"
+#: The durable channel that keeps the messages of a topic no stage reads (terminal and dead-letter
+#: topics), so that an ephemeral channel (a tail) never takes them; read it without removing (peek).
+KEEP_CHANNEL = "keep"
 #: supervisord program (and log file) names the pipeline uses for itself; no stage may take them.
 RESERVED_STAGE_NAMES = ("nsqd", "nsqlookupd", "nsqadmin", "restarter", "supervisord", "monitor", "auth",
                         "gateway")
