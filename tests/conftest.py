@@ -9,6 +9,9 @@ project that installs it.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +33,23 @@ def pytest_configure(config: pytest.Config) -> None:
     handlers (``consumers.primes:classify``) from here too.
     """
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
+#: What a build copy of the checkout leaves out: environments, state and earlier builds.
+NOT_COPIED = shutil.ignore_patterns(".git", ".venv", "var", "build", "dist", "*.egg-info", "__pycache__")
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel, built once per session from a copy of the checkout (so the build writes nothing into it)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=NOT_COPIED)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--disable-pip-version-check",
+                           str(source), "-w", str(tmp / "dist")], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [built] = (tmp / "dist").glob("nsq_pipeline-*.whl")
+    return built
 
 
 def _stop(process: NsqProcess) -> None:

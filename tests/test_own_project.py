@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,6 @@ from pathlib import Path
 import pytest
 from harness import CHECK_CHANNEL, collect
 from nsqhttp import wait_until
-from test_wheel import NOT_COPIED
 
 from pipeline.client import nsqd_http
 from pipeline.ops.install import bin_dir
@@ -29,16 +27,14 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def venv(tmp_path_factory: pytest.TempPathFactory, nsq_bin: Path) -> Iterator[Path]:
-    """A venv with the wheel built from a copy of the checkout (and its testing extra), and NSQ copied in."""
+def venv(tmp_path_factory: pytest.TempPathFactory, nsq_bin: Path, built_wheel: Path) -> Iterator[Path]:
+    """A venv with the wheel (and its testing extra), and NSQ copied in."""
     tmp = tmp_path_factory.mktemp("user")
-    source = tmp / "source"
-    shutil.copytree(ROOT, source, ignore=NOT_COPIED)
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(source), "-w", str(tmp / "dist")], tmp)
-    [wheel] = (tmp / "dist").glob("nsq_pipeline-*.whl")
+    wheel = built_wheel
     run([sys.executable, "-m", "venv", str(tmp / "venv")], tmp)
     # with the user's environment: the checkout on PYTHONPATH would make pip take the package as installed
-    run([str(tmp / "venv" / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", f"{wheel}[testing]"],
+    run([str(tmp / "venv" / "bin" / "pip"), "install", "-q", "--no-compile", "--disable-pip-version-check",
+         f"{wheel}[testing]"],
         tmp, venv=tmp / "venv", timeout=600)
     # NSQ v1.3.0 already on PATH is copied rather than built
     done = run([str(tmp / "venv" / "bin" / "pipeline"), "install-nsq"], tmp, venv=tmp / "venv", path=str(bin_dir()))
@@ -83,7 +79,7 @@ def test_init_up_produce_tail_down_and_the_scaffolds_own_tests(venv: Path, tmp_p
     assert "ports (free now):" in created.stdout
     project = home / "shop"
     refused = run([pipeline, "init", "shop"], home, venv=venv, check=False)
-    assert refused.returncode == 2 and refused.stderr.strip() == f"pipeline init: shop is not empty; give a new or " \
+    assert refused.returncode == 2 and refused.stderr.strip() == "pipeline init: shop is not empty; give a new or " \
                                                                  "empty folder"
     topology = (project / "topology.yaml").read_text()
     http = "127.0.0.1:" + re.search(r"http: 127\.0\.0\.1:(\d+)}", topology).group(1)

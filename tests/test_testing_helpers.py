@@ -95,10 +95,10 @@ def test_a_failing_record_in_an_envelope_is_dead_lettered_alone_after_max_tries(
     assert len(run.outputs["prime"]) + len(run.outputs["non_prime"]) == 19
 
 
-def test_an_output_the_stage_does_not_declare_is_a_dead_letter_naming_it():
+def test_an_output_the_stage_does_not_declare_is_retried_then_a_dead_letter_naming_it():
     run = run_stage(lambda batch: {"primes": batch.records}, numbers(1, 2), outputs=PRIMES)
-    assert {d.reason for d in run.dead} == {"stage stage emitted to 'primes', not one of its outputs "
-                                            "['prime', 'non_prime']"}
+    assert {d.reason for d in run.dead} == {"handler emitted to 'primes', which is not an output of stage stage "
+                                            "(outputs: prime, non_prime) (attempt 5 of max_tries 5)"}
     assert run.outputs == {"prime": [], "non_prime": []}
 
 

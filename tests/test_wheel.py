@@ -1,9 +1,6 @@
 """The wheel installs the framework only: ``pipeline``, its data files, and nothing of the checkout."""
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,21 +8,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-#: What the build copy leaves out: environments, state and earlier builds (a stale build/ could leak into a wheel).
-NOT_COPIED = shutil.ignore_patterns(".git", ".venv", "var", "build", "dist", "*.egg-info", "__pycache__")
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zipfile.ZipFile]:
-    """Build the wheel from a copy of the checkout, so the build writes nothing into it."""
-    tmp = tmp_path_factory.mktemp("wheel")
-    source = tmp / "source"
-    shutil.copytree(ROOT, source, ignore=NOT_COPIED)
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--disable-pip-version-check",
-                           str(source), "-w", str(tmp / "dist")], capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout + done.stderr
-    [built] = (tmp / "dist").glob("nsq_pipeline-*.whl")
-    with zipfile.ZipFile(built) as archive:
+def wheel(built_wheel: Path) -> Iterator[zipfile.ZipFile]:
+    with zipfile.ZipFile(built_wheel) as archive:
         yield archive
 
 
