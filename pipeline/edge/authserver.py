@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from tornado.httpserver import HTTPServer
 from tornado.web import Application, RequestHandler
 
-from pipeline.config import socket_address
+from pipeline.config import KEEP_CHANNEL, socket_address
 from pipeline.config.credentials import SecretError
 from pipeline.config.security import identity_secret
 
@@ -63,7 +63,10 @@ def authorizations(topology, identity: str) -> list[dict]:
     if identity == "gateway" and topology.gateway is not None:
         grants += _publish(sorted({t for token in topology.gateway.tokens.values() for t in token.topics}))
     if identity == "tail":
-        grants.append({"topic": _ANY, "channels": [r"^tail-[0-9a-f]+#ephemeral$"], "permissions": [SUBSCRIBE]})
+        # its own ephemeral channels, and keep, which peek and `dead ls|show` read (and requeue)
+        # and the monitor trims
+        grants.append({"topic": _ANY, "channels": [r"^tail-[0-9a-f]+#ephemeral$", _exact(KEEP_CHANNEL)],
+                       "permissions": [SUBSCRIBE]})
     return grants
 
 
