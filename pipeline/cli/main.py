@@ -24,8 +24,8 @@ COMMANDS = {
     "init": "project:init", "check": "stack:check", "render": "stack:render", "up": "stack:up", "down": "stack:down",
     "status": "stack:status", "scale": "stack:scale", "restart": "stack:restart", "worker": "stack:worker",
     # watching it run
-    "tail": "observe:tail", "logs": "observe:logs", "top": "observe:top", "monitor": "observe:monitor",
-    "report": "observe:report",
+    "tail": "observe:tail", "peek": "observe:peek", "logs": "observe:logs", "top": "observe:top",
+    "monitor": "observe:monitor", "report": "observe:report",
     # preparing a machine
     "install-nsq": "tools:install_nsq_cmd", "install-toxiproxy": "tools:install_toxiproxy_cmd", "certs": "tools:certs",
     # the optional edge
