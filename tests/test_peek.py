@@ -141,7 +141,7 @@ def test_tail_says_where_the_queued_messages_are_reads_new_ones_and_takes_none(n
         assert "created" not in waiting  # the topic has a durable channel: nothing to create
     else:
         assert (f"created the durable channel 'keep' on {backlog.topic} (nsqd {nsqd.http}): its {BACKLOG} "
-                "queued message(s) stay there; nothing was removed") in waiting
+                "queued message(s) moved there; nothing was removed") in waiting
         assert (f"waiting for new messages on {backlog.topic} ({BACKLOG} already queued in channel keep; "
                 f"`pipeline peek {backlog.topic}` shows them)") in waiting
     assert undelivered(nsqd.http, backlog.topic) == BACKLOG  # the tail holds nothing of the backlog
@@ -195,6 +195,23 @@ def test_peek_without_keep_on_a_topic_with_a_channel_names_it_and_creates_nothin
                            "(choose one with --channel)\n")
     assert channels(nsqd.http, "ordered") == {"c1": BACKLOG}  # no keep started (it would copy every message)
     assert_all_there(nsqd, backlog)
+
+
+def test_peek_on_a_stage_input_without_channels_gives_it_the_stage_channel_not_keep(nsqd, tmp_path):
+    # Given the stage's input topic with a backlog and no channel yet (its stage never started)
+    topology = write_topology(tmp_path, nsqd)
+    bodies = [encode_json({"i": i}) for i in range(BACKLOG)]
+    with NsqPublisher(nsqd.tcp) as pub:
+        pub.publish("ordered", bodies)
+    done = pipeline(topology, "peek", "ordered", "-n", "5")
+    # Then the backlog waits in the stage's channel, and the peek names it rather than copy everything into keep
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"created the durable channel 'c1' on ordered (nsqd {nsqd.http}): its {BACKLOG} queued message(s) moved "
+        "there; nothing was removed",
+        "pipeline: topic ordered has no channel 'keep'; its durable channels: c1 (choose one with --channel)"]
+    assert channels(nsqd.http, "ordered") == {"c1": BACKLOG}
+    assert_all_there(nsqd, Backlog("ordered", "c1", bodies))
 
 
 def test_peek_of_more_than_one_connection_holds_reads_each_message_once(nsqd):

@@ -11,7 +11,8 @@ every name here is anchored and escaped. Each stage may subscribe to its input
 (every partition) through its channel and publish to its outputs and its
 dead-letter topic; a producer may publish to its topic; ``gateway`` may
 publish to its tokens' topics; ``tail`` may read any topic through an
-ephemeral ``tail-*`` channel. An unknown secret gets a 403, which nsqd turns
+ephemeral ``tail-*`` channel or the channel ``keep`` (``pipeline peek``, ``pipeline
+dead ls|show``, and the monitor's trimming). An unknown secret gets a 403, which nsqd turns
 into ``E_AUTH_FAILED``.
 """
 from __future__ import annotations

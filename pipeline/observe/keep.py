@@ -87,28 +87,40 @@ def topic_states(topology, topic: str) -> list[TopicState]:
     return [topic_state(tcp, http, physical) for tcp, http in nodes for physical in topology.physical_topics(topic)]
 
 
-def known(topology, physical: str) -> bool:
-    """Whether the topology publishes to ``physical``: a declared topic (or partition) or a dead-letter topic."""
+def keepers(topology, physical: str) -> list[str]:
+    """The durable channels that should hold ``physical``'s messages; [] when the topology does not publish to it.
+
+    A topic a stage reads: its stages' channels (what ``pipeline up`` creates);
+    another declared topic (or partition) or a dead-letter topic: ``keep``.
+    """
+    readers = [s.channel for s in topology.stages.values() if physical in topology.physical_topics(s.input)]
+    if readers:
+        return readers
     declared = {t for name in topology.topics for t in topology.physical_topics(name)}
-    return physical in declared or physical in {topology.dead_letter_topic(s) for s in topology.stages}
+    dead = {topology.dead_letter_topic(s) for s in topology.stages}
+    return [KEEP_CHANNEL] if physical in declared or physical in dead else []
 
 
 def ensure_kept(topology, topic: str, log: Callable[[str], None]) -> list[TopicState]:
-    """Create the ``keep`` channel wherever ``topic`` has no durable channel; return the topic's states after.
+    """Give ``topic`` a durable channel wherever it has none; return the topic's states after.
 
-    A partition or node where the topic does not exist gets one only if the
-    topology publishes to it, so a mistyped name creates nothing. Each channel
-    created is one line to ``log``.
+    The channel is ``keep``, or the stages' own channels on a topic stages read
+    (the messages are theirs: a ``keep`` there would copy all of them). A
+    partition or node without the topic gets a channel only if the topology
+    publishes to it, so a mistyped name creates nothing; one with the topic but
+    unknown to the topology gets ``keep``. Each channel created is one line to ``log``.
 
     Raises:
         NsqdHTTPError: an nsqd does not answer.
     """
     states = []
     for state in topic_states(topology, topic):
-        if not state.durable and (state.exists or known(topology, state.topic)):
-            nsqd_http.create_channel(state.http, state.topic, KEEP_CHANNEL)
-            log(f"created the durable channel {KEEP_CHANNEL!r} on {state.topic} (nsqd {state.http}): "
-                f"its {state.depth:,} queued message(s) stay there; nothing was removed")
+        if not state.durable:
+            for channel in keepers(topology, state.topic) or ([KEEP_CHANNEL] if state.exists else []):
+                nsqd_http.create_channel(state.http, state.topic, channel)
+                kept = (f"its {state.depth:,} queued message(s) moved there; nothing was removed" if state.depth
+                        else "it keeps what is published from now on")
+                log(f"created the durable channel {channel!r} on {state.topic} (nsqd {state.http}): {kept}")
             state = topic_state(state.tcp, state.http, state.topic)
         states.append(state)
     return states
