@@ -37,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.client.nsqclient import NsqSubscriber
 from pipeline.client.peek import trim
 from pipeline.config import KEEP_CHANNEL, MonitorSpec, split_address
+from pipeline.config.credentials import SecretError
 from pipeline.config.security import client_security
 from pipeline.errors import PublishError
 from pipeline.observe.healthdb import HealthDB
@@ -258,17 +259,17 @@ class Monitor:
     def _trim_kept(self) -> None:
         """Remove the oldest messages of each ``keep`` channel beyond its bound (a topic's ``keep``, ``dead_keep``)."""
         bounds = {topic: bound for topic, bound in self.topology.kept_topics().items() if bound is not None}
-        security = client_security(self.topology, "tail")
         for tcp, http in zip(self.topology.nsqd_tcp_addresses(), self.topology.nsqd_http_addresses(), strict=True):
             for topic, depth in _keep_depths(self._stats.get(http), bounds).items():
                 excess, trimmed = min(depth - bounds[topic], TRIM_MAX), 0
                 try:
+                    security = client_security(self.topology, "tail")  # the identity that may read keep
                     while trimmed < excess:
                         done = trim(tcp, topic, KEEP_CHANNEL, min(excess - trimmed, TRIM_ROUND), security=security)
                         trimmed += done
                         if not done:
                             break
-                except PublishError as e:
+                except (PublishError, SecretError) as e:
                     log.warning("cannot trim %s/%s on nsqd %s: %s", topic, KEEP_CHANNEL, tcp, e)
                 if trimmed:
                     log.info("trimmed the %d oldest message(s) of %s/%s on nsqd %s, which keeps %d at most",
