@@ -38,7 +38,7 @@ def run_demo(topology, numbers: ModuleType, count: int = 100_000, timeout: float
              console: Console | None = None) -> DemoResult:
     """Bring the topology up, publish 1..``count`` with ``numbers.publish_numbers``, wait; return the output counts."""
     console = console or Console()
-    Supervisor(topology).up(log=lambda line: console.print(f"[dim]{line}[/dim]"))
+    Supervisor(topology).up(log=lambda line: console.print(f"[dim]{line}[/dim]", soft_wrap=True))
     stage = topology.stage(STAGE)
     producer = topology.producers[PRODUCER]
     http = topology.nsqd_http_addresses()[0]
