@@ -34,6 +34,7 @@ def test_a_dead_subscribers_messages_come_back_after_its_own_msg_timeout(nsqd):
     sub._sock.shutdown(socket.SHUT_RDWR)  # gone without a word, as a SIGKILLed process
     sub.close()
     assert figures(nsqd.http, "t") == (0, 2)
-    wait_until(lambda: figures(nsqd.http, "t") == (2, 0), 5, message="in flight after msg_timeout 1 s")
+    # nsqd scans a channel for timeouts once it is in its scan list, refreshed every 5 s: a new one waits longer
+    wait_until(lambda: figures(nsqd.http, "t") == (2, 0), 10, message="in flight after msg_timeout 1 s")
     with InFlightSubscriber(nsqd.tcp, "t", "c", rdy=10, msg_timeout=30) as again:
         assert [m.attempts for m in again.receive(timeout=0.5)] == [2, 2]
