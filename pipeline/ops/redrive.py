@@ -132,9 +132,9 @@ def keyed_refusal(stage: str) -> str:
     record whose seq is beyond its key's last applied seq (a replica whose
     checkpoint was removed) is applied again, in seq order.
     """
-    return (f"stage {stage} is keyed: its replicas drop a record whose seq they already applied, as they did for "
-            "every record they dead-lettered, so re-driven letters would be finished and dropped; nothing "
-            "re-driven (--force re-drives anyway; README, \"Dead letters\")")
+    return (f"stage {stage} is keyed: a replica counts the seq of a record it dead-lettered for a raise as applied "
+            "and drops a record whose seq it already applied, so re-driven letters would mostly be finished and "
+            "dropped; nothing re-driven (--force re-drives anyway; README, \"Dead letters\")")
 
 
 @dataclass
