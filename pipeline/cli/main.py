@@ -26,6 +26,8 @@ COMMANDS = {
     # watching it run
     "tail": "observe:tail", "logs": "observe:logs", "top": "observe:top", "monitor": "observe:monitor",
     "report": "observe:report",
+    # dead letters
+    "dead": "dead:dead",
     # preparing a machine
     "install-nsq": "tools:install_nsq_cmd", "install-toxiproxy": "tools:install_toxiproxy_cmd", "certs": "tools:certs",
     # the optional edge
