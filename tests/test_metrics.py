@@ -1,6 +1,7 @@
 """Worker metrics: the replica's /metrics endpoint agrees with what it processed."""
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import numpy as np
@@ -93,3 +94,39 @@ def test_a_columnar_batch_is_measured_without_building_its_records():
     assert batch._records is None  # the records were never materialised
     counts, total = metrics.e2e.snapshot()
     assert counts[-1][1] == 2 and 2.9 < total < 3.5
+
+
+@pytest.mark.integration
+def test_a_packed_topic_gets_one_e2e_observation_per_record(nsqd, tmp_path, topic):
+    # Given one replica reading a topic packed 1,000 records to a message (a typed int64 ts column)
+    port = free_port()
+    path, names = write_topology(tmp_path, nsqd, topic, replicas=1, metrics_port=port, packs={"input": 1000})
+    workers = Workers(path)
+    try:
+        workers.start(0)
+        workers.wait_subscribed(nsqd.http, names.input, 1)
+        # When 5,000 numbers go through it in 5 envelopes
+        produce_numbers(nsqd.tcp, names.input, 1, 5000, codec="msgpack", pack=1000, run_id="p")
+        samples = wait_until(lambda: (s := scrape(port)) and value(s, "pipeline_messages_finished_total") == 5
+                             and s, 60, message=f"5 envelopes never finished: {workers.log_tail()}")
+    finally:
+        workers.stop_all()
+    # Then the latency histogram saw each of the 5,000 records once, and none took more than a minute
+    assert value(samples, "pipeline_e2e_latency_seconds_count") == 5000
+    assert value(samples, "pipeline_e2e_latency_seconds_bucket", le="60.0") == 5000
+    assert 0 < value(samples, "pipeline_e2e_latency_seconds_sum") < 5000 * 60
+
+
+def test_e2e_seconds_of_a_typed_column_skip_missing_stamps_without_a_loop_per_record():
+    from pipeline.runtime.middleware.metrics import WorkerMetrics
+    from pipeline.stage import ColumnBatch, Columns
+    metrics = WorkerMetrics("primes", 0, None)
+    now = time.time_ns()
+    ts = np.full(1000, now - 2_000_000_000, dtype=np.int64)
+    ts[::100] = 0  # a record without a ts (0, as a typed column carries a missing integer)
+    batch = ColumnBatch(Columns({"number": np.arange(1000, dtype=np.int64), "ts": ts}))
+    metrics.before_process_batch(None, batch)
+    metrics.after_process_batch(None, batch, result={}, exception=None)
+    counts, total = metrics.e2e.snapshot()
+    assert counts[-1][1] == 990 and 990 * 1.9 < total < 990 * 3
+    assert batch._records is None  # the records were never built

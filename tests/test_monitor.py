@@ -81,6 +81,28 @@ def test_health_db_drops_rows_past_retention(tmp_path):
     db.close()
 
 
+def test_a_health_db_from_before_start_times_gains_them_and_keeps_its_rows(tmp_path):
+    # Given a health.db written before the worker and nsqd tables had a start-time column
+    import sqlite3
+    old = sqlite3.connect(tmp_path / "health.db")
+    old.executescript("""
+        CREATE TABLE worker (ts REAL, stage TEXT, replica INTEGER, up INTEGER, messages_in REAL, finished REAL,
+                             requeued REAL, dead_lettered REAL, publish_errors REAL, e2e_buckets TEXT);
+        CREATE TABLE nsqd (ts REAL, nsqd TEXT, http TEXT, health TEXT);
+        INSERT INTO worker VALUES (1.0, 'primes', 0, 1, 5, 5, 0, 0, 0, '[]');
+        INSERT INTO nsqd VALUES (1.0, 'n0', '127.0.0.1:2', 'OK');""")
+    old.commit()
+    old.close()
+    # When the monitor opens it and samples as it does now
+    db = HealthDB(tmp_path / "health.db")
+    db.insert("worker", [(2.0, "primes", 0, 1, 9, 9, 0, 0, 0, "[]", 1234.5)])
+    db.insert("nsqd", [(2.0, "n0", "127.0.0.1:2", "OK", 1000)])
+    # Then the old rows read back without a start time, the new ones with theirs
+    assert [(w.finished, w.started) for w in db.workers(0)] == [(5, None), (9, 1234.5)]
+    assert [r[4] for r in db.nsqd_health(0)] == [None, 1000]
+    db.close()
+
+
 def test_health_db_size_bound_drops_the_oldest_first(tmp_path):
     db = HealthDB(tmp_path / "health.db", retention_days=3650, max_bytes=100_000)
     db.insert("channel", [(float(t), "n0", "topic", "ch" * 20, 1, 0, 0, 0, 0, 0, 1, 0, None) for t in range(20000)])

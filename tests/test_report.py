@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.observe.health import assess
-from pipeline.observe.healthdb import HealthDB
-from pipeline.observe.report_charts import depth_series, draw, throughput_series
+from pipeline.observe.health import assess, counter_total, stage_table
+from pipeline.observe.healthdb import HealthDB, WorkerSample
+from pipeline.observe.report_charts import TOP, depth_series, draw, throughput_series
 from pipeline.config import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,6 +104,90 @@ def test_charts_have_labelled_axes_with_units(tmp_path):
         assert ax.get_lines()
 
 
+def test_a_counter_is_summed_across_restarts_and_from_a_process_start_inside_the_window():
+    since = 1000.0
+    # a process that started before the window: only what it did inside counts
+    assert counter_total([(500.0, 40), (500.0, 70), (500.0, 100)], since) == 60
+    # one started inside it: its first sample counts from zero (the monitor saw it late)
+    assert counter_total([(1200.0, 40), (1200.0, 70)], since) == 70
+    # a restart between samples whose new life already passed the old count: the new start time tells
+    assert counter_total([(1200.0, 40), (1200.0, 70), (1300.0, 90), (1300.0, 95)], since) == 70 + 95
+    # samples from before start times were recorded: a fall is a restart from zero
+    assert counter_total([(None, 40), (None, 70), (None, 5), (None, 20)], since) == 30 + 20
+
+
+def worker_row(ts, replica, finished, started):
+    return WorkerSample(ts, "primes", replica, 1, finished, finished, 0, 0, 0, "[]", started)
+
+
+def test_a_stage_total_is_the_sum_of_its_replicas_lives(tmp_path):
+    topology = load_topology(write_topology(tmp_path))
+    # replica 0 first seen after it had finished 4,939; replica 1 restarted between two samples
+    workers = [worker_row(10, 0, 4939, 5.0), worker_row(20, 0, 4939, 5.0),
+               worker_row(10, 1, 3000, 5.0), worker_row(20, 1, 2061, 15.0), worker_row(30, 1, 5061, 15.0)]
+    [row] = stage_table(topology, workers, [], since=0.0)
+    assert row.processed == 4939 + 3000 + 5061
+
+
+def x_labels(fig) -> list[str]:
+    fig.canvas.draw()
+    return [t.get_text() for t in fig.axes[0].get_xticklabels() if t.get_text()]
+
+
+def assert_readable(fig) -> None:
+    """The legend is outside the plot area and no two labels of the time axis read the same."""
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    [legend] = fig.legends
+    plot, box = ax.get_window_extent(), legend.get_window_extent()
+    assert box.x0 >= plot.x1 and not ax.get_legend(), (box, plot)
+    labels = x_labels(fig)
+    assert len(labels) >= 2 and len(set(labels)) == len(labels), labels
+
+
+@pytest.mark.parametrize("span", [90, 3600, 6 * 3600, DAY, 3 * DAY, 40 * DAY])
+def test_the_time_axis_labels_differ_whatever_the_span(span):
+    series = {"numbers": [(T0 + span * i / 50, float(i)) for i in range(51)]}
+    fig = draw(series, "t", "messages/s", "Europe/Paris")
+    assert_readable(fig)
+
+
+def test_twelve_topics_show_the_busiest_by_name_and_the_rest_summed(tmp_path):
+    # Given 12 topics (4 of them partitions of one) of different volumes over 2 minutes
+    topics = {f"ticks.{k}": "ticks" for k in range(4)}
+    names = [*topics, *(f"topic{i:02d}" for i in range(8))]
+    db = HealthDB(tmp_path / "health.db")
+    for step in range(13):
+        ts = T0 + step * 10
+        db.insert("channel", [(ts, "n0", name, "", 0, 0, 0, 0, 0, 0, step * 100 * (i + 1), 0, None)
+                              for i, name in enumerate(names)])
+    series = throughput_series(db.channels(0), topics)
+    # the partitions are summed into their topic: 9 topics
+    assert sorted(series) == ["ticks", *(f"topic{i:02d}" for i in range(8))]
+    assert series["ticks"][-1][1] == pytest.approx((1 + 2 + 3 + 4) * 10)  # messages/s
+    fig = draw(series, "Throughput", "messages/s")
+    assert_readable(fig)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert len(labels) == TOP + 1 and labels[-1] == "other (2)"
+    assert labels[0] == "topic07" and "ticks" in labels  # the busiest first; ticks' sum puts it in
+    lines = {line.get_label(): line.get_ydata() for line in fig.axes[0].get_lines()}
+    total = sum(points[-1][1] for points in series.values())
+    assert sum(y[-1] for y in lines.values()) == pytest.approx(total)  # every message is on the chart
+
+
+def test_depth_counts_topic_backlog_channels_and_deferred_messages(tmp_path):
+    db = HealthDB(tmp_path / "health.db")
+    for step in range(3):
+        db.insert("channel", [(T0 + step, "n0", "non_prime", "", 90408 + step, 0, 0, 0, 0, 0, 0, 0, None),
+                              (T0 + step, "n0", "numbers", "", 0, 0, 0, 0, 0, 0, 0, 0, None),
+                              (T0 + step, "n0", "numbers", "primes", 7, 0, 3, 12, 0, 0, 0, 2, None)])
+    series = depth_series(db.channels(0))
+    assert series["non_prime (topic)"][-1] == (T0 + 2, 90410)  # a topic without channels keeps it all
+    assert series["numbers/primes"][-1][1] == 7 and series["numbers/primes (deferred)"][-1][1] == 12
+    labels = [t.get_text() for t in draw(series, "Depth", "depth (messages)").legends[0].get_texts()]
+    assert labels == ["non_prime (topic)", "numbers/primes (deferred)", "numbers/primes"]  # no zero lines
+
+
 def png_pixels(data: bytes) -> np.ndarray:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     return matplotlib.image.imread(io.BytesIO(data), format="png")
@@ -125,8 +209,11 @@ def test_pipeline_report_out_writes_text_html_and_eml_with_real_charts(tmp_path)
     # the report ends now; --since reaches back over the synthetic day
     result = run_cli("report", "--since", "40000d", "--out", str(out), "-t", str(path))
     assert result.returncode == 1, result.stderr  # WARN: dead letters
-    assert sorted(p.name for p in out.iterdir()) == ["report.eml", "report.html", "report.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["depth.png", "report.eml", "report.html", "report.txt",
+                                                     "throughput.png"]
     text = (out / "report.txt").read_text()
+    assert result.stdout == text  # --out prints the text too
+    assert all(png_pixels((out / f"{name}.png").read_bytes()).std() > 0.01 for name in ("depth", "throughput"))
     assert "Verdict: WARN" in text and "3 dead letter(s) on numbers.dead" in text
     assert "field 'number' must be an integer" in text
     msg = email.message_from_bytes((out / "report.eml").read_bytes(), policy=email.policy.default)

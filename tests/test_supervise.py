@@ -176,6 +176,17 @@ def test_a_worker_crashing_on_start_is_retried_until_it_runs(deployment):
                message="worker did not run once the cause was removed")
 
 
+def test_up_with_a_handler_that_does_not_load_fails_soon_naming_its_file_and_line(deployment):
+    d = deployment(handler="broken_stage:classify", replicas=1)
+    (d.dir / "broken_stage.py").write_text("def classify(batch)\n    return {}\n")  # beside the topology
+    started = time.monotonic()
+    result = pipeline("up", "-t", str(d.path))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        f"pipeline: handler 'broken_stage:classify': {d.dir / 'broken_stage.py'}:1: SyntaxError: expected ':'")
+    assert time.monotonic() - started < 60  # not the 90 s readiness timeout
+
+
 def test_down_in_the_middle_then_up_delivers_every_id(deployment):
     d = deployment()
     d.up()

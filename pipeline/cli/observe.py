@@ -84,11 +84,11 @@ def monitor(interval: float | None, topology_path: str) -> None:
 @click.command()
 @click.option("--since", default="24h", show_default=True, help="How far back: 24h, 90m, 2d ...")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Write report.txt, report.html and report.eml into this folder.")
+              help="Also write report.txt, report.html, report.eml and a PNG per chart into this folder.")
 @click.option("--send", is_flag=True, help="Send it to the topology's report recipients.")
 @topology_option
 def report(since: str, out_dir: Path | None, send: bool, topology_path: str) -> None:
-    """Build the health report from health.db now (prints the text unless --out or --send)."""
+    """Build the health report from health.db now: print its text (not with --send alone), write or send it."""
     import time
 
     from pipeline.config import load_topology
@@ -108,9 +108,11 @@ def report(since: str, out_dir: Path | None, send: bool, topology_path: str) -> 
     now = time.time()
     built = build_report(topology, db, until=now, since=now - seconds)
     spec = topology.report
+    if out_dir is not None or not send:
+        click.echo(render_text(built), nl=False)
     if out_dir is not None:
-        for path in write_files(built, out_dir, *((spec.sender, list(spec.to)) if spec else ())):
-            click.echo(str(path))
+        written = write_files(built, out_dir, *((spec.sender, list(spec.to)) if spec else ()))
+        click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
     if send and spec is not None:  # --send without a report section was refused above
         import smtplib
 
@@ -120,7 +122,5 @@ def report(since: str, out_dir: Path | None, send: bool, topology_path: str) -> 
         except (OSError, smtplib.SMTPException) as e:
             raise click.ClickException(f"report not sent via {spec.smtp.host}:{spec.smtp.port}: {e}") from None
         click.echo(f"sent to {', '.join(spec.to)}: {built.subject}")
-    if out_dir is None and not send:
-        click.echo(render_text(built), nl=False)
     sys.exit(0 if built.health.verdict == "OK" else 1)
 

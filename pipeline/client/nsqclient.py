@@ -59,10 +59,12 @@ class _Connection:
     """A blocking NSQ TCP connection: connect, send commands, read frames.
 
     With ``security`` (a :class:`pipeline.config.security.ClientSecurity`) it sends
-    IDENTIFY, upgrades to TLS and sends AUTH as nsqd asks, before anything else.
+    IDENTIFY, upgrades to TLS and sends AUTH as nsqd asks, before anything else;
+    ``identify`` adds fields to the IDENTIFY (and sends one without ``security``),
+    such as ``msg_timeout``.
     """
 
-    def __init__(self, address: str, timeout: float, security=None):
+    def __init__(self, address: str, timeout: float, security=None, identify: dict | None = None):
         self.address = address
         try:
             self._sock = socket.create_connection(socket_address(address), timeout=timeout)
@@ -71,16 +73,17 @@ class _Connection:
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buf = bytearray()
         self._send(MAGIC_V2)
-        if security is not None and security.active:
+        if identify or (security is not None and security.active):
             try:
-                self._negotiate(security)
+                self._negotiate(security, identify or {})
             except BaseException:
                 self.close()
                 raise
 
-    def _negotiate(self, security) -> None:
-        tls = security.ssl_context is not None
-        identify = json.dumps({"feature_negotiation": True, "tls_v1": tls, "user_agent": "nsq-pipeline"}).encode()
+    def _negotiate(self, security, fields: dict) -> None:
+        tls = security is not None and security.ssl_context is not None
+        identify = json.dumps({"feature_negotiation": True, "tls_v1": tls, "user_agent": "nsq-pipeline",
+                               **fields}).encode()
         self._send(b"IDENTIFY\n" + _U32.pack(len(identify)) + identify)
         features = self._expect("IDENTIFY")
         features = json.loads(features) if features.startswith(b"{") else {}
@@ -94,7 +97,7 @@ class _Connection:
                 raise PublishError(f"TLS with nsqd at {self.address} failed: {e}") from e
             self._expect("TLS upgrade")
         if features.get("auth_required"):
-            if not security.secret:
+            if security is None or not security.secret:
                 raise PublishError(f"nsqd at {self.address} requires AUTH and this client has no secret")
             secret = security.secret.encode()
             self._send(b"AUTH\n" + _U32.pack(len(secret)) + secret)

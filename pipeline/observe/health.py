@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,17 +93,43 @@ def increase(values: Sequence[float]) -> float:
     return total
 
 
+def counter_total(points: Sequence[tuple[float | None, float]], since: float) -> float:
+    """How much one replica's counter grew in a window that starts at ``since``, across its restarts.
+
+    ``points`` are (process start time, counter value) in sample order. A
+    sample of a process that started after the one before it, or whose value
+    fell, begins a new life of the counter, counted from zero: its whole value
+    is added, not the difference. The first sample counts from zero too when
+    its process started inside the window, so the work of a replica the
+    monitor first saw late (a monitor started or restarted after it) is
+    counted. What a replica finished after its last sample and before it
+    died is not known, and not counted.
+    """
+    total = 0.0
+    before: tuple[float | None, float] | None = None
+    for started, value in points:
+        if before is None:
+            total += value if started is not None and started >= since else 0.0
+        elif value < before[1] or (started is not None and before[0] is not None and started != before[0]):
+            total += value
+        else:
+            total += value - before[1]
+        before = (started, value)
+    return total
+
+
 def assess(topology, db: HealthDB, since: float, until: float, spec: ReportSpec | None = None) -> Health:
     """The health of ``topology`` over ``[since, until]`` from the samples in ``db``."""
     channels = db.channels(since, until)
     processes, workers = db.processes(since, until), db.workers(since, until)
     health = Health(since, until, len({c.ts for c in channels}))
-    health.channels = channel_table(channels)
-    health.stages = stage_table(topology, workers, processes)
+    nsqd_rows = db.nsqd_health(since, until)
+    health.channels = channel_table(channels, since, {(r[1], r[0]): r[4] for r in nsqd_rows if len(r) > 4})
+    health.stages = stage_table(topology, workers, processes, since)
     health.dead_letters = db.dead_letters(since, until)
     growth = (spec.depth_growth_minutes if spec else 60.0) * 60
     p99_max = spec.e2e_p99_max if spec else 60.0
-    reasons = [*_nsqd_reasons(db.nsqd_health(since, until)), *_process_reasons(processes),
+    reasons = [*_nsqd_reasons(nsqd_rows), *_process_reasons(processes),
                *_dead_letter_reasons(topology, channels, health.stages),
                *_growth_reasons(channels, until, growth), *_latency_reasons(health.stages, p99_max),
                *_stall_reasons(topology, channels, workers, until)]
@@ -120,21 +146,47 @@ def _series(samples: Iterable, key) -> dict:
     return grouped
 
 
-def channel_table(channels: list[ChannelSample]) -> list[ChannelRow]:
-    """One row per topic/channel, figures summed over nsqd nodes."""
+def channel_table(channels: list[ChannelSample], since: float = float("-inf"),
+                  starts: Mapping[tuple[str, float], float | None] | None = None) -> list[ChannelRow]:
+    """One row per topic/channel, figures summed over nsqd nodes.
+
+    ``starts`` maps (nsqd, sample time) to that nsqd's start time, so that its
+    counters are counted from zero when it started inside the window.
+    """
+    node_times = {node: sorted({c.ts for c in s}) for node, s in _series(channels, lambda c: c.nsqd).items()}
+    started = starts or {}
     rows = []
     for (topic, channel), samples in sorted(_series(channels, lambda c: (c.topic, c.channel)).items()):
         per_node = _series(samples, lambda c: c.nsqd)
         last = [s[-1] for s in per_node.values()]
-        span = max(s[-1].ts - s[0].ts for s in per_node.values())
-        messages = sum(increase([c.messages for c in s]) for s in per_node.values())
+        grown = {attr: [_nsqd_growth(s, attr, since, started, node_times[node]) for node, s in per_node.items()]
+                 for attr in ("messages", "requeue", "timeout")}
+        messages = sum(g for g, _ in grown["messages"])
+        span = max(s[-1].ts for s in per_node.values()) - min(begin for _, begin in grown["messages"])
         by_ts = _series(samples, lambda c: c.ts)
         rows.append(ChannelRow(
             topic, channel, sum(c.depth for c in last), max(sum(c.depth for c in g) for g in by_ts.values()),
             sum(c.in_flight for c in last), int(messages), messages / span if span > 0 else 0.0,
-            int(sum(increase([c.requeue for c in s]) for s in per_node.values())),
-            int(sum(increase([c.timeout for c in s]) for s in per_node.values())), sum(c.clients for c in last)))
+            int(sum(g for g, _ in grown["requeue"])), int(sum(g for g, _ in grown["timeout"])),
+            sum(c.clients for c in last)))
     return rows
+
+
+def _nsqd_growth(samples: list[ChannelSample], attr: str, since: float,
+                 starts: Mapping[tuple[str, float], float | None], node_times: list[float]) -> tuple[float, float]:
+    """How much an nsqd counter of one topic or channel on one node grew in the window, and from when.
+
+    From zero when the nsqd started inside the window, or when the topic or
+    channel appeared after the node's first sample (created between two samples).
+    """
+    points = [(starts.get((c.nsqd, c.ts)), float(getattr(c, attr))) for c in samples]
+    total, begin, first = counter_total(points, since), samples[0].ts, points[0][0]
+    if first is not None and first >= since:
+        begin = first
+    elif samples[0].ts > node_times[0]:
+        total += points[0][1]
+        begin = max(t for t in node_times if t < samples[0].ts)
+    return total, begin
 
 
 def restarts_by_process(processes: list[ProcessSample]) -> dict[str, int]:
@@ -146,36 +198,34 @@ def restarts_by_process(processes: list[ProcessSample]) -> dict[str, int]:
     return counts
 
 
-def stage_table(topology, workers: list[WorkerSample], processes: list[ProcessSample]) -> list[StageRow]:
-    """One row per stage of the topology."""
+def stage_table(topology, workers: list[WorkerSample], processes: list[ProcessSample],
+                since: float = float("-inf")) -> list[StageRow]:
+    """One row per stage of the topology, its counters summed over replicas and their restarts since ``since``."""
     restarts = restarts_by_process(processes)
     per_replica = _series(workers, lambda w: (w.stage, w.replica))
     rows = []
     for name, stage in topology.stages.items():
         series = [[w for w in per_replica.get((name, k), []) if w.up] for k in range(stage.replicas)]
-        processed = _growth(series, "finished") if any(series) else None
+        processed = _growth(series, "finished", since) if any(series) else None
         restarted = sum(n for p, n in restarts.items() if p.startswith(f"{name}:"))
-        rows.append(StageRow(name, stage.replicas, processed, _growth(series, "dead_lettered"),
-                             _growth(series, "requeued"), _growth(series, "publish_errors"), restarted,
-                             p99_of_buckets(_bucket_increase(series))))
+        rows.append(StageRow(name, stage.replicas, processed, _growth(series, "dead_lettered", since),
+                             _growth(series, "requeued", since), _growth(series, "publish_errors", since),
+                             restarted, p99_of_buckets(_bucket_increase(series, since))))
     return rows
 
 
-def _growth(series: list[list[WorkerSample]], attr: str) -> int:
-    """How much the counter ``attr`` grew over the window, summed over replicas."""
-    return int(sum(increase([getattr(w, attr) for w in s]) for s in series))
+def _growth(series: list[list[WorkerSample]], attr: str, since: float) -> int:
+    """How much the counter ``attr`` grew over the window, summed over replicas and their restarts."""
+    return round(sum(counter_total([(w.started, getattr(w, attr)) for w in s], since) for s in series))
 
 
-def _bucket_increase(series: list[list[WorkerSample]]) -> list[tuple[float, float]]:
-    """The e2e histogram of the window: the last buckets minus the first, summed over replicas."""
+def _bucket_increase(series: list[list[WorkerSample]], since: float) -> list[tuple[float, float]]:
+    """The e2e histogram of the window: each bucket's growth, summed over replicas and their restarts."""
     total: dict[float, float] = defaultdict(float)
     for samples in series:
-        if len(samples) < 2:
-            continue
-        first, last = dict(samples[0].buckets()), samples[-1].buckets()
-        reset = any(c < first.get(le, 0) for le, c in last)
-        for le, c in last:
-            total[le] += c if reset else c - first.get(le, 0)
+        counts = [(w.started, dict(w.buckets())) for w in samples]
+        for le in {le for _, buckets in counts for le in buckets}:
+            total[le] += counter_total([(started, buckets.get(le, 0.0)) for started, buckets in counts], since)
     return sorted(total.items())
 
 

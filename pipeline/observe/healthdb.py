@@ -26,14 +26,14 @@ CREATE TABLE IF NOT EXISTS channel (
     ts REAL, nsqd TEXT, topic TEXT, channel TEXT, depth INTEGER, backend_depth INTEGER, in_flight INTEGER,
     deferred INTEGER, requeue INTEGER, timeout INTEGER, messages INTEGER, clients INTEGER, e2e_p99 REAL);
 CREATE INDEX IF NOT EXISTS channel_ts ON channel (ts);
-CREATE TABLE IF NOT EXISTS nsqd (ts REAL, nsqd TEXT, http TEXT, health TEXT);
+CREATE TABLE IF NOT EXISTS nsqd (ts REAL, nsqd TEXT, http TEXT, health TEXT, started REAL);
 CREATE INDEX IF NOT EXISTS nsqd_ts ON nsqd (ts);
 CREATE TABLE IF NOT EXISTS process (
     ts REAL, name TEXT, grp TEXT, state TEXT, pid INTEGER, cpu REAL, rss INTEGER);
 CREATE INDEX IF NOT EXISTS process_ts ON process (ts);
 CREATE TABLE IF NOT EXISTS worker (
     ts REAL, stage TEXT, replica INTEGER, up INTEGER, messages_in REAL, finished REAL, requeued REAL,
-    dead_lettered REAL, publish_errors REAL, e2e_buckets TEXT);
+    dead_lettered REAL, publish_errors REAL, e2e_buckets TEXT, started REAL);
 CREATE INDEX IF NOT EXISTS worker_ts ON worker (ts);
 CREATE TABLE IF NOT EXISTS host (ts REAL, cpu REAL, mem_used INTEGER, mem_total INTEGER, disk_free INTEGER);
 CREATE INDEX IF NOT EXISTS host_ts ON host (ts);
@@ -42,6 +42,8 @@ CREATE INDEX IF NOT EXISTS dead_letter_ts ON dead_letter (ts);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 TABLES = ("channel", "nsqd", "process", "worker", "host", "dead_letter")
+# Columns added since a table was first created: (table, column, type); an older file gains them when opened.
+ADDED_COLUMNS = (("worker", "started", "REAL"), ("nsqd", "started", "REAL"))
 DEAD_LETTER_KEEP = 200  # newest dead-letter samples kept; the count comes from nsqd, not from here
 
 
@@ -91,6 +93,7 @@ class WorkerSample:
     dead_lettered: float
     publish_errors: float
     e2e_buckets: str  # JSON [[le, cumulative count], ...]
+    started: float | None = None  # the replica's process_start_time_seconds: a new value is a new process
 
     def buckets(self) -> list[tuple[float, float]]:
         """The e2e latency histogram as (upper bound in seconds, cumulative count)."""
@@ -116,6 +119,19 @@ class HealthDB:
         self._db.execute("PRAGMA journal_mode=WAL")  # readers (report, top) never block the sampler
         self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: no corruption; a crash may lose the last samples
         self._db.executescript(SCHEMA)
+        self._columns = {t: self._add_columns(t) for t in TABLES}
+
+    def _add_columns(self, table: str) -> list[str]:
+        """The columns of ``table``, after adding those an older file lacks (see :data:`ADDED_COLUMNS`)."""
+        have = [row[1] for row in self._db.execute(f"PRAGMA table_info({table})")]
+        for name, column, kind in ADDED_COLUMNS:
+            if name == table and column not in have:
+                try:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                except sqlite3.OperationalError:  # another process (the report, top) added it first
+                    pass
+                have.append(column)
+        return have
 
     def close(self) -> None:
         """Close the connection."""
@@ -125,14 +141,18 @@ class HealthDB:
     # -- writing ---------------------------------------------------------------
 
     def insert(self, table: str, rows: Iterable[tuple]) -> None:
-        """Insert ``rows`` (tuples in the table's column order) into ``table`` in one transaction."""
+        """Insert ``rows`` (tuples in the table's column order) into ``table`` in one transaction.
+
+        A row may leave out the columns at its end (added later, see :data:`ADDED_COLUMNS`): they stay NULL.
+        """
         rows = list(rows)
         if not rows:
             return
+        columns = ",".join(self._columns[table][:len(rows[0])])
         marks = ",".join("?" * len(rows[0]))
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
+            self._db.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
             self._db.execute("COMMIT")
 
     def set_meta(self, key: str, value: Any) -> None:
@@ -202,8 +222,8 @@ class HealthDB:
         return [WorkerSample(*r) for r in self._select(
             "SELECT * FROM worker WHERE ts >= ? AND ts <= ? ORDER BY ts", (since, until))]
 
-    def nsqd_health(self, since: float, until: float = float("inf")) -> list[tuple[float, str, str, str]]:
-        """(ts, nsqd, http, health) in [since, until], oldest first."""
+    def nsqd_health(self, since: float, until: float = float("inf")) -> list[tuple]:
+        """(ts, nsqd, http, health, start time or None) in [since, until], oldest first."""
         return self._select("SELECT * FROM nsqd WHERE ts >= ? AND ts <= ? ORDER BY ts", (since, until))
 
     def host(self, since: float, until: float = float("inf")) -> list[tuple[float, float, int, int, int]]:

@@ -184,7 +184,8 @@ class Monitor:
         self._stats = {}
         for node in self.nodes():
             stats = self._stats[node.http] = fetch_stats(node)
-            health.append((now, node.name, node.http, (stats or {}).get("health", "unreachable")))
+            health.append((now, node.name, node.http, (stats or {}).get("health", "unreachable"),
+                           (stats or {}).get("start_time")))
             if stats:
                 rows += [tuple(vars(r).values()) for r in channel_rows(now, node, stats)]
         self.db.insert("nsqd", health)
@@ -310,16 +311,24 @@ def _dead_row(now: float, topic: str, body: bytes) -> tuple:
 
 
 def scrape_worker(address: str) -> tuple:
-    """(up, messages_in, finished, requeued, dead_lettered, publish_errors, e2e buckets JSON) of one replica."""
+    """(up, messages_in, finished, requeued, dead_lettered, publish_errors, e2e buckets JSON, process start time)
+    of one replica.
+
+    The start time (``process_start_time_seconds``) tells a restarted replica, whose counters began again
+    from zero, from the same process (see :func:`pipeline.observe.health.counter_total`).
+    """
     values = dict.fromkeys(WORKER_COUNTERS.values(), 0.0)
     buckets: list[tuple[str, float]] = []
+    started = None
     try:
         text = _LOCAL.open(f"http://{address}/metrics", timeout=SCRAPE_TIMEOUT).read().decode()
     except OSError:
-        return (0, *values.values(), "[]")
+        return (0, *values.values(), "[]", None)
     for family in text_string_to_metric_families(text):
         if family.name in WORKER_COUNTERS:
             values[WORKER_COUNTERS[family.name]] = sum(s.value for s in family.samples if s.name.endswith("_total"))
         elif family.name == "pipeline_e2e_latency_seconds":
             buckets = [(s.labels["le"], s.value) for s in family.samples if s.name.endswith("_bucket")]
-    return (1, *values.values(), json.dumps(buckets))
+        elif family.name == "process_start_time_seconds" and family.samples:
+            started = family.samples[0].value
+    return (1, *values.values(), json.dumps(buckets), started)

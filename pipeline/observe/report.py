@@ -2,10 +2,11 @@
 
 The email is ``multipart/alternative``: a plain-text part and an HTML part
 whose charts are inline PNG images (``multipart/related``, ``cid:`` links).
-``pipeline report --out DIR`` writes the same three things as files::
+``pipeline report --out DIR`` writes the same things as files, and each chart
+as a PNG of its own::
 
     report = build_report(topology, db, until=time.time())
-    write_files(report, Path("out"))          # report.txt, report.html, report.eml
+    write_files(report, Path("out"))   # report.txt, report.html, report.eml, throughput.png, depth.png
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from pipeline.observe.healthdb import HealthDB
 from pipeline.observe.report_charts import charts
 
 DAY = 86400.0
-CHART_TITLES = {"throughput": "Throughput per topic (messages/s)", "depth": "Depth per channel (messages)"}
+CHART_TITLES = {"throughput": "Throughput per topic (messages/s)",
+                "depth": "Depth per topic and channel, deferred included (messages)"}
 
 
 @dataclass
@@ -51,7 +53,8 @@ def build_report(topology, db: HealthDB, until: float, since: float | None = Non
     health = assess(topology, db, since, until, spec)
     tz = spec.timezone if spec else "UTC"
     name = Path(topology.path).parent.name if topology.path else "pipeline"
-    return Report(name, health, charts(db.channels(since, until), tz), tz)
+    topics = {physical: topic for topic in topology.topics for physical in topology.physical_topics(topic)}
+    return Report(name, health, charts(db.channels(since, until), tz, topics), tz)
 
 
 def _fmt(value) -> str:
@@ -95,7 +98,8 @@ def render_text(report: Report) -> str:
         widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=False)]
         for row in [header, ["-" * w for w in widths], *rows]:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
-    lines += ["", "Charts: see the HTML part of this report."]
+    lines += ["", f"Charts ({', '.join(report.charts)}): in the HTML version; `pipeline report --out DIR` "
+                  "writes them as PNG files too."]
     return "\n".join(lines) + "\n"
 
 
@@ -142,13 +146,17 @@ def to_email(report: Report, sender: str = "pipeline@localhost", to: list[str] |
 
 def write_files(report: Report, out: Path, sender: str = "pipeline@localhost",
                 to: list[str] | None = None) -> list[Path]:
-    """Write ``report.txt``, ``report.html`` (charts inline as data URIs) and ``report.eml`` into ``out``."""
+    """Write ``report.txt``, ``report.html`` (charts inline as data URIs, so it stands alone), ``report.eml``
+    and each chart as ``NAME.png`` into ``out``; return the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.txt", out / "report.html", out / "report.eml"]
     paths[0].write_text(render_text(report))
     inline = {n: "data:image/png;base64," + base64.b64encode(png).decode() for n, png in report.charts.items()}
     paths[1].write_text(render_html(report, inline))
     paths[2].write_bytes(bytes(to_email(report, sender, to)))
+    for name, png in report.charts.items():
+        paths.append(out / f"{name}.png")
+        paths[-1].write_bytes(png)
     return paths
 
 

@@ -155,10 +155,19 @@ class Supervisor:
 
     def _all_running(self) -> str | None:
         waiting = [p for p in self.processes() if p.state != "RUNNING"]
-        fatal = [p for p in waiting if p.state == "FATAL"]
-        if fatal:
-            raise ProcessError(f"{fatal[0].name} is FATAL: {last_log_line(self.var / 'log' / f'{fatal[0].name}.log')}")
+        self._fail_on_exit(waiting)
         return f"{waiting[0].name} is {waiting[0].state}" if waiting else None
+
+    def _fail_on_exit(self, processes: list[ProcessInfo]) -> None:
+        """Raise for a process that is FATAL, or exited on start with the CLI's one-line error as its last words.
+
+        A worker whose handler does not load exits with ``pipeline: handler ...: FILE:LINE: ...``; the
+        restarter starts a FATAL worker again, so waiting for FATAL could take the whole timeout.
+        """
+        for process in processes:
+            line = last_log_line(self.var / "log" / f"{process.name}.log")
+            if process.state == "FATAL" or (process.state in ("BACKOFF", "EXITED") and line.startswith("pipeline: ")):
+                raise ProcessError(f"{process.name} is {process.state}: {line}")
 
     def _nsqd_healthy(self) -> str | None:
         for http in self.topology.nsqd_http_addresses():
@@ -194,6 +203,7 @@ class Supervisor:
             clients = sum(channel_clients(http, topic, stage.channel)
                           for topic in self.topology.physical_topics(stage.input))
             if clients != stage.replicas:
+                self._fail_on_exit([p for p in self.processes() if p.group == name and p.state != "RUNNING"])
                 return f"stage {name}: {clients} of {stage.replicas} replicas subscribed"
         return None
 
@@ -259,9 +269,11 @@ def preflight_ports(topology) -> None:
 
 
 def last_log_line(path: Path) -> str:
-    """The last line of a log file, for error messages."""
+    """The last line of a log file, for error messages (read from its last 8 KiB)."""
     try:
-        lines = path.read_text(errors="replace").strip().splitlines()
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            lines = f.read().decode(errors="replace").strip().splitlines()
     except OSError:
         return "(no log)"
     return lines[-1] if lines else "(empty log)"

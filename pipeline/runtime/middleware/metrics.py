@@ -203,7 +203,8 @@ class WorkerMetrics(Middleware):
         if exception is None:
             columns = getattr(batch, "columns", None)  # the columnar path: never build records for metrics
             if columns is not None:
-                self.e2e.observe_many(_seconds_since(columns.get("ts") or [], time.time_ns()))
+                stamps = columns.get("ts")
+                self.e2e.observe_many(_seconds_since([] if stamps is None else stamps, time.time_ns()))
             else:
                 self.e2e.observe_many(e2e_seconds(batch.records, time.time_ns()))
 
@@ -243,7 +244,17 @@ def e2e_seconds(records: Sequence[Any], now_ns: int) -> np.ndarray:
     return _seconds_since([r.get("ts") for r in records if isinstance(r, dict)], now_ns)
 
 
-def _seconds_since(stamps: Sequence[Any], now_ns: int) -> np.ndarray:
+def _seconds_since(stamps: Sequence[Any] | np.ndarray, now_ns: int) -> np.ndarray:
+    """Seconds from each positive integer stamp (ns) to ``now_ns``; other values are skipped.
+
+    A typed column (an int64 array: an envelope of 128 records or more) is
+    taken whole, in numpy; a list is filtered value by value.
+    """
+    if type(stamps) is np.ndarray:
+        if stamps.dtype.kind not in "iu":
+            return np.empty(0)
+        typed = stamps[stamps > 0].astype(np.int64, copy=False)
+        return np.maximum((now_ns - typed) / 1e9, 0.0)
     stamps = [t for t in stamps if type(t) is int and t > 0]
     if not stamps:
         return np.empty(0)
