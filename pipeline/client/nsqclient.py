@@ -265,16 +265,6 @@ class NsqSubscriber(_Connection):
         Raises:
             PublishError: nsqd closed the connection or sent an error frame.
         """
-        for message in self.receive(timeout):
-            self._send(b"FIN " + message.id + b"\n")
-            yield message
-
-    def receive(self, timeout: float):
-        """Yield messages, unanswered (the caller FINs or REQs them), until none arrives for ``timeout`` seconds.
-
-        Raises:
-            PublishError: nsqd closed the connection or sent an error frame.
-        """
         self._sock.settimeout(timeout)
         while True:
             try:
@@ -284,7 +274,9 @@ class NsqSubscriber(_Connection):
                     return
                 raise
             if frame == FRAME_MESSAGE:
-                yield NsqMessage(data)
+                message = NsqMessage(data)
+                self._send(b"FIN " + message.id + b"\n")
+                yield message
             elif frame == FRAME_RESPONSE and data == b"_heartbeat_":
                 self._send(b"NOP\n")
             elif frame == FRAME_ERROR:
