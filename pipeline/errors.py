@@ -55,6 +55,10 @@ class PublishRefused(PublishError):
     """Raised when nsqd answered a publish with an error frame (the node is up but said no)."""
 
 
+class ChannelNotFound(PipelineError):
+    """Raised when a look at a topic's queued messages finds the channel it would read on no nsqd."""
+
+
 class ComposeError(PipelineError):
     """Raised when a topology cannot be rendered as a compose deployment (an address is not a service name)."""
 

@@ -1,6 +1,6 @@
 """A user's own project, from the built wheel in a fresh venv, in a folder that is not this checkout.
 
-`pipeline init`, `up`, `produce --from` (10,000 JSON lines), `tail`, `down`:
+`pipeline init`, `up`, `produce --from` (10,000 JSON lines), `peek`, `down`:
 every good record reaches the output, every bad one `orders.dead` with its
 line's reason; the scaffold's own pytest passes, and fails once its handler is
 broken.
@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 from harness import CHECK_CHANNEL, collect
 from nsqhttp import wait_until
+from undelivered import channels
 
 from pipeline.client import nsqd_http
+from pipeline.config import KEEP_CHANNEL
 from pipeline.ops.install import bin_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,8 +103,10 @@ def test_init_up_produce_tail_down_and_the_scaffolds_own_tests(venv: Path, tmp_p
         tcp = "127.0.0.1:" + re.search(r"tcp: 127\.0\.0\.1:(\d+), http", topology).group(1)
         letters = collect(tcp, ["orders.dead"], lambda got: len(got["orders.dead"]) >= len(bad), 30)["orders.dead"]
         assert {json.loads(d["body"])["order"]: d["reason"] for d in letters} == bad
-        tail = run([pipeline, "tail", "valued_orders", "-n", "3"], project, venv=venv)
-        assert all(json.loads(line)["value"] > 0 for line in tail.stdout.splitlines())
+        # the results wait in valued_orders' keep channel (made by up): peek shows them and leaves them there
+        peeked = run([pipeline, "peek", "valued_orders", "-n", "3"], project, venv=venv).stdout.splitlines()
+        assert len(peeked) == 3 and all(json.loads(line)["value"] > 0 for line in peeked)
+        assert channels(http, "valued_orders")[KEEP_CHANNEL] == good
     finally:
         run([pipeline, "down"], project, venv=venv, timeout=120)
 

@@ -38,7 +38,7 @@ def run_demo(topology, numbers: ModuleType, count: int = 100_000, timeout: float
              console: Console | None = None) -> DemoResult:
     """Bring the topology up, publish 1..``count`` with ``numbers.publish_numbers``, wait; return the output counts."""
     console = console or Console()
-    Supervisor(topology).up(log=lambda line: console.print(f"[dim]{line}[/dim]"))
+    Supervisor(topology).up(log=lambda line: console.print(f"[dim]{line}[/dim]", soft_wrap=True))
     stage = topology.stage(STAGE)
     producer = topology.producers[PRODUCER]
     http = topology.nsqd_http_addresses()[0]
@@ -84,13 +84,25 @@ def print_summary(topology, result: DemoResult, console: Console) -> None:
         table.add_row(topic, f"{n:,}")
     console.print(table)
     console.print(f"[bold]{result.counts.get('prime', 0):,} primes[/bold] among the numbers published.")
+    for line in next_steps(topology):
+        console.print(line, soft_wrap=True, highlight=False)  # one line each, however narrow the terminal
+
+
+def next_steps(topology, topic: str = "prime") -> list[str]:
+    """The lines that say where to look next, each a command or URL to copy whole.
+
+    The ``nsq_tail`` command reads ``topic`` through an ephemeral channel; ``topic``
+    is made to have a durable channel first (``keep`` if it has none), so that
+    channel never takes the topic's backlog away.
+    """
+    from pipeline.observe.keep import ensure_kept
+    ensure_kept(topology, topic, log=lambda line: None)
     lookupd = topology.lookupd_http_addresses()
     source = f"--lookupd-http-address={lookupd[0]}" if lookupd else \
         f"--nsqd-tcp-address={topology.nsqd_tcp_addresses()[0]}"
-    if topology.nsq.admin:
-        console.print(f"nsqadmin:  http://{topology.nsq.admin}/")
-    console.print(f"watch it:  {bin_dir() / 'nsq_tail'} {source} --topic=prime -n 5")
-    console.print("stop it:   make down")
+    lines = [f"nsqadmin:  http://{topology.nsq.admin}/"] if topology.nsq.admin else []
+    lines += [f"watch it:  {bin_dir() / 'nsq_tail'} {source} --topic={topic} -n 5", "stop it:   make down"]
+    return lines
 
 
 def run_market_demo(topology, ticks: ModuleType, console: Console, timeout: float = 300.0) -> dict[str, int]:

@@ -24,8 +24,8 @@ COMMANDS = {
     "init": "project:init", "check": "stack:check", "render": "stack:render", "up": "stack:up", "down": "stack:down",
     "status": "stack:status", "scale": "stack:scale", "restart": "stack:restart", "worker": "stack:worker",
     # watching it run
-    "tail": "observe:tail", "logs": "observe:logs", "top": "observe:top", "monitor": "observe:monitor",
-    "report": "observe:report",
+    "tail": "observe:tail", "peek": "observe:peek", "logs": "observe:logs", "top": "observe:top",
+    "monitor": "observe:monitor", "report": "observe:report",
     # dead letters
     "dead": "dead:dead",
     # preparing a machine

@@ -1,4 +1,4 @@
-"""Commands that watch a running topology: tail, logs, top, monitor and report."""
+"""Commands that watch a running topology: tail, peek, logs, top, monitor and report."""
 from __future__ import annotations
 
 import sys
@@ -15,9 +15,26 @@ from pipeline.cli.common import load, load_for_stage, topology_option
               help="Stop after COUNT records (default: follow until Ctrl-C).")
 @topology_option
 def tail(topic: str, count: int | None, topology_path: str) -> None:
-    """Print TOPIC's records as they are published, one JSON line each (JSON and msgpack decoded)."""
+    """Print TOPIC's records as they are published, one JSON line each (JSON and msgpack decoded).
+
+    The tail reads copies through an ephemeral channel; on a topic without a durable
+    channel it first creates the channel keep, so its queued messages stay there.
+    """
     from pipeline.observe.tail import tail_topic
     tail_topic(load(topology_path), topic, count=count, out=sys.stdout)
+
+
+@click.command()
+@click.argument("topic")
+@click.option("-n", "--count", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Show up to COUNT records.")
+@click.option("--channel", default=None,
+              help="Read this durable channel instead of keep (on a stage's channel, each look counts as an attempt).")
+@topology_option
+def peek(topic: str, count: int, channel: str | None, topology_path: str) -> None:
+    """Print TOPIC's queued records, oldest first, one JSON line each, removing none."""
+    from pipeline.observe.peek import peek_topic
+    peek_topic(load(topology_path), topic, count=count, channel=channel, out=sys.stdout, err=sys.stderr)
 
 
 @click.command()

@@ -50,6 +50,11 @@ def stats(http: str, topic: str | None = None) -> dict[str, Any]:
     return json.loads(request(http, "/stats", params, method="GET"))
 
 
+def topic_stats(http: str, topic: str) -> dict[str, Any] | None:
+    """nsqd's ``/stats`` of ``topic`` (its ``depth``, ``channels`` ...), or None when nsqd has no such topic."""
+    return next((t for t in stats(http, topic).get("topics") or [] if t["topic_name"] == topic), None)
+
+
 def topic_message_count(http: str, topic: str) -> int:
     """Messages nsqd has accepted on ``topic`` since it started (0 if it does not exist)."""
     for t in stats(http, topic).get("topics") or []:

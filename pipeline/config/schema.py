@@ -147,6 +147,13 @@ class TopicSpec(Spec):
                     " this many records (throughput), and the envelope becomes the unit nsqd redelivers.",
     )
 
+    keep: int | None = Field(
+        100_000, ge=1,
+        description="A topic no stage reads: the most messages its durable channel `keep` holds, per nsqd and"
+                    " partition (`pipeline up` creates it, so an `nsq_tail` or `pipeline tail` only reads copies);"
+                    " `pipeline monitor` removes the oldest beyond it every `interval`. null: keep every message"
+                    " (each stays on nsqd's disk until read). Ignored on a topic a stage reads.",
+    )
     schema_: dict[str, Literal["string", "integer", "number", "boolean", "object", "array"]] | None = Field(
         None, alias="schema",
         description="Required record fields and their types, checked by `pipeline gateway` before it publishes"
@@ -190,6 +197,11 @@ class StageSpec(Spec):
     max_in_flight: int = Field(500, ge=1, le=2500, description="Messages a replica holds unfinished at once (RDY).")
     batch: BatchSpec = Field(default_factory=BatchSpec, description="How messages are grouped into handler calls.")
     max_tries: int = Field(5, ge=1, le=65535, description="Attempts before a message is dead-lettered, never dropped.")
+    dead_keep: int | None = Field(
+        None, ge=1,
+        description="The most dead letters the `keep` channel of `<input>.dead` holds, per nsqd; `pipeline"
+                    " monitor` removes the oldest beyond it. null: every letter, until re-driven or purged.",
+    )
     msg_timeout: float = Field(60.0, ge=1, le=900, description="Seconds nsqd waits for FIN before redelivering.")
     requeue_delay: float = Field(
         1.0, ge=0, le=3600,

@@ -219,6 +219,24 @@ class Topology(Spec):
         """Return the topic where ``stage_name`` sends records it cannot process: ``<input>.dead``."""
         return self.stage(stage_name).input + DEAD_LETTER_SUFFIX
 
+    def kept_topics(self) -> dict[str, int | None]:
+        """The NSQ topics no stage reads, each with the most messages its ``keep`` channel holds (None: all).
+
+        Terminal topics (declared, no stage's input; every partition) hold their topic's
+        ``keep``; dead-letter topics hold their stage's ``dead_keep`` (None: every letter;
+        two stages on one input share theirs, bounded by the larger).
+        """
+        read = {t for stage in self.stages.values() for t in self.physical_topics(stage.input)}
+        kept: dict[str, int | None] = {t: spec.keep for name, spec in self.topics.items()
+                                       for t in self.physical_topics(name) if t not in read}
+        dead: dict[str, list[int | None]] = {}
+        for name, stage in self.stages.items():
+            dead.setdefault(self.dead_letter_topic(name), []).append(stage.dead_keep)
+        for topic, bounds in dead.items():
+            if topic not in read:
+                kept[topic] = None if None in bounds else max(b for b in bounds if b is not None)
+        return kept
+
     def nsqd_tcp_addresses(self) -> list[str]:
         """Return the TCP addresses clients use for every nsqd (its ``proxy_tcp`` if set), in file order."""
         return [nsqd.client_tcp for nsqd in self.nsq.nsqd]

@@ -11,7 +11,8 @@ every name here is anchored and escaped. Each stage may subscribe to its input
 (every partition) through its channel and publish to its outputs and its
 dead-letter topic; a producer may publish to its topic; ``gateway`` may
 publish to its tokens' topics; ``tail`` may read any topic through an
-ephemeral ``tail-*`` channel. An unknown secret gets a 403, which nsqd turns
+ephemeral ``tail-*`` channel or the channel ``keep`` (``pipeline peek``, ``pipeline
+dead ls|show``, and the monitor's trimming). An unknown secret gets a 403, which nsqd turns
 into ``E_AUTH_FAILED``.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from tornado.httpserver import HTTPServer
 from tornado.web import Application, RequestHandler
 
-from pipeline.config import socket_address
+from pipeline.config import KEEP_CHANNEL, socket_address
 from pipeline.config.credentials import SecretError
 from pipeline.config.security import identity_secret
 
@@ -63,7 +64,10 @@ def authorizations(topology, identity: str) -> list[dict]:
     if identity == "gateway" and topology.gateway is not None:
         grants += _publish(sorted({t for token in topology.gateway.tokens.values() for t in token.topics}))
     if identity == "tail":
-        grants.append({"topic": _ANY, "channels": [r"^tail-[0-9a-f]+#ephemeral$"], "permissions": [SUBSCRIBE]})
+        # its own ephemeral channels, and keep, which peek and `dead ls|show` read (and requeue)
+        # and the monitor trims
+        grants.append({"topic": _ANY, "channels": [r"^tail-[0-9a-f]+#ephemeral$", _exact(KEEP_CHANNEL)],
+                       "permissions": [SUBSCRIBE]})
     return grants
 
 

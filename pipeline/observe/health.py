@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import DEAD_LETTER_SUFFIX, ReportSpec
+from pipeline.config import DEAD_LETTER_SUFFIX, KEEP_CHANNEL, ReportSpec
 from pipeline.observe.healthdb import ChannelSample, HealthDB, ProcessSample, WorkerSample
 
 OK, WARN, CRIT = "OK", "WARN", "CRIT"
@@ -285,7 +285,9 @@ def _dead_letter_reasons(topology, channels: list[ChannelSample], stages: list[S
 
 def _growth_reasons(channels: list[ChannelSample], until: float, growth_s: float) -> list[Reason]:
     reasons = []
-    consumed = [c for c in channels if c.channel and not c.topic.endswith(DEAD_LETTER_SUFFIX)]
+    # keep channels hold what no stage reads: they grow by design, bounded by the monitor
+    consumed = [c for c in channels if c.channel and c.channel != KEEP_CHANNEL
+                and not c.topic.endswith(DEAD_LETTER_SUFFIX)]
     for (topic, channel), samples in _series(consumed, lambda c: (c.topic, c.channel)).items():
         depth_at = {ts: sum(c.depth for c in g) for ts, g in _series(samples, lambda c: c.ts).items()}
         recent = [(ts, d) for ts, d in sorted(depth_at.items()) if ts >= until - growth_s]

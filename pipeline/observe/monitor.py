@@ -3,10 +3,12 @@
 Every ``monitor.interval`` seconds it records each nsqd's ``/stats`` (nodes
 found through the lookupds), supervisord's processes (state, pid, CPU, RSS),
 each replica's ``/metrics`` and the host (CPU, memory, free disk under the var
-dir), then prunes what is past the retention. With ``monitor.listen`` it
-serves NSQ's stats as Prometheus metrics; with a ``report`` section a second
-thread sends the daily health report (see :mod:`pipeline.observe.mailer`), so a slow
-or dead SMTP server never delays a sample.
+dir), then prunes what is past the retention and removes the oldest messages
+of each ``keep`` channel beyond its topic's bound (``keep``, ``dead_keep``).
+With ``monitor.listen`` it serves NSQ's stats as Prometheus metrics; with a
+``report`` section a second thread sends the daily health report (see
+:mod:`pipeline.observe.mailer`), so a slow or dead SMTP server never delays a
+sample.
 
 Time comes from ``clock`` so tests can move it past the report time::
 
@@ -33,7 +35,11 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.client.nsqclient import NsqSubscriber
-from pipeline.config import MonitorSpec, split_address
+from pipeline.client.peek import trim
+from pipeline.config import KEEP_CHANNEL, MonitorSpec, split_address
+from pipeline.config.credentials import SecretError
+from pipeline.config.security import client_security
+from pipeline.errors import PublishError
 from pipeline.observe.healthdb import HealthDB
 from pipeline.observe.nsq_exporter import NsqCollector, NsqdNode, channel_rows, discover_nsqd, fetch_stats
 from pipeline.ops.control import Supervisor
@@ -43,6 +49,8 @@ log = logging.getLogger(__name__)
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 DEAD_CHANNEL = f"monitor-{os.getpid()}#ephemeral"  # one per monitor: two monitors would split the messages
 SCRAPE_TIMEOUT = 2.0
+#: Messages of one keep channel removed per connection round, and per sample at most.
+TRIM_ROUND, TRIM_MAX = 10_000, 100_000
 WORKER_COUNTERS = {"pipeline_messages_in": "messages_in", "pipeline_messages_finished": "finished",
                    "pipeline_messages_requeued": "requeued", "pipeline_dead_lettered": "dead_lettered",
                    "pipeline_publish_errors": "publish_errors"}
@@ -165,6 +173,7 @@ class Monitor:
         self._sample_workers(now)
         self._sample_host(now)
         self._sample_dead_letters(now)
+        self._trim_kept()
         self.db.prune(now)
         self.samples.inc()
         self.last_sample.set(now)
@@ -246,6 +255,38 @@ class Monitor:
                     self._dead_subs[(node.tcp, topic)] = NsqSubscriber(node.tcp, topic, DEAD_CHANNEL, rdy=100)
                 except Exception as e:
                     log.warning("cannot watch %s on %s: %s", topic, node.tcp, e)
+
+
+    def _trim_kept(self) -> None:
+        """Remove the oldest messages of each ``keep`` channel beyond its bound (a topic's ``keep``, ``dead_keep``)."""
+        bounds = {topic: bound for topic, bound in self.topology.kept_topics().items() if bound is not None}
+        for tcp, http in zip(self.topology.nsqd_tcp_addresses(), self.topology.nsqd_http_addresses(), strict=True):
+            for topic, depth in _keep_depths(self._stats.get(http), bounds).items():
+                excess, trimmed = min(depth - bounds[topic], TRIM_MAX), 0
+                try:
+                    security = client_security(self.topology, "tail")  # the identity that may read keep
+                    while trimmed < excess:
+                        done = trim(tcp, topic, KEEP_CHANNEL, min(excess - trimmed, TRIM_ROUND), security=security)
+                        trimmed += done
+                        if not done:
+                            break
+                except (PublishError, SecretError) as e:
+                    log.warning("cannot trim %s/%s on nsqd %s: %s", topic, KEEP_CHANNEL, tcp, e)
+                if trimmed:
+                    log.info("trimmed the %d oldest message(s) of %s/%s on nsqd %s, which keeps %d at most",
+                             trimmed, topic, KEEP_CHANNEL, tcp, bounds[topic])
+
+
+def _keep_depths(stats: dict | None, bounds: dict[str, int]) -> dict[str, int]:
+    """The queued depth of the ``keep`` channel of each bounded topic over its bound, from one nsqd's ``/stats``."""
+    found = {}
+    for t in (stats or {}).get("topics") or []:
+        if t["topic_name"] not in bounds:
+            continue
+        for c in t.get("channels") or []:
+            if c["channel_name"] == KEEP_CHANNEL and int(c["depth"]) > bounds[t["topic_name"]]:
+                found[t["topic_name"]] = int(c["depth"])
+    return found
 
 
 def _has_other_channel(stats: dict | None, topic: str) -> bool:

@@ -1,10 +1,15 @@
 """Print the records published to a topic, one compact JSON object a line (``pipeline tail``).
 
 The topic is read through a fresh ephemeral channel on every nsqd of the
-topology, the way ``nsq_tail`` does: nsqd deletes the channel when the tail
-disconnects, and the stages' channels keep every message, since each channel
-gets its own copy. Like ``nsq_tail``, the tail only sees messages published
-after its channel was created. Example::
+topology (every partition of a partitioned topic), the way ``nsq_tail`` does:
+nsqd deletes the channel when the tail disconnects, and every durable channel
+keeps its messages, since each channel gets its own copy. On a topic without
+a durable channel, the tail first creates the durable channel ``keep``
+(:func:`pipeline.observe.keep.ensure_kept`; one line on ``err``): an ephemeral
+channel would otherwise take the topic's whole backlog, and lose it on exit.
+Like ``nsq_tail``, the tail only sees messages published after its channel was
+created; when none comes within :data:`QUIET_NOTE` seconds it says, once, how
+many are already queued and where (``pipeline peek`` shows those). Example::
 
     from pipeline.observe.tail import tail_topic
     from pipeline.config import load_topology
@@ -22,6 +27,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import sys
 import time
 from collections.abc import Iterator
 from itertools import islice
@@ -30,8 +36,10 @@ from typing import Any, TextIO
 import orjson
 
 from pipeline.client.nsqclient import NsqMessage, NsqSubscriber
+from pipeline.client.nsqd_http import NsqdHTTPError
 from pipeline.config.security import client_security
 from pipeline.errors import DecodeError
+from pipeline.observe.keep import ensure_kept, queued_note, topic_states
 from pipeline.records import envelope
 from pipeline.records.codecs import decode
 
@@ -41,6 +49,8 @@ READ_TIMEOUT = 0.05
 BURST = 100
 #: Messages nsqd may push to the tail before it FINishes them (RDY).
 TAIL_RDY = 200
+#: Seconds without a record before the tail says it is waiting, and where the queued messages are.
+QUIET_NOTE = 1.0
 
 _ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS
 
@@ -50,7 +60,8 @@ def tail_channel() -> str:
     return f"tail-{secrets.token_hex(8)}#ephemeral"
 
 
-def tail_topic(topology, topic: str, *, count: int | None, out: TextIO, timeout: float | None = None) -> int:
+def tail_topic(topology, topic: str, *, count: int | None, out: TextIO, timeout: float | None = None,
+               err: TextIO | None = None) -> int:
     """Print the records of ``topic`` to ``out`` as they arrive; return how many were printed.
 
     Parameters:
@@ -60,18 +71,23 @@ def tail_topic(topology, topic: str, *, count: int | None, out: TextIO, timeout:
             Undecodable messages are reported but not counted.
         out: where the lines go; flushed after each one, so a pipe sees them at once.
         timeout: overall deadline in seconds (for scripts and tests); None: no deadline.
+        err: where the notes go (a ``keep`` channel created, waiting); default stderr.
 
     Raises:
         PublishError: an nsqd cannot be reached or refuses the subscription, or
             drops the connection while the tail runs.
+        NsqdHTTPError: an nsqd's HTTP API does not answer.
     """
-    deadline = None if timeout is None else time.monotonic() + timeout
+    err = err if err is not None else sys.stderr
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
+    states = ensure_kept(topology, topic, log=lambda line: _note(err, line))
     channel = tail_channel()
     subscribers: list[NsqSubscriber] = []
-    printed = 0
+    printed, noted = 0, False
     try:
-        for address in topology.nsqd_tcp_addresses():
-            subscribers.append(NsqSubscriber(address, topic, channel, rdy=TAIL_RDY,
+        for state in states:
+            subscribers.append(NsqSubscriber(state.tcp, state.topic, channel, rdy=TAIL_RDY,
                                              security=client_security(topology, "tail")))
         while (count is None or printed < count) and (deadline is None or time.monotonic() < deadline):
             for sub in subscribers:
@@ -80,12 +96,27 @@ def tail_topic(topology, topic: str, *, count: int | None, out: TextIO, timeout:
                     printed += is_record  # counted line by line, so Ctrl-C mid-burst returns the true count
                 if count is not None and printed >= count:
                     break
+            if not printed and not noted and time.monotonic() - started >= QUIET_NOTE:
+                noted = True
+                _note(err, _waiting(topology, topic))
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a follow ends; the count printed so far is the answer
     finally:
         for sub in subscribers:
             sub.close()  # nsqd deletes the ephemeral channel once its last client is gone
     return printed
+
+
+def _waiting(topology, topic: str) -> str:
+    try:
+        return queued_note(topic, topic_states(topology, topic))
+    except NsqdHTTPError:  # a node going away is the subscriber's error to report, not the note's
+        return f"waiting for new messages on {topic}"
+
+
+def _note(err: TextIO, line: str) -> None:
+    err.write(line + "\n")
+    err.flush()
 
 
 def _print_burst(sub: NsqSubscriber, wanted: int, out: TextIO) -> Iterator[bool]:
@@ -110,15 +141,22 @@ def _print_burst(sub: NsqSubscriber, wanted: int, out: TextIO) -> Iterator[bool]
 
 def format_message(message: NsqMessage) -> list[tuple[str, bool]]:
     """Return the lines printed for ``message``, each with whether it is a record (else a ``#`` comment)."""
-    message_id = message.id.decode("ascii", errors="replace")
+    return format_body(message.body, f"message {message.id.decode('ascii', errors='replace')}")
+
+
+def format_body(body: bytes, what: str) -> list[tuple[str, bool]]:
+    """Return the lines printed for a message ``body``, each with whether it is a record.
+
+    One line per record (an envelope gives several), or one ``# undecodable <what>: <reason>`` comment.
+    """
     try:
-        decoded = decode(message.body)
-        records = envelope.unpack(decoded, message.body) if envelope.is_envelope(decoded) else [decoded]
+        decoded = decode(body)
+        records = envelope.unpack(decoded, body) if envelope.is_envelope(decoded) else [decoded]
         return [(record_json(record), True) for record in records]
     except DecodeError as e:
-        return [(f"# undecodable message {message_id}: {e.reason}", False)]
+        return [(f"# undecodable {what}: {e.reason}", False)]
     except TypeError as e:  # decoded, but e.g. a msgpack map keyed by bytes has no JSON form
-        return [(f"# undecodable message {message_id}: cannot print as JSON: {e}", False)]
+        return [(f"# undecodable {what}: cannot print as JSON: {e}", False)]
 
 
 def record_json(record: dict) -> str:

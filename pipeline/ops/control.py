@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.client import nsqd_http
-from pipeline.config import split_address
+from pipeline.config import KEEP_CHANNEL, split_address
 from pipeline.errors import ProcessError
 from pipeline.ops.install import bin_dir
 from pipeline.ops.processes import stop_pid
@@ -145,7 +145,9 @@ class Supervisor:
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Wait until every program is RUNNING, nsqd answers and stages are subscribed."""
         deadline = time.monotonic() + timeout
-        for check in (self._all_running, self._nsqd_healthy, self._topics_created, self._stages_subscribed):
+        # nsqd first, and the topics and channels as soon as it answers: workers start meanwhile, and
+        # what they publish to a topic no stage reads must find its keep channel there, not a tail's.
+        for check in (self._nsqd_healthy, self._topics_created, self._all_running, self._stages_subscribed):
             while (problem := check()) is not None:
                 if time.monotonic() > deadline:
                     raise ProcessError(f"pipeline not ready after {timeout:g}s: {problem} (logs: {self.var / 'log'})")
@@ -172,14 +174,19 @@ class Supervisor:
             try:
                 nsqd_http.request(http, "/ping", method="GET", timeout=1.0)
             except nsqd_http.NsqdHTTPError as e:
+                self._all_running()  # an nsqd that went FATAL fails now, with its log line
                 return str(e)
         return None
 
     def _topics_created(self) -> str | None:
         # Declared topics and stage channels exist from the start: nsqadmin lists
         # them, and what is published before a stage subscribes waits in its channel.
+        # A topic no stage reads (terminal, dead letters) gets the durable channel keep:
+        # an ephemeral channel (nsq_tail, pipeline tail) then reads copies, and never
+        # takes the backlog a topic without channels would hand the first one to come.
         topology = self.topology
         channels = {(t, s.channel) for s in topology.stages.values() for t in topology.physical_topics(s.input)}
+        channels |= {(t, KEEP_CHANNEL) for t in topology.kept_topics()}
         for http in topology.nsqd_http_addresses():
             try:
                 for topic in (t for name in topology.topics for t in topology.physical_topics(name)):
