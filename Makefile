@@ -5,7 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIPELINE := $(VENV)/bin/pipeline
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?= --durations=15
+# Two pytest workers (pytest-xdist), a test file to each at a time: most tests wait on real nsqd,
+# supervisord and workers, so two of them share the two cores well.
+PYTEST_ARGS ?= -n 2 --dist loadfile --durations=15
 # The venv holds only the framework (`pipeline`); the reference stages, producers, chaos
 # harness and benchmarks are imported from this checkout, by the commands below and the
 # workers they start.

@@ -17,6 +17,7 @@ from nsqhttp import channel_stats, topic_stats, wait_until
 from pipeline.client import nsqd_http
 from pipeline.client.nsqclient import NsqSubscriber, publish_records
 from pipeline.config import KEEP_CHANNEL, load_topology
+from pipeline.ops.control import Supervisor
 from pipeline.ops.redrive import RedriveError, purge, redrive
 from pipeline.records.codecs import decode, encode_json
 from pipeline.records.deadletter import DeadLetter
@@ -185,7 +186,8 @@ def test_dead_letters_are_re_driven_after_the_fix_through_a_killed_redrive_and_n
     assert dry.stdout.strip() == "would re-drive 200, skipped (reason did not match) 0, left 200"
     assert kept(http, "orders.dead") == 200 and channel_stats(http, "orders.dead", KEEP_CHANNEL)["depth"] == 200
 
-    # And the stage is fixed and restarted, then a slow redrive is SIGKILLed about halfway
+    # And the stage is fixed and restarted, then during a slow redrive the stage's worker is SIGKILLed
+    # (supervisord starts it again) and, about halfway, the redrive itself
     shutil.rmtree(tmp_path / "__pycache__", ignore_errors=True)
     (tmp_path / "redrive_stage.py").write_text(FIXED)
     restarted = pipeline_cli("restart", "ship", "-t", path)
@@ -193,6 +195,9 @@ def test_dead_letters_are_re_driven_after_the_fix_through_a_killed_redrive_and_n
     slow = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "dead", "redrive", "ship", "--chunk", "5",
                              "--rate", "100", "-t", path], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
+        wait_until(lambda: kept(http, "orders.dead") <= 160 or slow.poll() is not None, 30, interval=0.01)
+        [worker] = [p for p in Supervisor(topology).processes() if p.group == "ship"]
+        os.kill(worker.pid, signal.SIGKILL)  # the stage's worker dies with re-driven orders in hand
         wait_until(lambda: kept(http, "orders.dead") <= 110 or slow.poll() is not None, 30, interval=0.01)
         os.kill(slow.pid, signal.SIGKILL)
     finally:
