@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,9 +75,16 @@ def orders_file(path: Path, count: int) -> tuple[int, dict[int, str]]:
     return count - len(bad), bad
 
 
-def test_init_up_produce_tail_down_and_the_scaffolds_own_tests(venv: Path, tmp_path: Path):
-    home = tmp_path / "elsewhere"
-    home.mkdir()
+def test_init_up_produce_tail_down_and_the_scaffolds_own_tests(venv: Path):
+    # a short folder: supervisord's unix socket lives under var/run/, and its path may not pass 108 bytes
+    home = Path(tempfile.mkdtemp(prefix="np-user-"))
+    try:
+        check_the_scaffold(venv, home)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def check_the_scaffold(venv: Path, home: Path) -> None:
     pipeline = str(venv / "bin" / "pipeline")
     created = run([pipeline, "init", "shop"], home, venv=venv)
     assert "ports (free now):" in created.stdout

@@ -90,7 +90,8 @@ A pipeline on nsq-pipeline: `orders` -> stage `valuer` (stages.py) -> `valued_or
 
     pipeline up                                      # NSQ and the stage, under supervisord
     pipeline produce orders --from sample.jsonl      # publish the sample orders
-    pipeline tail valued_orders -n 5                 # see results (bad orders: orders.dead)
+    pipeline peek valued_orders -n 5                 # see results, left in place (bad orders:
+                                                     # pipeline dead ls); pipeline tail follows new ones
     pytest                                           # the stage's unit tests
     pipeline down                                    # stop everything
 
@@ -161,5 +162,5 @@ def init(directory: Path) -> None:
     click.echo(f"created {directory}/: {', '.join(f for f in files if not f.startswith('.'))}")
     click.echo("ports (free now): " + ", ".join(f"{k} {v}" for k, v in ports.items()))
     click.echo(f"next: cd {directory} && pipeline up && pipeline produce orders --from sample.jsonl "
-               "&& pipeline tail valued_orders -n 5")
+               "&& pipeline peek valued_orders -n 5")
     sys.stdout.flush()
