@@ -95,7 +95,7 @@ def next_steps(topology, topic: str = "prime") -> list[str]:
     is made to have a durable channel first (``keep`` if it has none), so that
     channel never takes the topic's backlog away.
     """
-    from pipeline.observe.keep import ensure_kept
+    from pipeline.ops.keep import ensure_kept
     ensure_kept(topology, topic, log=lambda line: None)
     lookupd = topology.lookupd_http_addresses()
     source = f"--lookupd-http-address={lookupd[0]}" if lookupd else \

@@ -23,9 +23,9 @@ from typing import Any, TextIO
 from pipeline.client.nsqclient import NsqMessage
 from pipeline.config import KEEP_CHANNEL
 from pipeline.errors import ChannelNotFound, DecodeError
-from pipeline.observe.keep import topic_states
 from pipeline.observe.peek import peek_messages
 from pipeline.observe.tail import format_body, record_json
+from pipeline.ops.keep import topic_states
 from pipeline.records.codecs import decode
 
 #: The most letters read per stage (and nsqd) for ``dead ls``'s reasons and ``dead show --reason``.

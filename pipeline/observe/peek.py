@@ -25,8 +25,8 @@ from pipeline.client.nsqclient import NsqMessage
 from pipeline.config import KEEP_CHANNEL
 from pipeline.config.security import client_security
 from pipeline.errors import ChannelNotFound
-from pipeline.observe.keep import ensure_kept, topic_states
 from pipeline.observe.tail import format_message
+from pipeline.ops.keep import ensure_kept, topic_states
 
 Log = Callable[[str], None]
 

@@ -5,7 +5,7 @@ topology (every partition of a partitioned topic), the way ``nsq_tail`` does:
 nsqd deletes the channel when the tail disconnects, and every durable channel
 keeps its messages, since each channel gets its own copy. On a topic without
 a durable channel, the tail first creates the durable channel ``keep``
-(:func:`pipeline.observe.keep.ensure_kept`; one line on ``err``): an ephemeral
+(:func:`pipeline.ops.keep.ensure_kept`; one line on ``err``): an ephemeral
 channel would otherwise take the topic's whole backlog, and lose it on exit.
 Like ``nsq_tail``, the tail only sees messages published after its channel was
 created; when none comes within :data:`QUIET_NOTE` seconds it says, once, how
@@ -39,7 +39,7 @@ from pipeline.client.nsqclient import NsqMessage, NsqSubscriber
 from pipeline.client.nsqd_http import NsqdHTTPError
 from pipeline.config.security import client_security
 from pipeline.errors import DecodeError
-from pipeline.observe.keep import ensure_kept, queued_note, topic_states
+from pipeline.ops.keep import ensure_kept, queued_note, topic_states
 from pipeline.records import envelope
 from pipeline.records.codecs import decode
 

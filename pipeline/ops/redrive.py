@@ -40,6 +40,7 @@ from pipeline.client.spread import SpreadPublisher
 from pipeline.config import KEEP_CHANNEL
 from pipeline.config.security import client_security
 from pipeline.errors import DecodeError, PipelineError
+from pipeline.ops.keep import TopicState, topic_state
 from pipeline.records.codecs import decode
 from pipeline.records.deadletter import raw_body
 
@@ -263,8 +264,7 @@ class NodePass:
 
     def _settled(self, quiet_for: float) -> bool:
         """Whether the channel holds no letter this pass has not seen (or the wait for others' is over)."""
-        found = channel_figures(self.http, self.plan.dead_topic)
-        unseen = found.total - len(self.held) - len(self.passed)
+        unseen = letters_in(topic_state("", self.http, self.plan.dead_topic)) - len(self.held) - len(self.passed)
         if unseen <= 0:
             return True
         if quiet_for < LINGER:
@@ -276,39 +276,19 @@ class NodePass:
         return True
 
 
-@dataclass(frozen=True)
-class Figures:
-    """A dead-letter topic on one nsqd: whether it exists, its channels, and the letters it and its keep hold."""
-
-    exists: bool = False
-    channels: tuple[str, ...] = ()
-    topic_depth: int = 0
-    keep: int = 0  # queued, in flight or deferred in the keep channel
-
-    @property
-    def total(self) -> int:
-        return self.topic_depth + self.keep
+def letters_in(state: TopicState) -> int:
+    """Letters a dead-letter topic holds on one nsqd: in the topic itself and in its keep channel."""
+    keep = state.channels.get(KEEP_CHANNEL)
+    return state.depth + (keep.undelivered if keep else 0)
 
 
-def channel_figures(http: str, topic: str) -> Figures:
-    """The :class:`Figures` of ``topic`` on the nsqd at ``http`` (nsqd's channel ``depth`` counts its disk too)."""
-    for found in nsqd_http.stats(http, topic).get("topics") or []:
-        if found["topic_name"] != topic:
-            continue
-        channels = found.get("channels") or []
-        keep = sum(int(c["depth"]) + int(c["in_flight_count"]) + int(c["deferred_count"])
-                   for c in channels if c["channel_name"] == KEEP_CHANNEL)
-        return Figures(True, tuple(c["channel_name"] for c in channels), int(found["depth"]), keep)
-    return Figures()
-
-
-def ensure_keep(http: str, topic: str, log: Log) -> Figures:
-    """Make sure ``topic`` has its keep channel on the nsqd at ``http`` (when the topic exists); return its figures.
+def ensure_keep(http: str, topic: str, log: Log) -> TopicState:
+    """Make sure ``topic`` has its keep channel on the nsqd at ``http`` (when the topic exists); return its state.
 
     On a topic with no channel at all, the new channel takes the whole backlog; on one whose only
     channels are others, the letters queued before are in those channels only, and the line says so.
     """
-    found = channel_figures(http, topic)
+    found = topic_state("", http, topic)
     if not found.exists or KEEP_CHANNEL in found.channels:
         return found
     nsqd_http.create_channel(http, topic, KEEP_CHANNEL)
@@ -316,9 +296,9 @@ def ensure_keep(http: str, topic: str, log: Log) -> Figures:
         log(f"created the durable channel {KEEP_CHANNEL!r} on {topic} (nsqd {http}); the letters queued before it "
             f"are in {', '.join(found.channels)} only and are not re-driven")
     else:
-        log(f"created the durable channel {KEEP_CHANNEL!r} on {topic} (nsqd {http}): its {found.topic_depth} "
+        log(f"created the durable channel {KEEP_CHANNEL!r} on {topic} (nsqd {http}): its {found.depth} "
             "letters moved into it, nothing lost")
-    return channel_figures(http, topic)
+    return topic_state("", http, topic)
 
 
 def sharing_stages(topology, stage: str) -> list[str]:
@@ -363,12 +343,13 @@ def _run_passes(plan: Plan, publisher: SpreadPublisher | None) -> None:
     topology, security = plan.topology, client_security(plan.topology, None)
     try:
         for tcp, http in zip(topology.nsqd_tcp_addresses(), topology.nsqd_http_addresses(), strict=True):
-            if ensure_keep(http, plan.dead_topic, plan.log).total and not plan.full():
+            if letters_in(ensure_keep(http, plan.dead_topic, plan.log)) and not plan.full():
                 NodePass(plan, tcp, http, publisher, security).run()
     finally:
         if publisher is not None:
             publisher.close()
-    plan.counts.left = sum(channel_figures(http, plan.dead_topic).total for http in topology.nsqd_http_addresses())
+    plan.counts.left = sum(letters_in(topic_state("", http, plan.dead_topic))
+                           for http in topology.nsqd_http_addresses())
 
 
 def _refuse_auth(topology, command: str) -> None:
@@ -397,11 +378,11 @@ def purge(topology, stage: str, log: Log = print) -> int:
         return plan.counts.redriven
     removed = 0
     for http in topology.nsqd_http_addresses():
-        found = channel_figures(http, topic)
+        found = topic_state("", http, topic)
         if not found.exists:
             continue
         nsqd_http.request(http, "/topic/empty", {"topic": topic})
         if KEEP_CHANNEL in found.channels:
             nsqd_http.request(http, "/channel/empty", {"topic": topic, "channel": KEEP_CHANNEL})
-        removed += found.total
+        removed += letters_in(found)
     return removed
