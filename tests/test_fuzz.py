@@ -222,3 +222,10 @@ def test_dead_letter_of_a_body_at_nsqds_limit_still_fits(size, fill):
     kept = raw_body(letter)
     assert kept == body or (record["body_truncated_from"] == size and body.startswith(kept) and
                             math.isclose(len(kept), size, rel_tol=0.01))
+
+
+def test_an_integer_just_below_the_signed_64_bit_range_decodes_exactly():
+    # hypothesis found it: orjson reads -2**63 - 1 (19 digits) as a float; ns timestamps (19 digits) stay fast
+    for value in (-(2**63) - 1, -(10**19) + 1, 2**64, -(2**63)):
+        body = json.dumps({"n": value}).encode()
+        assert decodes_or_refuses(body) == {"n": value}

@@ -24,12 +24,20 @@ CODECS = ("json", "msgpack")
 
 _BLANK = b" \t\r\n"
 MSGPACK_MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
-# orjson turns integers beyond the unsigned 64-bit range into floats. A body
-# with a run of 20+ digits may hold one, so it is decoded by the exact (slower)
-# standard library instead; the rest take the fast path. Mapping every digit
+# orjson turns integers beyond the unsigned 64-bit range, or below the signed
+# one, into floats. A body with a run of 20+ digits, or a minus sign and 19
+# digits, may hold one, so it is decoded by the exact (slower) standard library
+# instead; the rest (a 19-digit ns timestamp included) take the fast path. Mapping every digit
 # to "9" and looking for twenty of them is ~3x cheaper than a regex search.
 DIGITS_TO_9 = bytes.maketrans(b"0123456789", b"9" * 10)
 TWENTY_DIGITS = b"9" * 20
+NEGATIVE_NINETEEN_DIGITS = b"-" + b"9" * 19
+
+
+def beyond_orjson(body: bytes) -> bool:
+    """Whether JSON ``body`` may hold an integer orjson would read as a float (decode it with ``json``)."""
+    nines = body.translate(DIGITS_TO_9)
+    return TWENTY_DIGITS in nines or NEGATIVE_NINETEEN_DIGITS in nines
 
 
 
@@ -98,8 +106,8 @@ def decode(body: bytes) -> dict:
     if codec is None:
         raise DecodeError(_undetected_reason(body), body)
     try:
-        if codec == "json":  # a run of 20 digits: the exact decoder (see TWENTY_DIGITS)
-            record = json.loads(body) if TWENTY_DIGITS in body.translate(DIGITS_TO_9) else orjson.loads(body)
+        if codec == "json":  # an integer orjson cannot hold: the exact decoder (see beyond_orjson)
+            record = json.loads(body) if beyond_orjson(body) else orjson.loads(body)
         else:
             record = msgpack.unpackb(body, raw=False, ext_hook=ext_hook)  # typed envelope columns: arrays
     except RecursionError as e:  # the exact (stdlib) JSON path recurses once per nesting level

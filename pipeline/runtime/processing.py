@@ -26,9 +26,8 @@ from pipeline.errors import DecodeError, StageOutputError
 from pipeline.middleware import MiddlewareStack, WorkerView
 from pipeline.records import bulkjson, envelope
 from pipeline.records.codecs import (
-    DIGITS_TO_9,
     MSGPACK_MAP_MARKERS,
-    TWENTY_DIGITS,
+    beyond_orjson,
     decode,
     encode_json,
     encode_msgpack,
@@ -193,7 +192,7 @@ class BatchProcessor:
         if not messages or max(map(_ATTEMPTS, messages)) > self.spec.max_tries:
             return None
         bodies = list(map(_BODY, messages))
-        if TWENTY_DIGITS in b" ".join(bodies).translate(DIGITS_TO_9):
+        if beyond_orjson(b" ".join(bodies)):
             return None
         try:
             records = list(map(orjson.loads, bodies))
