@@ -135,7 +135,8 @@ class Producer:
         #: What :meth:`flush` records as the source's mark (a file reader sets it; see pipeline.records.sources).
         self.source_mark: Callable[[], SourceMark | None] = lambda: None
         self._run = uuid.uuid4().hex[:8]
-        self._pub = SpreadPublisher(addresses, security=security)
+        # every physical topic of one declared topic has its copies (replication)
+        self._pub = SpreadPublisher(addresses, security=security, copies=lambda physical: spec.replication)
         self._last_send = self._last_save = time.monotonic()
 
     def __enter__(self) -> Producer:
