@@ -209,3 +209,30 @@ def test_worker_publisher_keeps_two_copies_while_two_nodes_are_up_then_goes_on_d
 
     publisher = asyncio.run(run())
     assert publisher.under_replicated == 100
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
+def test_status_says_when_a_replicated_topic_gets_fewer_copies_than_it_asks(nsq_factory, tmp_path) -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from pipeline.observe.status import collect
+    from pipeline.observe.views import print_status
+
+    nodes = [nsq_factory.nsqd(f"n{i}") for i in range(3)]
+    doc = _topology(tmp_path, **{"nsq.nsqd": [{"name": n.name, "tcp": n.tcp, "http": n.http} for n in nodes]})
+    topology = _load(tmp_path, doc)
+    states = lambda: {r.topic: r.state for r in collect(topology, interval=0.0).replication}  # noqa: E731
+    assert states() == {"numbers": "ok", "prime": "ok"}
+    nodes[0].stop()
+    assert states()["numbers"] == "ok: 1 nsqd down, the copies go to the others"
+    nodes[1].stop()
+    report = collect(topology, interval=0.0)
+    assert report.replication[0].state.startswith("degraded: 1 of 3 nsqd up, new messages get 1 of 2 copies")
+    assert report.to_dict()["replication"][0]["getting"] == 1
+    out = StringIO()
+    print_status(report, Console(file=out, width=250))
+    assert "replicated topics" in out.getvalue() and "degraded: 1 of 3 nsqd up" in out.getvalue()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 
 import nsq
@@ -55,15 +56,18 @@ class Publisher:
         nsqd_tcp_addresses: the nsqd nodes to publish to.
         reconnect_interval: seconds between reconnection attempts.
         placement: a topic's :data:`Placement` (e.g. ``Topology.placement``); default one copy, round-robin.
+        stats: a counter that gets ``under_replicated`` too (the worker's).
     """
 
     def __init__(self, nsqd_tcp_addresses: Sequence[str], reconnect_interval: float = 1.0,
-                 placement: Callable[[str], Placement] = one_copy, **conn_kwargs):
+                 placement: Callable[[str], Placement] = one_copy, stats: Counter[str] | None = None,
+                 **conn_kwargs):
         self.writer = FastWriter(list(nsqd_tcp_addresses), reconnect_interval=reconnect_interval, **conn_kwargs)
         self.pool = NodePool(list(nsqd_tcp_addresses))  # pynsq names a connection by its host:port, as given
         self.holding = False  # see hold_answers
         self.placement = placement
-        self.under_replicated = 0  # messages published with fewer copies than their topic asks
+        self.under_replicated = 0  # copies no node could take (fewer nodes up than copies)
+        self.stats = stats if stats is not None else Counter()
         self._warned = 0.0
 
     def hold_answers(self, hold: bool) -> None:
@@ -158,6 +162,7 @@ class Publisher:
     def gave_up_copies(self, topic: str, count: int, copies: int, placed: int, errors: str) -> None:
         """``count`` messages of ``topic`` were published with ``placed`` of their ``copies``: count, warn."""
         self.under_replicated += count * (copies - placed)
+        self.stats["under_replicated"] += count * (copies - placed)
         now = time.monotonic()
         if now - self._warned > WARN_EVERY:
             self._warned = now

@@ -153,7 +153,7 @@ class TopicSpec(Spec):
                     " stages publish each message to that many nodes and count it published only when every"
                     " copy was acknowledged; the stage reading the topic applies a record once (a keyed stage"
                     " drops a repeated `seq`, a plain one a message it has seen in its `dedup_window`)."
-                    " Needs as many nsqd; see docs/RELIABILITY.md, \"Replicated topics\".",
+                    " Needs as many nsqd; see docs/ARCHITECTURE.md, \"Replicated topics\".",
     )
     keep: int | None = Field(
         100_000, ge=1,

@@ -145,7 +145,8 @@ class Worker:
         secure = client_options(self.topology, self.name)  # auth secret and TLS, when the topology has them
         # a keyed stage keeps each output topic on one nsqd while it is up: one key's records stay in order
         placement = functools.partial(self.topology.placement, sticky=spec.keyed)
-        self.publisher = Publisher(self.topology.nsqd_tcp_addresses(), placement=placement, **secure)
+        self.publisher = Publisher(self.topology.nsqd_tcp_addresses(), placement=placement, stats=self.stats,
+                                   **secure)
         await self.publisher.wait_connected(CONNECT_TIMEOUT)
         self.reader = FastReader(
             topic=self.input_topic, channel=spec.channel, batch_handler=self._on_messages,
