@@ -236,3 +236,30 @@ def test_status_says_when_a_replicated_topic_gets_fewer_copies_than_it_asks(nsq_
     out = StringIO()
     print_status(report, Console(file=out, width=250))
     assert "replicated topics" in out.getvalue() and "degraded: 1 of 3 nsqd up" in out.getvalue()
+
+
+def test_produce_from_a_file_puts_two_copies_and_says_when_a_node_could_not_take_its_copy(nsq_factory,
+                                                                                          tmp_path) -> None:
+    import subprocess
+    import sys
+
+    live = [nsq_factory.nsqd(f"n{i}") for i in range(2)]
+    records = tmp_path / "orders.jsonl"
+    records.write_text("".join(f'{{"id": {i}}}\n' for i in range(300)))
+
+    def produce(nodes: list[dict]):
+        doc = {"nsq": {"nsqd": nodes, "var_dir": "var"}, "topics": {"orders": {"replication": 2}}}
+        path = tmp_path / "topology.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", "produce", "orders", "--from", str(records),
+                               "--no-resume", "-t", str(path)], capture_output=True, text=True, timeout=120)
+
+    nodes = [{"name": n.name, "tcp": n.tcp, "http": n.http} for n in live]
+    run = produce(nodes)
+    assert run.returncode == 0 and "300 acknowledged" in run.stderr + run.stdout, run.stderr
+    assert [_count(n.http, "orders") for n in live] == [300, 300] and "warning" not in run.stderr
+    nodes[1] = {"name": "gone", "tcp": f"127.0.0.1:{free_port()}", "http": f"127.0.0.1:{free_port()}"}
+    run = produce(nodes)
+    assert run.returncode == 0, run.stderr
+    assert "warning: 300 copies of messages to the replicated topic orders went nowhere" in run.stderr
+    assert _count(live[0].http, "orders") == 600

@@ -288,6 +288,11 @@ class Producer:
             if buffer:
                 self._send(topic)
 
+    @property
+    def copies_missing(self) -> int:
+        """Copies of a replicated topic's messages no nsqd could take (fewer nodes up than ``replication``)."""
+        return self._pub.under_replicated
+
     def _send(self, topic: str) -> None:
         records, self.buffers[topic] = self.buffers[topic], []
         if self.pack > 1:
