@@ -1,13 +1,13 @@
 """A replicated pipeline on three real nsqd loses nothing when one is SIGKILLed, and applies each record once.
 
 numbers (2 copies, 2 partitions by id) -> two primes workers -> prime and
-non_prime (2 copies each). A keyed twin (ticks -> features, both replicated) must give the offline
-reference's features for every (symbol, seq) through the same fault.
-The producer publishes through pipeline.Producer
+non_prime (2 copies each). The producer publishes through pipeline.Producer
 at a steady rate; one nsqd is SIGKILLed halfway (what it held in memory, in
 flight included, dies with it) and started again on its data dir. Every id
 must come out, with no replay, and the second copies must have been
 finished unprocessed: the outputs hold two copies per record, not four.
+A keyed twin (ticks -> features, both replicated) must give the offline
+reference's features for every (symbol, seq) through the same fault.
 """
 from __future__ import annotations
 
