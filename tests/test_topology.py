@@ -170,7 +170,7 @@ BROKEN = [
      "topology.yaml:14:5: stages.primes.replica: unknown field; expected one of: handler, input, channel, "
      "outputs, replicas, max_in_flight, batch, max_tries, dead_keep, msg_timeout, requeue_delay, "
      "max_backoff_duration, publish_timeout, output_buffer_timeout, output_buffer_size, keyed, "
-     "checkpoint_interval_ms, gap_max_count, gap_max_ms, params, metrics_port, metrics_host"),
+     "checkpoint_interval_ms, dedup_window, gap_max_count, gap_max_ms, params, metrics_port, metrics_host"),
     ("unknown-top-level-key", "producers:", "producer:",
      "topology.yaml:18:1: producer: unknown field; expected one of: nsq, topics, stages, producers, monitor, report, "
      "gateway, auth, tls"),

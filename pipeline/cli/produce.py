@@ -88,6 +88,9 @@ def produce_file(topic: str, source_path: str, file_format: str | None, rate: fl
             click.echo(f"{source.shown}: read {source.line - (resume.line if resume else 0)} lines; published "
                        f"{producer.sent} records to {topic}, {producer.acked} acknowledged; refused {run.refused}"
                        + (" (bad lines, reported above)" if run.refused else ""), err=run.failed)
+            if producer.copies_missing:
+                click.echo(f"warning: {producer.copies_missing} copies of messages to the replicated topic {topic} "
+                           "went nowhere: fewer nsqd were up than its replication (they have fewer copies)", err=True)
     if run.failed:
         sys.exit(1)
 

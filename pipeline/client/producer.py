@@ -135,7 +135,8 @@ class Producer:
         #: What :meth:`flush` records as the source's mark (a file reader sets it; see pipeline.records.sources).
         self.source_mark: Callable[[], SourceMark | None] = lambda: None
         self._run = uuid.uuid4().hex[:8]
-        self._pub = SpreadPublisher(addresses, security=security)
+        # every physical topic of one declared topic has its copies (replication)
+        self._pub = SpreadPublisher(addresses, security=security, copies=lambda physical: spec.replication)
         self._last_send = self._last_save = time.monotonic()
 
     def __enter__(self) -> Producer:
@@ -286,6 +287,11 @@ class Producer:
         for topic, buffer in self.buffers.items():
             if buffer:
                 self._send(topic)
+
+    @property
+    def copies_missing(self) -> int:
+        """Copies of a replicated topic's messages no nsqd could take (fewer nodes up than ``replication``)."""
+        return self._pub.under_replicated
 
     def _send(self, topic: str) -> None:
         records, self.buffers[topic] = self.buffers[topic], []

@@ -5,13 +5,22 @@ pynsq's ``Writer`` reports each answer through a callback and never times out.
 resolves only when every MPUB was acknowledged, and fails with
 :class:`~pipeline.errors.PublishError` on a refusal, a dropped connection or a
 missed deadline, so the runtime can decide between FIN and REQ.
+
+Where each MPUB goes is its topic's *placement* (:data:`Placement`): how many
+copies (a replicated topic's ``replication``: each copy on its own node, the
+MPUB acknowledged once every copy is) and an optional key that keeps the
+topic on one node while it is up (a partition, or a keyed stage's output:
+one key's records stay in order). A copy no other connected node can take is
+given up: counted in :attr:`Publisher.under_replicated`, logged, and the
+MPUB acknowledged with the copies it has.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import nsq
 from tornado.concurrent import Future
@@ -24,6 +33,15 @@ from pipeline.errors import PublishError
 log = logging.getLogger(__name__)
 
 MPUB_MAX_COUNT = 2000
+WARN_EVERY = 10.0  # seconds between two warnings of under-replicated publishing
+
+#: A topic's placement: its copies, and the key that keeps it on one node (None: round-robin).
+Placement = tuple[int, "str | None"]
+
+
+def one_copy(topic: str) -> Placement:
+    """The default placement: one copy, round-robin over the nodes."""
+    return 1, None
 
 
 class Publisher:
@@ -37,12 +55,20 @@ class Publisher:
     Parameters:
         nsqd_tcp_addresses: the nsqd nodes to publish to.
         reconnect_interval: seconds between reconnection attempts.
+        placement: a topic's :data:`Placement` (e.g. ``Topology.placement``); default one copy, round-robin.
+        stats: a counter that gets ``under_replicated`` too (the worker's).
     """
 
-    def __init__(self, nsqd_tcp_addresses: Sequence[str], reconnect_interval: float = 1.0, **conn_kwargs):
+    def __init__(self, nsqd_tcp_addresses: Sequence[str], reconnect_interval: float = 1.0,
+                 placement: Callable[[str], Placement] = one_copy, stats: Counter[str] | None = None,
+                 **conn_kwargs):
         self.writer = FastWriter(list(nsqd_tcp_addresses), reconnect_interval=reconnect_interval, **conn_kwargs)
         self.pool = NodePool(list(nsqd_tcp_addresses))  # pynsq names a connection by its host:port, as given
         self.holding = False  # see hold_answers
+        self.placement = placement
+        self.under_replicated = 0  # copies no node could take (fewer nodes up than copies)
+        self.stats = stats if stats is not None else Counter()
+        self._warned = 0.0
 
     def hold_answers(self, hold: bool) -> None:
         """Stop (True) or go back to (False) reading nsqd's answers; meanwhile they wait in the socket.
@@ -107,7 +133,7 @@ class Publisher:
             return
         waiting = _Waiting(on_done, len(parts), timeout)
         for topic, part in parts:
-            _Mpub(self, topic, part, waiting.answered).start()
+            self._start(topic, part, waiting.answered)
 
     def mpub(self, topic: str, bodies: Sequence[bytes]) -> Future:
         """One MPUB, to the next healthy node; on a refusal or a lost connection, to the next one.
@@ -122,8 +148,26 @@ class Publisher:
                 future.set_result(data)
             else:
                 future.set_exception(error)
-        _Mpub(self, topic, list(bodies), answered).start()
+        self._start(topic, list(bodies), answered)
         return future
+
+    def _start(self, topic: str, bodies: list[bytes], answered: Callable[..., None]) -> None:
+        copies, key = self.placement(topic)
+        copies = min(copies, len(self.pool.order))
+        if copies == 1:
+            _Mpub(self, topic, bodies, answered, key).start()
+        else:
+            _Copies(self, topic, bodies, copies, key, answered).start()
+
+    def gave_up_copies(self, topic: str, count: int, copies: int, placed: int, errors: str) -> None:
+        """``count`` messages of ``topic`` were published with ``placed`` of their ``copies``: count, warn."""
+        self.under_replicated += count * (copies - placed)
+        self.stats["under_replicated"] += count * (copies - placed)
+        now = time.monotonic()
+        if now - self._warned > WARN_EVERY:
+            self._warned = now
+            log.warning("MPUB %s: %d messages got %d of their %d copies (%s); publishing goes on degraded "
+                        "(%d copies missing so far)", topic, count, placed, copies, errors, self.under_replicated)
 
     def _connected(self, address: str) -> bool:
         conn = self.writer.conns.get(address)
@@ -171,21 +215,23 @@ class _Mpub:
     second the uncollected bodies cost tens of megabytes.
     """
 
-    __slots__ = ("publisher", "topic", "bodies", "answered", "errors", "address", "done")
+    __slots__ = ("publisher", "topic", "bodies", "answered", "errors", "address", "done", "key", "group")
 
     def __init__(self, publisher: Publisher, topic: str, bodies: list[bytes],
-                 answered: Callable[..., None]):
+                 answered: Callable[..., None], key: str | None = None, group: _Copies | None = None):
         self.publisher, self.topic, self.bodies, self.answered = publisher, topic, bodies, answered
         self.errors: dict[str, str] = {}
         self.address: str | None = None
         self.done = False
+        self.key, self.group = key, group  # the placement's key; the other copies of a replicated MPUB
 
     def start(self) -> None:
         self._attempt()
 
     def _attempt(self) -> None:
         publisher = self.publisher
-        self.address = publisher.pool.pick(exclude=self.errors, usable=publisher._connected)
+        exclude: Collection[str] = self.errors if self.group is None else {*self.errors, *self.group.others(self)}
+        self.address = publisher.pool.pick(exclude=exclude, usable=publisher._connected, key=self.key)
         if self.address is None:
             tried = "; ".join(f"{a}: {e}" for a, e in self.errors.items()) or "no connection to nsqd"
             self._answer(PublishError(f"MPUB {self.topic} ({len(self.bodies)} messages): {tried}"))
@@ -211,3 +257,46 @@ class _Mpub:
         else:
             pool.succeeded(address)
             self._answer(None, data)
+
+
+class _Copies:
+    """The copies of one replicated MPUB, each an :class:`_Mpub` that avoids its siblings' nodes.
+
+    ``answered(None, data)`` once every copy is answered and at least one was
+    acknowledged (a copy that found no node of its own is given up and
+    counted); ``answered(error)`` when none was.
+    """
+
+    __slots__ = ("publisher", "members", "left", "placed", "answered", "errors", "count")
+
+    def __init__(self, publisher: Publisher, topic: str, bodies: list[bytes], copies: int, key: str | None,
+                 answered: Callable[..., None]):
+        self.publisher, self.answered, self.left, self.placed = publisher, answered, copies, 0
+        self.errors: list[PublishError] = []
+        self.count = len(bodies)
+        self.members = [_Mpub(publisher, topic, bodies, self._answered, key, self) for _ in range(copies)]
+
+    def start(self) -> None:
+        for member in self.members:
+            member.start()
+
+    def others(self, member: _Mpub) -> set[str]:
+        """The nodes the other copies are on, or were acknowledged by."""
+        return {m.address for m in self.members if m is not member and m.address is not None}
+
+    def _answered(self, error: PublishError | None, data: bytes = b"") -> None:
+        self.left -= 1
+        if error is None:
+            self.placed += 1
+        else:
+            self.errors.append(error)
+        if self.left:
+            return
+        member = self.members[0]
+        if self.placed == 0:
+            self.answered(self.errors[-1])
+            return
+        if self.errors:
+            self.publisher.gave_up_copies(member.topic, self.count, len(self.members), self.placed,
+                                          "; ".join(map(str, self.errors)))
+        self.answered(None, data)

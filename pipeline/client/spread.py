@@ -11,6 +11,12 @@ the next node. So no record is lost or counted twice; a batch whose OK was
 lost with the connection may reach consumers twice, with the same ids,
 which is the pipeline's at-least-once contract.
 
+A replicated topic (``copies(topic)`` above 1) has each batch sent to that
+many distinct nodes: a batch counts as published once every copy was
+acknowledged. A copy no other node can take (fewer nodes up than copies)
+is given up, counted in :attr:`SpreadPublisher.under_replicated` and
+logged: publishing goes on, degraded, on the nodes that are up.
+
 Example::
 
     with SpreadPublisher(["127.0.0.1:4150", "127.0.0.1:4152"]) as pub:
@@ -19,14 +25,17 @@ Example::
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from pipeline.client.nodepool import NodeHealth, NodePool
 from pipeline.client.nsqclient import NsqPublisher
 from pipeline.errors import PublishError, PublishRefused
+
+log = logging.getLogger(__name__)
 
 FAILOVER_TIMEOUT = 5.0  # a batch no node takes within this long fails the publish
 
@@ -41,6 +50,21 @@ class _Batch:
     key: str | None
     since: float = 0.0  # monotonic time of its first failure: the failover deadline counts from there
     refused_by: dict[str, str] = field(default_factory=dict)  # node -> its refusal
+    copies: _Copies | None = None  # a replicated topic's batch: its copies, each on its own node
+    address: str | None = None  # the node it was sent to, while it waits for the answer
+
+
+@dataclass(eq=False)
+class _Copies:
+    """The copies of one replicated batch: how many are still unanswered."""
+
+    batches: list[_Batch] = field(default_factory=list)
+    left: int = 0
+    placed: int = 0  # copies acknowledged
+
+    def others(self, batch: _Batch) -> set[str]:
+        """The nodes the batch's other copies are on (a copy never joins a sibling on its node)."""
+        return {b.address for b in self.batches if b is not batch and b.address is not None}
 
 
 class SpreadPublisher:
@@ -52,10 +76,12 @@ class SpreadPublisher:
         window: MPUBs sent to one node before waiting for its oldest answer.
         failover_timeout: seconds a batch may spend looking for a node that
             takes it before :class:`PublishError` is raised.
+        copies: a topic's copies (``Topology.copies``); default one.
     """
 
     def __init__(self, addresses: Sequence[str], timeout: float = 10.0, window: int = 8,
-                 failover_timeout: float = FAILOVER_TIMEOUT, security=None):
+                 failover_timeout: float = FAILOVER_TIMEOUT, security=None,
+                 copies: Callable[[str], int] | None = None):
         self.pool = NodePool(list(addresses))
         self.security = security  # TLS and AUTH for every node, a pipeline.config.security.ClientSecurity
         self.timeout, self.window, self.failover_timeout = timeout, max(1, window), failover_timeout
@@ -66,6 +92,9 @@ class SpreadPublisher:
         self.acked_records = 0  # records they carry (more than messages with envelopes)
         self.by_node: Counter[str] = Counter()  # messages acknowledged per node
         self.failovers = 0  # batches sent again to another node
+        self.copies = copies or (lambda topic: 1)
+        self.under_replicated = 0  # messages published with fewer copies than their topic asks
+        self._warned = 0.0
 
     def __enter__(self) -> SpreadPublisher:
         return self
@@ -101,9 +130,17 @@ class SpreadPublisher:
             PublishError: no node took some batch within ``failover_timeout``, or
                 every node refused it.
         """
-        if bodies:
-            self._retry.append(_Batch(topic, bodies, len(bodies) if records is None else records, key))
-            self._place_all()
+        if not bodies:
+            return
+        records = len(bodies) if records is None else records
+        copies = min(self.copies(topic), len(self.pool.order))
+        if copies == 1:
+            self._retry.append(_Batch(topic, bodies, records, key))
+        else:
+            group = _Copies(left=copies)
+            group.batches = [_Batch(topic, bodies, records, key, copies=group) for _ in range(copies)]
+            self._retry.extend(group.batches)
+        self._place_all()
 
     def flush(self) -> int:
         """Wait until every batch sent is acknowledged by some node; return the messages acknowledged."""
@@ -127,7 +164,14 @@ class SpreadPublisher:
 
     def _place(self, batch: _Batch) -> bool:
         """Send ``batch`` to a node; False when that node failed (its batches are queued again)."""
-        address = self.pool.pick(exclude=batch.refused_by, key=batch.key)
+        exclude: Collection[str] = batch.refused_by
+        if batch.copies is not None and (others := batch.copies.others(batch)):
+            # a copy waits for no node: one that is down now is no place for it while another copy is placed
+            exclude = {*exclude, *others}
+            if self.pool.pick(exclude=exclude, usable=self.pool.is_up, key=batch.key) is None:
+                self._give_up_copy(batch)
+                return True
+        address = self.pool.pick(exclude=exclude, key=batch.key)
         if address is None:
             reasons = "; ".join(f"{a}: {r}" for a, r in batch.refused_by.items())
             raise PublishError(f"every nsqd refused MPUB {batch.topic} ({len(batch.bodies)} messages): {reasons}")
@@ -143,7 +187,31 @@ class SpreadPublisher:
             self._lost(address, self._salvage(address) or e)
             return False
         pending.append(batch)
+        batch.address = address
         return True
+
+    def _give_up_copy(self, batch: _Batch) -> None:
+        """No node but its siblings' can take this copy: publish on with fewer copies, counted and logged."""
+        self.under_replicated += len(batch.bodies)
+        now = time.monotonic()
+        if now - self._warned > 10.0:
+            self._warned = now
+            reasons = "; ".join(f"{a}: {r}" for a, r in batch.refused_by.items()) or "no other nsqd is up"
+            log.warning("MPUB %s: %d messages kept fewer copies than the topic's %d (%s); publishing goes on "
+                        "degraded (%d under-replicated so far)", batch.topic, len(batch.bodies),
+                        len(batch.copies.batches) if batch.copies else 1, reasons, self.under_replicated)
+        self._copy_done(batch, acknowledged=False)
+
+    def _copy_done(self, batch: _Batch, acknowledged: bool) -> None:
+        """One copy is answered (or given up); the batch counts as acknowledged once every copy is."""
+        group = batch.copies
+        if group is not None:
+            group.left -= 1
+            group.placed += acknowledged
+            if group.left or not group.placed:
+                return
+        self.acked += len(batch.bodies)
+        self.acked_records += batch.records
 
     def _salvage(self, address: str) -> PublishError | None:
         """After a failed send, take the answers the node sent before it closed; return its refusal, if any.
@@ -204,9 +272,8 @@ class SpreadPublisher:
     def _acknowledged(self, address: str) -> None:
         batch = self._pending[address].popleft()
         self.pool.succeeded(address)
-        self.acked += len(batch.bodies)
-        self.acked_records += batch.records
         self.by_node[address] += len(batch.bodies)
+        self._copy_done(batch, acknowledged=True)
 
     def _lost(self, address: str, error: Exception) -> None:
         """The node failed: mark it down and queue its unacknowledged batches, in order, first."""
@@ -216,6 +283,7 @@ class SpreadPublisher:
         now = time.monotonic()
         for batch in pending:
             batch.since = batch.since or now
+            batch.address = None
         self.failovers += len(pending)
         self._retry.extendleft(reversed(pending))
         pending.clear()

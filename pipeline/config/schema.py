@@ -147,6 +147,14 @@ class TopicSpec(Spec):
                     " this many records (throughput), and the envelope becomes the unit nsqd redelivers.",
     )
 
+    replication: int = Field(
+        1, ge=1, le=3,
+        description="Copies of every message, each on its own nsqd: 2 survives an nsqd SIGKILL. Producers and"
+                    " stages publish each message to that many nodes and count it published only when every"
+                    " copy was acknowledged; the stage reading the topic applies a record once (a keyed stage"
+                    " drops a repeated `seq`, a plain one a message it has seen in its `dedup_window`)."
+                    " Needs as many nsqd; see docs/ARCHITECTURE.md, \"Replicated topics\".",
+    )
     keep: int | None = Field(
         100_000, ge=1,
         description="A topic no stage reads: the most messages its durable channel `keep` holds, per nsqd and"
@@ -238,6 +246,13 @@ class StageSpec(Spec):
                     " messages are finished with it. A checkpoint is taken sooner once half of max_in_flight"
                     " waits for one. Outputs are published at once whatever the interval; 0 checkpoints as"
                     " soon as the previous one is written.",
+    )
+    dedup_window: int = Field(
+        200_000, ge=1000, le=10_000_000,
+        description="A plain stage reading a replicated topic: the messages each replica remembers (a 64-bit"
+                    " digest of the body, ~60 bytes each, checkpointed every second) so the second copy of one"
+                    " is finished without running the handler. A copy that comes later than this many messages"
+                    " after its twin is applied again (a duplicate downstream, never a loss).",
     )
     gap_max_count: int = Field(
         100000, ge=1, le=10000000,

@@ -92,6 +92,7 @@ class Topology(Spec):
         for name, producer in self.producers.items():
             problems += self._undeclared(("producers", name, "topic"), producer.topic)
         problems += self._metrics_port_rules()
+        problems += self._replication_rules()
         raise_problems("Topology", problems)
         return self
 
@@ -149,7 +150,13 @@ class Topology(Spec):
         if topic is None:
             return []
         if not stage.keyed:
-            if topic.partitions > 1:
+            if topic.replication > 1 and stage.replicas != topic.partitions:
+                reason = (f"topic {stage.input!r} is replicated, so the copies of a message must meet in one replica:"
+                          f" a plain stage reading it runs one replica per partition ({topic.partitions}); give the"
+                          f" topic `partitions: {stage.replicas}` and a `key`, or the stage {topic.partitions}"
+                          f" replica{'s' if topic.partitions > 1 else ''}")
+                return [(("stages", name, "replicas"), reason, stage.replicas)]
+            if topic.partitions > 1 and topic.replication == 1:
                 reason = (f"topic {stage.input!r} has {topic.partitions} partitions; a stage reading it must be "
                           "keyed (keyed: true), one replica per partition")
                 return [(("stages", name, "input"), reason, stage.input)]
@@ -163,6 +170,31 @@ class Topology(Spec):
             return [(("stages", name, "replicas"), reason, stage.replicas)]
         return []
 
+    def _replication_rules(self) -> Problems:
+        nodes = len(self.nsq.nsqd)
+        return [(("topics", name, "replication"), f"{spec.replication} copies need {spec.replication} nsqd, each "
+                 f"holding one; nsq.nsqd has {nodes}", spec.replication)
+                for name, spec in self.topics.items() if spec.replication > nodes]
+
+    def copies(self, topic: str) -> int:
+        """How many nsqd hold each message of NSQ topic ``topic`` (a declared topic, one of its partitions
+        ``<topic>.<k>``, or the dead-letter topic of a stage reading it, which inherits its copies); 1 otherwise."""
+        spec = self.topics.get(topic)
+        if spec is None:
+            base, _, suffix = topic.rpartition(".")
+            if base and (suffix.isdigit() or "." + suffix == DEAD_LETTER_SUFFIX):
+                return self.copies(base)
+            return 1
+        return spec.replication
+
+    def placement(self, topic: str, sticky: bool = False) -> tuple[int, str | None]:
+        """Where a publisher puts NSQ topic ``topic``'s messages: its :meth:`copies`, and the key that keeps
+        it on one nsqd while that node is up (a partition always; any topic with ``sticky``, a keyed
+        stage's outputs, so one key's records stay in order), or None: round-robin over the nodes."""
+        base, _, k = topic.rpartition(".")
+        partition = k.isdigit() and base in self.topics and self.topics[base].partitions > 1
+        return self.copies(topic), topic if sticky or partition else None
+
     def physical_topics(self, topic: str) -> list[str]:
         """The NSQ topics behind ``topic``: ``<topic>.<k>`` per partition, or the topic itself."""
         spec = self.topics.get(topic)
@@ -171,10 +203,11 @@ class Topology(Spec):
         return [f"{topic}.{k}" for k in range(spec.partitions)]
 
     def input_topic(self, stage_name: str, replica: int) -> str:
-        """The NSQ topic replica ``replica`` of a stage consumes (its partition, for a keyed stage)."""
+        """The NSQ topic replica ``replica`` of a stage consumes (its partition, for a keyed stage or a
+        partitioned replicated topic)."""
         stage = self.stage(stage_name)
         topics = self.physical_topics(stage.input)
-        return topics[replica] if stage.keyed and len(topics) > 1 else topics[0]
+        return topics[replica] if len(topics) > 1 else topics[0]  # keyed, or replicated: its partition
 
     def _undeclared(self, loc: tuple[Any, ...], topic: str) -> Problems:
         if topic in self.topics:

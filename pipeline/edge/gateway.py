@@ -141,7 +141,8 @@ class Gateway:
         self.spec = topology.gateway
         self.tokens = load_tokens(topology)
         self.schemas = {name: t.schema_ for name, t in topology.topics.items() if t.schema_}
-        self.publisher = Publisher(topology.nsqd_tcp_addresses(), **client_options(topology, "gateway"))
+        self.publisher = Publisher(topology.nsqd_tcp_addresses(), placement=topology.placement,
+                                   **client_options(topology, "gateway"))
 
     def authorize(self, header: bytes | None, topic: str) -> Token:
         """The token of an ``Authorization`` header, if it may publish to ``topic``.

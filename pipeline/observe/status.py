@@ -65,6 +65,31 @@ class LookupdRow:
 
 
 @dataclass
+class ReplicationRow:
+    """A replicated topic: the copies it asks for and how many new messages get with the nodes up now."""
+
+    topic: str
+    copies: int
+    nsqd_up: int
+    nsqd: int
+
+    @property
+    def getting(self) -> int:
+        """Copies a message published now gets: one per node up, at most ``copies``."""
+        return min(self.copies, self.nsqd_up)
+
+    @property
+    def state(self) -> str:
+        if self.getting == self.copies:
+            down = self.nsqd - self.nsqd_up
+            return "ok" if not down else f"ok: {down} nsqd down, the copies go to the others"
+        if self.getting == 0:
+            return "down: no nsqd answers"
+        return (f"degraded: {self.nsqd_up} of {self.nsqd} nsqd up, new messages get {self.getting} of {self.copies}"
+                " copies (counted as copies_missing by the workers, logged by every publisher)")
+
+
+@dataclass
 class Status:
     """Everything ``pipeline status`` reports, and whether the pipeline is healthy."""
 
@@ -73,6 +98,7 @@ class Status:
     nsqd: list[NsqdRow] = field(default_factory=list)
     channels: list[ChannelRow] = field(default_factory=list)
     lookupd: list[LookupdRow] = field(default_factory=list)
+    replication: list[ReplicationRow] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -82,7 +108,10 @@ class Status:
 
     def to_dict(self) -> dict:
         """The report as plain data, for ``--json``."""
-        return {"healthy": self.healthy, **asdict(self)}
+        data = {"healthy": self.healthy, **asdict(self)}
+        for row, plain in zip(self.replication, data["replication"], strict=True):
+            plain.update(getting=row.getting, state=row.state)
+        return data
 
 
 def collect(topology, interval: float = 1.0) -> Status:
@@ -111,6 +140,9 @@ def collect(topology, interval: float = 1.0) -> Status:
             lookupds=sum(split_address(n.tcp) in nodes for nodes in registered),
             depth=sum(r.depth for r in rows if r.channel), clients=sum(r.clients for r in rows)))
         status.channels += rows
+    up = sum(n.health == "OK" for n in status.nsqd)
+    status.replication = [ReplicationRow(name, spec.replication, up, len(status.nsqd))
+                          for name, spec in topology.topics.items() if spec.replication > 1]
     return status
 
 

@@ -63,6 +63,14 @@ def print_status(report, console: Console) -> None:
         for lk in report.lookupd:
             table.add_row(lk.http, lk.health, str(lk.nodes), style=None if lk.health == "OK" else "red")
         console.print(table)
+    if report.replication:
+        table = Table(title="replicated topics")
+        for column in ("topic", "copies", "nsqd up", "state"):
+            table.add_column(column)
+        for r in report.replication:
+            style = None if r.getting == r.copies else "red"
+            table.add_row(r.topic, str(r.copies), f"{r.nsqd_up}/{r.nsqd}", r.state, style=style)
+        console.print(table)
     console.print(_channels(report.channels))
 
 

@@ -335,7 +335,8 @@ def redrive(topology, stage: str, *, reason: str | None = None, limit: int | Non
         log(f"note: {', '.join(readers)} also read {spec.input}: they get the re-driven records too "
             "(duplicates, with the records' own ids)")
     _run_passes(plan, None if dry_run else SpreadPublisher(topology.nsqd_tcp_addresses(),
-                                                            security=client_security(topology, None)))
+                                                            security=client_security(topology, None),
+                                                            copies=topology.copies))
     return plan.counts
 
 

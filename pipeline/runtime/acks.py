@@ -77,6 +77,11 @@ class Acks:
         self.stats["finished"] += len(finished)
         self.middleware.emit_after("after_ack", self.worker, finished, requeued)
 
+    def finish_copies(self, messages: Sequence[Any]) -> None:
+        """FIN second copies of a replicated topic's messages, whose first copy was (or is being) applied."""
+        finish_all(messages)
+        self.stats["copies_finished"] += len(messages)
+
     def requeue_now(self, messages: Sequence[Any]) -> None:
         """Requeue without delay or backoff: the failure was not the message's fault."""
         for message in messages:

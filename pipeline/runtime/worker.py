@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -46,6 +47,7 @@ from pipeline.middleware import Middleware, MiddlewareStack
 from pipeline.records import jit
 from pipeline.runtime.acks import Acks
 from pipeline.runtime.batcher import Batcher
+from pipeline.runtime.dedup import Deduper
 from pipeline.runtime.keyed import Checkpoint
 from pipeline.runtime.keyed_path import KeyedPath, new_sequencer
 from pipeline.runtime.keyed_processing import KeyedProcessor
@@ -108,6 +110,10 @@ class Worker:
         if self.spec.keyed:
             checkpoint = Checkpoint(topology.var_dir / "state" / f"{stage_name}-{replica}.ckpt")
             self.keyed = KeyedPath(self, keyed, checkpoint, self.acks, self._spawn)
+        # A plain stage on a replicated topic gets both copies of each message: it applies one.
+        self.dedup: Deduper | None = None
+        if not self.spec.keyed and topology.copies(self.spec.input) > 1:
+            self.dedup = Deduper(self.spec.dedup_window, topology.var_dir / "state" / f"{stage_name}-{replica}.seen")
         dispatch = self.keyed.take if self.keyed is not None else self._start_batch
         self.batcher = Batcher(self.spec.batch.size, self.spec.batch.wait_ms, dispatch)
 
@@ -137,7 +143,10 @@ class Worker:
         await asyncio.to_thread(nsqd_http.create_channel_on_nodes, self.topology.nsqd_http_addresses(),
                                 self.input_topic, spec.channel)
         secure = client_options(self.topology, self.name)  # auth secret and TLS, when the topology has them
-        self.publisher = Publisher(self.topology.nsqd_tcp_addresses(), **secure)
+        # a keyed stage keeps each output topic on one nsqd while it is up: one key's records stay in order
+        placement = functools.partial(self.topology.placement, sticky=spec.keyed)
+        self.publisher = Publisher(self.topology.nsqd_tcp_addresses(), placement=placement, stats=self.stats,
+                                   **secure)
         await self.publisher.wait_connected(CONNECT_TIMEOUT)
         self.reader = FastReader(
             topic=self.input_topic, channel=spec.channel, batch_handler=self._on_messages,
@@ -192,6 +201,8 @@ class Worker:
         self.publisher.close()
         if self.keyed is not None:
             self.keyed.close()
+        if self.dedup is not None:
+            self.dedup.checkpoint(force=True)
         log.info("stage %s replica %d stopped: %s", self.name, self.replica, dict(self.stats))
         self._done.set()
 
@@ -277,6 +288,8 @@ class Worker:
         """Run one batch through handler, publish and acknowledgement (stages without keyed state)."""
         self.stats["batches"] += 1
         self.stats["received"] += len(messages)
+        if self.dedup is not None:
+            messages = self._take_copies(messages)
         try:
             await self._run_batch(messages)
         except Exception:
@@ -285,8 +298,29 @@ class Worker:
             log.critical("stage %s: batch of %d messages failed in the runtime; requeueing",
                          self.name, len(messages), exc_info=True)
             self.acks.requeue_now(messages)
+            if self.dedup is not None:
+                self._settle_copies(messages, ())
+
+    def _take_copies(self, messages: list) -> list:
+        """A replicated input: finish copies of bodies taken already; return the batch's first copies."""
+        leads, seen = self.dedup.admit(messages)  # type: ignore[union-attr]  # called with a deduper only
+        if seen:
+            self.acks.finish_copies(seen)
+        return leads
+
+    def _settle_copies(self, leads: list, finished) -> None:
+        """Answer the copies that waited for ``leads`` as their leads were answered."""
+        dedup = self.dedup
+        finish, requeue = dedup.settle(leads, finished)  # type: ignore[union-attr]  # called with a deduper only
+        if finish:
+            self.acks.finish_copies(finish)
+        if requeue:
+            self.acks.requeue_now(requeue)
+        dedup.checkpoint()  # type: ignore[union-attr]
 
     async def _run_batch(self, messages: list) -> None:
+        if not messages:
+            return
         acks = self.acks
         outcome = self.processor.process(messages)
         for message in outcome.retry:
@@ -298,6 +332,10 @@ class Worker:
         except PublishError as e:
             acks.publish_failed(outputs, len(outcome.finish), e)
             acks.requeue_now(outcome.finish)
+            if self.dedup is not None:
+                self._settle_copies(messages, ())
             return
         acks.published(outputs)
         acks.finish(outcome.finish, outcome.retry)
+        if self.dedup is not None:
+            self._settle_copies(messages, outcome.finish)

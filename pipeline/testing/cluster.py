@@ -267,7 +267,8 @@ class RunningTopology:
         bodies.setdefault(router.topics[0], []).extend(r for r in items if isinstance(r, bytes))
         producer = next((name for name, p in topology.producers.items() if p.topic == topic), None)
         published = 0
-        with SpreadPublisher(topology.nsqd_tcp_addresses(), security=client_security(topology, producer)) as pub:
+        with SpreadPublisher(topology.nsqd_tcp_addresses(), security=client_security(topology, producer),
+                             copies=topology.copies) as pub:
             for physical, messages in bodies.items():
                 for chunk in chunked(messages, 500):
                     pub.send_mpub(physical, chunk, key=physical)

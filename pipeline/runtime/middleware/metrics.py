@@ -59,6 +59,9 @@ RUNTIME_COUNTERS = {
     "batches": ("batches", "Batches of messages taken from nsqd by the runtime."),
     "handler_errors": ("handler_errors", "Handler calls that raised or returned a bad result."),
     "gaps": ("keyed_gaps", "Missing seqs a keyed stage gave up waiting for."),
+    "copies_finished": ("copies_finished", "Second copies of a replicated input's messages finished unprocessed."),
+    "under_replicated": ("copies_missing", "Copies of outputs to replicated topics no node could take (fewer nsqd"
+                                           " up than copies): published degraded."),
 }
 
 
