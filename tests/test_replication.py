@@ -263,3 +263,33 @@ def test_produce_from_a_file_puts_two_copies_and_says_when_a_node_could_not_take
     assert run.returncode == 0, run.stderr
     assert "warning: 300 copies of messages to the replicated topic orders went nowhere" in run.stderr
     assert _count(live[0].http, "orders") == 600
+
+
+def test_a_keyed_stages_output_stays_on_one_node_while_it_is_up_then_moves_to_one_other(nsq_factory, topic) -> None:
+    nodes = [nsq_factory.nsqd(f"n{i}") for i in range(3)]
+
+    async def run() -> list[list[int]]:
+        publisher = Publisher([n.tcp for n in nodes], placement=lambda t: (1, t))  # what a keyed worker is given
+        seen = []
+        try:
+            deadline = asyncio.get_running_loop().time() + 10.0
+            while len([c for c in publisher.writer.conns.values() if c.connected()]) < 3:
+                assert asyncio.get_running_loop().time() < deadline, "connections never ready"
+                await asyncio.sleep(0.02)
+            for i in range(10):
+                await publisher.publish({topic: _bodies(10, start=i * 10)}, timeout=10.0)
+            seen.append(_where(nodes, topic))
+            home = seen[0].index(100)
+            nodes[home].stop()
+            while publisher._connected(nodes[home].tcp):
+                await asyncio.sleep(0.02)
+            for i in range(10, 20):
+                await publisher.publish({topic: _bodies(10, start=i * 10)}, timeout=10.0)
+            seen.append([0 if k == home else _count(n.http, topic) for k, n in enumerate(nodes)])
+            return seen
+        finally:
+            publisher.close()
+
+    before, after = asyncio.run(run())
+    assert sorted(before) == [0, 0, 100]  # round-robin would have spread them over the three
+    assert sorted(after) == [0, 0, 100]  # the next node in the key's order took all of them
