@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.client import nsqd_http
+from pipeline.errors import PipelineError
 
 from .checker import Report, check
 from .environment import SINK_CHANNEL, ChaosEnvironment
@@ -85,7 +86,11 @@ def run_scenario(scenario: Scenario, *, seed: int = 0, records: int | None = Non
     stop = threading.Event()
     try:
         log(f"starting the pipeline in {folder}")
-        env.start()
+        try:
+            env.start()
+        except PipelineError as e:  # e.g. a topology field this checkout lacks: the suite goes on
+            result.failures.append(f"the pipeline did not start: {e}")
+            return _finish(scenario, result)
         result.config = _config(env, scenario, workload, method_s)
         sinks = Sinks(env.tcp_addresses, env.topics.sinks, SINK_CHANNEL, env.topics.dead_topics,
                       folder / "arrivals.jsonl", keep_records=env.kind == "ticks").start()
@@ -125,8 +130,13 @@ def run_scenario(scenario: Scenario, *, seed: int = 0, records: int | None = Non
         stop.set()
         log("stopping the pipeline")
         env.stop()
+    return _finish(scenario, result)
+
+
+def _finish(scenario: Scenario, result: RunResult) -> RunResult:
+    """Hold the result against the scenario's expectations and write ``report.json``."""
     _expect(scenario, result)
-    (folder / "report.json").write_text(json.dumps(result.to_dict(), indent=1))
+    (result.folder / "report.json").write_text(json.dumps(result.to_dict(), indent=1))
     return result
 
 
