@@ -6,7 +6,10 @@ recovery observations, so it can be run again on a finished run's folder.
 - ``acked``: ids whose publish nsqd acknowledged;
 - ``lost``: acked, but neither delivered (prime/non_prime) nor dead-lettered;
 - ``unexpected``: arrived but never sent;
-- ``duplicated``: ids delivered more than once (at-least-once allows it);
+- ``duplicated``: ids delivered more than once (at-least-once allows it); on replicated topics (``copies``
+  above 1: each message on that many nsqd nodes, and the sinks read every node), more times than the copies,
+  so a copy is not a duplicate; one the pipeline published again while a copy was lost with a killed nsqd
+  goes uncounted;
 - ``dead_lettered``: ids on the dead-letter topic; ``poison_not_dead_lettered``:
   poison records that came out anywhere else or nowhere;
 - ``misclassified``: a number on ``prime`` that is not prime, or the reverse;
@@ -83,14 +86,17 @@ class Report:
 def check(journal: Journal, arrivals: list[Arrival], dead_topic: str, *, kills: list[Kill] = (),
           first_running: dict[int, tuple[str, float]] | None = None,
           consuming: dict[int, float] | None = None, disturbances: list[list] = (),
-          started: dict[int, tuple[str, float]] | None = None) -> Report:
-    """Compare ``journal`` with ``arrivals``; measure recovery from ``kills`` (see :func:`add_recovery`)."""
+          started: dict[int, tuple[str, float]] | None = None, copies: int = 1) -> Report:
+    """Compare ``journal`` with ``arrivals``; measure recovery from ``kills`` (see :func:`add_recovery`).
+
+    ``copies``: the outputs' replication (an id may arrive that many times before it is a duplicate).
+    """
     report = Report(acked=len(journal.acked), sent=len(journal.sent), arrived=len(arrivals))
     delivered = Counter(a.id for a in arrivals if a.topic != dead_topic)
     dead = {a.id for a in arrivals if a.topic == dead_topic}
     report.delivered = len(delivered)
     report.dead_lettered = len(dead)
-    report.duplicated = sum(1 for count in delivered.values() if count > 1)
+    report.duplicated = sum(1 for count in delivered.values() if count > copies)
     lost = sorted(journal.acked - delivered.keys() - dead)
     report.lost, report.lost_ids = len(lost), lost
     report.unexpected = len((delivered.keys() | dead) - journal.sent.keys())

@@ -1,14 +1,17 @@
 """The private pipeline a chaos run works on: supervisord, nsqd behind Toxiproxy, the stages under test.
 
 :class:`ChaosEnvironment` writes a topology into the run's folder with free
-127.0.0.1 ports: one nsqlookupd, one nsqd whose clients (the workers) reach
-it through a Toxiproxy proxy (``proxy_tcp``: lookupd hands out the proxy's
-port), and the stages under test: the primes stage, or (workload ``kind:
+127.0.0.1 ports: one nsqlookupd, ``pipeline.nsqd`` nsqd nodes (``n0``,
+``n1``, ...; supervisord gives each its own ``--node-id``) whose clients (the
+workers) reach each through its own Toxiproxy proxy ``nsqd-<name>``
+(``proxy_tcp``: lookupd hands out the proxy's port), every topic with
+``replication`` copies when the scenario asks for more than one, and the
+stages under test: the primes stage, or (workload ``kind:
 ticks``) the features and signals stages of the repository's topology.yaml,
 with their handlers and params, one replica per partition. supervisord runs all of it with
 ``NSQ_PIPELINE_FAULTPOINTS`` in its environment, so the workers load the fault
 point middleware. The harness's own instruments (journaling producer, sinks,
-/stats) talk to nsqd directly. ``pids.json`` in the run folder lists every
+/stats) talk to every nsqd directly. ``pids.json`` in the run folder lists every
 process the environment started, for a test to check they are gone.
 """
 from __future__ import annotations
@@ -27,13 +30,12 @@ from pipeline.runtime.middleware import faultpoints
 from pipeline.client import nsqd_http
 from pipeline.ops.control import Supervisor
 from pipeline.ops.processes import free_port, pid_alive, stop_pid
-from pipeline.config import DEAD_LETTER_SUFFIX, Topology, load_topology
+from pipeline.config import DEAD_LETTER_SUFFIX, NsqdSpec, Topology, load_topology
 
 from .scenario import PipelineSpec
 from .toxiproxy import ToxiproxyServer
 
 STAGE = "primes"
-PROXY = "nsqd-n0"
 SINK_CHANNEL = "chaos_sink"
 MARKET_STAGES = ("features", "signals")
 #: The nsq-pipeline checkout this harness is part of.
@@ -109,17 +111,24 @@ class ChaosEnvironment:
     # -- addresses --------------------------------------------------------------------------
 
     @property
-    def nsqd(self):
-        return self.topology.nsq.nsqd[0]
+    def nodes(self) -> list[NsqdSpec]:
+        """The nsqd nodes, n0 first."""
+        return list(self.topology.nsq.nsqd)
 
     @property
-    def nsqd_tcp(self) -> str:
-        """nsqd's own TCP address (the harness's instruments bypass the proxy)."""
-        return self.nsqd.tcp
+    def tcp_addresses(self) -> list[str]:
+        """Every nsqd's own TCP address (the harness's instruments bypass the proxies)."""
+        return [node.tcp for node in self.nodes]
 
     @property
-    def nsqd_http(self) -> str:
-        return self.nsqd.http
+    def http_addresses(self) -> list[str]:
+        """Every nsqd's HTTP address."""
+        return [node.http for node in self.nodes]
+
+    @property
+    def proxies(self) -> list[str]:
+        """The Toxiproxy proxy of every nsqd, the workers' way to it."""
+        return [proxy_name(node.name) for node in self.nodes]
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -137,7 +146,8 @@ class ChaosEnvironment:
         self.toxiproxy = ToxiproxyServer.start(self.folder / "var" / "log" / "toxiproxy.log")
         self._record("toxiproxy", self.toxiproxy.pid)
         self.topology = load_topology(self._write_topology())
-        self.toxiproxy.create_proxy(PROXY, listen=self.nsqd.proxy_tcp, upstream=self.nsqd.tcp)
+        for node in self.nodes:
+            self.toxiproxy.create_proxy(proxy_name(node.name), listen=node.proxy_tcp, upstream=node.tcp)
         self.supervisor = Supervisor(self.topology)
         # the workers run in the run's folder and import the reference stages (consumers/) from this checkout
         checkout = os.pathsep.join(filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))
@@ -146,8 +156,9 @@ class ChaosEnvironment:
         self._record("supervisord", self.supervisor.rpc().supervisor.getPID())
         for process in self.supervisor.processes():
             self._record(process.full_name, process.pid)
-        for topic in self.topics.sinks:
-            nsqd_http.create_channel(self.nsqd_http, topic, SINK_CHANNEL)
+        for topic in self.topics.sinks:  # a topic's messages are spread over the nodes: a sink reads each
+            for http in self.http_addresses:
+                nsqd_http.create_channel(http, topic, SINK_CHANNEL)
 
     def stop(self) -> None:
         """Resume stopped processes, stop supervisord (and the pipeline with it) and Toxiproxy."""
@@ -178,10 +189,8 @@ class ChaosEnvironment:
                     os.kill(process.pid, signal.SIGCONT)
 
     def _record(self, name: str, pid: int) -> None:
-        if pid:
-            self._pids.setdefault(name, pid)
-            if self._pids[name] != pid:
-                self._pids[f"{name}@{pid}"] = pid
+        if pid and pid not in self._pids.values():
+            self._pids[name if name not in self._pids else f"{name}@{pid}"] = pid
             (self.folder / "pids.json").write_text(json.dumps(self._pids, indent=1))
 
     def note_pid(self, name: str, pid: int) -> None:
@@ -198,11 +207,14 @@ class ChaosEnvironment:
     def _write_topology(self) -> Path:
         spec = self.spec
         address = lambda: f"127.0.0.1:{free_port()}"  # noqa: E731
-        nsq = {"nsqd": [{"name": "n0", "tcp": address(), "http": address(), "proxy_tcp": address(),
-                         "args": list(spec.nsqd_args)}],
+        nsq = {"nsqd": [{"name": f"n{k}", "tcp": address(), "http": address(), "proxy_tcp": address(),
+                         "args": list(spec.nsqd_args)} for k in range(spec.nsqd)],
                "lookupd": [{"tcp": address(), "http": address()}],
                "var_dir": "var"}
         doc = self._ticks_pipeline() if self.kind == "ticks" else self._primes_pipeline()
+        if spec.replication > 1:
+            for topic in doc["topics"].values():
+                topic["replication"] = spec.replication
         path = self.folder / "topology.yaml"
         path.write_text(yaml.safe_dump({"nsq": nsq, **doc}, sort_keys=False))
         return path
@@ -240,6 +252,11 @@ class ChaosEnvironment:
                  "publish_timeout": spec.publish_timeout, "requeue_delay": 0.2, "max_backoff_duration": 1.0}
         return {"topics": {t: {"codec": "json"} for t in (topics.input, topics.prime, topics.non_prime)},
                 "stages": {STAGE: stage}, "producers": {"numbers": {"topic": topics.input}}}
+
+
+def proxy_name(node: str) -> str:
+    """The Toxiproxy proxy in front of nsqd ``node``."""
+    return f"nsqd-{node}"
 
 
 @contextlib.contextmanager

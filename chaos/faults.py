@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .environment import PROXY, ChaosEnvironment
-from .scenario import FaultPoint, KillWorker, Toxic
+from .environment import ChaosEnvironment
+from .scenario import FaultPoint, KillWorker, RestartNsqd, StopNsqd, Toxic
 
 PLUGINS: dict[str, type[Fault]] = {}
 
@@ -87,6 +87,8 @@ class _SignalFault(Fault):
     group = ""
     signame = "KILL"
     state = "RUNNING"
+    #: Signal every candidate rather than a random one.
+    every_one = False
 
     def _groups(self, ctx: FaultContext) -> str | tuple[str, ...]:
         return self.group
@@ -95,17 +97,18 @@ class _SignalFault(Fault):
         candidates = _running(ctx, self._groups(ctx), self.state)
         if not candidates:
             return None
-        self.victim = ctx.rng.choice(candidates)
-        return _signal(ctx, self.victim, signal.Signals[f"SIG{self.signame}"])
+        self.victims = candidates if self.every_one else [ctx.rng.choice(candidates)]
+        sig = signal.Signals[f"SIG{self.signame}"]
+        return "; ".join(_signal(ctx, victim, sig) for victim in self.victims)
 
     def heal(self, ctx: FaultContext) -> None:
-        victim = getattr(self, "victim", None)
-        if victim is not None and victim.pid in ctx.stopped:
-            ctx.stopped.discard(victim.pid)
-            try:
-                os.kill(victim.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        for victim in getattr(self, "victims", ()):
+            if victim.pid in ctx.stopped:
+                ctx.stopped.discard(victim.pid)
+                try:
+                    os.kill(victim.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
 
 
 @register("kill_worker")
@@ -120,18 +123,33 @@ class KillWorkerFault(_SignalFault):
         return ctx.env.stages
 
 
-@register("nsqd_restart")
-class RestartNsqdFault(_SignalFault):
-    group = "nsqd-n0"
+class _NsqdFault(_SignalFault):
+    """nsqd ``target``: one node by name, a random RUNNING one, or all of them.
 
-    def __init__(self, spec):
+    supervisord runs node ``nK`` as program ``nsqd-nK`` with ``autorestart``: a
+    killed nsqd is started again on the same data path (``var/nsqd/nK``).
+    """
+
+    def __init__(self, spec: RestartNsqd | StopNsqd):
+        super().__init__(spec)
+        self.every_one = spec.target == "all"
+
+    def _groups(self, ctx: FaultContext) -> tuple[str, ...]:
+        if self.spec.target in ("random", "all"):
+            return tuple(nsqd_group(node.name) for node in ctx.env.nodes)
+        return (nsqd_group(self.spec.target),)
+
+
+@register("nsqd_restart")
+class RestartNsqdFault(_NsqdFault):
+    def __init__(self, spec: RestartNsqd):
         super().__init__(spec)
         self.signame = spec.signal
 
 
 @register("nsqd_stop")
-class StopNsqdFault(_SignalFault):
-    group, signame = "nsqd-n0", "STOP"
+class StopNsqdFault(_NsqdFault):
+    signame = "STOP"
 
 
 @register("lookupd_kill")
@@ -141,28 +159,37 @@ class KillLookupdFault(_SignalFault):
 
 @register("toxic")
 class ToxicFault(Fault):
+    """The toxic on every nsqd's proxy: the workers' link to the broker as a whole degrades."""
+
     def __init__(self, spec: Toxic):
         super().__init__(spec)
         self.name = f"chaos_{spec.toxic}"
 
     def inject(self, ctx: FaultContext) -> str | None:
-        ctx.env.toxiproxy.add_toxic(PROXY, self.name, self.spec.toxic, dict(self.spec.attributes),
-                                    stream=self.spec.stream)
-        return f"toxic {self.spec.toxic} {dict(self.spec.attributes)} on {PROXY} {self.spec.stream}"
+        for proxy in ctx.env.proxies:
+            ctx.env.toxiproxy.add_toxic(proxy, self.name, self.spec.toxic, dict(self.spec.attributes),
+                                        stream=self.spec.stream)
+        proxies = ", ".join(ctx.env.proxies)
+        return f"toxic {self.spec.toxic} {dict(self.spec.attributes)} on {proxies} {self.spec.stream}"
 
     def heal(self, ctx: FaultContext) -> None:
-        if any(t["name"] == self.name for t in ctx.env.toxiproxy.toxics(PROXY)):
-            ctx.env.toxiproxy.remove_toxic(PROXY, self.name)
+        for proxy in ctx.env.proxies:
+            if any(t["name"] == self.name for t in ctx.env.toxiproxy.toxics(proxy)):
+                ctx.env.toxiproxy.remove_toxic(proxy, self.name)
 
 
 @register("proxy_down")
 class ProxyDownFault(Fault):
+    """Every nsqd's proxy down: the workers reach no broker."""
+
     def inject(self, ctx: FaultContext) -> str | None:
-        ctx.env.toxiproxy.set_enabled(PROXY, False)
-        return f"proxy {PROXY} down"
+        for proxy in ctx.env.proxies:
+            ctx.env.toxiproxy.set_enabled(proxy, False)
+        return f"proxy {', '.join(ctx.env.proxies)} down"
 
     def heal(self, ctx: FaultContext) -> None:
-        ctx.env.toxiproxy.set_enabled(PROXY, True)
+        for proxy in ctx.env.proxies:
+            ctx.env.toxiproxy.set_enabled(proxy, True)
 
 
 @register("fault_point")
@@ -179,6 +206,11 @@ class FaultPointFault(Fault):
 
     def heal(self, ctx: FaultContext) -> None:
         disarm_fault_points(ctx.env)
+
+
+def nsqd_group(node: str) -> str:
+    """supervisord's program (and group) of nsqd ``node`` (pipeline.ops.supervisor_conf names it so)."""
+    return f"nsqd-{node}"
 
 
 def disarm_fault_points(env: ChaosEnvironment) -> None:

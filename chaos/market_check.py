@@ -9,7 +9,8 @@ produces. Compared with what the sinks saw:
   that never arrived (and whose tick was not dead-lettered);
 - ``unexpected``: a feature of a tick never sent, or a signal the reference
   does not emit;
-- ``duplicated``: feature and signal ids that arrived more than once;
+- ``duplicated``: feature and signal ids that arrived more than once (more than ``copies`` times on
+  replicated topics, see :mod:`chaos.checker`);
 - ``mismatched``: ids whose record differs from the reference (any copy of it:
   a redelivery replayed from a checkpoint must reproduce the same values);
 - ``dead_lettered``: ticks or features on a dead-letter topic (none expected).
@@ -61,10 +62,11 @@ def expected_outputs(journal: Journal, features: Mapping[str, Any],
 
 def check_ticks(journal: Journal, arrivals: Iterable[Arrival], feature_topics: Iterable[str], signal_topic: str,
                 dead_topics: Iterable[str], *, features: Mapping[str, Any], signals: Mapping[str, Any],
-                **recovery) -> Report:
+                copies: int = 1, **recovery) -> Report:
     """Compare the features and signals that arrived with the reference of the journal's ticks.
 
-    ``recovery``: ``kills``, ``first_running`` and ``consuming``, as :func:`chaos.checker.check` takes them.
+    ``copies``: the outputs' replication; ``recovery``: ``kills``, ``first_running`` and ``consuming``, as
+    :func:`chaos.checker.check` takes them.
     """
     arrivals = list(arrivals)
     want_features, want_signals = expected_outputs(journal, features, signals)
@@ -85,7 +87,7 @@ def check_ticks(journal: Journal, arrivals: Iterable[Arrival], feature_topics: I
                                 ("signals", want_signals, signal_differs)):
         seen = got[kind]
         report.delivered += len(seen)
-        report.duplicated += sum(1 for copies in seen.values() if len(copies) > 1)
+        report.duplicated += sum(1 for arrived in seen.values() if len(arrived) > copies)
         report.unexpected += sum(1 for i in seen if i not in want)
         report.mismatched += sum(1 for i, copies in seen.items()
                                  if i in want and any(differs(c, want[i]) for c in copies))

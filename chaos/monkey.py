@@ -182,6 +182,8 @@ class RecoveryTracker:
     def _note_broker(self, p) -> None:
         if not p.group.startswith(("nsqd-", "nsqlookupd-")):
             return
+        if p.pid:
+            self.env.note_pid(p.full_name, p.pid)  # a restarted nsqd too, for the leftover check
         window = self._down_now.get(p.full_name)
         if p.state != "RUNNING" and window is None:
             self._down_now[p.full_name] = window = [time.time(), None]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import orjson
 
-from pipeline.client.nsqclient import NsqPublisher
+from pipeline.client.producer import Producer
+from pipeline.config import TopicSpec
 
 from .workload import Journal, make_record
 
@@ -36,10 +37,15 @@ def missing_records(folder: Path) -> list[tuple[str, object]]:
     return sorted(((i, journal.sent[i]) for i in journal.acked - seen if i in journal.sent), key=lambda r: r[0])
 
 
-def replay_missing(folder: Path, nsqd_tcp: str, topic: str, chunk: int = 500) -> int:
-    """Publish the missing records of the run in ``folder`` to ``topic``; return how many."""
+def replay_missing(folder: Path, nsqd_tcp: str | list[str], topic: str, chunk: int = 500,
+                   spec: TopicSpec | None = None) -> int:
+    """Publish the missing records of the run in ``folder`` to ``topic`` on the nsqd ``nsqd_tcp`` (one address or
+    several, spread over them); return how many.
+
+    ``spec``: the topic's declaration in the run's topology (its codec and replication); None: plain JSON.
+    """
     missing = missing_records(folder)
     if missing:
-        with NsqPublisher(nsqd_tcp) as pub:
-            pub.publish(topic, [make_record(i, n) for i, n in missing], chunk)
+        with Producer.to(nsqd_tcp, topic, spec, chunk=chunk) as producer:
+            producer.send(make_record(i, n) for i, n in missing)
     return len(missing)

@@ -30,6 +30,9 @@ def print_result(result: RunResult, console: Console) -> None:
     table.add_row("faults injected", str(result.injected))
     table.add_row("worker restarts", str(result.restarts))
     table.add_row("drained", "yes" if result.drained else "NO")
+    if result.config.get("nsqd_nodes"):
+        table.add_row("nsqd nodes", f"{len(result.config['nsqd_nodes'])} (replication "
+                                    f"{result.config.get('replication') or 1})")
     console.print(table)
     for t, text in result.faults[:30]:
         console.print(f"  {t:8.3f}s  {text}")
@@ -73,6 +76,7 @@ def reliability_markdown(results: list[RunResult]) -> str:
                   f"| workload | {c.get('workload', 'numbers')}: stages {', '.join(c.get('stages') or ['primes'])} |",
                   f"| nsqd | v{c.get('nsqd_version')}: `{' '.join(c.get('nsqd_flags') or [])}` (other flags at"
                   " their defaults, e.g. `--mem-queue-size=10000 --sync-every=2500 --sync-timeout=2s`) |",
+                  *_nodes_row(c),
                   *(f"| {k} | {c.get(k)} |" for k in ("replicas", "msg_timeout", "max_in_flight", "max_tries",
                                                        "publish_timeout", "records", "rate", "duration")),
                   f"| supervisord | {c.get('supervisord')} |",
@@ -93,6 +97,16 @@ def reliability_markdown(results: list[RunResult]) -> str:
             kinds[key] = kinds.get(key, 0) + 1
         lines += ["Faults by kind: " + (", ".join(f"{k} ×{n}" for k, n in sorted(kinds.items())) or "none"), ""]
     return "\n".join(lines)
+
+
+def _nodes_row(config: dict) -> list[str]:
+    """The configuration's row of nsqd nodes (none for a report written before runs listed them)."""
+    nodes = config.get("nsqd_nodes")
+    if not nodes:
+        return []
+    copies = config.get("replication") or 1
+    return [f"| nsqd nodes | {len(nodes)}, every topic with {copies} {'copy' if copies == 1 else 'copies'}:"
+            f" {'; '.join(nodes)} |"]
 
 
 def _summary(results: list[RunResult]) -> list[str]:

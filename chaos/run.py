@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.client import nsqd_http
+from pipeline.errors import PipelineError
 
 from .checker import Report, check
 from .environment import SINK_CHANNEL, ChaosEnvironment
@@ -36,6 +37,8 @@ from .tick_workload import TicksJournalingProducer
 from .workload import Journal, JournalingProducer
 
 DRAIN_TIMEOUT = 120.0
+# nsqd flags that differ from node to node: the configuration lists each node instead
+PER_NODE_FLAGS = ("--node-id", "--tcp-address", "--http-address", "--data-path", "--broadcast-tcp-port")
 Log = Callable[[str], None]
 
 
@@ -83,10 +86,14 @@ def run_scenario(scenario: Scenario, *, seed: int = 0, records: int | None = Non
     stop = threading.Event()
     try:
         log(f"starting the pipeline in {folder}")
-        env.start()
+        try:
+            env.start()
+        except PipelineError as e:  # e.g. a topology field this checkout lacks: the suite goes on
+            result.failures.append(f"the pipeline did not start: {e}")
+            return _finish(scenario, result)
         result.config = _config(env, scenario, workload, method_s)
-        sinks = Sinks(env.nsqd_tcp, env.topics.sinks, SINK_CHANNEL, env.topics.dead_topics, folder / "arrivals.jsonl",
-                      keep_records=env.kind == "ticks").start()
+        sinks = Sinks(env.tcp_addresses, env.topics.sinks, SINK_CHANNEL, env.topics.dead_topics,
+                      folder / "arrivals.jsonl", keep_records=env.kind == "ticks").start()
         tracker = RecoveryTracker(env, env.stages).start()
         try:
             _probes(env, scenario.steady_state, "before", result, sinks)
@@ -110,7 +117,8 @@ def run_scenario(scenario: Scenario, *, seed: int = 0, records: int | None = Non
                 _probes(env, scenario.steady_state, "after", result, sinks)
                 result.report = _check(env, folder, sinks, monkey, tracker)
                 if scenario.replay:
-                    result.replayed = replay_missing(folder, env.nsqd_tcp, env.topics.input)
+                    result.replayed = replay_missing(folder, env.tcp_addresses, env.topics.input,
+                                                     spec=env.topology.topics[env.topics.input])
                     log(f"replayed {result.replayed} missing records; draining")
                     _drain(env, sinks, scenario.pipeline.msg_timeout)
                     result.after_replay = _check(env, folder, sinks, monkey, tracker)
@@ -122,25 +130,45 @@ def run_scenario(scenario: Scenario, *, seed: int = 0, records: int | None = Non
         stop.set()
         log("stopping the pipeline")
         env.stop()
+    return _finish(scenario, result)
+
+
+def _finish(scenario: Scenario, result: RunResult) -> RunResult:
+    """Hold the result against the scenario's expectations and write ``report.json``."""
     _expect(scenario, result)
-    (folder / "report.json").write_text(json.dumps(result.to_dict(), indent=1))
+    (result.folder / "report.json").write_text(json.dumps(result.to_dict(), indent=1))
     return result
 
 
 def _config(env: ChaosEnvironment, scenario: Scenario, workload, method_s: float) -> dict:
     stage = env.topology.stage(env.stages[0])
-    rendered = env.supervisor.conf.read_text().splitlines()
-    nsqd_command = next((line.partition("=")[2] for line in rendered
-                         if line.startswith("command=") and "/nsqd\"" in line), "")
-    flags = [a.strip('"') for a in nsqd_command.split()]
-    return {"nsqd_version": "1.3.0", "nsqd_args": list(env.nsqd.args),
-            "nsqd_flags": [a for a in flags if a.startswith("--")], "replicas": stage.replicas,
+    commands = _nsqd_flags(env.supervisor.conf.read_text())
+    flags = commands.get(env.nodes[0].name, [])
+    return {"nsqd_version": "1.3.0", "nsqd_args": list(env.nodes[0].args),
+            "nsqd_flags": [a for a in flags if not a.startswith(PER_NODE_FLAGS)],
+            "nsqd_nodes": [f"{n.name} (node id {_flag(commands.get(n.name, []), '--node-id')}) {n.tcp},"
+                           f" proxy {n.proxy_tcp}" for n in env.nodes],
+            "replication": env.spec.replication, "replicas": stage.replicas,
             "msg_timeout": stage.msg_timeout, "max_in_flight": stage.max_in_flight, "max_tries": stage.max_tries,
             "publish_timeout": stage.publish_timeout, "records": workload.records, "rate": workload.rate,
             "poison": workload.poison, "duration": method_s, "supervisord": _supervisord_settings(env),
             "workload": workload.kind, "stages": list(env.stages),
             # recovery is mostly a worker's CPU-bound start (imports, numba): the host's load matters
             "host": f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} when the run started"}
+
+
+def _nsqd_flags(conf: str) -> dict[str, list[str]]:
+    """The flags of each nsqd program in a rendered supervisord.conf, by node name."""
+    found = {}
+    for section in conf.split("[program:nsqd-")[1:]:
+        name, _, body = section.partition("]")
+        command = next((line.partition("=")[2] for line in body.splitlines() if line.startswith("command=")), "")
+        found[name] = [a.strip('"') for a in command.split() if a.strip('"').startswith("--")]
+    return found
+
+
+def _flag(flags: list[str], name: str) -> str:
+    return next((a.partition("=")[2] for a in flags if a.startswith(name + "=")), "?")
 
 
 def _supervisord_settings(env: ChaosEnvironment) -> str:
@@ -154,13 +182,13 @@ def _supervisord_settings(env: ChaosEnvironment) -> str:
 def _method(env: ChaosEnvironment, monkey: Monkey, workload, seed: int, folder: Path, stop: threading.Event) -> None:
     journal, run_id = folder / "journal.jsonl", uuid.uuid4().hex[:8]
     if env.kind == "ticks":
-        producer = TicksJournalingProducer(env.nsqd_tcp, env.topics.input, env.topology.topics[env.topics.input],
+        producer = TicksJournalingProducer(env.tcp_addresses, env.topics.input, env.topology.topics[env.topics.input],
                                            journal, run_id=run_id, records=workload.records, rate=workload.rate,
                                            symbols=workload.symbols, chunk=workload.chunk, seed=seed)
     else:
-        producer = JournalingProducer(env.nsqd_tcp, env.topics.input, journal, run_id=run_id,
+        producer = JournalingProducer(env.tcp_addresses, env.topics.input, journal, run_id=run_id,
                                       records=workload.records, rate=workload.rate, chunk=workload.chunk,
-                                      poison=workload.poison, seed=seed)
+                                      poison=workload.poison, seed=seed, spec=env.topology.topics[env.topics.input])
     threads = [threading.Thread(target=producer.run, args=(stop,), name="producer", daemon=True),
                threading.Thread(target=monkey.run, args=(stop,), name="monkey", daemon=True)]
     for thread in threads:
@@ -195,18 +223,21 @@ def _start_workers(env: ChaosEnvironment) -> None:
 
 
 def backlog(env: ChaosEnvironment) -> int:
-    """Depth + in-flight + deferred of the stage's and the sinks' channels (and topics' own depth)."""
-    try:
-        stats = nsqd_http.stats(env.nsqd_http)
-    except nsqd_http.NsqdHTTPError:
-        return -1
+    """Depth + in-flight + deferred of the stage's and the sinks' channels (and topics' own depth), summed over
+    the nsqd nodes; -1 while a node does not answer."""
     total = 0
     channels = env.channels | {SINK_CHANNEL}
-    for topic in stats.get("topics") or []:
-        total += topic.get("depth", 0)
-        for channel in topic.get("channels") or []:
-            if channel["channel_name"] in channels:
-                total += channel.get("depth", 0) + channel.get("in_flight_count", 0) + channel.get("deferred_count", 0)
+    for http in env.http_addresses:
+        try:
+            stats = nsqd_http.stats(http)
+        except nsqd_http.NsqdHTTPError:
+            return -1
+        for topic in stats.get("topics") or []:
+            total += topic.get("depth", 0)
+            for channel in topic.get("channels") or []:
+                if channel["channel_name"] in channels:
+                    total += (channel.get("depth", 0) + channel.get("in_flight_count", 0)
+                              + channel.get("deferred_count", 0))
     return total
 
 
@@ -224,15 +255,19 @@ def _probe_value(env: ChaosEnvironment, probe: Probe) -> float:
     if probe.probe == "workers_running":
         return sum(1 for p in env.supervisor.processes() if p.group in env.stages and p.state == "RUNNING")
     if probe.probe == "nsqd_up":
-        try:
-            nsqd_http.request(env.nsqd_http, "/ping", method="GET", timeout=1.0)
-            return 1
-        except nsqd_http.NsqdHTTPError:
-            return 0
+        return sum(1 for http in env.http_addresses if _pings(http))
     if probe.probe == "worker_rss_mb":
         return max((_rss_mb(p.pid) for p in env.supervisor.processes() if p.group in env.stages and p.pid),
                    default=0)
     return backlog(env)
+
+
+def _pings(http: str) -> bool:
+    try:
+        nsqd_http.request(http, "/ping", method="GET", timeout=1.0)
+        return True
+    except nsqd_http.NsqdHTTPError:
+        return False
 
 
 def _rss_mb(pid: int) -> float:
@@ -300,9 +335,10 @@ def _check(env: ChaosEnvironment, folder: Path, sinks: Sinks, monkey: Monkey, tr
         topics = env.topics
         report = check_ticks(journal, list(sinks.arrivals), topics.feature_topics, topics.signals, topics.dead_topics,
                              features=dict(env.topology.stage("features").params),
-                             signals=dict(env.topology.stage("signals").params), **recovery)
+                             signals=dict(env.topology.stage("signals").params), copies=env.spec.replication,
+                             **recovery)
     else:
-        report = check(journal, list(sinks.arrivals), env.topics.dead, **recovery)
+        report = check(journal, list(sinks.arrivals), env.topics.dead, copies=env.spec.replication, **recovery)
     report.point_kills, report.fatal = point_kills, tracker.fatal
     return report
 

@@ -69,9 +69,9 @@ class Probe(_Spec):
     """One steady-state probe: a measurement and the tolerance it must meet before and after the method."""
 
     probe: Literal["workers_running", "nsqd_up", "backlog", "worker_rss_mb"] = Field(
-        description="workers_running: RUNNING replicas of the target stage; nsqd_up: nsqd answering /ping (0/1);"
-                    " backlog: depth + in-flight + deferred on the pipeline's channels; worker_rss_mb: the largest"
-                    " resident memory of a worker.")
+        description="workers_running: RUNNING replicas of the target stage; nsqd_up: the nsqd nodes answering"
+                    " /ping (0 to pipeline.nsqd); backlog: depth + in-flight + deferred on the pipeline's channels,"
+                    " summed over the nodes; worker_rss_mb: the largest resident memory of a worker.")
     tolerance: Tolerance = Field(description="The range the probe's value must fall in.")
     when: Literal["before", "after", "both", "during"] = Field(
         "both", description="When the probe is checked: before and/or after the method, or sampled every"
@@ -108,17 +108,25 @@ class KillWorker(_Fault):
                                " before startsecs is a failed start: repeated, supervisord's FATAL path).")
 
 
+NsqdTarget = Literal["random", "all", "n0", "n1", "n2", "n3", "n4"]
+_TARGET = Field("n0", description="Which nsqd: a random RUNNING node, all of them, or one by name (n0 is the first;"
+                                  " a name must be below pipeline.nsqd).")
+
+
 class RestartNsqd(_Fault):
-    """Signal nsqd (TERM: a clean restart that persists its queues; KILL: outside NSQ's guarantee)."""
+    """Signal nsqd (TERM: a clean restart that persists its queues; KILL: outside NSQ's guarantee, unless the
+    topics are replicated); supervisord starts it again on the same data path."""
 
     fault: Literal["nsqd_restart"]
     signal: Literal["TERM", "KILL"] = "TERM"
+    target: NsqdTarget = _TARGET
 
 
 class StopNsqd(_Fault):
-    """SIGSTOP nsqd, SIGCONT it after duration."""
+    """SIGSTOP nsqd (the target nodes), SIGCONT it after duration."""
 
     fault: Literal["nsqd_stop"]
+    target: NsqdTarget = _TARGET
 
 
 class KillLookupd(_Fault):
@@ -128,7 +136,7 @@ class KillLookupd(_Fault):
 
 
 class Toxic(_Fault):
-    """A Toxiproxy toxic on the worker<->nsqd link for duration seconds."""
+    """A Toxiproxy toxic on the worker<->nsqd links for duration seconds: on every node's proxy at once."""
 
     fault: Literal["toxic"]
     toxic: Literal["latency", "bandwidth", "timeout", "reset_peer", "limit_data", "slow_close", "slicer"]
@@ -137,7 +145,8 @@ class Toxic(_Fault):
 
 
 class ProxyDown(_Fault):
-    """Disable the worker<->nsqd proxy for duration seconds: connections drop, new ones are refused."""
+    """Disable the worker<->nsqd proxies (every node's) for duration seconds: connections drop, new ones are
+    refused."""
 
     fault: Literal["proxy_down"]
 
@@ -177,6 +186,16 @@ class PipelineSpec(_Spec):
     max_in_flight: int = Field(200, ge=1, le=2500)
     batch_size: int = Field(64, ge=1, le=10000)
     nsqd_args: list[str] = Field(default_factory=list, description="Extra nsqd flags, e.g. --mem-queue-size=0.")
+    nsqd: int = Field(1, ge=1, le=5, description="nsqd nodes (n0, n1, ...), each behind its own Toxiproxy proxy;"
+                                                 " producers spread over them, sinks read every one.")
+    replication: int = Field(1, ge=1, le=5, description="Copies of every message (each topic's `replication`);"
+                                                        " at most nsqd.")
+
+    @model_validator(mode="after")
+    def _copies_fit(self) -> PipelineSpec:
+        if self.replication > self.nsqd:
+            raise ValueError(f"replication: {self.replication} copies need as many nsqd, not {self.nsqd}")
+        return self
 
 
 class Workload(_Spec):
@@ -232,6 +251,16 @@ class Scenario(_Spec):
     _name: str = ""
 
 
+def _missing_targets(scenario: Scenario) -> list[tuple[tuple[str, ...], str]]:
+    """(location, reason) of every nsqd fault aimed at a node the pipeline does not have."""
+    nodes = scenario.pipeline.nsqd
+    return [(("method", "faults", str(i), "target"), f"no nsqd {fault.target}: pipeline.nsqd is {nodes}"
+             f" (n0..n{nodes - 1})")
+            for i, fault in enumerate(scenario.method.faults)
+            if isinstance(fault, (RestartNsqd, StopNsqd)) and fault.target[1:].isdigit()
+            and int(fault.target[1:]) >= nodes]
+
+
 # --- loading -------------------------------------------------------------------------------------
 
 def _reason(error: dict[str, Any]) -> str:
@@ -283,6 +312,9 @@ def validate_scenario(path: str | os.PathLike[str]) -> tuple[Scenario | None, li
     except ValidationError as e:
         problems += [_to_error(shown, positions, err) for err in e.errors(include_url=False)]
         scenario = None
+    if scenario is not None:
+        problems += [ScenarioError(shown, *positions.locate(loc), ".".join(loc), reason)
+                     for loc, reason in _missing_targets(scenario)]
     if problems:
         return None, sorted(problems, key=lambda p: (p.line, p.col))
     scenario._name = Path(shown).stem

@@ -1,9 +1,10 @@
 """The checker's sinks: record every record that arrives on the pipeline's outputs and dead-letter topic.
 
-One thread per topic reads it through its own channel straight from nsqd
-(not through the proxy: the sinks are instruments, not the system under
-test), reconnecting when nsqd restarts. Each arrival is appended to
-``arrivals.jsonl`` as ``{"topic", "id", "number", "attempts", "t"}`` before
+One thread per topic and nsqd node reads it through its own channel straight
+from that nsqd (not through the proxy: the sinks are instruments, not the
+system under test; a topic's messages are spread over the nodes), reconnecting
+when nsqd restarts. Each arrival is appended to ``arrivals.jsonl`` as
+``{"topic", "id", "number", "attempts", "t", "node"}`` before
 the message is finished, and kept in memory for the checker. With
 ``keep_records`` (the ticks pipeline, whose checker compares values) the
 whole record is kept and journaled too, under ``"record"``.
@@ -15,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection
+from typing import Collection, Sequence
 
 from pipeline.records.codecs import decode
 from pipeline.errors import PipelineError
@@ -35,13 +36,15 @@ class Arrival:
     t: float
     prime: bool | None = None
     record: dict | None = None
+    node: str = ""  # the nsqd (TCP address) it came from
 
 
 def parse_arrival(topic: str, dead_topic: str | Collection[str], body: bytes, attempts: int, *,
-                  keep: bool = False) -> Arrival:
+                  keep: bool = False, node: str = "") -> Arrival:
     """Turn a message body into an :class:`Arrival` (a dead letter's id comes from its raw body).
 
-    ``dead_topic``: the dead-letter topic, or several; ``keep``: keep the decoded record in the arrival.
+    ``dead_topic``: the dead-letter topic, or several; ``keep``: keep the decoded record in the arrival;
+    ``node``: the nsqd it came from.
     """
     record = decode(body)
     if topic == dead_topic or (not isinstance(dead_topic, str) and topic in dead_topic):
@@ -50,23 +53,25 @@ def parse_arrival(topic: str, dead_topic: str | Collection[str], body: bytes, at
         except (PipelineError, KeyError, AttributeError):
             record = {}
     return Arrival(topic, str(record.get("id")), record.get("number"), attempts, time.time(), record.get("prime"),
-                   record if keep else None)
+                   record if keep else None, node)
 
 
 class Sinks:
-    """Reader threads over ``topics``; :meth:`stop` ends them, :attr:`arrivals` holds what came."""
+    """Reader threads over ``topics`` on every nsqd of ``nsqd_tcp``; :meth:`stop` ends them, :attr:`arrivals`
+    holds what came."""
 
-    def __init__(self, nsqd_tcp: str, topics: list[str], channel: str, dead_topic: str | Collection[str],
-                 journal: Path, *, keep_records: bool = False):
-        self.nsqd_tcp, self.topics, self.channel, self.dead_topic = nsqd_tcp, topics, channel, dead_topic
+    def __init__(self, nsqd_tcp: str | Sequence[str], topics: list[str], channel: str,
+                 dead_topic: str | Collection[str], journal: Path, *, keep_records: bool = False):
+        self.nodes = [nsqd_tcp] if isinstance(nsqd_tcp, str) else list(nsqd_tcp)
+        self.topics, self.channel, self.dead_topic = topics, channel, dead_topic
         self.keep_records = keep_records
         self.arrivals: list[Arrival] = []
         self.last_arrival = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._file = open(journal, "a", buffering=1)
-        self._threads = [threading.Thread(target=self._read, args=(t,), name=f"sink-{t}", daemon=True)
-                         for t in topics]
+        self._threads = [threading.Thread(target=self._read, args=(t, node), name=f"sink-{t}@{node}", daemon=True)
+                         for t in topics for node in self.nodes]
 
     def start(self) -> Sinks:
         for thread in self._threads:
@@ -79,14 +84,14 @@ class Sinks:
             thread.join(timeout=5)
         self._file.close()
 
-    def _read(self, topic: str) -> None:
+    def _read(self, topic: str, node: str) -> None:
         while not self._stop.is_set():
             try:
-                with NsqSubscriber(self.nsqd_tcp, topic, self.channel, rdy=500, timeout=2.0) as sub:
+                with NsqSubscriber(node, topic, self.channel, rdy=500, timeout=2.0) as sub:
                     while not self._stop.is_set():
                         for message in sub.messages(timeout=0.2):
                             self._record(parse_arrival(topic, self.dead_topic, message.body, message.attempts,
-                                                                  keep=self.keep_records))
+                                                       keep=self.keep_records, node=node))
             except (PipelineError, OSError):
                 self._stop.wait(RECONNECT_S)  # nsqd restarting or stopped: try again
 
@@ -95,7 +100,7 @@ class Sinks:
             self.arrivals.append(arrival)
             self.last_arrival = time.monotonic()
             line = {"topic": arrival.topic, "id": arrival.id, "number": arrival.number,
-                    "attempts": arrival.attempts, "t": arrival.t, "prime": arrival.prime}
+                    "attempts": arrival.attempts, "t": arrival.t, "prime": arrival.prime, "node": arrival.node}
             if arrival.record is not None:
                 line["record"] = arrival.record
             self._file.write(json.dumps(line) + "\n")

@@ -4,7 +4,8 @@ The ticks come from :func:`producers.ticks.synthetic_ticks` (a seeded geometric
 Brownian motion per symbol) and are published with
 :func:`producers.ticks.produce_ticks`, each to the partition of its symbol, in
 chunks. Like :class:`chaos.workload.JournalingProducer`, each chunk is
-journaled as ``{"sent": [[id, tick], ...]}`` before it is published and
+journaled as ``{"sent": [[id, tick], ...]}`` before it is published (over
+every nsqd in ``nsqd_tcp``, each partition on one node while it is up) and
 ``{"acked": [ids]}`` once nsqd acknowledged all of it, so the checker can
 rebuild the offline reference from the journal alone. A chunk that fails is
 published again whole on a new connection: the keyed stages drop what they
@@ -26,8 +27,8 @@ from .workload import RETRY_S, Journaled
 class TicksJournalingProducer(Journaled):
     """Publishes ``records`` ticks over ``symbols`` symbols at ``rate``; run it in a thread with :meth:`run`."""
 
-    def __init__(self, nsqd_tcp: str, topic: str, spec: TopicSpec, journal: Path, *, run_id: str, records: int,
-                 rate: float, symbols: int, chunk: int = 50, seed: int = 0):
+    def __init__(self, nsqd_tcp: str | list[str], topic: str, spec: TopicSpec, journal: Path, *, run_id: str,
+                 records: int, rate: float, symbols: int, chunk: int = 50, seed: int = 0):
         self.nsqd_tcp, self.topic, self.spec, self.journal = nsqd_tcp, topic, spec, journal
         self.run_id, self.records, self.rate, self.symbols = run_id, records, rate, symbols
         # One produce_ticks call (one connection) per chunk: at least 100 ticks, so that a chunk

@@ -1,9 +1,12 @@
 """The journaling producer: publishes numbers and journals every id nsqd acknowledged.
 
 Each chunk is journaled as ``{"sent": [[id, number], ...]}`` before its MPUB
-and ``{"acked": [ids]}`` after nsqd's OK, one JSON line each, flushed. A
-publish that fails (nsqd restarting, stopped, killed) is retried on a new
-connection until it is acknowledged or the producer is stopped; a chunk that
+and ``{"acked": [ids]}`` after nsqd's OK, one JSON line each, flushed. It
+publishes through the framework's own :class:`pipeline.Producer` (the topic's
+codec and replication, spread over every nsqd with failover: a chunk a node
+that went down did not acknowledge goes to the next node). A publish that
+fails anyway (every nsqd restarting, stopped, killed) is retried on a new
+producer until it is acknowledged or the producer is stopped; a chunk that
 was sent but never acknowledged stays in ``sent`` only, so its records may
 arrive (not ``unexpected``) but need not (not ``lost``). A share ``poison`` of
 the records carries no valid number and must end on the dead-letter topic.
@@ -19,7 +22,8 @@ from pathlib import Path
 import orjson
 
 from pipeline.errors import PipelineError
-from pipeline.client.nsqclient import NsqPublisher
+from pipeline.client.producer import Producer
+from pipeline.config import TopicSpec
 
 RETRY_S = 0.2
 
@@ -48,9 +52,9 @@ class Journal:
         return journal
 
 
-def make_record(record_id: str, number: object) -> bytes:
-    """The message body for one journaled record."""
-    return orjson.dumps({"id": record_id, "ts": time.time_ns(), "number": number})
+def make_record(record_id: str, number: object) -> dict:
+    """The record published for one journaled (id, number)."""
+    return {"id": record_id, "ts": time.time_ns(), "number": number}
 
 
 class Journaled:
@@ -98,11 +102,13 @@ class Journaled:
 
 
 class JournalingProducer(Journaled):
-    """Publishes ``records`` numbers to ``topic`` at ``rate``; run it in a thread with :meth:`run`."""
+    """Publishes ``records`` numbers to ``topic`` (declared by ``spec``; None: plain JSON) on the nsqd nodes
+    ``nsqd_tcp`` at ``rate``; run it in a thread with :meth:`run`."""
 
-    def __init__(self, nsqd_tcp: str, topic: str, journal: Path, *, run_id: str, records: int, rate: float,
-                 chunk: int = 50, poison: float = 0.0, seed: int = 0, start: int = 1):
-        self.nsqd_tcp, self.topic, self.journal = nsqd_tcp, topic, journal
+    def __init__(self, nsqd_tcp: str | list[str], topic: str, journal: Path, *, run_id: str, records: int,
+                 rate: float, chunk: int = 50, poison: float = 0.0, seed: int = 0, start: int = 1,
+                 spec: TopicSpec | None = None):
+        self.nsqd_tcp, self.topic, self.spec, self.journal = nsqd_tcp, topic, spec, journal
         self.run_id, self.records, self.rate, self.chunk = run_id, records, rate, chunk
         self.poison, self.start = poison, start
         self.rng = random.Random(seed)
@@ -110,7 +116,7 @@ class JournalingProducer(Journaled):
         self.errors = 0
         self.poisoned = 0
         self.done = threading.Event()
-        self._pub: NsqPublisher | None = None
+        self._pub: Producer | None = None
 
     def _chunks(self):
         for first in range(self.start, self.start + self.records, self.chunk):
@@ -124,11 +130,12 @@ class JournalingProducer(Journaled):
             yield batch
 
     def _publish(self, batch: list, stop: threading.Event) -> bool:
-        bodies = [make_record(i, n) for i, n in batch]
+        records = [make_record(i, n) for i, n in batch]
         while not stop.is_set():
             try:
-                self._pub = self._pub or NsqPublisher(self.nsqd_tcp, timeout=3.0, window=1)
-                self._pub.mpub(self.topic, bodies)
+                self._pub = self._pub or Producer.to(self.nsqd_tcp, self.topic, self.spec, chunk=self.chunk)
+                self._pub.send(records)
+                self._pub.flush()
                 return True
             except (PipelineError, OSError):
                 self.errors += 1

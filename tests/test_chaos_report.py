@@ -60,3 +60,15 @@ def test_reliability_markdown_shows_the_loss_left_after_a_replay() -> None:
     assert "| scenario | verdict | lost after replay | lost |" in text
     assert "| 10_nsqd_kill | PASS | 0 | 50 | 0 |" in text
     assert "| replayed | 50 |\n| lost after replay | 0 |" in text
+
+
+def test_the_configuration_lists_every_nsqd_node() -> None:
+    nodes = [f"n{k} (node id {k}) 127.0.0.1:{4150 + k}, proxy 127.0.0.1:{5150 + k}" for k in range(3)]
+    result = RunResult("14_nsqd_sigkill_replicated", 1, Path("/tmp/r"), report=Report(acked=3000), injected=2,
+                       drained=True, config={"records": 3000, "nsqd_nodes": nodes, "replication": 2})
+    text = reliability_markdown([result])
+    assert f"| nsqd nodes | 3, every topic with 2 copies: {'; '.join(nodes)} |" in text
+    console = Console(record=True, width=200)
+    print_result(result, console)
+    shown = console.export_text()
+    assert "nsqd nodes" in shown and "3 (replication 2)" in shown

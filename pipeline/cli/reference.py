@@ -37,9 +37,11 @@ def chaos() -> None:
 def chaos_list() -> None:
     """List the scenarios in chaos/scenarios with their titles (and any validation errors)."""
     scenarios = load_plugin("chaos.scenario")
-    for path in scenarios.list_scenarios():
+    paths = scenarios.list_scenarios()
+    width = max((len(p.stem) for p in paths), default=0)
+    for path in paths:
         scenario, problems = scenarios.validate_scenario(path)
-        click.echo(f"{path.stem:28} {scenario.title if scenario else problems[0]}")
+        click.echo(f"{path.stem:{width}} {scenario.title if scenario else problems[0]}")
 
 
 @chaos.command("run")
@@ -118,14 +120,18 @@ def chaos_check(paths: tuple[str, ...]) -> None:
 @click.option("--run", "run_folder", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
               help="The chaos run's folder (journal.jsonl, arrivals.jsonl).")
 @click.option("--topic", default="numbers", show_default=True, help="The input topic to republish to.")
-@click.option("--nsqd", "nsqd_tcp", default=None, help="nsqd TCP address (default: the run's topology's nsqd).")
+@click.option("--nsqd", "nsqd_tcp", default=None,
+              help="nsqd TCP address (default: every nsqd of the run's topology, spread over them).")
 def replay(missing: bool, run_folder: Path, topic: str, nsqd_tcp: str | None) -> None:
     """Republish the records a chaos run's journal says nsqd acknowledged but no sink saw."""
     replay_missing = load_plugin("chaos.replay").replay_missing
-    if nsqd_tcp is None:
-        nsqd_tcp = load(str(run_folder / "topology.yaml")).nsq.nsqd[0].tcp
-    count = replay_missing(run_folder, nsqd_tcp, topic)
-    click.echo(f"replayed {count} missing records to {topic} on {nsqd_tcp}")
+    path = run_folder / "topology.yaml"
+    addresses, spec = [nsqd_tcp] if nsqd_tcp else [], None
+    if not addresses or path.exists():  # the topic's declaration (codec, replication) where the run has it
+        topology = load(str(path))
+        addresses, spec = addresses or [node.tcp for node in topology.nsq.nsqd], topology.topics.get(topic)
+    count = replay_missing(run_folder, addresses, topic, spec=spec)
+    click.echo(f"replayed {count} missing records to {topic} on {', '.join(addresses)}")
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
