@@ -250,8 +250,11 @@ class ChaosEnvironment:
                                                                 "wait_ms": 5},
                  "max_tries": spec.max_tries, "msg_timeout": spec.msg_timeout,
                  "publish_timeout": spec.publish_timeout, "requeue_delay": 0.2, "max_backoff_duration": 1.0}
-        return {"topics": {t: {"codec": "json"} for t in (topics.input, topics.prime, topics.non_prime)},
-                "stages": {STAGE: stage}, "producers": {"numbers": {"topic": topics.input}}}
+        declared = {t: {"codec": "json"} for t in (topics.input, topics.prime, topics.non_prime)}
+        if spec.replication > 1 and spec.replicas > 1:
+            # the copies of a message must meet in one replica: replica k reads partition k on every node
+            declared[topics.input].update(partitions=spec.replicas, key="id")
+        return {"topics": declared, "stages": {STAGE: stage}, "producers": {"numbers": {"topic": topics.input}}}
 
 
 def proxy_name(node: str) -> str:

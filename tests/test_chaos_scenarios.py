@@ -54,12 +54,7 @@ SHORT = {
 }
 
 # Scenarios that cannot pass on this checkout yet, and why; they run in `make chaos` regardless.
-SKIP = {
-    # until replication lands: their topics have `replication: 2` (pipeline.replication), which the
-    # topology does not know yet; the harness's side of them runs in test_chaos_nodes.py.
-    "14_nsqd_sigkill_replicated": "until replication lands",
-    "16_ticks_nsqd_sigkill_replicated": "until replication lands",
-}
+SKIP: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
