@@ -3,7 +3,8 @@
 Every measurement gets its own nsqd on free 127.0.0.1 ports with a temporary
 data directory, so topics start empty and nothing leaks from one run into the
 next. The memory queues are made large enough to hold every preloaded
-message, so no run is slowed by nsqd spilling to disk.
+message, so no run is slowed by nsqd spilling to disk, unless the run is of
+an ``nsq.durability`` profile, which keeps every message on disk.
 
 Example::
 
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.config.schema import DURABILITY_FLAGS
 from pipeline.errors import PipelineError
 from pipeline.client.nsqclient import NsqPublisher, NsqSubscriber
 from pipeline.ops.processes import NsqProcess, start_nsqd
@@ -40,6 +42,13 @@ PRELOAD_CHUNK = 2000
 #: Ignore *_proxy variables: every address here is local.
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _HTTP_TIMEOUT = 5.0
+
+
+def nsqd_flags(mem_queue_size: int, durability: str = "default") -> list[str]:
+    """The flags :meth:`Broker.start` gives nsqd: a memory queue of ``mem_queue_size``, or the profile's."""
+    if durability == "default":
+        return [f"--mem-queue-size={mem_queue_size}"]
+    return list(DURABILITY_FLAGS[durability])
 
 
 class BenchError(PipelineError):
@@ -78,9 +87,14 @@ class Broker:
     process: NsqProcess
 
     @classmethod
-    def start(cls, data_dir: Path, mem_queue_size: int) -> Broker:
-        """Start an nsqd on free 127.0.0.1 ports keeping up to ``mem_queue_size`` messages per queue in memory."""
-        return cls(start_nsqd(data_dir, extra=[f"--mem-queue-size={mem_queue_size}"]))
+    def start(cls, data_dir: Path, mem_queue_size: int, durability: str = "default") -> Broker:
+        """Start an nsqd on free 127.0.0.1 ports keeping up to ``mem_queue_size`` messages per queue in memory.
+
+        With ``durability`` other than ``default``, nsqd gets that ``nsq.durability`` profile's flags
+        instead, as ``pipeline up`` gives them (``durable``: no message in memory), and ``mem_queue_size``
+        is not used.
+        """
+        return cls(start_nsqd(data_dir, extra=nsqd_flags(mem_queue_size, durability)))
 
     @property
     def tcp(self) -> str:

@@ -5,6 +5,7 @@ nsqd (see :mod:`benchmarks.broker`) and writes to ``prime`` / ``non_prime``,
 except ``nsq_to_nsq``, which passes every message through to ``prime``.
 ``batched`` is the primes stage on topics with ``pack: 1000``: its input
 messages are msgpack envelopes of 1000 records each, and so are its outputs.
+``durable2`` is ``primes2`` with its nsqd on ``nsq.durability: durable``.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.ops.install import nsq_binary
 from pipeline.config import load_topology
+from pipeline.config.schema import DURABILITY_FLAGS
+from pipeline.ops.install import nsq_binary
 
 from .broker import CHANNEL, INPUT_TOPIC, OUTPUT_TOPICS, Broker
 
@@ -46,6 +48,7 @@ class Contender:
         outputs: the output topics; with ``pack`` 1 their message counts must add up to the records.
         pack: records per message on the input and output topics (``batched``: 1000).
         batch: the stage's ``batch`` setting (primes kinds only).
+        durability: the ``nsq.durability`` its nsqd and topology run with (``durable``: every message on disk).
     """
 
     name: str
@@ -56,6 +59,7 @@ class Contender:
     outputs: tuple[str, ...] = OUTPUT_TOPICS
     pack: int = 1
     batch: tuple[tuple[str, int], ...] = tuple(STAGE_BATCH.items())
+    durability: str = "default"
 
     def count(self, scale: float) -> int:
         """Records to preload at ``scale``: at least one."""
@@ -74,7 +78,7 @@ class Contender:
         if self.kind not in PRIMES_KINDS:
             raise ValueError(f"unknown contender kind {self.kind!r}")
         topology = write_topology(workdir / "topology.yaml", broker, replicas=self.processes, pack=self.pack,
-                                  batch=dict(self.batch))
+                                  batch=dict(self.batch), durability=self.durability)
         return [worker_argv(topology, replica) for replica in range(self.processes)]
 
 
@@ -84,6 +88,8 @@ DRAIN_CONTENDERS = (
     Contender("nsq_to_nsq", "nsq_to_nsq pass-through", "nsq_to_nsq", 1, FULL_COUNT, outputs=("prime",)),
     Contender("primes1", "primes stage, 1 replica", "primes", 1, FULL_COUNT),
     Contender("primes2", "primes stage, 2 replicas", "primes", 2, FULL_COUNT),
+    Contender("durable2", "primes stage, 2 replicas, nsq.durability: durable ("
+              + " ".join(DURABILITY_FLAGS["durable"]) + ")", "primes", 2, FULL_COUNT, durability="durable"),
     Contender("batched", f"(d) primes stage, batched envelopes (pack {BATCHED_PACK}), 2 replicas", "batched", 2,
               BATCHED_COUNT, pack=BATCHED_PACK, batch=tuple(BATCHED_BATCH.items())),
 )
@@ -116,7 +122,7 @@ def worker_argv(topology: Path, replica: int) -> list[str]:
 
 
 def write_topology(path: Path, broker: Broker, replicas: int, pack: int = 1,
-                   batch: dict[str, int] | None = None) -> Path:
+                   batch: dict[str, int] | None = None, durability: str = "default") -> Path:
     """Write (and validate) a topology running the primes stage against ``broker``; return its path.
 
     With ``pack`` above 1 every topic carries msgpack envelopes of up to ``pack`` records.
@@ -124,7 +130,7 @@ def write_topology(path: Path, broker: Broker, replicas: int, pack: int = 1,
     topic = {"codec": "json"} if pack == 1 else {"codec": "msgpack", "pack": pack}
     doc = {
         "nsq": {"nsqd": [{"name": "n0", "tcp": broker.tcp, "http": broker.process.http}],
-                "var_dir": str(path.parent / "var")},
+                "var_dir": str(path.parent / "var"), "durability": durability},
         "topics": {name: dict(topic) for name in (INPUT_TOPIC, *OUTPUT_TOPICS)},
         "stages": {STAGE: {
             "handler": "consumers.primes:classify", "input": INPUT_TOPIC, "channel": CHANNEL,

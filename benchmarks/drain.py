@@ -21,8 +21,9 @@ stopped, the outputs are read back and checked record by record
 (:mod:`benchmarks.verify`).
 
 records/s = N / that time. CPU is the user + system time the contender's
-processes (and, separately, nsqd) used between the two clock readings;
-start-up CPU (imports, connecting) is recorded apart. Peak RSS is VmHWM.
+processes (and, separately, nsqd; and both together) used between the two
+clock readings; start-up CPU (imports, connecting) is recorded apart. Peak
+RSS is VmHWM.
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ class DrainSample:
     cpu_s_per_million: float
     startup_cpu_s: float
     nsqd_cpu_s_per_million: float
+    all_cpu_s_per_million: float  # the contender's processes and nsqd together
     peak_rss_mb: float
     nsqd_peak_rss_mb: float
     host_steal_pct: float | None = None  # the hypervisor's share of the machine's CPU during the drain
@@ -84,7 +86,8 @@ def drain_once(contender: Contender, bodies: Sequence[bytes], workdir: Path, rec
     """
     if records is None:
         records = len(bodies) if contender.pack == 1 else records_in(bodies)
-    broker = Broker.start(workdir / "nsqd", mem_queue_size=max(MEM_QUEUE_SIZE, 2 * len(bodies)))
+    broker = Broker.start(workdir / "nsqd", mem_queue_size=max(MEM_QUEUE_SIZE, 2 * len(bodies)),
+                          durability=contender.durability)
     launched: list[Launched] = []
     try:
         broker.prepare(verify=contender.pack > 1)
@@ -196,7 +199,7 @@ def _timed_drain(contender: Contender, broker: Broker, launched: Sequence[Launch
         records=count, messages=messages, seconds=seconds, records_per_s=count / seconds,
         outputs=outputs, output_records=outputs, outputs_before_clock=early,
         cpu_s=cpu, cpu_s_per_million=cpu * per_million, startup_cpu_s=cpu_before,
-        nsqd_cpu_s_per_million=nsqd_cpu * per_million,
+        nsqd_cpu_s_per_million=nsqd_cpu * per_million, all_cpu_s_per_million=(cpu + nsqd_cpu) * per_million,
         peak_rss_mb=max(peak_rss_mb(pid) for pid in pids), nsqd_peak_rss_mb=peak_rss_mb(broker.pid),
         host_steal_pct=steal_percent(machine_before, machine_cpu_times()),
     )

@@ -13,8 +13,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-DRAIN_METRICS = ("records_per_s", "seconds", "cpu_s_per_million", "nsqd_cpu_s_per_million", "peak_rss_mb",
-                 "startup_cpu_s", "nsqd_peak_rss_mb", "host_steal_pct")
+DRAIN_METRICS = ("records_per_s", "seconds", "cpu_s_per_million", "nsqd_cpu_s_per_million", "all_cpu_s_per_million",
+                 "peak_rss_mb", "startup_cpu_s", "nsqd_peak_rss_mb", "host_steal_pct")
 RESTART_METRICS = ("seconds",)
 GATEWAY_METRICS = ("records_per_s", "seconds", "cpu_s_per_million", "peak_rss_mb", "nsqd_cpu_s_per_million")
 GATEWAY_TARGET = 20_000
@@ -28,6 +28,8 @@ TICKS_TARGET_MS = 10.0
 TICKS_TARGET_RATE = 20_000
 #: (numerator, denominator): records/s medians compared in the report.
 RATIOS = (("primes2", "nsq_to_nsq"), ("primes2", "textbook2"), ("primes1", "textbook1"), ("batched", "primes2"))
+#: (durable figure, its plain twin): the same workload, every nsqd on ``nsq.durability: durable`` or not.
+DURABLE_PAIRS = (("durable2", "primes2"),)
 HEADER = ("contender", "records", "runs", "records/s", "drain s", "CPU s/M rec", "nsqd CPU s/M", "peak RSS MB")
 #: The terminal table leaves out "runs" (the legend has it) to stay narrow.
 TERMINAL_HEADER = ("contender", "records", "records/s", "drain s", "CPU s/M\nrecords", "nsqd CPU\ns/M records",
@@ -69,6 +71,39 @@ def ratios(results: dict) -> list[dict]:
         if a is not None or b is not None:
             out.append({"numerator": top, "denominator": bottom, "value": a / b if a and b else None})
     return out
+
+
+def durability_cost(results: dict) -> list[dict]:
+    """What ``nsq.durability: durable`` costs: records/s and CPU per record (workers + nsqd) beside the plain twin's.
+
+    Each ratio is durable / plain from the medians of the same run; None when either did not run.
+    """
+    out = []
+    for durable, plain in DURABLE_PAIRS:
+        if durable not in results["contenders"]:
+            continue
+        entry = {"durable": durable, "plain": plain}
+        for metric in ("records_per_s", "all_cpu_s_per_million"):
+            a, b = median(results, durable, metric), median(results, plain, metric)
+            entry[metric] = {"durable": a, "plain": b, "ratio": a / b if a and b else None}
+        out.append(entry)
+    return out
+
+
+def durability_lines(results: dict) -> list[str]:
+    """One line per durable figure: its records/s and CPU per record beside its plain twin's, with the ratios."""
+    lines = []
+    for cost in results.get("durability_cost", []):
+        speed, cpu = cost["records_per_s"], cost["all_cpu_s_per_million"]
+
+        def pair(figures: dict, fmt: str) -> str:
+            shown = [fmt.format(figures[k]) if figures[k] is not None else "not measured" for k in ("durable", "plain")]
+            ratio = f"{figures['ratio']:.2f}x" if figures["ratio"] else "not measured"
+            return f"{shown[0]} vs {shown[1]} ({ratio})"
+
+        lines.append(f"durability cost, {cost['durable']} vs {cost['plain']}: records/s {pair(speed, '{:,.0f}')}; "
+                     f"CPU of workers + nsqd, s/M records {pair(cpu, '{:.1f}')}")
+    return lines
 
 
 def targets(results: dict) -> list[dict]:
@@ -237,6 +272,8 @@ def print_report(results: dict, console: Console) -> None:
     for r in results["ratios"]:
         value = f"{r['value']:.2f}x" if r["value"] else "not measured"
         console.print(f"ratio records/s {r['numerator']} / {r['denominator']}: {value}", highlight=False)
+    for line in durability_lines(results):
+        console.print(line, highlight=False)
     for t in results["targets"]:
         style = {"PASS": "green", "MISS": "red"}.get(t["status"], "yellow")
         console.print(f"[{style}]{t['status']}[/{style}] {t['name']} {t['target']}: {t['detail']}", highlight=False)
@@ -256,6 +293,7 @@ def markdown(results: dict) -> str:
     for r in results["ratios"]:
         value = f"{r['value']:.2f}x" if r["value"] else "not measured"
         lines.append(f"- records/s {r['numerator']} / {r['denominator']}: {value}")
+    lines += [f"- {line}" for line in durability_lines(results)]
     lines += ["", "## Targets", "", "| target | status | measured |", "|---|---|---|"]
     lines += [f"| {t['name']} {t['target']} | {t['status']} | {t['detail']} |" for t in results["targets"]]
     lines += ["", "## How it was measured", "", *(f"- {rule}" for rule in results["rules"])]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from pipeline.config.schema import DURABILITY_FLAGS
 from pipeline.records import envelope
 from pipeline.records.codecs import encoder
 from pipeline.errors import PipelineError
@@ -44,6 +45,12 @@ RULES = (
     "Each run gets a fresh nsqd (free 127.0.0.1 ports, temporary data directory, "
     f"--mem-queue-size >= {drain.MEM_QUEUE_SIZE:,} so nothing spills to disk); runs are interleaved "
     "round-robin across contenders, so machine noise spreads over all of them.",
+    "durable2: primes2's workload and stage, its nsqd started with nsq.durability: durable's flags as `pipeline up` "
+    f"gives them ({' '.join(DURABILITY_FLAGS['durable'])}) instead of the large memory queue, and its topology "
+    "saying so: every message, the preload too, goes through the topic's and the channel's disk queues (in the "
+    "temporary directory, on the machine's disk). Durability cost: durable2's records/s and CPU per record "
+    "(its workers' and nsqd's user + system CPU between the clock readings, over N) beside primes2's from the "
+    "same run, with the ratios durable2 / primes2 of the medians.",
     "Input: records {\"id\", \"ts\", \"number\"} for the numbers 1..N, JSON, the same bytes for every "
     "contender but batched; N = 1,000,000 x scale (100,000 x scale for the textbook consumer), preloaded into a "
     "paused channel before any contender starts.",
@@ -191,7 +198,7 @@ def new_results(args: argparse.Namespace) -> dict:
         if c.name in args.only:
             contenders[c.name] = {"label": c.label, "kind": c.kind, "processes": c.processes,
                                   "records": c.count(args.scale), "pack": c.pack,
-                                  "messages": c.messages(args.scale)}
+                                  "messages": c.messages(args.scale), "durability": c.durability}
     if RESTART in args.only:
         contenders[RESTART] = {"label": "restart-to-consuming, primes stage, 1 replica", "kind": "restart",
                                "processes": 1, "records": None}
@@ -332,6 +339,7 @@ def finish(results: dict) -> None:
         elif entry["kind"] != "pending":
             entry["summary"] = report.summarize(entry["samples"], report.DRAIN_METRICS)
     results["ratios"] = report.ratios(results)
+    results["durability_cost"] = report.durability_cost(results)
     results["targets"] = report.targets(results)
     results["machine"]["load_average_at_end"] = load_average()
 

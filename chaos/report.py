@@ -48,8 +48,25 @@ def _fmt(value) -> str:
     return f"{value:.3f} s" if isinstance(value, float) else f"{value:,}"
 
 
-def reliability_markdown(results: list[RunResult]) -> str:
-    """docs/RELIABILITY.md from soak results: configuration, counts, faults, recovery."""
+#: The lines around the hand-written part of docs/RELIABILITY.md, which a new report keeps as it was.
+HAND_WRITTEN = ("<!-- Hand-written from here to the end marker: `make chaos` keeps it as it is. -->",
+                "<!-- End of the hand-written part. -->")
+
+
+def hand_written(text: str) -> str:
+    """The hand-written part of a reliability report, its two marker lines included ("" if it has none)."""
+    start, end = text.find(HAND_WRITTEN[0]), text.find(HAND_WRITTEN[1])
+    if start < 0 or end < start:
+        return ""
+    return text[start:end + len(HAND_WRITTEN[1])]
+
+
+def reliability_markdown(results: list[RunResult], kept: str = "") -> str:
+    """docs/RELIABILITY.md from soak results: configuration, counts, faults, recovery.
+
+    ``kept``, the hand-written part of the report this one replaces (:func:`hand_written`), follows
+    the summary table, before each run's section.
+    """
     lines = ["# Reliability", "",
              f"Written by `make chaos` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the chaos"
              " harness's reports (`pipeline chaos run`). Targets: lost 0, unexpected 0, recovery p99 <= 3 s.",
@@ -64,7 +81,7 @@ def reliability_markdown(results: list[RunResult]) -> str:
              " before it consumed has no time (`recovered` < `kills`), so the percentiles leave out the slowest"
              " restarts; `host` gives the machine's load, which a worker's CPU-bound start (about 0.5 s of CPU:"
              " Python, numpy, the topology; numba's kernels load after it is consuming) depends on.", "",
-             *_summary(results)]
+             *_summary(results), *([kept, ""] if kept else [])]
     for result in results:
         c, r = result.config, result.report
         lines += [f"## {result.scenario} (seed {result.seed}): {'PASS' if result.passed else 'FAIL'}", ""]
@@ -126,5 +143,6 @@ def _summary(results: list[RunResult]) -> list[str]:
 
 
 def write_reliability(results: list[RunResult], path: Path) -> None:
-    """Write :func:`reliability_markdown` to ``path``."""
-    path.write_text(reliability_markdown(results))
+    """Write :func:`reliability_markdown` to ``path``, keeping the hand-written part of the file it replaces."""
+    kept = hand_written(path.read_text()) if path.exists() else ""
+    path.write_text(reliability_markdown(results, kept))

@@ -25,10 +25,11 @@ from pipeline.stage import Batch
 SUMMARY_KEYS = {"median", "min", "max"}
 DRAIN_SAMPLE_KEYS = {"records", "messages", "seconds", "records_per_s", "outputs", "output_records",
                      "outputs_before_clock", "cpu_s", "cpu_s_per_million", "startup_cpu_s",
-                     "nsqd_cpu_s_per_million", "peak_rss_mb", "nsqd_peak_rss_mb", "host_steal_pct"}
+                     "nsqd_cpu_s_per_million", "all_cpu_s_per_million", "peak_rss_mb", "nsqd_peak_rss_mb",
+                     "host_steal_pct"}
 # 1,000,000, 100,000 and 4,000,000 records at scale 0.002; batched packs them 1000 per message.
-EXPECTED_RECORDS = {"primes1": 2000, "textbook1": 200, "batched": 8000}
-EXPECTED_MESSAGES = {"primes1": 2000, "textbook1": 200, "batched": 8}
+EXPECTED_RECORDS = {"primes1": 2000, "textbook1": 200, "batched": 8000, "durable2": 2000}
+EXPECTED_MESSAGES = {"primes1": 2000, "textbook1": 200, "batched": 8, "durable2": 2000}
 
 
 @dataclass
@@ -57,17 +58,17 @@ def child_pids() -> list[int]:
 
 @pytest.fixture(scope="module")
 def tiny_run(nsq_bin, tmp_path_factory) -> TinyRun:
-    """Run the benchmark once for every test here: textbook, primes, batched, one repeat."""
+    """Run the benchmark once for every test here: textbook, primes, batched, durable, one repeat."""
     assert child_pids() == []
     out = tmp_path_factory.mktemp("bench") / "out"
-    code = run.main(["--scale", "0.002", "--repeats", "1", "--only", "primes1,textbook1,batched",
+    code = run.main(["--scale", "0.002", "--repeats", "1", "--only", "primes1,textbook1,batched,durable2",
                      "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     return TinyRun(code, out, results, child_pids())
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(150)
 def test_tiny_bench_succeeds_and_stops_everything_it_started(tiny_run):
     assert tiny_run.code == 0, json.dumps(tiny_run.results["contenders"], indent=1)[-3000:]
     assert tiny_run.leftover_children == []
@@ -76,7 +77,7 @@ def test_tiny_bench_succeeds_and_stops_everything_it_started(tiny_run):
 @pytest.mark.integration
 def test_every_preloaded_record_is_drained_after_the_clock_starts(tiny_run):
     contenders = tiny_run.results["contenders"]
-    assert set(contenders) == {"primes1", "textbook1", "batched"}
+    assert set(contenders) == {"primes1", "textbook1", "batched", "durable2"}
     for name, records in EXPECTED_RECORDS.items():
         entry = contenders[name]
         messages = EXPECTED_MESSAGES[name]
@@ -88,6 +89,8 @@ def test_every_preloaded_record_is_drained_after_the_clock_starts(tiny_run):
         assert sample["outputs_before_clock"] == 0  # the paused channel held everything back
         assert sample["seconds"] > 0 and sample["peak_rss_mb"] > 0
         assert sample["records_per_s"] == pytest.approx(records / sample["seconds"], rel=1e-3)
+        assert sample["all_cpu_s_per_million"] == pytest.approx(
+            sample["cpu_s_per_million"] + sample["nsqd_cpu_s_per_million"], abs=1e-3)
         assert set(entry["summary"]) == set(report.DRAIN_METRICS)
         assert all(set(figure) == SUMMARY_KEYS for figure in entry["summary"].values())
 
@@ -123,11 +126,54 @@ def test_markdown_repeats_the_table_rules_and_command(tiny_run):
     markdown = (tiny_run.out / "results.md").read_text()
     assert "| primes1 | 2,000 | 1/1 |" in markdown
     assert "| batched | 8,000 | 1/1 |" in markdown
+    assert "| durable2 | 2,000 | 1/1 |" in markdown
+    assert "- durability cost, durable2 vs primes2: records/s " in markdown  # primes2 did not run: no ratio
     assert "batched = (d) primes stage, batched envelopes (pack 1000), 2 replicas (8 input messages" in markdown
     assert "## Tick latency" not in markdown  # ticks did not run
     assert "| batched records/s >= 2,000,000 |" in markdown
     assert tiny_run.results["rules"][0] in markdown
     assert tiny_run.results["command"]["line"] in markdown
+
+
+@pytest.mark.integration
+def test_durable2_drains_on_the_durable_profiles_nsqd_and_its_cost_is_reported(tiny_run):
+    from pipeline.config.schema import DURABILITY_FLAGS
+    entry = tiny_run.results["contenders"]["durable2"]
+    assert (entry["kind"], entry["processes"], entry["durability"]) == ("primes", 2, "durable")
+    assert " ".join(DURABILITY_FLAGS["durable"]) in entry["label"]
+    [cost] = tiny_run.results["durability_cost"]
+    assert (cost["durable"], cost["plain"]) == ("durable2", "primes2")
+    assert cost["records_per_s"]["durable"] == entry["summary"]["records_per_s"]["median"]
+    assert cost["records_per_s"]["plain"] is None and cost["records_per_s"]["ratio"] is None  # primes2 not run
+    assert tiny_run.results["rules"][1].startswith("durable2: primes2's workload")
+
+
+def test_the_bench_nsqd_takes_the_durable_profiles_flags_instead_of_its_large_memory_queue():
+    from benchmarks.broker import nsqd_flags
+    from benchmarks.contenders import DRAIN_CONTENDERS
+    from pipeline.config.schema import DURABILITY_FLAGS
+    assert nsqd_flags(2_000_000) == ["--mem-queue-size=2000000"]
+    assert nsqd_flags(2_000_000, "durable") == list(DURABILITY_FLAGS["durable"])
+    by_name = {c.name: c for c in DRAIN_CONTENDERS}
+    plain, durable = by_name["primes2"], by_name["durable2"]
+    assert (durable.kind, durable.processes, durable.base_count, durable.batch, durable.pack) == \
+        (plain.kind, plain.processes, plain.base_count, plain.batch, plain.pack)
+    assert (plain.durability, durable.durability) == ("default", "durable")
+
+
+def test_durability_cost_sets_records_per_s_and_cpu_per_record_beside_the_plain_twins():
+    def entry(rate: float, cpu: float) -> dict:
+        return {"summary": {"records_per_s": {"median": rate}, "all_cpu_s_per_million": {"median": cpu}}}
+
+    results = {"contenders": {"primes2": entry(100_000, 10.0), "durable2": entry(60_000, 18.0)}}
+    [cost] = report.durability_cost(results)
+    assert cost["records_per_s"] == {"durable": 60_000, "plain": 100_000, "ratio": 0.6}
+    assert cost["all_cpu_s_per_million"] == {"durable": 18.0, "plain": 10.0, "ratio": 1.8}
+    results["durability_cost"] = [cost]
+    assert report.durability_lines(results) == [
+        "durability cost, durable2 vs primes2: records/s 60,000 vs 100,000 (0.60x); "
+        "CPU of workers + nsqd, s/M records 18.0 vs 10.0 (1.80x)"]
+    assert report.durability_cost({"contenders": {"primes2": entry(1, 1)}}) == []  # durable2 not run
 
 
 TICKS_SAMPLE_KEYS = {"ticks", "rate_target", "published", "input_rate", "publish_s", "features", "signals",

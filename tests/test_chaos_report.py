@@ -72,3 +72,17 @@ def test_the_configuration_lists_every_nsqd_node() -> None:
     print_result(result, console)
     shown = console.export_text()
     assert "nsqd nodes" in shown and "3 (replication 2)" in shown
+
+
+def test_a_new_report_keeps_the_hand_written_part_of_the_one_it_replaces(tmp_path) -> None:
+    from chaos.report import HAND_WRITTEN, write_reliability
+    path = tmp_path / "RELIABILITY.md"
+    write_reliability([_result(lost=7)], path)
+    assert "| lost | 7 |" in path.read_text() and HAND_WRITTEN[0] not in path.read_text()
+    prose = f"{HAND_WRITTEN[0]}\n## What a killed nsqd keeps\n\nWritten by hand.\n{HAND_WRITTEN[1]}"
+    generated = path.read_text().split("## soak (seed 7)")
+    path.write_text(f"{generated[0]}{prose}\n\n## soak (seed 7){generated[1]}")
+    write_reliability([_result(lost=0)], path)
+    text = path.read_text()
+    assert text.count(prose) == 1 and "| lost | 0 |" in text and "| lost | 7 |" not in text
+    assert text.index(prose) < text.index("## soak (seed 7)")  # before each run's section

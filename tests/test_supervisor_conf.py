@@ -88,3 +88,59 @@ def test_a_proxy_address_may_not_be_another_listener(tmp_path) -> None:
     with pytest.raises(TopologyError, match=r"nsq\.nsqd\.0\.proxy_tcp: address 127\.0\.0\.1:7151 is already used by "
                                             r"nsq\.nsqd\.0\.http"):
         load_topology(path)
+
+
+def _nsqd_commands(tmp_path, nsq: dict) -> tuple[list[str], list[list[str]]]:
+    """The nsqd command lines of a topology with ``nsq``: as supervisord.conf and the compose file give them."""
+    import yaml
+
+    from pipeline.ops.compose import render_compose
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump({"nsq": nsq}))
+    topology = load_topology(path)
+    conf = [line for line in render(topology).splitlines() if "nsqd\"" in line and line.startswith("command=")]
+    services = yaml.safe_load(render_compose(topology))["services"]
+    return conf, [services[node.name]["command"] for node in topology.nsq.nsqd]
+
+
+def test_a_durable_nsq_starts_every_nsqd_with_no_memory_queue_and_its_sync_policy(tmp_path) -> None:
+    from pipeline.config.schema import DURABILITY_FLAGS
+    durable = DURABILITY_FLAGS["durable"]
+    assert durable[0] == "--mem-queue-size=0" and {f.partition("=")[0] for f in durable[1:]} == {
+        "--sync-every", "--sync-timeout"}
+    nodes = [{"name": f"nsqd-{i}", "tcp": f"nsqd-{i}:4150", "http": f"nsqd-{i}:4151"} for i in range(2)]
+    conf, compose = _nsqd_commands(tmp_path, {"nsqd": nodes, "durability": "durable"})
+    assert len(conf) == 2 and all(line.endswith(" ".join(durable)) for line in conf)
+    assert all(command[-len(durable):] == list(durable) for command in compose)
+    # nsqd's defaults otherwise: no flag of the profile appears
+    conf, compose = _nsqd_commands(tmp_path, {"nsqd": nodes})
+    assert not any(flag.partition("=")[0] in line for flag in durable for line in conf + [" ".join(compose[0])])
+
+
+def test_an_nsqds_args_replace_the_profiles_flag_of_the_same_name(tmp_path) -> None:
+    node = {"name": "nsqd-0", "tcp": "nsqd-0:4150", "http": "nsqd-0:4151", "args": ["--sync-every=1"]}
+    conf, [compose] = _nsqd_commands(tmp_path, {"nsqd": [node], "durability": "durable"})
+    from pipeline.config.schema import DURABILITY_FLAGS
+    timeout = next(f for f in DURABILITY_FLAGS["durable"] if f.startswith("--sync-timeout="))
+    assert conf[0].endswith(f"--mem-queue-size=0 {timeout} --sync-every=1")
+    assert compose[-3:] == ["--mem-queue-size=0", timeout, "--sync-every=1"]
+    assert " ".join(compose).count("--sync-every") == 1
+
+
+def test_a_memory_queue_under_a_durable_nsq_is_refused_with_its_line(tmp_path) -> None:
+    import pytest
+
+    from pipeline.errors import TopologyError
+    path = tmp_path / "topology.yaml"
+    path.write_text("nsq:\n"
+                    "  durability: durable\n"
+                    "  nsqd:\n"
+                    "    - {name: n0, tcp: 127.0.0.1:7150, http: 127.0.0.1:7151, args: [--mem-queue-size=0]}\n"
+                    "    - {name: n1, tcp: 127.0.0.1:7250, http: 127.0.0.1:7251,\n"
+                    "       args: [--sync-every=1, --mem-queue-size=100]}\n")
+    with pytest.raises(TopologyError) as info:
+        load_topology(path)
+    assert str(info.value) == (f"{path}:6:31: nsq.nsqd.1.args.1: --mem-queue-size=100 keeps messages in memory, "
+                               "against durability: durable (--mem-queue-size=0); remove it, or set "
+                               "nsq.durability: default")
+    assert "\n" not in str(info.value)

@@ -106,9 +106,12 @@ class InFlightSubscriber(_Connection):
         """FIN ``messages``: nsqd removes them from the channel (one write for all)."""
         self._answer(messages, b"FIN %s\n")
 
-    def requeue(self, messages: Iterable[NsqMessage]) -> None:
-        """REQ ``messages`` with no delay: nsqd queues them again, unchanged but for their attempts."""
-        self._answer(messages, b"REQ %s 0\n")
+    def requeue(self, messages: Iterable[NsqMessage], delay: float = 0.0) -> None:
+        """REQ ``messages``: nsqd queues them again, unchanged but for their attempts, after ``delay`` seconds.
+
+        nsqd holds a delayed (deferred) message in memory until its time comes.
+        """
+        self._answer(messages, b"REQ %%s %d\n" % int(delay * 1000))
 
     def _answer(self, messages: Iterable[NsqMessage], command: bytes) -> None:
         ids = [message.id for message in messages]

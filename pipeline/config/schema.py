@@ -30,7 +30,7 @@ from pipeline.config.types import (
 
 __all__ = [
     "AuthSpec", "BatchSpec", "Spec", "GatewaySpec", "GatewayTokenSpec", "LookupdSpec", "NsqSpec", "NsqdSpec",
-    "ProducerSpec", "SecretSpec", "StageSpec", "TlsSpec", "TopicSpec",
+    "DURABILITY_FLAGS", "ProducerSpec", "SecretSpec", "StageSpec", "TlsSpec", "TopicSpec",
 ]
 
 
@@ -51,7 +51,8 @@ class NsqdSpec(Spec):
         None, description="Address clients connect to instead of `tcp` (a Toxiproxy listener in a chaos run);"
                           " nsqd registers it with lookupd (`--broadcast-address`, `--broadcast-tcp-port`).")
     args: list[NsqdFlag] = Field(
-        default_factory=list, description="Extra nsqd flags, e.g. `[--mem-queue-size=0]`; they come last.")
+        default_factory=list, description="Extra nsqd flags, e.g. `[--max-msg-size=2097152]`; they come last and"
+                                          " replace a flag of `nsq.durability` of the same name.")
 
     @property
     def client_tcp(self) -> str:
@@ -66,10 +67,28 @@ class LookupdSpec(Spec):
     http: Address = Field(description="HTTP address consumers query (nsqlookupd `--http-address`).")
 
 
+#: nsqd's flags for each ``nsq.durability``; docs/RELIABILITY.md states what each keeps across a kill.
+#: ``durable``: no message waits in memory, and each topic's and channel's disk queue syncs (fsyncs its
+#: data, then writes its read and write positions) after 2,500 reads and writes, or within 200 ms of an
+#: unsynced one. nsqd's own 2,500 because fewer cost CPU per record (1,000: up to a quarter more, 100: 2.5
+#: times as much in `make bench`'s durable2); 200 ms, not nsqd's 2 s, cost nothing measurable and bound a
+#: power loss at a low rate, and a new queue's first sync, ten times tighter.
+DURABILITY_FLAGS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "durable": ("--mem-queue-size=0", "--sync-every=2500", "--sync-timeout=200ms"),
+}
+_MEM_QUEUE_SIZE = "--mem-queue-size"
+
+
+def _flag_name(flag: str) -> str:
+    return flag.partition("=")[0]
+
+
 class NsqSpec(Spec):
     """Where the NSQ cluster is; `pipeline up` starts these processes locally.
 
-    Rules: nsqd names are unique, and no address appears twice in the whole section.
+    Rules: nsqd names are unique, no address appears twice in the whole section, and with `durability:
+    durable` no nsqd's `args` sets `--mem-queue-size` above 0.
     """
 
     nsqd: list[NsqdSpec] = Field(min_length=1, description="The nsqd brokers; producers publish to them.")
@@ -94,6 +113,15 @@ class NsqSpec(Spec):
                     " (one lookupd per query, in turn, with up to 30% jitter): a new or returning nsqd is"
                     " consumed from within about this long.",
     )
+    durability: Literal["default", "durable"] = Field(
+        "default",
+        description="How every nsqd keeps its messages. `default`: nsqd's own flags, up to 10,000 messages per"
+                    " topic and channel in memory, lost when nsqd is killed (SIGKILL, out of memory)."
+                    " `durable`: `" + " ".join(DURABILITY_FLAGS["durable"]) + "`, every message on disk:"
+                    " a killed nsqd keeps what it acknowledged but the messages in flight or deferred, at a"
+                    " cost in records/s and CPU that `make bench` measures (docs/RELIABILITY.md states both)."
+                    " An nsqd's `args` may replace the sync flags, not the memory queue.",
+    )
 
     @model_validator(mode="after")
     def _check_unique(self) -> NsqSpec:
@@ -110,8 +138,26 @@ class NsqSpec(Spec):
             if address.lower() in seen:
                 problems.append((loc, f"address {address} is already used by {seen[address.lower()]}", address))
             seen.setdefault(address.lower(), where)
+        problems += self._durability_conflicts()
         raise_problems("NsqSpec", problems)
         return self
+
+    def _durability_conflicts(self) -> Problems:
+        """An nsqd flag that would keep messages in memory under ``durability: durable``."""
+        if self.durability == "default":
+            return []
+        return [(("nsqd", i, "args", j), f"{flag} keeps messages in memory, against durability: {self.durability}"
+                 " (--mem-queue-size=0); remove it, or set nsq.durability: default", flag)
+                for i, node in enumerate(self.nsqd) for j, flag in enumerate(node.args)
+                if _flag_name(flag) == _MEM_QUEUE_SIZE and flag != f"{_MEM_QUEUE_SIZE}=0"]
+
+    def nsqd_flags(self, node: NsqdSpec) -> list[str]:
+        """The flags of ``node`` beyond its addresses: its durability profile's, then its own ``args``.
+
+        A flag in ``args`` replaces the profile's flag of the same name (e.g. a stricter ``--sync-every``).
+        """
+        own = {_flag_name(flag) for flag in node.args}
+        return [*(f for f in DURABILITY_FLAGS[self.durability] if _flag_name(f) not in own), *node.args]
 
     def addresses(self) -> list[tuple[tuple[Any, ...], str]]:
         """Every address of the section with its place in it, e.g. ``(("nsqd", 0, "tcp"), "127.0.0.1:4150")``."""

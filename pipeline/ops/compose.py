@@ -9,7 +9,8 @@ deployment uses host names, never ``127.0.0.1``.
 
 - nsqlookupd, nsqd and nsqadmin run the official ``nsqio/nsq:v1.3.0`` image;
   each nsqd keeps its queues in a named volume and gets 60 s to persist
-  them on stop, as under supervisord.
+  them on stop, as under supervisord; its flags beyond the addresses are
+  those ``pipeline up`` gives it: ``nsq.durability``'s, then the node's ``args``.
 - each replica of each stage is its own service, ``<stage>-<k>``, running
   ``pipeline worker STAGE --replica k`` in the pipeline image (docker/Dockerfile),
   with its state dir (keyed checkpoints, archives) in a named volume;
@@ -130,7 +131,8 @@ def _nsqd(index: int, node, host: str, topology, lookupds: list[str]) -> dict:
     # distinct whatever the host names hash to (as `pipeline up` does).
     command = ["/nsqd", f"--tcp-address={node.tcp}", f"--http-address={node.http}", "--https-address=",
                "--data-path=/data", f"--broadcast-address={host}", f"--node-id={index}",
-               *(f"--lookupd-tcp-address={lk.tcp}" for lk in topology.nsq.lookupd)]
+               *(f"--lookupd-tcp-address={lk.tcp}" for lk in topology.nsq.lookupd),
+               *topology.nsq.nsqd_flags(node)]
     service = {"image": NSQ_IMAGE, "restart": "unless-stopped", "command": command,
                "volumes": [f"{host}-data:/data"], "stop_signal": "SIGTERM",
                "stop_grace_period": f"{NSQD_STOPWAITSECS}s", "healthcheck": _ping(node.http)}

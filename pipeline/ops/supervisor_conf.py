@@ -122,7 +122,7 @@ def _nsq_programs(topology, var: str) -> list[tuple[str, dict]]:
     for i, n in enumerate(nsq.nsqd):
         # nsqd derives its node id (part of every message id) from the hostname,
         # so nodes on one host would share one; each gets its own.
-        extra = [f"--node-id={i}", *_broadcast_port(n), *nsqd_security_args(topology), *n.args]
+        extra = [f"--node-id={i}", *_broadcast_port(n), *nsqd_security_args(topology), *nsq.nsqd_flags(n)]
         broadcast = split_address(n.proxy_tcp)[0] if n.proxy_tcp else "127.0.0.1"
         argv = nsqd_args(tcp=n.tcp, http=n.http, data_dir=f"{var}/nsqd/{n.name}", lookupd_tcp=lookupd_tcp,
                          broadcast=broadcast, extra=extra, binary=f"{BIN}/nsqd")
