@@ -82,19 +82,22 @@ class Snapshot:
 
 @dataclass
 class Broker:
-    """One nsqd started for one measurement."""
+    """One nsqd started for one measurement; ``inputs`` are the topics whose :data:`CHANNEL` is the input
+    (the input topic, or a replicated input's partitions)."""
 
     process: NsqProcess
+    inputs: tuple[str, ...] = (INPUT_TOPIC,)
 
     @classmethod
-    def start(cls, data_dir: Path, mem_queue_size: int, durability: str = "default") -> Broker:
+    def start(cls, data_dir: Path, mem_queue_size: int, durability: str = "default",
+              inputs: tuple[str, ...] = (INPUT_TOPIC,)) -> Broker:
         """Start an nsqd on free 127.0.0.1 ports keeping up to ``mem_queue_size`` messages per queue in memory.
 
         With ``durability`` other than ``default``, nsqd gets that ``nsq.durability`` profile's flags
         instead, as ``pipeline up`` gives them (``durable``: no message in memory), and ``mem_queue_size``
         is not used.
         """
-        return cls(start_nsqd(data_dir, extra=nsqd_flags(mem_queue_size, durability)))
+        return cls(start_nsqd(data_dir, extra=nsqd_flags(mem_queue_size, durability)), inputs)
 
     @property
     def tcp(self) -> str:
@@ -116,9 +119,10 @@ class Broker:
         With ``verify``, also a :data:`VERIFY_CHANNEL` on each output topic, which keeps a copy of
         everything published there for :meth:`read_channel` to read after the clock stopped.
         """
-        self._post("/topic/create", topic=INPUT_TOPIC)
-        self._post("/channel/create", topic=INPUT_TOPIC, channel=CHANNEL)
-        self._post("/channel/pause", topic=INPUT_TOPIC, channel=CHANNEL)
+        for topic in self.inputs:
+            self._post("/topic/create", topic=topic)
+            self._post("/channel/create", topic=topic, channel=CHANNEL)
+            self._post("/channel/pause", topic=topic, channel=CHANNEL)
         for topic in OUTPUT_TOPICS:
             self._post("/topic/create", topic=topic)
             if verify:
@@ -126,7 +130,8 @@ class Broker:
 
     def release(self) -> None:
         """Unpause the input channel: subscribed consumers start receiving at once."""
-        self._post("/channel/unpause", topic=INPUT_TOPIC, channel=CHANNEL)
+        for topic in self.inputs:
+            self._post("/channel/unpause", topic=topic, channel=CHANNEL)
 
     def preload(self, bodies: Sequence[bytes], deadline: float) -> Snapshot:
         """Publish ``bodies`` to the input topic and wait until all of them sit in the channel.
@@ -134,8 +139,13 @@ class Broker:
         Raises:
             BenchError: nsqd acknowledged fewer, or they did not reach the channel by ``deadline``.
         """
+        return self.preload_parts({INPUT_TOPIC: bodies}, deadline)
+
+    def preload_parts(self, parts: dict[str, Sequence[bytes]], deadline: float) -> Snapshot:
+        """:meth:`preload` of each input topic's own ``bodies``."""
+        bodies = [body for part in parts.values() for body in part]
         with NsqPublisher(self.tcp) as publisher:
-            acked = publisher.publish(INPUT_TOPIC, bodies, chunk=PRELOAD_CHUNK)
+            acked = sum(publisher.publish(topic, part, chunk=PRELOAD_CHUNK) for topic, part in parts.items())
         if acked != len(bodies):
             raise BenchError(f"preload: nsqd acknowledged {acked} of {len(bodies)} messages")
         while True:
@@ -179,13 +189,15 @@ class Broker:
         topics = {t["topic_name"]: t for t in doc.get("topics") or []}
         snap = Snapshot({name: int(topics.get(name, {}).get("message_count", 0)) for name in OUTPUT_TOPICS},
                         producers=doc.get("producers") or [])
-        channels = (topics.get(INPUT_TOPIC) or {}).get("channels") or []
+        channels = [c for topic in self.inputs for c in (topics.get(topic) or {}).get("channels") or []]
         for channel in channels:
             if channel["channel_name"] == CHANNEL:
-                snap.depth, snap.backend_depth = channel["depth"], channel["backend_depth"]
-                snap.in_flight, snap.deferred = channel["in_flight_count"], channel["deferred_count"]
-                snap.clients = channel.get("clients") or []
-                snap.finished = sum(int(c.get("finish_count", 0)) for c in snap.clients)
+                snap.depth += channel["depth"]
+                snap.backend_depth += channel["backend_depth"]
+                snap.in_flight += channel["in_flight_count"]
+                snap.deferred += channel["deferred_count"]
+                snap.clients += channel.get("clients") or []
+        snap.finished = sum(int(c.get("finish_count", 0)) for c in snap.clients)
         for name in OUTPUT_TOPICS:
             for channel in (topics.get(name) or {}).get("channels") or []:
                 if channel["channel_name"] == VERIFY_CHANNEL:

@@ -6,19 +6,25 @@ except ``nsq_to_nsq``, which passes every message through to ``prime``.
 ``batched`` is the primes stage on topics with ``pack: 1000``: its input
 messages are msgpack envelopes of 1000 records each, and so are its outputs.
 ``durable2`` is ``primes2`` with its nsqd on ``nsq.durability: durable``.
+``replicated2`` is ``primes2`` on two nsqd with every topic at ``replication: 2``:
+its input preloaded on both nodes (each message twice, in one partition per
+replica, by ``id``) and its outputs published to both.
 """
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import yaml
 
 from pipeline.config import load_topology
 from pipeline.config.schema import DURABILITY_FLAGS
 from pipeline.ops.install import nsq_binary
+from pipeline.records.partition import partition_of
 
 from .broker import CHANNEL, INPUT_TOPIC, OUTPUT_TOPICS, Broker
 
@@ -49,6 +55,7 @@ class Contender:
         pack: records per message on the input and output topics (``batched``: 1000).
         batch: the stage's ``batch`` setting (primes kinds only).
         durability: the ``nsq.durability`` its nsqd and topology run with (``durable``: every message on disk).
+        replication: its topics' ``replication``: that many nsqd, each holding a copy of every message.
     """
 
     name: str
@@ -60,6 +67,24 @@ class Contender:
     pack: int = 1
     batch: tuple[tuple[str, int], ...] = tuple(STAGE_BATCH.items())
     durability: str = "default"
+    replication: int = 1
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The NSQ topics its input is preloaded on: the input, or a replicated input's partitions."""
+        if self.replication == 1:
+            return (INPUT_TOPIC,)
+        return tuple(f"{INPUT_TOPIC}.{k}" for k in range(self.processes))
+
+    def parts(self, bodies: Sequence[bytes]) -> dict[str, list[bytes]]:
+        """``bodies`` by input topic: all on the input, or each on its ``id``'s partition (as a Producer routes)."""
+        if self.replication == 1:
+            return {INPUT_TOPIC: list(bodies)}
+        topics = self.inputs
+        parts: dict[str, list[bytes]] = {topic: [] for topic in topics}
+        for body in bodies:
+            parts[topics[partition_of(orjson.loads(body)["id"], len(topics))]].append(body)
+        return parts
 
     def count(self, scale: float) -> int:
         """Records to preload at ``scale``: at least one."""
@@ -69,16 +94,17 @@ class Contender:
         """Input messages those records make: one each, or one envelope per ``pack`` records."""
         return math.ceil(self.count(scale) / self.pack)
 
-    def argvs(self, broker: Broker, workdir: Path) -> list[list[str]]:
-        """Return the command line of each of its processes, against ``broker``."""
+    def argvs(self, brokers: Sequence[Broker], workdir: Path) -> list[list[str]]:
+        """Return the command line of each of its processes, against ``brokers`` (one unless replicated)."""
+        broker = brokers[0]
         if self.kind == "textbook":
             return [textbook_argv(broker) for _ in range(self.processes)]
         if self.kind == "nsq_to_nsq":
             return [nsq_to_nsq_argv(broker)]
         if self.kind not in PRIMES_KINDS:
             raise ValueError(f"unknown contender kind {self.kind!r}")
-        topology = write_topology(workdir / "topology.yaml", broker, replicas=self.processes, pack=self.pack,
-                                  batch=dict(self.batch), durability=self.durability)
+        topology = write_topology(workdir / "topology.yaml", brokers, replicas=self.processes, pack=self.pack,
+                                  batch=dict(self.batch), durability=self.durability, replication=self.replication)
         return [worker_argv(topology, replica) for replica in range(self.processes)]
 
 
@@ -90,6 +116,8 @@ DRAIN_CONTENDERS = (
     Contender("primes2", "primes stage, 2 replicas", "primes", 2, FULL_COUNT),
     Contender("durable2", "primes stage, 2 replicas, nsq.durability: durable ("
               + " ".join(DURABILITY_FLAGS["durable"]) + ")", "primes", 2, FULL_COUNT, durability="durable"),
+    Contender("replicated2", "primes stage, 2 replicas, 2 nsqd, every topic replication: 2", "primes", 2,
+              FULL_COUNT, replication=2),
     Contender("batched", f"(d) primes stage, batched envelopes (pack {BATCHED_PACK}), 2 replicas", "batched", 2,
               BATCHED_COUNT, pack=BATCHED_PACK, batch=tuple(BATCHED_BATCH.items())),
 )
@@ -121,17 +149,24 @@ def worker_argv(topology: Path, replica: int) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", "worker", STAGE, "--replica", str(replica), "-t", str(topology)]
 
 
-def write_topology(path: Path, broker: Broker, replicas: int, pack: int = 1,
-                   batch: dict[str, int] | None = None, durability: str = "default") -> Path:
-    """Write (and validate) a topology running the primes stage against ``broker``; return its path.
+def write_topology(path: Path, brokers: Broker | Sequence[Broker], replicas: int, pack: int = 1,
+                   batch: dict[str, int] | None = None, durability: str = "default", replication: int = 1) -> Path:
+    """Write (and validate) a topology running the primes stage against ``brokers``; return its path.
 
-    With ``pack`` above 1 every topic carries msgpack envelopes of up to ``pack`` records.
+    With ``pack`` above 1 every topic carries msgpack envelopes of up to ``pack`` records; with
+    ``replication`` above 1 every topic has that many copies, the input one partition per replica.
     """
-    topic = {"codec": "json"} if pack == 1 else {"codec": "msgpack", "pack": pack}
+    nodes = [brokers] if isinstance(brokers, Broker) else list(brokers)
+    topic: dict = {"codec": "json"} if pack == 1 else {"codec": "msgpack", "pack": pack}
+    if replication > 1:
+        topic["replication"] = replication
+    topics = {name: dict(topic) for name in (INPUT_TOPIC, *OUTPUT_TOPICS)}
+    if replication > 1:
+        topics[INPUT_TOPIC].update(partitions=replicas, key="id")
     doc = {
-        "nsq": {"nsqd": [{"name": "n0", "tcp": broker.tcp, "http": broker.process.http}],
+        "nsq": {"nsqd": [{"name": f"n{k}", "tcp": b.tcp, "http": b.process.http} for k, b in enumerate(nodes)],
                 "var_dir": str(path.parent / "var"), "durability": durability},
-        "topics": {name: dict(topic) for name in (INPUT_TOPIC, *OUTPUT_TOPICS)},
+        "topics": topics,
         "stages": {STAGE: {
             "handler": "consumers.primes:classify", "input": INPUT_TOPIC, "channel": CHANNEL,
             "outputs": list(OUTPUT_TOPICS), "replicas": replicas,

@@ -86,25 +86,32 @@ def drain_once(contender: Contender, bodies: Sequence[bytes], workdir: Path, rec
     """
     if records is None:
         records = len(bodies) if contender.pack == 1 else records_in(bodies)
-    broker = Broker.start(workdir / "nsqd", mem_queue_size=max(MEM_QUEUE_SIZE, 2 * len(bodies)),
-                          durability=contender.durability)
+    brokers: list[Broker] = []
     launched: list[Launched] = []
     try:
-        broker.prepare(verify=contender.pack > 1)
-        broker.preload(bodies, deadline=time.monotonic() + 30 + len(bodies) / PRELOAD_RATE_FLOOR)
-        for i, argv in enumerate(contender.argvs(broker, workdir)):
+        for k in range(contender.replication):  # a replicated contender: one nsqd per copy
+            brokers.append(Broker.start(workdir / ("nsqd" if k == 0 else f"nsqd{k}"),
+                                        mem_queue_size=max(MEM_QUEUE_SIZE, 2 * len(bodies)),
+                                        durability=contender.durability, inputs=contender.inputs))
+        parts = contender.parts(bodies)
+        for broker in brokers:  # every node holds every input message, as a replicated producer leaves them
+            broker.prepare(verify=contender.pack > 1)
+            broker.preload_parts(parts, deadline=time.monotonic() + 30 + len(bodies) / PRELOAD_RATE_FLOOR)
+        for i, argv in enumerate(contender.argvs(brokers, workdir)):
             launched.append(spawn(f"{contender.name}-{i}", argv, workdir / f"{contender.name}-{i}.log"))
-        wait_subscribed(broker, launched, time.monotonic() + SUBSCRIBE_TIMEOUT)
+        for broker in brokers:
+            wait_subscribed(broker, launched, time.monotonic() + SUBSCRIBE_TIMEOUT)
         wait_kernels(launched, time.monotonic() + SUBSCRIBE_TIMEOUT)
-        sample, snap = _timed_drain(contender, broker, launched, records, len(bodies))
+        sample, snap = _timed_drain(contender, brokers, launched, records, len(bodies))
         if contender.pack > 1:  # outside the clock
-            sample.output_records = verify_outputs(broker, snap.outputs, records)
+            sample.output_records = verify_outputs(brokers[0], snap.outputs, records)
         return sample
     finally:
         try:
             stop_all(launched)
         finally:
-            broker.stop()
+            for broker in brokers:
+                broker.stop()
 
 
 def records_in(bodies: Sequence[bytes]) -> int:
@@ -176,52 +183,59 @@ def check_alive(launched: Sequence[Launched]) -> None:
             raise BenchError(f"{process.name} exited with code {process.popen.returncode}: {process.log_tail()}")
 
 
-def _timed_drain(contender: Contender, broker: Broker, launched: Sequence[Launched], count: int,
+def _timed_drain(contender: Contender, brokers: Sequence[Broker], launched: Sequence[Launched], count: int,
                  messages: int) -> tuple[DrainSample, Snapshot]:
-    """Release the channel, poll until drained, and read the processes' CPU and memory before they stop.
+    """Release the channels, poll until drained, and read the processes' CPU and memory before they stop.
 
-    Returns the sample and the /stats read that stopped the clock.
+    Returns the sample and the /stats read (the first node's) that stopped the clock.
     """
     pids = [p.pid for p in launched]
     cpu_before = sum(cpu_seconds(pid) for pid in pids)
-    nsqd_before = cpu_seconds(broker.pid)
+    nsqd_before = sum(cpu_seconds(broker.pid) for broker in brokers)
     machine_before = machine_cpu_times()
-    early = broker.snapshot().output_total  # 0 unless the paused channel leaked
+    early = sum(broker.snapshot().output_total for broker in brokers)  # 0 unless the paused channel leaked
     started = time.monotonic()
-    broker.release()
-    snap = _poll_until_drained(contender, broker, launched, count, messages, started)
+    for broker in brokers:
+        broker.release()
+    snap = _poll_until_drained(contender, brokers, launched, count, messages, started)
     seconds = time.monotonic() - started
     cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
-    nsqd_cpu = cpu_seconds(broker.pid) - nsqd_before
+    nsqd_cpu = sum(cpu_seconds(broker.pid) for broker in brokers) - nsqd_before
     per_million = 1e6 / count
-    outputs = sum(snap.outputs[t] for t in contender.outputs)
+    outputs = sum(snap.outputs[t] for t in contender.outputs) // contender.replication
     sample = DrainSample(
         records=count, messages=messages, seconds=seconds, records_per_s=count / seconds,
         outputs=outputs, output_records=outputs, outputs_before_clock=early,
         cpu_s=cpu, cpu_s_per_million=cpu * per_million, startup_cpu_s=cpu_before,
         nsqd_cpu_s_per_million=nsqd_cpu * per_million, all_cpu_s_per_million=(cpu + nsqd_cpu) * per_million,
-        peak_rss_mb=max(peak_rss_mb(pid) for pid in pids), nsqd_peak_rss_mb=peak_rss_mb(broker.pid),
+        peak_rss_mb=max(peak_rss_mb(pid) for pid in pids),
+        nsqd_peak_rss_mb=max(peak_rss_mb(broker.pid) for broker in brokers),
         host_steal_pct=steal_percent(machine_before, machine_cpu_times()),
     )
     return sample, snap
 
 
-def _poll_until_drained(contender: Contender, broker: Broker, launched: Sequence[Launched],
+def _poll_until_drained(contender: Contender, brokers: Sequence[Broker], launched: Sequence[Launched],
                         count: int, messages: int, started: float) -> Snapshot:
-    """Read /stats every POLL_INTERVAL until drained and the channel is empty.
+    """Read /stats every POLL_INTERVAL until drained and the channels are empty.
 
-    Drained: the outputs hold ``count`` messages; packed, the consumers FINished all ``messages``.
+    Drained: the outputs hold ``count`` messages (replicated: a copy of each on every node, their sum
+    over the nodes ``replication`` times as many); packed, the consumers FINished all ``messages``.
+    Returns the first node's snapshot with the outputs summed over the nodes.
     """
     deadline = started + DRAIN_TIMEOUT_BASE + count / MIN_RATE[contender.kind]
     packed = contender.pack > 1
-    goal, what = (messages, "input messages FINished") if packed else (count, "outputs")
+    goal, what = (messages, "input messages FINished") if packed else (count * contender.replication, "outputs")
     tick = started
     while True:
         tick += POLL_INTERVAL
         time.sleep(max(0.0, tick - time.monotonic()))
-        snap = broker.snapshot(clients=packed)
+        snaps = [broker.snapshot(clients=packed) for broker in brokers]
+        snap = snaps[0]
+        for other in snaps[1:]:
+            snap.outputs = {t: n + other.outputs.get(t, 0) for t, n in snap.outputs.items()}
         done = snap.finished if packed else sum(snap.outputs[t] for t in contender.outputs)
-        if done >= goal and snap.channel_empty:
+        if done >= goal and all(s.channel_empty for s in snaps):
             return snap
         check_alive(launched)
         if time.monotonic() > deadline:

@@ -30,6 +30,8 @@ TICKS_TARGET_RATE = 20_000
 RATIOS = (("primes2", "nsq_to_nsq"), ("primes2", "textbook2"), ("primes1", "textbook1"), ("batched", "primes2"))
 #: (durable figure, its plain twin): the same workload, every nsqd on ``nsq.durability: durable`` or not.
 DURABLE_PAIRS = (("durable2", "primes2"),)
+#: (replicated figure, its plain twin): the same workload, every topic with ``replication: 2`` on two nsqd or not.
+REPLICATED_PAIRS = (("replicated2", "primes2"),)
 HEADER = ("contender", "records", "runs", "records/s", "drain s", "CPU s/M rec", "nsqd CPU s/M", "peak RSS MB")
 #: The terminal table leaves out "runs" (the legend has it) to stay narrow.
 TERMINAL_HEADER = ("contender", "records", "records/s", "drain s", "CPU s/M\nrecords", "nsqd CPU\ns/M records",
@@ -73,13 +75,14 @@ def ratios(results: dict) -> list[dict]:
     return out
 
 
-def durability_cost(results: dict) -> list[dict]:
-    """What ``nsq.durability: durable`` costs: records/s and CPU per record (workers + nsqd) beside the plain twin's.
+def durability_cost(results: dict, pairs: tuple[tuple[str, str], ...] = DURABLE_PAIRS) -> list[dict]:
+    """What ``nsq.durability: durable`` (or, with ``REPLICATED_PAIRS``, ``replication: 2``) costs: records/s and
+    CPU per record (workers + every nsqd) beside the plain twin's.
 
     Each ratio is durable / plain from the medians of the same run; None when either did not run.
     """
     out = []
-    for durable, plain in DURABLE_PAIRS:
+    for durable, plain in pairs:
         if durable not in results["contenders"]:
             continue
         entry = {"durable": durable, "plain": plain}
@@ -91,9 +94,12 @@ def durability_cost(results: dict) -> list[dict]:
 
 
 def durability_lines(results: dict) -> list[str]:
-    """One line per durable figure: its records/s and CPU per record beside its plain twin's, with the ratios."""
+    """One line per durable (and replicated) figure: its records/s and CPU per record beside its plain twin's,
+    with the ratios."""
     lines = []
-    for cost in results.get("durability_cost", []):
+    costs = [("durability", c) for c in results.get("durability_cost", [])]
+    costs += [("replication", c) for c in results.get("replication_cost", [])]
+    for what, cost in costs:
         speed, cpu = cost["records_per_s"], cost["all_cpu_s_per_million"]
 
         def pair(figures: dict, fmt: str) -> str:
@@ -101,7 +107,7 @@ def durability_lines(results: dict) -> list[str]:
             ratio = f"{figures['ratio']:.2f}x" if figures["ratio"] else "not measured"
             return f"{shown[0]} vs {shown[1]} ({ratio})"
 
-        lines.append(f"durability cost, {cost['durable']} vs {cost['plain']}: records/s {pair(speed, '{:,.0f}')}; "
+        lines.append(f"{what} cost, {cost['durable']} vs {cost['plain']}: records/s {pair(speed, '{:,.0f}')}; "
                      f"CPU of workers + nsqd, s/M records {pair(cpu, '{:.1f}')}")
     return lines
 

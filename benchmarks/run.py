@@ -51,6 +51,12 @@ RULES = (
     "temporary directory, on the machine's disk). Durability cost: durable2's records/s and CPU per record "
     "(its workers' and nsqd's user + system CPU between the clock readings, over N) beside primes2's from the "
     "same run, with the ratios durable2 / primes2 of the medians.",
+    "replicated2: primes2's stage on two nsqd (each a fresh one as above), every topic with replication: 2, as"
+    " `pipeline up` would run it: the input in one partition per replica (by id), preloaded on both nodes (each"
+    " message twice, as a replicated producer leaves it), each replica reading its partition on both nodes and"
+    " finishing the second copy unprocessed, its outputs published to both nodes and acknowledged by both."
+    " Drained when every output has its two copies. Replication cost: its records/s and CPU per record (workers"
+    " and both nsqd) beside primes2's from the same run.",
     "Input: records {\"id\", \"ts\", \"number\"} for the numbers 1..N, JSON, the same bytes for every "
     "contender but batched; N = 1,000,000 x scale (100,000 x scale for the textbook consumer), preloaded into a "
     "paused channel before any contender starts.",
@@ -198,7 +204,8 @@ def new_results(args: argparse.Namespace) -> dict:
         if c.name in args.only:
             contenders[c.name] = {"label": c.label, "kind": c.kind, "processes": c.processes,
                                   "records": c.count(args.scale), "pack": c.pack,
-                                  "messages": c.messages(args.scale), "durability": c.durability}
+                                  "messages": c.messages(args.scale), "durability": c.durability,
+                                  "replication": c.replication}
     if RESTART in args.only:
         contenders[RESTART] = {"label": "restart-to-consuming, primes stage, 1 replica", "kind": "restart",
                                "processes": 1, "records": None}
@@ -340,6 +347,7 @@ def finish(results: dict) -> None:
             entry["summary"] = report.summarize(entry["samples"], report.DRAIN_METRICS)
     results["ratios"] = report.ratios(results)
     results["durability_cost"] = report.durability_cost(results)
+    results["replication_cost"] = report.durability_cost(results, report.REPLICATED_PAIRS)
     results["targets"] = report.targets(results)
     results["machine"]["load_average_at_end"] = load_average()
 

@@ -28,8 +28,8 @@ DRAIN_SAMPLE_KEYS = {"records", "messages", "seconds", "records_per_s", "outputs
                      "nsqd_cpu_s_per_million", "all_cpu_s_per_million", "peak_rss_mb", "nsqd_peak_rss_mb",
                      "host_steal_pct"}
 # 1,000,000, 100,000 and 4,000,000 records at scale 0.002; batched packs them 1000 per message.
-EXPECTED_RECORDS = {"primes1": 2000, "textbook1": 200, "batched": 8000, "durable2": 2000}
-EXPECTED_MESSAGES = {"primes1": 2000, "textbook1": 200, "batched": 8, "durable2": 2000}
+EXPECTED_RECORDS = {"primes1": 2000, "textbook1": 200, "batched": 8000, "durable2": 2000, "replicated2": 2000}
+EXPECTED_MESSAGES = {"primes1": 2000, "textbook1": 200, "batched": 8, "durable2": 2000, "replicated2": 2000}
 
 
 @dataclass
@@ -61,7 +61,7 @@ def tiny_run(nsq_bin, tmp_path_factory) -> TinyRun:
     """Run the benchmark once for every test here: textbook, primes, batched, durable, one repeat."""
     assert child_pids() == []
     out = tmp_path_factory.mktemp("bench") / "out"
-    code = run.main(["--scale", "0.002", "--repeats", "1", "--only", "primes1,textbook1,batched,durable2",
+    code = run.main(["--scale", "0.002", "--repeats", "1", "--only", "primes1,textbook1,batched,durable2,replicated2",
                      "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     return TinyRun(code, out, results, child_pids())
@@ -77,7 +77,7 @@ def test_tiny_bench_succeeds_and_stops_everything_it_started(tiny_run):
 @pytest.mark.integration
 def test_every_preloaded_record_is_drained_after_the_clock_starts(tiny_run):
     contenders = tiny_run.results["contenders"]
-    assert set(contenders) == {"primes1", "textbook1", "batched", "durable2"}
+    assert set(contenders) == {"primes1", "textbook1", "batched", "durable2", "replicated2"}
     for name, records in EXPECTED_RECORDS.items():
         entry = contenders[name]
         messages = EXPECTED_MESSAGES[name]
@@ -146,6 +146,17 @@ def test_durable2_drains_on_the_durable_profiles_nsqd_and_its_cost_is_reported(t
     assert cost["records_per_s"]["durable"] == entry["summary"]["records_per_s"]["median"]
     assert cost["records_per_s"]["plain"] is None and cost["records_per_s"]["ratio"] is None  # primes2 not run
     assert tiny_run.results["rules"][1].startswith("durable2: primes2's workload")
+
+
+def test_replicated2_drains_on_two_nsqd_with_two_copies_and_its_cost_is_reported(tiny_run):
+    entry = tiny_run.results["contenders"]["replicated2"]
+    assert (entry["kind"], entry["processes"], entry["replication"]) == ("primes", 2, 2)
+    [sample] = entry["samples"]
+    assert sample["outputs"] == 2000  # every record once, though each output is on both nodes
+    [cost] = tiny_run.results["replication_cost"]
+    assert (cost["durable"], cost["plain"]) == ("replicated2", "primes2")
+    assert cost["records_per_s"]["durable"] == entry["summary"]["records_per_s"]["median"]
+    assert "- replication cost, replicated2 vs primes2: records/s " in (tiny_run.out / "results.md").read_text()
 
 
 def test_the_bench_nsqd_takes_the_durable_profiles_flags_instead_of_its_large_memory_queue():

@@ -127,15 +127,30 @@ def test_the_window_forgets_the_older_generation_when_the_newer_fills() -> None:
     assert dedup.seen(digest(b"1199")) and not dedup.seen(digest(b"0"))
 
 
-def test_the_window_survives_a_restart_through_its_checkpoint_and_a_torn_file_is_ignored(tmp_path, caplog) -> None:
+def test_the_window_survives_a_restart_through_its_checkpoint_and_a_torn_end_loses_one_digest(tmp_path,
+                                                                                           caplog) -> None:
     path = tmp_path / "state" / "primes-0.seen"
-    dedup = Deduper(1000, path)
-    leads, _ = dedup.admit([Message(str(i).encode()) for i in range(700)])
-    dedup.settle(leads, finished=leads)
-    assert dedup.checkpoint(force=True) and not dedup.checkpoint(force=True)  # nothing new the second time
+
+    def take(dedup: Deduper, start: int, count: int) -> None:
+        leads, _ = dedup.admit([Message(str(i).encode()) for i in range(start, start + count)])
+        dedup.settle(leads, finished=leads)
+
+    dedup = Deduper(1000, path, every=0)
+    take(dedup, 0, 300)
+    assert dedup.checkpoint() and not dedup.checkpoint(force=True)  # nothing new the second time
+    take(dedup, 300, 100)
+    size = path.stat().st_size
+    assert dedup.checkpoint() and path.stat().st_size == size + 100 * 8  # only the new digests are appended
+    take(dedup, 400, 300)  # past 500: the newer generation became the older
+    assert dedup.checkpoint()
     again = Deduper(1000, path)
     assert len(again) == 700 and again.seen(digest(b"0")) and again.seen(digest(b"699"))
-    path.write_bytes(path.read_bytes()[:-5])
+    take(dedup, 700, 10)
+    assert dedup.checkpoint()
+    path.write_bytes(path.read_bytes()[:-5])  # a crash in the middle of an append
+    torn = Deduper(1000, path)
+    assert len(torn) == 709 and not torn.seen(digest(b"709")) and torn.seen(digest(b"708"))
+    path.write_bytes(b"something else")
     assert len(Deduper(1000, path)) == 0
     assert "is not a checkpoint of seen messages" in caplog.text
 

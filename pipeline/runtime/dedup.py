@@ -13,10 +13,11 @@ forgotten when the newer fills), and sorts each batch into:
   never finished while its twin could still fail;
 - *seen*: copies of a body already taken; finished at once, unprocessed.
 
-The digests are written to ``<var_dir>/state/<stage>-<replica>.seen`` at
-most once a second and when the replica drains, so a restarted replica
-still knows what its predecessor took (up to the last second of it: those
-copies are applied again, as a crash redelivers a batch).
+The digests are written to ``<var_dir>/state/<stage>-<replica>.seen`` (and
+the older generation to ``.seen.prev``) at most once a second, by appending
+the new ones, and when the replica drains, so a restarted replica still
+knows what its predecessor took (up to the last second of it: those copies
+are applied again, as a crash redelivers a batch).
 
 A copy that comes more than ``window`` messages after its twin is applied
 again: a duplicate downstream, never a loss. A body published twice on
@@ -39,17 +40,18 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 log = logging.getLogger(__name__)
 
-MAGIC = b"NSQPSEEN1\n"
+MAGIC = b"NSQPSEEN2\n"
 CHECKPOINT_EVERY = 1.0  # seconds
 
 
-def digest(body: bytes) -> int:
-    """A body's 64-bit digest (BLAKE2b): stable across processes, so it can be checkpointed."""
-    return int.from_bytes(hashlib.blake2b(body, digest_size=8).digest(), "little")
+_BLAKE2B = hashlib.blake2b
+
+
+def digest(body: bytes) -> bytes:
+    """A body's 64-bit digest (8 bytes of BLAKE2b): stable across processes, so it can be checkpointed."""
+    return _BLAKE2B(body, digest_size=8).digest()
 
 
 class Deduper:
@@ -64,19 +66,21 @@ class Deduper:
     def __init__(self, window: int, path: Path | None = None, every: float = CHECKPOINT_EVERY):
         self.half = max(1, window // 2)
         self.path, self.every = path, every
-        self.current: set[int] = set()
-        self.previous: set[int] = set()
-        self.pending: dict[int, list[Any]] = {}  # digest of a lead in hand -> its riders
-        self.leads: dict[int, int] = {}  # id() of a lead message in hand -> its digest
+        self.current: set[bytes] = set()
+        self.previous: set[bytes] = set()
+        self.pending: dict[bytes, list[Any]] = {}  # digest of a lead in hand -> its riders
+        self.leads: dict[int, bytes] = {}  # id() of a lead message in hand -> its digest
         self.dropped = 0  # copies finished unprocessed
         self._dirty, self._saved = False, time.monotonic()
+        self._new: list[bytes] = []  # digests remembered since the last checkpoint
+        self._rotated = False  # the newer generation became the older since the last checkpoint
         if path is not None:
             self._load(path)
 
     def __len__(self) -> int:
         return len(self.current) + len(self.previous)
 
-    def seen(self, value: int) -> bool:
+    def seen(self, value: bytes) -> bool:
         """True when the body with digest ``value`` was taken (and not yet forgotten)."""
         return value in self.current or value in self.previous
 
@@ -84,9 +88,9 @@ class Deduper:
         """Sort a batch: return ``(leads, seen)``; the riders are kept until :meth:`settle` of their lead."""
         leads: list[Any] = []
         seen: list[Any] = []
-        pending, current, previous = self.pending, self.current, self.previous
+        pending, current, previous, blake2b = self.pending, self.current, self.previous, _BLAKE2B
         for message in messages:
-            value = digest(message.body)
+            value = blake2b(message.body, digest_size=8).digest()
             if value in current or value in previous:
                 seen.append(message)
             elif value in pending:
@@ -120,41 +124,59 @@ class Deduper:
         self.dropped += len(finish)
         return finish, requeue
 
-    def _remember(self, value: int) -> None:
+    def _remember(self, value: bytes) -> None:
         if len(self.current) >= self.half:
             self.previous, self.current = self.current, set()
+            self._rotated = True
+            self._new.clear()  # the whole newer generation is written at the next checkpoint
         self.current.add(value)
+        if not self._rotated:
+            self._new.append(value)
         self._dirty = True
 
     # -- the checkpoint ------------------------------------------------------
 
     def checkpoint(self, force: bool = False) -> bool:
-        """Write the digests when they changed and ``every`` seconds passed (or ``force``); True if written."""
+        """Write what changed when ``every`` seconds passed (or ``force``); True if something was written.
+
+        The digests taken since the last checkpoint are appended to ``path`` (a few a second, not the
+        window); when the newer generation filled and became the older, the older is written whole to
+        ``<path>.prev`` and ``path`` starts again. No fsync: a process that dies leaves its writes in the
+        page cache; a write it was in the middle of leaves a partial digest at the end, which is dropped.
+        """
         if self.path is None or not self._dirty or (not force and time.monotonic() - self._saved < self.every):
             return False
-        previous = np.fromiter(self.previous, dtype=np.uint64, count=len(self.previous))
-        current = np.fromiter(self.current, dtype=np.uint64, count=len(self.current))
-        header = MAGIC + np.array([len(previous), len(current)], dtype="<u8").tobytes()
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:  # no fsync: a process that dies leaves its writes in the page cache
-            f.write(header + previous.astype("<u8").tobytes() + current.astype("<u8").tobytes())
-        os.replace(tmp, self.path)
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self._rotated or not path.exists():
+            _write_atomic(path.with_name(path.name + ".prev"), MAGIC + b"".join(self.previous))
+            _write_atomic(path, MAGIC + b"".join(self.current))
+            self._rotated = False
+        else:
+            with open(path, "ab") as f:
+                f.write(b"".join(self._new))
+        self._new.clear()
         self._dirty, self._saved = False, time.monotonic()
         return True
 
     def _load(self, path: Path) -> None:
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return
-        head = len(MAGIC) + 16
-        counts = np.frombuffer(data[len(MAGIC):head], dtype="<u8") if data.startswith(MAGIC) else None
-        if counts is None or len(counts) != 2 or len(data) != head + 8 * int(counts.sum()):
-            log.warning("%s is not a checkpoint of seen messages; starting with none remembered (copies taken "
-                        "before are applied again)", path)
-            return
-        values = np.frombuffer(data[head:], dtype="<u8")
-        split = int(counts[0])
-        self.previous = set(values[:split].tolist())
-        self.current = set(values[split:].tolist())
+        generations: list[set[bytes]] = []
+        for file in (path.with_name(path.name + ".prev"), path):
+            try:
+                data = file.read_bytes()
+            except FileNotFoundError:
+                generations.append(set())
+                continue
+            if not data.startswith(MAGIC):
+                log.warning("%s is not a checkpoint of seen messages; starting with none remembered (copies "
+                            "taken before are applied again)", file)
+                return
+            end = len(data) - (len(data) - len(MAGIC)) % 8  # a digest cut short by a crash is dropped
+            generations.append({data[i:i + 8] for i in range(len(MAGIC), end, 8)})
+        self.previous, self.current = generations
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
