@@ -308,3 +308,28 @@ def test_a_keyed_stages_output_stays_on_one_node_while_it_is_up_then_moves_to_on
     before, after = asyncio.run(run())
     assert sorted(before) == [0, 0, 100]  # round-robin would have spread them over the three
     assert sorted(after) == [0, 0, 100]  # the next node in the key's order took all of them
+
+
+def test_dead_ls_and_show_count_and_show_a_replicated_stages_letter_once(nsq_factory, tmp_path) -> None:
+    from io import StringIO
+
+    from pipeline.observe.deadletters import show_letters, summarize
+    from pipeline.records.codecs import encode_json
+    from pipeline.records.deadletter import DeadLetter
+
+    nodes = [nsq_factory.nsqd(f"n{i}") for i in range(3)]
+    doc = _topology(tmp_path, **{"nsq.nsqd": [{"name": n.name, "tcp": n.tcp, "http": n.http} for n in nodes]})
+    topology = _load(tmp_path, doc)
+    letters = [DeadLetter("boom", "primes", "numbers.0", "primes", 5, f"{i:016x}", encode_json({"n": i})).encode()
+               for i in range(30)]
+    with SpreadPublisher([n.tcp for n in nodes], copies=topology.copies) as pub:
+        for i in range(0, 30, 10):
+            pub.send_mpub("numbers.dead", letters[i:i + 10])
+        pub.flush()
+    assert sum(_where(nodes, "numbers.dead")) == 60  # two copies of each
+    [row] = summarize(topology)
+    assert (row.count, row.read, dict(row.reasons)) == (30, 30, {"boom": 30})
+    out = StringIO()
+    assert show_letters(topology, "primes", count=100, out=out, as_json=True) == 30
+    assert sorted(orjson.loads(orjson.loads(line)["body"])["n"] for line in out.getvalue().splitlines()) == \
+        list(range(30))

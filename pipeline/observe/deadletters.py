@@ -5,7 +5,9 @@ says what each holds), where ``pipeline up`` gives them the durable channel
 ``keep``. They are counted from nsqd's ``/stats`` (the topic's own depth plus
 everything ``keep`` holds: queued, in flight and deferred) and read through
 :func:`pipeline.observe.peek.peek_messages`, which requeues every letter it
-reads: listing or showing them removes none. A read is bounded:
+reads: listing or showing them removes none. The letters of a stage on a
+replicated topic are replicated too (a copy on two nodes each); each is
+counted and shown once. A read is bounded:
 :data:`READ_LIMIT` letters per stage and nsqd at most. Example::
 
     for row in summarize(load_topology("topology.yaml")):
@@ -101,6 +103,11 @@ def summarize(topology, *, limit: int = READ_LIMIT, log: Log = lambda line: None
             letters, problem = [], str(e)
         count = sum(state.depth + (state.channels[KEEP_CHANNEL].undelivered if KEEP_CHANNEL in state.channels
                                    else 0) for state in topic_states(topology, topic))
+        if (copies := topology.copies(topic)) > 1:
+            # a replicated stage's letters are on two nodes each: count and read every letter once
+            distinct = list({m.body: m for m in letters}.values())
+            count = len(distinct) if len(letters) >= count else -(-count // copies)
+            letters = distinct
         for name in stages:
             rows.append(_row(name, topic, count, letters, problem, shared=len(stages) > 1))
     return rows
@@ -141,7 +148,12 @@ def show_letters(topology, stage: str, *, count: int, reason: str | None = None,
     shared = sum(topology.dead_letter_topic(name) == topic for name in topology.stages) > 1
     limit = READ_LIMIT if reason or shared else count
     shown = 0
+    copies: set[bytes] | None = set() if topology.copies(topic) > 1 else None  # bodies shown, if replicated
     for tcp, message in peek_messages(topology, topic, limit, log=log):
+        if copies is not None:
+            if message.body in copies:
+                continue  # the other copy of a letter shown already
+            copies.add(message.body)
         record = letter_record(message.body)
         if record is not None and shared and record.get("stage") != stage:
             continue
