@@ -217,3 +217,59 @@ def test_dead_letters_are_re_driven_after_the_fix_through_a_killed_redrive_and_n
     assert sum(r["was_bad"] for r in got["shipped"] if "was_bad" in r) >= 200
     assert kept(http, "orders.dead") == 0
     assert (topic_stats(http, "orders.dead") or {}).get("depth", 0) == 0
+
+
+REPLICATED = '''
+nsq:
+  nsqd: [{name: n0, tcp: 127.0.0.1:4150, http: 127.0.0.1:4151}, {name: n1, tcp: 127.0.0.1:4152, http: 127.0.0.1:4153}]
+  lookupd: [{tcp: 127.0.0.1:4160, http: 127.0.0.1:4161}]
+topics:
+  orders: {codec: json, replication: 2}
+  shipped: {codec: json, replication: 2}
+stages:
+  ship: {handler: "redrive_stage:handle", input: orders, channel: ship, outputs: [shipped], max_tries: 2,
+         requeue_delay: 0, msg_timeout: 10, publish_timeout: 5}
+'''
+
+
+def test_a_replicated_stages_letters_are_re_driven_once_each_and_processed_not_taken_for_copies(
+        running_topology, tmp_path):
+    # Given a replicated stage that raised on 20 bad orders among 20 good ones: each letter on both nodes
+    (tmp_path / "redrive_stage.py").write_text(BROKEN)
+    (tmp_path / "topology.yaml").write_text(REPLICATED)
+    running = running_topology(tmp_path / "topology.yaml", monitor=False)
+    topology, path = running.topology, str(running.topology.path)
+    https, tcps = topology.nsqd_http_addresses(), topology.nsqd_tcp_addresses()
+    for http in https:
+        nsqd_http.create_channel(http, "orders.dead", KEEP_CHANNEL)
+        nsqd_http.request(http, "/channel/delete", {"topic": "orders.dead", "channel": "pipeline_testing"})
+        nsqd_http.create_channel(http, "shipped", CHECK_CHANNEL)
+    running.publish("orders", [{"id": f"o{i}", "bad": i >= 20} for i in range(40)])
+    def letters() -> bool:  # a late copy of a dead-lettered order is dead-lettered again: 20 or a few more
+        idle = all(not channel_stats(h, "orders", "ship") or channel_stats(h, "orders", "ship")["depth"]
+                   + channel_stats(h, "orders", "ship")["in_flight_count"]
+                   + channel_stats(h, "orders", "ship")["deferred_count"] == 0 for h in https)
+        return idle and sum(kept(h, "orders.dead") for h in https) >= 40
+    wait_until(letters, 60, message="20 letters, 2 copies each")
+    # When the stage is fixed and its letters re-driven (within its window: the bad bodies were seen)
+    shutil.rmtree(tmp_path / "__pycache__", ignore_errors=True)
+    (tmp_path / "redrive_stage.py").write_text(FIXED)
+    assert pipeline_cli("restart", "ship", "-t", path).returncode == 0
+    done = pipeline_cli("dead", "redrive", "ship", "-t", path)
+    assert done.returncode == 0 and done.stdout.strip().endswith("left 0"), done.stdout + done.stderr
+    # Then every bad order is shipped: the re-driven bodies were processed, not finished as copies
+    shipped: dict[str, bool] = {}
+    subs = [NsqSubscriber(tcp, "shipped", CHECK_CHANNEL) for tcp in tcps]
+
+    def all_shipped() -> bool:
+        for sub in subs:
+            for message in sub.messages(timeout=0.05):
+                record = decode(message.body)
+                shipped[record["id"]] = shipped.get(record["id"], False) or record.get("was_bad", False)
+        return sum(shipped.values()) == 20
+    try:
+        wait_until(all_shipped, 60, message="the 20 re-driven orders shipped")
+    finally:
+        for sub in subs:
+            sub.close()
+    assert set(shipped) == {f"o{i}" for i in range(40)}

@@ -333,3 +333,12 @@ def test_dead_ls_and_show_count_and_show_a_replicated_stages_letter_once(nsq_fac
     assert show_letters(topology, "primes", count=100, out=out, as_json=True) == 30
     assert sorted(orjson.loads(orjson.loads(line)["body"])["n"] for line in out.getvalue().splitlines()) == \
         list(range(30))
+
+
+def test_a_dead_lettered_body_is_not_remembered_so_its_redrive_is_processed() -> None:
+    dedup = Deduper(1000)
+    bad, good = Message(b"bad"), Message(b"good")
+    leads, _ = dedup.admit([bad, good])
+    dedup.settle(leads, finished=leads, dead=[bad])  # both finished: bad as a dead letter
+    assert dedup.seen(digest(b"good")) and not dedup.seen(digest(b"bad"))
+    assert dedup.admit([Message(b"bad")])[0]  # re-driven: a lead, not a copy

@@ -102,13 +102,16 @@ class Deduper:
         self.dropped += len(seen)
         return leads, seen
 
-    def settle(self, leads: Sequence[Any], finished: Collection[Any]) -> tuple[list[Any], list[Any]]:
+    def settle(self, leads: Sequence[Any], finished: Collection[Any],
+               dead: Collection[Any] = ()) -> tuple[list[Any], list[Any]]:
         """The batch of ``leads`` is answered: those in ``finished`` were finished, the others requeued.
 
         Returns ``(finish, requeue)``: the riders to answer like their leads.
-        A finished lead's body counts as taken from now on.
+        A finished lead's body counts as taken from now on, unless it is in ``dead`` (finished as a dead
+        letter): re-driven later, the same bytes must be processed, not taken for a copy.
         """
         done = {id(message) for message in finished}
+        forget = {id(message) for message in dead}
         finish: list[Any] = []
         requeue: list[Any] = []
         for message in leads:
@@ -117,7 +120,8 @@ class Deduper:
                 continue
             riders = self.pending.pop(value, [])
             if id(message) in done:
-                self._remember(value)
+                if id(message) not in forget:
+                    self._remember(value)
                 finish += riders
             else:
                 requeue += riders

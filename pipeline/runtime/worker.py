@@ -54,7 +54,7 @@ from pipeline.runtime.keyed_processing import KeyedProcessor
 from pipeline.runtime.middleware import faultpoints, gctuning
 from pipeline.runtime.middleware.gctuning import GcTuning
 from pipeline.runtime.middleware.metrics import WorkerMetrics
-from pipeline.runtime.processing import BatchProcessor, ProcessingContext
+from pipeline.runtime.processing import BatchProcessor, Dead, ProcessingContext
 from pipeline.runtime.results import FailureLog
 from pipeline.stage import Handler, StageContext, load_handler
 
@@ -308,10 +308,12 @@ class Worker:
             self.acks.finish_copies(seen)
         return leads
 
-    def _settle_copies(self, leads: list, finished) -> None:
-        """Answer the copies that waited for ``leads`` as their leads were answered."""
+    def _settle_copies(self, leads: list, finished, dead: Iterable[Dead] = ()) -> None:
+        """Answer the copies that waited for ``leads`` as their leads were answered (a whole message
+        dead-lettered is not remembered: its letter may be re-driven, with the same bytes)."""
         dedup = self.dedup
-        finish, requeue = dedup.settle(leads, finished)  # type: ignore[union-attr]  # called with a deduper only
+        lost = [d.message for d in dead if d.index is None]
+        finish, requeue = dedup.settle(leads, finished, lost)  # type: ignore[union-attr]  # with a deduper only
         if finish:
             self.acks.finish_copies(finish)
         if requeue:
@@ -338,4 +340,4 @@ class Worker:
         acks.published(outputs)
         acks.finish(outcome.finish, outcome.retry)
         if self.dedup is not None:
-            self._settle_copies(messages, outcome.finish)
+            self._settle_copies(messages, outcome.finish, outcome.dead)
