@@ -12,6 +12,9 @@ recovery observations, so it can be run again on a finished run's folder.
   goes uncounted;
 - ``dead_lettered``: ids on the dead-letter topic; ``poison_not_dead_lettered``:
   poison records that came out anywhere else or nowhere;
+- ``crash_not_dead_lettered``: records that kill their worker (the workload's ``crashes``) without a dead
+  letter whose reason names the worker deaths and their cause (``worker died 2 times while processing it
+  (last: SIGSEGV)``); ``restarts_per_crash``: worker restarts over the crash records (filled in by the run);
 - ``misclassified``: a number on ``prime`` that is not prime, or the reverse;
 - ``mismatched``: (the ticks pipeline, :mod:`chaos.market_check`) features or signals that differ from the
   offline reference;
@@ -23,6 +26,7 @@ recovery observations, so it can be run again on a finished run's folder.
 """
 from __future__ import annotations
 
+import re
 import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -46,6 +50,11 @@ def is_prime(n: int) -> bool:
     return True
 
 
+#: What the worker deaths of each kind of crash record are reported as (chaos.crashing:classify).
+CRASH_CAUSES = {"exit": "exit status 1", "segv": "SIGSEGV"}
+_CRASH_REASON = re.compile(r"worker died (?:once|\d+ times) while processing it \(last: (.+)\)")
+
+
 @dataclass
 class Report:
     """The checker's findings for one run."""
@@ -62,6 +71,9 @@ class Report:
     poison_not_dead_lettered: int = 0
     misclassified: int = 0
     mismatched: int = 0
+    crash_records: int = 0
+    crash_not_dead_lettered: int = 0
+    restarts_per_crash: float | None = None
     kills: int = 0
     point_kills: int = 0
     fatal: int = 0
@@ -103,6 +115,10 @@ def check(journal: Journal, arrivals: list[Arrival], dead_topic: str, *, kills: 
     poison = {i for i, n in journal.sent.items() if not isinstance(n, int) and i in journal.acked}
     report.poison = len(poison)
     report.poison_not_dead_lettered = len(poison - dead)
+    crashes = {i: n["crash"] for i, n in journal.sent.items() if isinstance(n, dict) and i in journal.acked}
+    named = {a.id for a in arrivals if a.topic == dead_topic and a.id in crashes
+             and (found := _CRASH_REASON.fullmatch(a.reason or "")) and found.group(1) == CRASH_CAUSES[crashes[a.id]]}
+    report.crash_records, report.crash_not_dead_lettered = len(crashes), len(crashes.keys() - named)
     report.misclassified = sum(1 for a in arrivals if a.topic != dead_topic and isinstance(a.number, int)
                                and a.prime is not None and a.prime != is_prime(a.number))
     return add_recovery(report, kills=kills, first_running=first_running, consuming=consuming,

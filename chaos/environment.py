@@ -244,11 +244,11 @@ class ChaosEnvironment:
 
     def _primes_pipeline(self) -> dict:
         spec, topics = self.spec, self.topics
-        stage = {"handler": "consumers.primes:classify", "input": topics.input, "channel": STAGE,
+        stage = {"handler": spec.handler, "input": topics.input, "channel": STAGE,
                  "outputs": [topics.prime, topics.non_prime], "replicas": spec.replicas,
                  "max_in_flight": spec.max_in_flight, "batch": {"size": min(spec.batch_size, spec.max_in_flight),
                                                                 "wait_ms": 5},
-                 "max_tries": spec.max_tries, "msg_timeout": spec.msg_timeout,
+                 "max_tries": spec.max_tries, "crash_tries": spec.crash_tries, "msg_timeout": spec.msg_timeout,
                  "publish_timeout": spec.publish_timeout, "requeue_delay": 0.2, "max_backoff_duration": 1.0}
         declared = {t: {"codec": "json"} for t in (topics.input, topics.prime, topics.non_prime)}
         if spec.replication > 1 and spec.replicas > 1:

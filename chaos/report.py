@@ -11,8 +11,9 @@ from .run import RunResult
 
 SOAK_RECORDS = 1_000_000
 FIELDS = ("acked", "lost", "unexpected", "duplicated", "dead_lettered", "poison_not_dead_lettered", "misclassified",
-          "mismatched", "kills", "point_kills", "fatal", "recovered", "running_p50", "running_p99", "recovery_p50",
-          "recovery_p99", "recovered_clear", "recovery_clear_p50", "recovery_clear_p99")
+          "mismatched", "crash_not_dead_lettered", "restarts_per_crash", "kills", "point_kills", "fatal", "recovered",
+          "running_p50", "running_p99", "recovery_p50", "recovery_p99", "recovered_clear", "recovery_clear_p50",
+          "recovery_clear_p99")
 
 
 def print_result(result: RunResult, console: Console) -> None:
@@ -23,9 +24,9 @@ def print_result(result: RunResult, console: Console) -> None:
     if result.after_replay is not None:
         table.add_column("after replay", justify="right")
     for name in FIELDS:
-        row = [name, _fmt(getattr(result.report, name, None))]
+        row = [name, _fmt(getattr(result.report, name, None), name)]
         if result.after_replay is not None:
-            row.append(_fmt(getattr(result.after_replay, name)))
+            row.append(_fmt(getattr(result.after_replay, name), name))
         table.add_row(*row)
     table.add_row("faults injected", str(result.injected))
     table.add_row("worker restarts", str(result.restarts))
@@ -42,10 +43,15 @@ def print_result(result: RunResult, console: Console) -> None:
     console.print(f"{verdict}  (report: {result.folder / 'report.json'}, replay with --seed {result.seed})")
 
 
-def _fmt(value) -> str:
+RATIOS = ("restarts_per_crash",)  # the float figures that are not seconds
+
+
+def _fmt(value, name: str = "") -> str:
     if value is None:
         return "-"
-    return f"{value:.3f} s" if isinstance(value, float) else f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.2f}" if name in RATIOS else f"{value:.3f} s"
+    return f"{value:,}"
 
 
 #: The lines around the hand-written part of docs/RELIABILITY.md, which a new report keeps as it was.
@@ -95,12 +101,13 @@ def reliability_markdown(results: list[RunResult], kept: str = "") -> str:
                   " their defaults, e.g. `--mem-queue-size=10000 --sync-every=2500 --sync-timeout=2s`) |",
                   *_nodes_row(c),
                   *(f"| {k} | {c.get(k)} |" for k in ("replicas", "msg_timeout", "max_in_flight", "max_tries",
-                                                       "publish_timeout", "records", "rate", "duration")),
+                                                       "crash_tries", "publish_timeout", "records", "rate",
+                                                       "duration")),
                   f"| supervisord | {c.get('supervisord')} |",
                   *([f"| host | {c['host']} |"] if c.get("host") else []), "",
                   "| result | value |", "|---|---|"]
         if r is not None:
-            lines += [f"| {name} | {_fmt(getattr(r, name))} |" for name in FIELDS]
+            lines += [f"| {name} | {_fmt(getattr(r, name), name)} |" for name in FIELDS]
         if result.after_replay is not None:
             lines += [f"| replayed | {result.replayed:,} |", f"| lost after replay | {_fmt(result.after_replay.lost)} |"]
         lines += [f"| faults injected | {result.injected} |", f"| worker restarts | {result.restarts} |",
@@ -135,7 +142,7 @@ def _summary(results: list[RunResult]) -> list[str]:
     lines = ["| scenario | verdict | lost after replay | " + " | ".join(names) + " | faults injected |",
              "|---" * (len(names) + 4) + "|"]
     for result in results:
-        figures = [_fmt(getattr(result.report, name, None)) for name in names]
+        figures = [_fmt(getattr(result.report, name, None), name) for name in names]
         replayed = "-" if result.after_replay is None else _fmt(result.after_replay.lost)
         lines.append(f"| {result.scenario} | {'PASS' if result.passed else 'FAIL'} | {replayed} | "
                      + " | ".join(figures) + f" | {result.injected} |")

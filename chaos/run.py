@@ -150,6 +150,7 @@ def _config(env: ChaosEnvironment, scenario: Scenario, workload, method_s: float
                            f" proxy {n.proxy_tcp}" for n in env.nodes],
             "replication": env.spec.replication, "replicas": stage.replicas,
             "msg_timeout": stage.msg_timeout, "max_in_flight": stage.max_in_flight, "max_tries": stage.max_tries,
+            "crash_tries": stage.crash_tries, "handler": stage.handler,
             "publish_timeout": stage.publish_timeout, "records": workload.records, "rate": workload.rate,
             "poison": workload.poison, "duration": method_s, "supervisord": _supervisord_settings(env),
             "workload": workload.kind, "stages": list(env.stages),
@@ -188,7 +189,8 @@ def _method(env: ChaosEnvironment, monkey: Monkey, workload, seed: int, folder: 
     else:
         producer = JournalingProducer(env.tcp_addresses, env.topics.input, journal, run_id=run_id,
                                       records=workload.records, rate=workload.rate, chunk=workload.chunk,
-                                      poison=workload.poison, seed=seed, spec=env.topology.topics[env.topics.input])
+                                      poison=workload.poison, seed=seed, spec=env.topology.topics[env.topics.input],
+                                      crashes=workload.crashes)
     threads = [threading.Thread(target=producer.run, args=(stop,), name="producer", daemon=True),
                threading.Thread(target=monkey.run, args=(stop,), name="monkey", daemon=True)]
     for thread in threads:
@@ -340,6 +342,8 @@ def _check(env: ChaosEnvironment, folder: Path, sinks: Sinks, monkey: Monkey, tr
     else:
         report = check(journal, list(sinks.arrivals), env.topics.dead, copies=env.spec.replication, **recovery)
     report.point_kills, report.fatal = point_kills, tracker.fatal
+    if report.crash_records:
+        report.restarts_per_crash = round(tracker.restarts / report.crash_records, 2)
     return report
 
 

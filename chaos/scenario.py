@@ -183,6 +183,10 @@ class PipelineSpec(_Spec):
     msg_timeout: float = Field(5, ge=1, le=900)
     publish_timeout: float = Field(2, ge=0.1, le=600)
     max_tries: int = Field(5, ge=1, le=65535)
+    crash_tries: int = Field(2, ge=1, le=100, description="Worker deaths holding a record before it is dead-lettered.")
+    handler: str = Field("consumers.primes:classify", min_length=1,
+                         description="The numbers stage's handler: the primes stage, or a variant of it such as"
+                                     " chaos.crashing:classify (kills its worker on the workload's crash records).")
     max_in_flight: int = Field(200, ge=1, le=2500)
     batch_size: int = Field(64, ge=1, le=10000)
     nsqd_args: list[str] = Field(default_factory=list, description="Extra nsqd flags, e.g. --mem-queue-size=0.")
@@ -208,12 +212,21 @@ class Workload(_Spec):
     records: int = Field(3000, ge=1, le=100_000_000, description="Numbers published (--records).")
     rate: float = Field(1500, gt=0, description="Records per second.")
     poison: float = Field(0, ge=0, le=1, description="Share of records that are poison (no valid number).")
+    crashes: list[Literal["exit", "segv"]] = Field(
+        default_factory=list, max_length=100,
+        description="Records that kill their worker under chaos.crashing:classify (exit: os._exit(1); segv: a"
+                    " segfault), one each, at seeded places among the records; they must be dead-lettered with"
+                    " the cause, after at most crash_tries + 1 worker deaths each.")
     chunk: int = Field(50, ge=1, le=5000, description="Records per MPUB.")
 
     @model_validator(mode="after")
     def _ticks_have_no_poison(self) -> Workload:
         if self.kind == "ticks" and self.poison:
             raise ValueError("poison: the ticks workload has no poison records (kind: ticks)")
+        if self.kind == "ticks" and self.crashes:
+            raise ValueError("crashes: the ticks workload has no crash records (kind: ticks)")
+        if len(self.crashes) > self.records:
+            raise ValueError(f"crashes: {len(self.crashes)} crash records do not fit in {self.records} records")
         return self
 
 
@@ -221,7 +234,8 @@ Rollback = Literal["resume_processes", "remove_toxics", "disarm_fault_points", "
 ROLLBACKS: tuple[str, ...] = ("resume_processes", "remove_toxics", "disarm_fault_points", "start_workers")
 ExpectKey = Literal["lost", "unexpected", "duplicated", "dead_lettered", "misclassified", "mismatched",
                     "lost_after_replay",
-                    "recovery_p99", "recovery_clear_p99", "poison_not_dead_lettered", "fatal", "point_kills", "kills"]
+                    "recovery_p99", "recovery_clear_p99", "poison_not_dead_lettered", "fatal", "point_kills", "kills",
+                    "crash_not_dead_lettered", "restarts_per_crash"]
 
 
 class Scenario(_Spec):

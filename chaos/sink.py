@@ -37,6 +37,7 @@ class Arrival:
     prime: bool | None = None
     record: dict | None = None
     node: str = ""  # the nsqd (TCP address) it came from
+    reason: str | None = None  # a dead letter's
 
 
 def parse_arrival(topic: str, dead_topic: str | Collection[str], body: bytes, attempts: int, *,
@@ -47,13 +48,15 @@ def parse_arrival(topic: str, dead_topic: str | Collection[str], body: bytes, at
     ``node``: the nsqd it came from.
     """
     record = decode(body)
+    reason = None
     if topic == dead_topic or (not isinstance(dead_topic, str) and topic in dead_topic):
+        reason = record.get("reason")
         try:
             record = decode(record["body"].encode()) if "body" in record else {}
         except (PipelineError, KeyError, AttributeError):
             record = {}
     return Arrival(topic, str(record.get("id")), record.get("number"), attempts, time.time(), record.get("prime"),
-                   record if keep else None, node)
+                   record if keep else None, node, reason)
 
 
 class Sinks:
@@ -103,6 +106,8 @@ class Sinks:
                     "attempts": arrival.attempts, "t": arrival.t, "prime": arrival.prime, "node": arrival.node}
             if arrival.record is not None:
                 line["record"] = arrival.record
+            if arrival.reason is not None:
+                line["reason"] = arrival.reason
             self._file.write(json.dumps(line) + "\n")
 
     def quiet_for(self) -> float:

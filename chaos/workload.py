@@ -9,13 +9,17 @@ fails anyway (every nsqd restarting, stopped, killed) is retried on a new
 producer until it is acknowledged or the producer is stopped; a chunk that
 was sent but never acknowledged stays in ``sent`` only, so its records may
 arrive (not ``unexpected``) but need not (not ``lost``). A share ``poison`` of
-the records carries no valid number and must end on the dead-letter topic.
+the records carries no valid number and must end on the dead-letter topic,
+as must each of the ``crashes`` records, which carry a ``crash`` field that
+makes ``chaos.crashing:classify`` kill its worker (journaled as
+``{"crash": kind, "number": n}``).
 """
 from __future__ import annotations
 
 import random
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +57,9 @@ class Journal:
 
 
 def make_record(record_id: str, number: object) -> dict:
-    """The record published for one journaled (id, number)."""
+    """The record published for one journaled (id, number) (a crash record's ``number`` is its fields)."""
+    if isinstance(number, dict):
+        return {"id": record_id, "ts": time.time_ns(), **number}
     return {"id": record_id, "ts": time.time_ns(), "number": number}
 
 
@@ -107,11 +113,14 @@ class JournalingProducer(Journaled):
 
     def __init__(self, nsqd_tcp: str | list[str], topic: str, journal: Path, *, run_id: str, records: int,
                  rate: float, chunk: int = 50, poison: float = 0.0, seed: int = 0, start: int = 1,
-                 spec: TopicSpec | None = None):
+                 spec: TopicSpec | None = None, crashes: Sequence[str] = ()):
         self.nsqd_tcp, self.topic, self.spec, self.journal = nsqd_tcp, topic, spec, journal
         self.run_id, self.records, self.rate, self.chunk = run_id, records, rate, chunk
         self.poison, self.start = poison, start
         self.rng = random.Random(seed)
+        # where the crash records go: seeded apart from the poison draws, so those stay as they were
+        places = random.Random(f"crashes-{seed}").sample(range(start, start + records), len(crashes))
+        self.crashes = dict(zip(places, crashes, strict=True))
         self.acked = 0
         self.errors = 0
         self.poisoned = 0
@@ -122,7 +131,9 @@ class JournalingProducer(Journaled):
         for first in range(self.start, self.start + self.records, self.chunk):
             batch = []
             for n in range(first, min(first + self.chunk, self.start + self.records)):
-                if self.poison and self.rng.random() < self.poison:
+                if n in self.crashes:
+                    batch.append((f"{self.run_id}-{n}", {"crash": self.crashes[n], "number": n}))
+                elif self.poison and self.rng.random() < self.poison:
                     self.poisoned += 1
                     batch.append((f"{self.run_id}-{n}", f"poison-{n}"))
                 else:

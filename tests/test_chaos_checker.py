@@ -91,3 +91,25 @@ def test_clear_recovery_leaves_out_kills_during_a_broker_or_network_fault() -> N
     assert (report.recovered, report.recovered_clear) == (3, 2)
     assert (report.recovery_clear_p50, report.recovery_clear_p99) == (1.5, 2.0)
     assert report.recovery_log[1] == ["primes:primes-1", 200.0, 2.0, 9.0]
+
+
+def test_a_crash_record_counts_only_when_its_dead_letter_names_the_deaths_and_their_cause() -> None:
+    crash = lambda kind, n: {"crash": kind, "number": n}  # noqa: E731 - as the producer journals them
+    journal = Journal(sent={"r-1": 1, "r-e": crash("exit", 2), "r-s": crash("segv", 3), "r-k": crash("segv", 4)},
+                      acked={"r-1", "r-e", "r-s", "r-k"})
+    arrivals = [_arrival("non_prime", "r-1", 1, False),
+                Arrival(DEAD, "r-e", 2, 3, 0.0, reason="worker died 2 times while processing it (last: exit status 1)"),
+                Arrival(DEAD, "r-s", 3, 3, 0.0, reason="worker died 2 times while processing it (last: SIGKILL)"),
+                Arrival(DEAD, "r-k", 4, 6, 0.0, reason="handler raised ValueError: no")]
+    report = check(journal, arrivals, DEAD)
+    assert (report.crash_records, report.crash_not_dead_lettered) == (3, 2)  # wrong cause, and no crash at all
+    assert (report.lost, report.poison, report.poison_not_dead_lettered) == (0, 3, 0)
+
+
+def test_a_dead_letters_reason_is_kept_by_the_sink() -> None:
+    letter = orjson.dumps({"reason": "worker died 2 times while processing it (last: SIGSEGV)",
+                           "body": orjson.dumps({"id": "r-9", "number": 9, "crash": "segv"}).decode()})
+    arrival = parse_arrival(DEAD, DEAD, letter, 3)
+    assert (arrival.id, arrival.number, arrival.reason) == ("r-9", 9, "worker died 2 times while processing it"
+                                                                       " (last: SIGSEGV)")
+    assert parse_arrival("prime", DEAD, orjson.dumps({"id": "r-2", "number": 2}), 1).reason is None

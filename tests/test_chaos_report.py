@@ -86,3 +86,10 @@ def test_a_new_report_keeps_the_hand_written_part_of_the_one_it_replaces(tmp_pat
     text = path.read_text()
     assert text.count(prose) == 1 and "| lost | 0 |" in text and "| lost | 7 |" not in text
     assert text.index(prose) < text.index("## soak (seed 7)")  # before each run's section
+
+
+def test_restarts_per_crash_is_a_ratio_not_seconds() -> None:
+    result = RunResult("15_poison_crash", 1, Path("/tmp/c"), report=Report(acked=2000, dead_lettered=2,
+                                                                            restarts_per_crash=2.0), drained=True)
+    text = reliability_markdown([result])
+    assert "| restarts_per_crash | 2.00 |" in text and "| crash_not_dead_lettered | 0 |" in text

@@ -24,7 +24,7 @@ from test_processing import Msg, out_records, processor
 class MessageByMessage(BatchProcessor):
     """The reference: every batch decoded one message at a time (the general path)."""
 
-    def _plain_records(self, messages):
+    def _plain_records(self, messages, most):
         return None
 
 

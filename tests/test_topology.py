@@ -168,7 +168,7 @@ BROKEN = [
      "topology.yaml:14:15: stages.primes.replicas: must be an integer"),
     ("unknown-stage-key", "    replicas: 2", "    replica: 2",
      "topology.yaml:14:5: stages.primes.replica: unknown field; expected one of: handler, input, channel, "
-     "outputs, replicas, max_in_flight, batch, max_tries, dead_keep, msg_timeout, requeue_delay, "
+     "outputs, replicas, max_in_flight, batch, max_tries, crash_tries, dead_keep, msg_timeout, requeue_delay, "
      "max_backoff_duration, publish_timeout, output_buffer_timeout, output_buffer_size, keyed, "
      "checkpoint_interval_ms, dedup_window, gap_max_count, gap_max_ms, params, metrics_port, metrics_host"),
     ("unknown-top-level-key", "producers:", "producer:",

@@ -251,6 +251,16 @@ class StageSpec(Spec):
     max_in_flight: int = Field(500, ge=1, le=2500, description="Messages a replica holds unfinished at once (RDY).")
     batch: BatchSpec = Field(default_factory=BatchSpec, description="How messages are grouped into handler calls.")
     max_tries: int = Field(5, ge=1, le=65535, description="Attempts before a message is dead-lettered, never dropped.")
+    crash_tries: int = Field(
+        2, ge=1, le=100,
+        description="Worker deaths (a segfault, `os._exit`, an OOM kill) inside a handler call holding a message"
+                    " before that message is dead-lettered to `<input>.dead` without running again, its reason"
+                    " naming the deaths and the last one's cause (`worker died 2 times while processing it (last:"
+                    " SIGSEGV)`). After the first death it runs alone, and one death at least must be while it ran"
+                    " alone, so no message pays for a batch-mate's crash. `max_tries` cannot count these: the"
+                    " worker does not live to. Each replica notes the ids in its handler's hands in"
+                    " `<var_dir>/state/crash/`.",
+    )
     dead_keep: int | None = Field(
         None, ge=1,
         description="The most dead letters the `keep` channel of `<input>.dead` holds, per nsqd; `pipeline"

@@ -13,7 +13,16 @@ from typing import Any
 from pipeline.errors import StageStateError
 from pipeline.records.codecs import decode
 from pipeline.runtime.keyed import Sequencer
-from pipeline.runtime.processing import BatchProcessor, Dead, Failed, Outcome, ProcessingContext, record_body
+from pipeline.runtime.processing import (
+    BatchProcessor,
+    Dead,
+    Failed,
+    Outcome,
+    ProcessingContext,
+    batch_columns,
+    record_body,
+)
+from pipeline.runtime.quarantine import Crash
 from pipeline.stage import plain
 
 _UNKNOWN = object()
@@ -57,7 +66,10 @@ class KeyedProcessor(BatchProcessor):
     batch. A stateful handler is snapshotted before each call and restored
     when the call raises, so a failing call changes nothing; the failing
     record is then dead-lettered at once (a later retry would apply it after
-    the records behind it).
+    the records behind it). A record of a message a worker died holding
+    (:mod:`~pipeline.runtime.quarantine`) is applied alone, in its place in
+    the order, or, once the message has used up ``crash_tries``, dead-lettered
+    without running: skipped like a record whose call raised.
     """
 
     def __init__(self, context: ProcessingContext, *, key_field: str, seq_field: str, sequencer: Sequencer):
@@ -75,7 +87,7 @@ class KeyedProcessor(BatchProcessor):
 
     def process(self, messages: list) -> Outcome:
         """Sequence the batch's records (and any whose gap expired), apply what is ready, in order."""
-        if self.columns_handler is not None:
+        if self.columns_handler is not None and not self._crashed(messages):
             columnar = self._process_in_order_columns(messages)
             if columnar is not None:
                 return columnar
@@ -116,7 +128,7 @@ class KeyedProcessor(BatchProcessor):
                 what cannot be published, after it may have changed the state;
                 the worker then rewinds the replica to its last checkpoint.
         """
-        found = self._columns_of(messages)
+        found = batch_columns(messages, self.spec.max_tries)
         if found is None or self.key_field not in found or self.seq_field not in found:
             return None
         last = self.sequencer.take_in_order(found[self.key_field], plain(found[self.seq_field]))
@@ -124,7 +136,7 @@ class KeyedProcessor(BatchProcessor):
             return None
         before = None if self.columns_atomic else self._snapshot()
         self._handler_state = _UNKNOWN  # the call may change the state, whatever it returns
-        encoded = self._run_columns(found)
+        encoded = self._run_columns(found, messages)
         if encoded is None:
             if before is not None:
                 self._restore(before)
@@ -151,8 +163,20 @@ class KeyedProcessor(BatchProcessor):
         self.parked += offer.parked
         return offer.ready
 
+    def _crashed(self, items: list) -> dict[bytes, Crash]:
+        """Which of ``items`` (messages or entries) a worker of this replica died holding, as read at its start.
+
+        A keyed replica alone reads its partition, so only its own successors add
+        its messages to the journal: no need to read it again.
+        """
+        return self.quarantine.crashed_known(items) if self.quarantine is not None else {}
+
     def _apply_in_order(self, ready: list[KeyedEntry], outcome: Outcome) -> None:
         if not ready:
+            return
+        crashed = self._crashed(ready)
+        if crashed:
+            self._apply_around_crashes(ready, crashed, outcome)
             return
         before = self._snapshot()
         try:
@@ -161,16 +185,36 @@ class KeyedProcessor(BatchProcessor):
         except Failed:
             self._restore(before)
         for entry in ready:  # one at a time, so only the failing record is lost to the state
-            before = self._snapshot()
-            try:
-                self._apply_records([entry], outcome)
-            except Failed as failure:
-                self._restore(before)
-                outcome.dead.append(entry.dead(failure.reason + " (keyed stages do not retry)", failure.traceback()))
+            self._apply_alone(entry, outcome)
+
+    def _apply_around_crashes(self, ready: list[KeyedEntry], crashed: dict[bytes, Crash], outcome: Outcome) -> None:
+        """Apply ``ready`` in order; a record of a ``crashed`` message alone, or dead-lettered once it is spent."""
+        group: list[KeyedEntry] = []
+        for entry in ready:
+            crash = crashed.get(entry.id)
+            if crash is None:
+                group.append(entry)
+                continue
+            self._apply_in_order(group, outcome)
+            group = []
+            if self.quarantine.spent(crash):  # type: ignore[union-attr]  # set: crashed is not empty
+                outcome.dead.append(entry.dead(crash.reason()))
+            else:
+                self._apply_alone(entry, outcome)
+        self._apply_in_order(group, outcome)
+
+    def _apply_alone(self, entry: KeyedEntry, outcome: Outcome) -> None:
+        """Apply one record; when its call fails the state is put back and the record dead-lettered."""
+        before = self._snapshot()
+        try:
+            self._apply_records([entry], outcome)
+        except Failed as failure:
+            self._restore(before)
+            outcome.dead.append(entry.dead(failure.reason + " (keyed stages do not retry)", failure.traceback()))
 
     def _apply_records(self, entries: list[KeyedEntry], outcome: Outcome) -> None:
         self._handler_state = _UNKNOWN  # the call changes the state, whether it returns or raises
-        batch, encoded = self._run_handler([e.record for e in entries], permanent=True)
+        batch, encoded = self._run_handler([e.record for e in entries], permanent=True, held=entries)
         outcome.emit(encoded)
         for index, reason in sorted(batch.rejected.items()):
             outcome.dead.append(entries[index].dead(reason))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import repeat
 from typing import Any
 
@@ -35,10 +36,12 @@ from pipeline.records.codecs import (
 )
 from pipeline.records.deadletter import DeadLetter
 from pipeline.records.partition import PartitionKeyError, Router
+from pipeline.runtime.quarantine import NO_BOX, Crash, Quarantine
 from pipeline.runtime.results import check_result, handler_frames
 from pipeline.stage import Batch, ColumnBatch, Columns, Handler, plain
 
 _ATTEMPTS, _BODY = operator.attrgetter("attempts"), operator.attrgetter("body")
+_NO_CRASHES: dict[bytes, Crash] = {}  # never changed: what a batch with no redelivered message is told
 
 
 def _joined(parts: list) -> list | np.ndarray:
@@ -113,7 +116,9 @@ class ProcessingContext:
     decisions alone); ``on_error`` is called with (record count, exception)
     when the handler raises, or with a :class:`~pipeline.errors.StageOutputError`
     when it returns anything but a mapping of the stage's outputs (see
-    :func:`~pipeline.runtime.results.check_result`).
+    :func:`~pipeline.runtime.results.check_result`); ``quarantine`` (None in
+    tests of the decisions alone) notes the messages in the handler's hands and
+    knows the ones that were there when a worker died (:mod:`.quarantine`).
     """
 
     name: str
@@ -123,6 +128,7 @@ class ProcessingContext:
     middleware: MiddlewareStack
     worker: WorkerView | None = None
     on_error: Callable[[int, BaseException], None] = _ignore_error
+    quarantine: Quarantine | None = None
 
 
 class BatchProcessor:
@@ -132,6 +138,7 @@ class BatchProcessor:
         # Copied out of the context: the per-batch and per-message code reads them often.
         self.worker, self.name, self.spec = context.worker, context.name, context.spec
         self.handler, self.middleware, self.on_error = context.handler, context.middleware, context.on_error
+        self.quarantine = context.quarantine
         topology = context.topology
         self.columns_handler = getattr(self.handler, "columns", None)
         self.columns_declined = False  # whether the last columnar call returned None (see _run_columns)
@@ -141,26 +148,28 @@ class BatchProcessor:
 
     def process(self, messages: list) -> Outcome:
         """Decode, run the handler and encode; decide each message's fate."""
-        if self.columns_handler is not None:
-            columnar = self._process_columns(messages)
-            if columnar is not None:
-                return columnar
+        most = max(map(_ATTEMPTS, messages), default=0)
+        quarantine = self.quarantine
+        crashed = quarantine.crashed(messages) if most > 1 and quarantine is not None else _NO_CRASHES
         outcome = Outcome()
-        records = self._plain_records(messages)
-        if records is not None:
+        if crashed and quarantine is not None:  # a worker died holding some: no fast path; the spent never run
+            messages = quarantine.triage(messages, crashed, partial(self._dead_message, outcome))
+        elif self.columns_handler is not None and (columnar := self._process_columns(messages)) is not None:
+            return columnar
+        elif (records := self._plain_records(messages, most)) is not None:
             try:
                 self._apply_plain(messages, records, outcome)
-                return outcome
             except Failed as failure:
                 self._failed([Unit(m, [r]) for m, r in zip(messages, records, strict=False)], failure, outcome)
-                return outcome
+            return outcome
         units: list[Unit]
         suspects: list[Unit]
         units, suspects = [], []
         for unit in self._decode_all(messages, outcome):
-            # A message past max_tries was last seen by a worker that died or
-            # timed out on it: it runs alone so it cannot take a batch down.
-            (suspects if unit.message.attempts > self.spec.max_tries else units).append(unit)
+            # A message past max_tries was last seen by a worker that died or timed out on it, a crashed one
+            # by a worker that died holding it (see .quarantine): it runs alone so it cannot take a batch down.
+            message = unit.message
+            (suspects if message.attempts > self.spec.max_tries or message.id in crashed else units).append(unit)
         if units:
             try:
                 self._apply(units, outcome)
@@ -178,18 +187,18 @@ class BatchProcessor:
         for unit in units:
             self._isolate(unit, outcome)
 
-    def _plain_records(self, messages: list) -> list[dict] | None:
+    def _plain_records(self, messages: list, most: int) -> list[dict] | None:
         """The records of a batch of plain JSON messages, decoded together; None hands it to :meth:`_decode_all`.
 
         This is the common case of one JSON record per message, decoded with
         no Python code per message: it applies only when every message is
-        within max_tries and its body is a JSON object (not an envelope) that
-        orjson decodes exactly (no run of 20 digits, see
+        within max_tries (``most`` is the batch's largest ``attempts``) and its
+        body is a JSON object (not an envelope) that orjson decodes exactly (no run of 20 digits, see
         :mod:`pipeline.records.codecs`). Anything else, including one malformed body,
         goes the general way, which decodes each message alone and
         dead-letters the bad ones, so the result is the same either way.
         """
-        if not messages or max(map(_ATTEMPTS, messages)) > self.spec.max_tries:
+        if not messages or most > self.spec.max_tries:
             return None
         bodies = list(map(_BODY, messages))
         if beyond_orjson(b" ".join(bodies)):
@@ -208,7 +217,7 @@ class BatchProcessor:
         Raises:
             Failed: the handler raised, or emitted something unpublishable.
         """
-        batch, outcome.outputs = self._run_handler(records, permanent=False)
+        batch, outcome.outputs = self._run_handler(records, permanent=False, held=messages)
         for index, reason in sorted(batch.rejected.items()):
             outcome.dead.append(Dead(messages[index], reason, messages[index].body))
         outcome.finish = list(messages)
@@ -222,12 +231,13 @@ class BatchProcessor:
         others are encoded record by record); anything else (including the
         function raising) falls back, and the record path runs the batch as usual.
         """
-        found = self._columns_of(messages)
-        encoded = self._run_columns(found) if found is not None else None
+        found = batch_columns(messages, self.spec.max_tries)
+        encoded = self._run_columns(found, messages) if found is not None else None
         return Outcome(outputs=encoded, finish=list(messages)) if encoded is not None else None
 
-    def _run_columns(self, found: Columns) -> dict[str, list[bytes]] | None:
-        """Call the columnar function with the middleware hooks around it; its encoded outputs.
+    def _run_columns(self, found: Columns, held: list) -> dict[str, list[bytes]] | None:
+        """Call the columnar function on ``found`` (the records of the messages ``held``), with the middleware
+        hooks around it; its encoded outputs.
 
         None when it declined (returned None), raised, returned anything else
         but a mapping of outputs (reported to ``on_error`` as the handler's
@@ -238,11 +248,15 @@ class BatchProcessor:
         batch = ColumnBatch(found, stage=self.name)
         self.middleware.emit_before("before_process_batch", self.worker, batch)
         problem: Exception | None = None
+        box = self.quarantine.box if self.quarantine is not None else NO_BOX
+        box.hold(held)
         try:
             emitted = self.columns_handler(found)  # type: ignore[misc]  # set: callers check it is not None
+            box.clear()
             if emitted is not None:
                 check_result(emitted, self.outputs, self.name, columnar=True)
         except Exception as e:
+            box.clear()
             emitted, problem = None, e
             self.on_error(len(found), e)
         self.columns_declined = emitted is None and problem is None
@@ -250,32 +264,6 @@ class BatchProcessor:
         self.middleware.emit_after("after_process_batch", self.worker, batch,
                                    result=emitted if encoded is not None else None, exception=problem)
         return encoded
-
-    def _columns_of(self, messages: list) -> Columns | None:
-        keys: list[str] | None
-        parts: list[list[Any]]
-        keys, parts, n = None, None, 0  # type: ignore[assignment]  # parts is None only until keys is set
-        for message in messages:
-            body = message.body
-            if message.attempts > self.spec.max_tries or not body or body[0] not in MSGPACK_MAP_MARKERS:
-                return None
-            try:
-                found = envelope.columns_of(envelope.unpackb(body))
-            except Exception:
-                return None
-            if found is None:
-                return None
-            if keys is None:
-                keys, parts, n = found[0], [[c] for c in found[1]], found[2]
-            elif found[0] != keys:
-                return None
-            else:
-                for column_parts, more in zip(parts, found[1]):  # noqa: B905 - per-record hot path; lengths checked by found[0] != keys
-                    column_parts.append(more)
-                n += found[2]
-        if keys is None or len(set(keys)) != len(keys):
-            return None
-        return Columns(dict(zip(keys, map(_joined, parts), strict=False)), n)
 
     def _encode_columns(self, emitted: Mapping[str, list | Columns]) -> dict[str, list[bytes]] | None:
         """Encode a columnar handler's ``{output: Columns or list of records}`` (checked by
@@ -358,7 +346,8 @@ class BatchProcessor:
         Raises:
             Failed: the handler raised, or emitted something unpublishable.
         """
-        batch, encoded = self._run_handler([r for u in units for r in u.records], permanent=False)
+        batch, encoded = self._run_handler([r for u in units for r in u.records], permanent=False,
+                                           held=[u.message for u in units])
         outcome.emit(encoded)
         if batch.rejected:
             owners = [(u, i) for u in units for i in range(len(u.records))]
@@ -371,8 +360,9 @@ class BatchProcessor:
         if finish:
             outcome.finish.extend(u.message for u in units)
 
-    def _run_handler(self, records: list[dict], permanent: bool) -> tuple[Batch, dict[str, list[bytes]]]:
-        """Call the handler with the middleware hooks around it; return the batch and its encoded outputs.
+    def _run_handler(self, records: list[dict], permanent: bool, held: list) -> tuple[Batch, dict[str, list[bytes]]]:
+        """Call the handler on ``records`` (from the messages or keyed entries ``held``, noted in the black box
+        for the call) with the middleware hooks around it; return the batch and its encoded outputs.
 
         Raises:
             Failed: the handler raised or returned anything but a mapping of the
@@ -381,10 +371,14 @@ class BatchProcessor:
         """
         batch = Batch(records, stage=self.name)
         self.middleware.emit_before("before_process_batch", self.worker, batch)
+        box = self.quarantine.box if self.quarantine is not None else NO_BOX
+        box.hold(held)
         try:
             emitted = self.handler(batch)
         except Exception as e:
+            box.clear()  # only here and below: a BaseException (SystemExit) ends the process with the box held
             raise self._handler_failed(batch, e, Failed(f"handler raised {type(e).__name__}: {e}", permanent, e)) from e
+        box.clear()
         try:
             check_result(emitted, self.outputs, self.name)
         except StageOutputError as e:
@@ -425,6 +419,35 @@ class BatchProcessor:
         return DeadLetter(reason=dead.reason, stage=self.name, topic=self.spec.input, channel=self.spec.channel,
                           attempts=message.attempts, message_id=message.id.decode(errors="replace"),
                           body=dead.body, envelope_index=dead.index, traceback=dead.traceback).encode()
+
+
+def batch_columns(messages: list, max_tries: int) -> Columns | None:
+    """The records of ``messages`` as one :class:`Columns`, when every one is a columnar envelope with the
+    same keys within ``max_tries``; else None."""
+    keys: list[str] | None
+    parts: list[list[Any]]
+    keys, parts, n = None, None, 0  # type: ignore[assignment]  # parts is None only until keys is set
+    for message in messages:
+        body = message.body
+        if message.attempts > max_tries or not body or body[0] not in MSGPACK_MAP_MARKERS:
+            return None
+        try:
+            found = envelope.columns_of(envelope.unpackb(body))
+        except Exception:
+            return None
+        if found is None:
+            return None
+        if keys is None:
+            keys, parts, n = found[0], [[c] for c in found[1]], found[2]
+        elif found[0] != keys:
+            return None
+        else:
+            for column_parts, more in zip(parts, found[1]):  # noqa: B905 - per-record hot path; lengths checked by found[0] != keys
+                column_parts.append(more)
+            n += found[2]
+    if keys is None or len(set(keys)) != len(keys):
+        return None
+    return Columns(dict(zip(keys, map(_joined, parts), strict=False)), n)
 
 
 def _encoder_of_lists(codec: str) -> Callable[[list[dict]], list[bytes]]:

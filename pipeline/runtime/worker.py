@@ -55,6 +55,7 @@ from pipeline.runtime.middleware import faultpoints, gctuning
 from pipeline.runtime.middleware.gctuning import GcTuning
 from pipeline.runtime.middleware.metrics import WorkerMetrics
 from pipeline.runtime.processing import BatchProcessor, Dead, ProcessingContext
+from pipeline.runtime.quarantine import Quarantine
 from pipeline.runtime.results import FailureLog
 from pipeline.stage import Handler, StageContext, load_handler
 
@@ -95,8 +96,10 @@ class Worker:
         self._active: set[asyncio.Future] = set()
         self._done: asyncio.Event = None  # type: ignore[assignment]  # None until start(); used only after it
         self._close_waits: set[str] = set()
+        # What the handler holds, so a message that kills its worker runs alone, then is dead-lettered.
+        self.quarantine = Quarantine(topology.var_dir / "state" / "crash", stage_name, replica, self.spec.crash_tries)
         context = ProcessingContext(stage_name, self.spec, topology, self.handler, self.middleware, self,
-                                    self._on_handler_error)
+                                    self._on_handler_error, self.quarantine)
         # A keyed stage's batches take the keyed path (handler in order, commits in order); others the plain one.
         self.keyed: KeyedPath | None = None
         if self.spec.keyed:
@@ -125,6 +128,7 @@ class Worker:
 
     async def _main(self) -> int:
         await self.start()
+        self.quarantine.catch_fatal_signals()  # this process is the worker: faulthandler names its fatal signal
         if jit.deferred():
             # Until then the kernels' plain-Python twins do the work; numba's heap is then frozen like the rest.
             jit.load_in_background(on_loaded=gctuning.refreeze)
@@ -138,6 +142,7 @@ class Worker:
         """Connect the publisher, then subscribe; return once consuming has begun."""
         self._done = asyncio.Event()
         spec = self.spec
+        self.quarantine.open()  # first: what a dead predecessor held is journaled before anything is received
         if self.keyed is not None:
             self.keyed.start()
         await asyncio.to_thread(nsqd_http.create_channel_on_nodes, self.topology.nsqd_http_addresses(),
@@ -203,6 +208,7 @@ class Worker:
             self.keyed.close()
         if self.dedup is not None:
             self.dedup.checkpoint(force=True)
+        self.quarantine.close()
         log.info("stage %s replica %d stopped: %s", self.name, self.replica, dict(self.stats))
         self._done.set()
 
