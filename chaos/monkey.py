@@ -137,7 +137,8 @@ class RecoveryTracker:
     """Polls supervisord and notes when each worker pid of ``groups`` (stage names) was first seen (``started``:
     STARTING or RUNNING) and first seen RUNNING (``first_running``).
 
-    It also notes when nsqd or nsqlookupd was not RUNNING (``down``: [start, end] in epoch seconds).
+    It also notes when nsqd or nsqlookupd was not RUNNING (``down``: [start, end] in epoch seconds; the same
+    windows by program, ``nsqd-n0``, in ``down_by``).
     """
 
     def __init__(self, env: ChaosEnvironment, groups: str | tuple[str, ...], interval: float = 0.1):
@@ -147,6 +148,7 @@ class RecoveryTracker:
         self.started: dict[int, tuple[str, float]] = {}  # pid -> (name, first seen STARTING or RUNNING)
         self.fatal = 0  # times a worker was seen entering FATAL
         self.down: list[list] = []
+        self.down_by: dict[str, list[list]] = {}
         self._down_now: dict[str, list] = {}
         self._fatal_now: set[str] = set()
         self._stop = threading.Event()
@@ -188,6 +190,7 @@ class RecoveryTracker:
         if p.state != "RUNNING" and window is None:
             self._down_now[p.full_name] = window = [time.time(), None]
             self.down.append(window)
+            self.down_by.setdefault(p.group, []).append(window)
         elif p.state == "RUNNING" and window is not None:
             window[1] = time.time()
             del self._down_now[p.full_name]

@@ -25,9 +25,9 @@ from typing import Callable
 from pipeline.client import nsqd_http
 from pipeline.errors import PipelineError
 
-from .checker import Report, check
+from .checker import Report, check, consumed_at, node_outages
 from .environment import SINK_CHANNEL, ChaosEnvironment
-from .faults import disarm_fault_points
+from .faults import disarm_fault_points, nsqd_group
 from .market_check import check_ticks
 from .monkey import Monkey, RecoveryTracker
 from .replay import replay_missing
@@ -312,19 +312,7 @@ def _sample_during(env: ChaosEnvironment, probes: list[Probe], result: RunResult
 
 
 def _check(env: ChaosEnvironment, folder: Path, sinks: Sinks, monkey: Monkey, tracker: RecoveryTracker) -> Report:
-    consuming: dict[int, float] = {}
-    point_kills = 0
-    events = Path(str(env.faultpoints_path) + ".events")
-    if events.exists():
-        for line in events.read_text().splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event["event"] in ("subscribed", "consuming"):
-                consuming[event["pid"]] = min(event["t"], consuming.get(event["pid"], event["t"]))
-            else:
-                point_kills += 1
+    consuming, point_kills = _consuming(env, monkey, tracker)
     recovery = {"kills": [k for k in monkey.ctx.kills if k.name.partition(":")[0] in env.stages
                           and k.signal != "SIGSTOP"],
                 "first_running": dict(tracker.first_running), "consuming": consuming,
@@ -341,6 +329,33 @@ def _check(env: ChaosEnvironment, folder: Path, sinks: Sinks, monkey: Monkey, tr
         report = check(journal, list(sinks.arrivals), env.topics.dead, copies=env.spec.replication, **recovery)
     report.point_kills, report.fatal = point_kills, tracker.fatal
     return report
+
+
+def _consuming(env: ChaosEnvironment, monkey: Monkey, tracker: RecoveryTracker) -> tuple[dict[int, float], int]:
+    """When each worker process began consuming (subscribed to every nsqd that was up), and the fault point kills.
+
+    The workers note their first subscription to each node in the fault points' events file.
+    """
+    programs = {node.client_tcp: nsqd_group(node.name) for node in env.nodes}
+    subscribed: dict[int, dict[str, float]] = {}
+    point_kills = 0
+    events = Path(str(env.faultpoints_path) + ".events")
+    for line in events.read_text().splitlines() if events.exists() else ():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event["event"] == "subscribed":
+            node = programs.get(event.get("node"), "")
+            times = subscribed.setdefault(event["pid"], {})
+            times[node] = min(event["t"], times.get(node, event["t"]))
+        else:
+            point_kills += 1
+    outages = node_outages([k for k in monkey.ctx.kills if k.name.partition(":")[0] in programs.values()],
+                           tracker.down_by, monkey.ctx.stops)
+    consuming = {pid: t for pid, times in subscribed.items()
+                 if (t := consumed_at(times, list(programs.values()), outages)) is not None}
+    return consuming, point_kills
 
 
 def _expect(scenario: Scenario, result: RunResult) -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import orjson
 
-from chaos.checker import check, is_prime, recovery_times
+from chaos.checker import check, consumed_at, is_prime, node_outages, recovery_times
 from chaos.faults import Kill
 from chaos.replay import missing_records
 from chaos.sink import Arrival, parse_arrival
@@ -91,3 +91,31 @@ def test_clear_recovery_leaves_out_kills_during_a_broker_or_network_fault() -> N
     assert (report.recovered, report.recovered_clear) == (3, 2)
     assert (report.recovery_clear_p50, report.recovery_clear_p99) == (1.5, 2.0)
     assert report.recovery_log[1] == ["primes:primes-1", 200.0, 2.0, 9.0]
+
+
+NODES = ["nsqd-n0", "nsqd-n1", "nsqd-n2"]
+
+
+def test_a_process_consumes_once_subscribed_to_every_node_that_is_up() -> None:
+    # every node up: the last of the three subscriptions
+    assert consumed_at({"nsqd-n0": 10.2, "nsqd-n1": 10.5, "nsqd-n2": 10.4}, NODES, {}) == 10.5
+    # n2 stopped from 9 to 20: the two others are enough while it is; after it resumes, it must be read too
+    stopped = {"nsqd-n2": [[9.0, 20.0]]}
+    assert consumed_at({"nsqd-n0": 10.2, "nsqd-n1": 10.5, "nsqd-n2": 20.3}, NODES, stopped) == 10.5
+    assert consumed_at({"nsqd-n0": 10.2, "nsqd-n1": 21.0, "nsqd-n2": 20.3}, NODES, stopped) == 21.0
+    # a node that is up and never read: no time; a node that goes down later: from that moment
+    assert consumed_at({"nsqd-n0": 10.2, "nsqd-n1": 10.5}, NODES, {}) is None
+    assert consumed_at({"nsqd-n0": 10.2, "nsqd-n1": 10.5}, NODES, {"nsqd-n2": [[13.0, None]]}) == 13.0
+    # every node down still needs one subscription
+    assert consumed_at({}, NODES, {n: [[0.0, None]] for n in NODES}) is None
+
+
+def test_an_nsqd_is_out_from_its_kill_until_supervisord_sees_it_running_again() -> None:
+    # SIGTERM at 100: supervisord saw it exit at 103 and RUNNING again at 105; SIGSTOPped from 200 to 210
+    kills = [Kill("nsqd-n1:nsqd-n1", 7, "SIGTERM", 100.0)]
+    down = {"nsqd-n1": [[50.0, 52.0], [103.0, 105.0]]}
+    outages = node_outages(kills, down, {"nsqd-n1": [[200.0, 210.0]]})
+    assert sorted(outages["nsqd-n1"]) == [[50.0, 52.0], [100.0, 105.0], [103.0, 105.0], [200.0, 210.0]]
+    # a successor that subscribed to n0 and n2 at 101 consumed then; at 106, n1 must be read too
+    assert consumed_at({"nsqd-n0": 101.0, "nsqd-n2": 101.0}, NODES, outages) == 101.0
+    assert consumed_at({"nsqd-n0": 106.0, "nsqd-n2": 106.0, "nsqd-n1": 115.0}, NODES, outages) == 115.0
