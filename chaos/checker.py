@@ -165,9 +165,10 @@ def recovery_times(kills: list[Kill], first_running: dict[int, tuple[str, float]
     return running, consumed
 
 
-def consumed_at(subscribed: dict[str, float], nodes: list[str], outages: dict[str, list[list]]) -> float | None:
+def consumed_at(subscribed: dict[str, float], nodes: list[str], outages: dict[str, list[list]],
+                until: float | None = None) -> float | None:
     """When a process began consuming: the first moment it was subscribed to every node of ``nodes`` that was
-    up, and to at least one; None when that never happened.
+    up, and to at least one; None when that never happened (before ``until``, when it was killed).
 
     ``subscribed``: node -> the process's first subscription to it (RDY > 0); ``outages``: node -> [start, end]
     (end None: until now) of the times it could not be subscribed to (SIGSTOPped, or killed until RUNNING
@@ -177,7 +178,7 @@ def consumed_at(subscribed: dict[str, float], nodes: list[str], outages: dict[st
         return None
     first = min(subscribed.values())
     moments = sorted({*subscribed.values(), *(s for windows in outages.values() for s, _ in windows if s > first)})
-    for t in moments:
+    for t in (t for t in moments if until is None or t <= until):
         if t >= first and all(subscribed.get(node, float("inf")) <= t or _down(outages.get(node, ()), t)
                               for node in nodes):
             return t

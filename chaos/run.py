@@ -353,8 +353,9 @@ def _consuming(env: ChaosEnvironment, monkey: Monkey, tracker: RecoveryTracker) 
             point_kills += 1
     outages = node_outages([k for k in monkey.ctx.kills if k.name.partition(":")[0] in programs.values()],
                            tracker.down_by, monkey.ctx.stops)
+    killed = {kill.pid: kill.t for kill in monkey.ctx.kills if kill.signal != "SIGSTOP"}
     consuming = {pid: t for pid, times in subscribed.items()
-                 if (t := consumed_at(times, list(programs.values()), outages)) is not None}
+                 if (t := consumed_at(times, list(programs.values()), outages, killed.get(pid))) is not None}
     return consuming, point_kills
 
 

@@ -106,6 +106,8 @@ def test_a_process_consumes_once_subscribed_to_every_node_that_is_up() -> None:
     # a node that is up and never read: no time; a node that goes down later: from that moment
     assert consumed_at({"nsqd-n0": 10.2, "nsqd-n1": 10.5}, NODES, {}) is None
     assert consumed_at({"nsqd-n0": 10.2, "nsqd-n1": 10.5}, NODES, {"nsqd-n2": [[13.0, None]]}) == 13.0
+    # ... unless the process was killed before: it never consumed
+    assert consumed_at({"nsqd-n0": 10.2, "nsqd-n1": 10.5}, NODES, {"nsqd-n2": [[13.0, None]]}, until=11.0) is None
     # every node down still needs one subscription
     assert consumed_at({}, NODES, {n: [[0.0, None]] for n in NODES}) is None
 
