@@ -58,6 +58,8 @@ class RunResult:
     drained: bool = False
     failures: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    #: The scenario's expectations, measure -> tolerance (e.g. ``{"lost": "<= 0"}``).
+    expect: dict[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -67,6 +69,7 @@ class RunResult:
         return {"scenario": self.scenario, "seed": self.seed, "folder": str(self.folder), "passed": self.passed,
                 "failures": self.failures, "drained": self.drained, "injected": self.injected,
                 "worker_restarts": self.restarts, "replayed": self.replayed, "config": self.config,
+                "expect": self.expect,
                 "report": self.report.to_dict() if self.report else None,
                 "after_replay": self.after_replay.to_dict() if self.after_replay else None,
                 "fault_log": self.faults}
@@ -135,6 +138,7 @@ def run_scenario(scenario: Scenario, *, seed: int = 0, records: int | None = Non
 
 def _finish(scenario: Scenario, result: RunResult) -> RunResult:
     """Hold the result against the scenario's expectations and write ``report.json``."""
+    result.expect = {key: str(tolerance) for key, tolerance in scenario.expect.items()}
     _expect(scenario, result)
     (result.folder / "report.json").write_text(json.dumps(result.to_dict(), indent=1))
     return result
