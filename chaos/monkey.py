@@ -41,6 +41,9 @@ class FaultLog:
 # Lasting faults of the broker and the network, not of the workers: a worker killed while one
 # is in force cannot recover before it is healed, so the checker tells those kills apart.
 DISTURBANCES = ("toxic", "proxy_down", "nsqd_stop")
+# A heal that fails (e.g. Toxiproxy's DELETE of a latency toxic timing out on a loaded host) is
+# tried again a second later, this many times in all, rather than leave the fault in force.
+HEAL_ATTEMPTS = 5
 
 
 class Monkey:
@@ -55,6 +58,7 @@ class Monkey:
         self._heals: list[tuple[float, int, Fault]] = []
         self._seq = itertools.count()
         self._active: set[Fault] = set()
+        self._heal_failures: dict[Fault, int] = {}
         self._healing = threading.Lock()
 
     def run(self, stop: threading.Event) -> None:
@@ -114,8 +118,8 @@ class Monkey:
             heapq.heappush(self._heals, (float("inf"), next(self._seq), fault))
 
     def _heal(self, fault: Fault) -> None:
-        self._active.discard(fault)
         fault.heal(self.ctx)
+        self._active.discard(fault)  # only now: a fault whose heal failed is not injected again over itself
         if getattr(fault, "disturbance", None) is not None:
             fault.disturbance[1], fault.disturbance = time.time(), None
         self.log.add(f"healed {fault.spec.fault}")
@@ -130,7 +134,14 @@ class Monkey:
         try:
             self._heal(fault)
         except Exception as e:  # keep healing the others; the rollbacks run after this too
+            failures = self._heal_failures[fault] = self._heal_failures.get(fault, 0) + 1
             self.log.add(f"heal of {fault.spec.fault} failed: {e}")
+            if failures < HEAL_ATTEMPTS:
+                heapq.heappush(self._heals, (time.monotonic() + 1.0, next(self._seq), fault))
+            else:
+                self._active.discard(fault)
+            return
+        self._heal_failures.pop(fault, None)
 
 
 class RecoveryTracker:
