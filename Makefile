@@ -58,7 +58,8 @@ soak: setup
 	$(PY) -m pytest -s -o timeout=900 tests/test_market.py -k sigkilled
 
 # The chaos suite: every scenario in chaos/scenarios in full, then the soak (1,000,000
-# records under scenario 1 combined with 5-7); long, so not part of `make test`.
+# records on 3 nsqd with replicated topics, under scenario 1 combined with 5-7 and an nsqd
+# SIGKILL a minute); long, so not part of `make test`.
 # Writes docs/RELIABILITY.md. A quick proof: make chaos CHAOS_ARGS='--only-soak --soak-records 3000 --soak-duration 10'
 CHAOS_ARGS ?=
 chaos: setup

@@ -19,7 +19,8 @@ recovery observations, so it can be run again on a finished run's folder.
 - ``mismatched``: (the ticks pipeline, :mod:`chaos.market_check`) features or signals that differ from the
   offline reference;
 - ``running``: seconds from a worker kill until supervisord reports its successor RUNNING (after startsecs);
-- ``recovery``: seconds from a worker kill until its successor is subscribed with RDY > 0 (or got a message);
+- ``recovery``: seconds from a worker kill until its successor is subscribed with RDY > 0 to every nsqd that is
+  up (:func:`consumed_at`: a node SIGSTOPped, or killed and not yet RUNNING again, is not waited for);
 - ``recovery_clear``: the same over the kills with no broker or network fault in force (nsqd or nsqlookupd
   not RUNNING, nsqd stopped, a toxic, the proxy down) from the kill until the successor consumed: the
   workers' own recovery, which those faults would otherwise hide behind their duration.
@@ -178,6 +179,44 @@ def recovery_times(kills: list[Kill], first_running: dict[int, tuple[str, float]
         if log is not None:
             log.append([kill.name, round(kill.t, 3), to_running, to_consuming])
     return running, consumed
+
+
+def consumed_at(subscribed: dict[str, float], nodes: list[str], outages: dict[str, list[list]],
+                until: float | None = None) -> float | None:
+    """When a process began consuming: the first moment it was subscribed to every node of ``nodes`` that was
+    up, and to at least one; None when that never happened (before ``until``, when it was killed).
+
+    ``subscribed``: node -> the process's first subscription to it (RDY > 0); ``outages``: node -> [start, end]
+    (end None: until now) of the times it could not be subscribed to (SIGSTOPped, or killed until RUNNING
+    again). The moment is one of the subscriptions, or the start of an outage of the node still missing.
+    """
+    if not subscribed:
+        return None
+    first = min(subscribed.values())
+    moments = sorted({*subscribed.values(), *(s for windows in outages.values() for s, _ in windows if s > first)})
+    for t in (t for t in moments if until is None or t <= until):
+        if t >= first and all(subscribed.get(node, float("inf")) <= t or _down(outages.get(node, ()), t)
+                              for node in nodes):
+            return t
+    return None
+
+
+def node_outages(kills: list[Kill], down: dict[str, list[list]], stops: dict[str, list[list]]) -> dict[str, list[list]]:
+    """Each nsqd's outages: from each kill (SIGTERM too: nsqd stops listening at once, though supervisord calls
+    it RUNNING until it exited) until supervisord saw it RUNNING again, the times supervisord saw it otherwise
+    (``down``) and the times it was SIGSTOPped (``stops``); by program name (``nsqd-n0``)."""
+    outages = {name: [list(w) for w in windows] for name, windows in down.items()}
+    for name, windows in stops.items():
+        outages.setdefault(name, []).extend(list(w) for w in windows)
+    for kill in kills:
+        name = kill.name.partition(":")[0]
+        after = sorted((w for w in down.get(name, ()) if w[0] >= kill.t - 0.5), key=lambda w: w[0])
+        outages.setdefault(name, []).append([kill.t, after[0][1] if after else kill.t])
+    return outages
+
+
+def _down(windows, t: float) -> bool:
+    return any(s <= t and (e is None or t < e) for s, e in windows)
 
 
 def _disturbed(start: float, end: float, disturbances: list[list]) -> bool:

@@ -47,6 +47,8 @@ class FaultContext:
     rng: random.Random
     kills: list[Kill] = field(default_factory=list)
     stopped: set[int] = field(default_factory=set)
+    #: [start, end] (epoch s; end None while stopped) of every SIGSTOP of an nsqd, by program (``nsqd-n0``).
+    stops: dict[str, list[list]] = field(default_factory=dict)
     #: [start, end] (epoch s; end None while in force) of every toxic, proxy down and nsqd stop.
     disturbances: list[list] = field(default_factory=list)
 
@@ -150,6 +152,24 @@ class RestartNsqdFault(_NsqdFault):
 @register("nsqd_stop")
 class StopNsqdFault(_NsqdFault):
     signame = "STOP"
+
+    def __init__(self, spec: StopNsqd):
+        super().__init__(spec)
+        self.windows: list[list] = []
+
+    def inject(self, ctx: FaultContext) -> str | None:
+        what = super().inject(ctx)
+        if what is not None:  # each victim's stop, for the recovery measurement: no worker can subscribe to it
+            self.windows = [[time.time(), None] for _ in self.victims]
+            for victim, window in zip(self.victims, self.windows):
+                ctx.stops.setdefault(victim.group, []).append(window)
+        return what
+
+    def heal(self, ctx: FaultContext) -> None:
+        super().heal(ctx)
+        for window in self.windows:
+            window[1] = time.time()
+        self.windows = []
 
 
 @register("lookupd_kill")

@@ -41,6 +41,9 @@ class FaultLog:
 # Lasting faults of the broker and the network, not of the workers: a worker killed while one
 # is in force cannot recover before it is healed, so the checker tells those kills apart.
 DISTURBANCES = ("toxic", "proxy_down", "nsqd_stop")
+# A heal that fails (e.g. Toxiproxy's DELETE of a latency toxic timing out on a loaded host) is
+# tried again a second later, this many times in all, rather than leave the fault in force.
+HEAL_ATTEMPTS = 5
 
 
 class Monkey:
@@ -55,6 +58,7 @@ class Monkey:
         self._heals: list[tuple[float, int, Fault]] = []
         self._seq = itertools.count()
         self._active: set[Fault] = set()
+        self._heal_failures: dict[Fault, int] = {}
         self._healing = threading.Lock()
 
     def run(self, stop: threading.Event) -> None:
@@ -114,8 +118,8 @@ class Monkey:
             heapq.heappush(self._heals, (float("inf"), next(self._seq), fault))
 
     def _heal(self, fault: Fault) -> None:
-        self._active.discard(fault)
         fault.heal(self.ctx)
+        self._active.discard(fault)  # only now: a fault whose heal failed is not injected again over itself
         if getattr(fault, "disturbance", None) is not None:
             fault.disturbance[1], fault.disturbance = time.time(), None
         self.log.add(f"healed {fault.spec.fault}")
@@ -130,14 +134,22 @@ class Monkey:
         try:
             self._heal(fault)
         except Exception as e:  # keep healing the others; the rollbacks run after this too
+            failures = self._heal_failures[fault] = self._heal_failures.get(fault, 0) + 1
             self.log.add(f"heal of {fault.spec.fault} failed: {e}")
+            if failures < HEAL_ATTEMPTS:
+                heapq.heappush(self._heals, (time.monotonic() + 1.0, next(self._seq), fault))
+            else:
+                self._active.discard(fault)
+            return
+        self._heal_failures.pop(fault, None)
 
 
 class RecoveryTracker:
     """Polls supervisord and notes when each worker pid of ``groups`` (stage names) was first seen (``started``:
     STARTING or RUNNING) and first seen RUNNING (``first_running``).
 
-    It also notes when nsqd or nsqlookupd was not RUNNING (``down``: [start, end] in epoch seconds).
+    It also notes when nsqd or nsqlookupd was not RUNNING (``down``: [start, end] in epoch seconds; the same
+    windows by program, ``nsqd-n0``, in ``down_by``).
     """
 
     def __init__(self, env: ChaosEnvironment, groups: str | tuple[str, ...], interval: float = 0.1):
@@ -147,6 +159,7 @@ class RecoveryTracker:
         self.started: dict[int, tuple[str, float]] = {}  # pid -> (name, first seen STARTING or RUNNING)
         self.fatal = 0  # times a worker was seen entering FATAL
         self.down: list[list] = []
+        self.down_by: dict[str, list[list]] = {}
         self._down_now: dict[str, list] = {}
         self._fatal_now: set[str] = set()
         self._stop = threading.Event()
@@ -188,6 +201,7 @@ class RecoveryTracker:
         if p.state != "RUNNING" and window is None:
             self._down_now[p.full_name] = window = [time.time(), None]
             self.down.append(window)
+            self.down_by.setdefault(p.group, []).append(window)
         elif p.state == "RUNNING" and window is not None:
             window[1] = time.time()
             del self._down_now[p.full_name]

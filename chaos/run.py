@@ -25,9 +25,9 @@ from typing import Callable
 from pipeline.client import nsqd_http
 from pipeline.errors import PipelineError
 
-from .checker import Report, check
+from .checker import Report, check, consumed_at, node_outages
 from .environment import SINK_CHANNEL, ChaosEnvironment
-from .faults import disarm_fault_points
+from .faults import disarm_fault_points, nsqd_group
 from .market_check import check_ticks
 from .monkey import Monkey, RecoveryTracker
 from .replay import replay_missing
@@ -58,6 +58,8 @@ class RunResult:
     drained: bool = False
     failures: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    #: The scenario's expectations, measure -> tolerance (e.g. ``{"lost": "<= 0"}``).
+    expect: dict[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -67,6 +69,7 @@ class RunResult:
         return {"scenario": self.scenario, "seed": self.seed, "folder": str(self.folder), "passed": self.passed,
                 "failures": self.failures, "drained": self.drained, "injected": self.injected,
                 "worker_restarts": self.restarts, "replayed": self.replayed, "config": self.config,
+                "expect": self.expect,
                 "report": self.report.to_dict() if self.report else None,
                 "after_replay": self.after_replay.to_dict() if self.after_replay else None,
                 "fault_log": self.faults}
@@ -135,6 +138,7 @@ def run_scenario(scenario: Scenario, *, seed: int = 0, records: int | None = Non
 
 def _finish(scenario: Scenario, result: RunResult) -> RunResult:
     """Hold the result against the scenario's expectations and write ``report.json``."""
+    result.expect = {key: str(tolerance) for key, tolerance in scenario.expect.items()}
     _expect(scenario, result)
     (result.folder / "report.json").write_text(json.dumps(result.to_dict(), indent=1))
     return result
@@ -314,19 +318,7 @@ def _sample_during(env: ChaosEnvironment, probes: list[Probe], result: RunResult
 
 
 def _check(env: ChaosEnvironment, folder: Path, sinks: Sinks, monkey: Monkey, tracker: RecoveryTracker) -> Report:
-    consuming: dict[int, float] = {}
-    point_kills = 0
-    events = Path(str(env.faultpoints_path) + ".events")
-    if events.exists():
-        for line in events.read_text().splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event["event"] in ("subscribed", "consuming"):
-                consuming[event["pid"]] = min(event["t"], consuming.get(event["pid"], event["t"]))
-            else:
-                point_kills += 1
+    consuming, point_kills = _consuming(env, monkey, tracker)
     recovery = {"kills": [k for k in monkey.ctx.kills if k.name.partition(":")[0] in env.stages
                           and k.signal != "SIGSTOP"],
                 "first_running": dict(tracker.first_running), "consuming": consuming,
@@ -345,6 +337,34 @@ def _check(env: ChaosEnvironment, folder: Path, sinks: Sinks, monkey: Monkey, tr
     if report.crash_records:
         report.restarts_per_crash = round(tracker.restarts / report.crash_records, 2)
     return report
+
+
+def _consuming(env: ChaosEnvironment, monkey: Monkey, tracker: RecoveryTracker) -> tuple[dict[int, float], int]:
+    """When each worker process began consuming (subscribed to every nsqd that was up), and the fault point kills.
+
+    The workers note their first subscription to each node in the fault points' events file.
+    """
+    programs = {node.client_tcp: nsqd_group(node.name) for node in env.nodes}
+    subscribed: dict[int, dict[str, float]] = {}
+    point_kills = 0
+    events = Path(str(env.faultpoints_path) + ".events")
+    for line in events.read_text().splitlines() if events.exists() else ():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event["event"] == "subscribed":
+            node = programs.get(event.get("node"), "")
+            times = subscribed.setdefault(event["pid"], {})
+            times[node] = min(event["t"], times.get(node, event["t"]))
+        else:
+            point_kills += 1
+    outages = node_outages([k for k in monkey.ctx.kills if k.name.partition(":")[0] in programs.values()],
+                           tracker.down_by, monkey.ctx.stops)
+    killed = {kill.pid: kill.t for kill in monkey.ctx.kills if kill.signal != "SIGSTOP"}
+    consuming = {pid: t for pid, times in subscribed.items()
+                 if (t := consumed_at(times, list(programs.values()), outages, killed.get(pid))) is not None}
+    return consuming, point_kills
 
 
 def _expect(scenario: Scenario, result: RunResult) -> None:

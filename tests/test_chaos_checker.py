@@ -5,7 +5,7 @@ from pathlib import Path
 
 import orjson
 
-from chaos.checker import check, is_prime, recovery_times
+from chaos.checker import check, consumed_at, is_prime, node_outages, recovery_times
 from chaos.faults import Kill
 from chaos.replay import missing_records
 from chaos.sink import Arrival, parse_arrival
@@ -113,3 +113,33 @@ def test_a_dead_letters_reason_is_kept_by_the_sink() -> None:
     assert (arrival.id, arrival.number, arrival.reason) == ("r-9", 9, "worker died 2 times while processing it"
                                                                        " (last: SIGSEGV)")
     assert parse_arrival("prime", DEAD, orjson.dumps({"id": "r-2", "number": 2}), 1).reason is None
+
+
+NODES = ["nsqd-n0", "nsqd-n1", "nsqd-n2"]
+
+
+def test_a_process_consumes_once_subscribed_to_every_node_that_is_up() -> None:
+    # every node up: the last of the three subscriptions
+    assert consumed_at({"nsqd-n0": 10.2, "nsqd-n1": 10.5, "nsqd-n2": 10.4}, NODES, {}) == 10.5
+    # n2 stopped from 9 to 20: the two others are enough while it is; after it resumes, it must be read too
+    stopped = {"nsqd-n2": [[9.0, 20.0]]}
+    assert consumed_at({"nsqd-n0": 10.2, "nsqd-n1": 10.5, "nsqd-n2": 20.3}, NODES, stopped) == 10.5
+    assert consumed_at({"nsqd-n0": 10.2, "nsqd-n1": 21.0, "nsqd-n2": 20.3}, NODES, stopped) == 21.0
+    # a node that is up and never read: no time; a node that goes down later: from that moment
+    assert consumed_at({"nsqd-n0": 10.2, "nsqd-n1": 10.5}, NODES, {}) is None
+    assert consumed_at({"nsqd-n0": 10.2, "nsqd-n1": 10.5}, NODES, {"nsqd-n2": [[13.0, None]]}) == 13.0
+    # ... unless the process was killed before: it never consumed
+    assert consumed_at({"nsqd-n0": 10.2, "nsqd-n1": 10.5}, NODES, {"nsqd-n2": [[13.0, None]]}, until=11.0) is None
+    # every node down still needs one subscription
+    assert consumed_at({}, NODES, {n: [[0.0, None]] for n in NODES}) is None
+
+
+def test_an_nsqd_is_out_from_its_kill_until_supervisord_sees_it_running_again() -> None:
+    # SIGTERM at 100: supervisord saw it exit at 103 and RUNNING again at 105; SIGSTOPped from 200 to 210
+    kills = [Kill("nsqd-n1:nsqd-n1", 7, "SIGTERM", 100.0)]
+    down = {"nsqd-n1": [[50.0, 52.0], [103.0, 105.0]]}
+    outages = node_outages(kills, down, {"nsqd-n1": [[200.0, 210.0]]})
+    assert sorted(outages["nsqd-n1"]) == [[50.0, 52.0], [100.0, 105.0], [103.0, 105.0], [200.0, 210.0]]
+    # a successor that subscribed to n0 and n2 at 101 consumed then; at 106, n1 must be read too
+    assert consumed_at({"nsqd-n0": 101.0, "nsqd-n2": 101.0}, NODES, outages) == 101.0
+    assert consumed_at({"nsqd-n0": 106.0, "nsqd-n2": 106.0, "nsqd-n1": 115.0}, NODES, outages) == 115.0

@@ -71,3 +71,25 @@ def test_a_stop_request_heals_at_once(tmp_path: Path) -> None:
     stop.set()
     thread.join(5)
     assert not thread.is_alive() and events == ["inject", "heal"]
+
+
+class HealsOnThirdTry(Recording):
+    """A fault whose heal fails twice (as Toxiproxy's DELETE of a toxic may time out), then works."""
+
+    def heal(self, ctx):
+        self.events.append("heal")
+        if self.events.count("heal") < 3:
+            raise TimeoutError("timed out")
+
+
+def test_a_heal_that_fails_is_tried_again_and_the_fault_not_injected_over_it(tmp_path: Path) -> None:
+    # Ticks every 50-60 ms, each injection held 0.1 s; the first heal fails twice
+    spec = ProxyDown(fault="proxy_down", probability=1, every=[0.05, 0.06], duration=0.1)
+    events: list = []
+    monkey = Monkey(SimpleNamespace(folder=tmp_path), [], 1, 2.8)
+    monkey.faults = [HealsOnThirdTry(spec, events)]
+    monkey.run(threading.Event())
+    # the heal is retried a second later each time until it works, and no injection comes in between
+    assert events[:5] == ["inject", "heal", "heal", "heal", "inject"]
+    log = (tmp_path / "faults.jsonl").read_text()
+    assert log.count("heal of proxy_down failed: timed out") == 2

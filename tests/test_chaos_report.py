@@ -93,3 +93,16 @@ def test_restarts_per_crash_is_a_ratio_not_seconds() -> None:
                                                                             restarts_per_crash=2.0), drained=True)
     text = reliability_markdown([result])
     assert "| restarts_per_crash | 2.00 |" in text and "| crash_not_dead_lettered | 0 |" in text
+
+
+def test_the_headline_states_what_the_soak_checks_with_the_figures_measured() -> None:
+    result = _result(recovery_clear_p99=1.9)
+    result.config.update(nsqd_nodes=["n0", "n1", "n2"], replication=2)
+    result.expect = {"lost": "<= 0", "recovery_p99": "<= 5", "recovery_clear_p99": "<= 3"}
+    text = reliability_markdown([result])
+    assert ("The soak (20,000 records on 3 nsqd, replication 2) checks `lost` <= 0 (measured 0), `recovery_p99`"
+            " <= 5 over every worker kill (measured 3.400 s), `recovery_clear_p99` <= 3 over the kills with no"
+            " broker or network fault in force (measured 1.900 s);") in text
+    assert "Targets:" not in text
+    # without a soak, each run is held to its own scenario
+    assert "Each run is held to its scenario's `expect`" in reliability_markdown([RunResult("01_monkey", 1, Path("/t"))])

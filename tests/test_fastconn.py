@@ -156,3 +156,39 @@ def test_a_batch_handler_refuses_max_tries():
     with pytest.raises(ValueError, match="needs max_tries=0"):
         FastReader(topic="t", channel="c", batch_handler=lambda ms: None, nsqd_tcp_addresses=["127.0.0.1:1"],
                    max_tries=3)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("with_lookupd", [True, False])
+def test_a_reader_reconnects_to_a_restarted_nsqd_within_seconds(nsq_factory, topic, with_lookupd):
+    # Given a reader of an nsqd (with a lookupd it polls once a minute: no poll will bring it back)
+    lookupd = nsq_factory.lookupd() if with_lookupd else None
+    lookupd_tcp = [lookupd.tcp] if lookupd else []
+    nsqd = nsq_factory.nsqd("n0", lookupd_tcp=lookupd_tcp)
+    discovery = {"lookupd_http_addresses": [lookupd.http], "lookupd_poll_interval": 60} if lookupd else {}
+
+    async def main() -> float:
+        reader = FastReader(topic=topic, channel="c", batch_handler=lambda messages: None, max_in_flight=10,
+                            nsqd_tcp_addresses=[nsqd.tcp], **discovery)
+        try:
+            await _until(lambda: nsqd.tcp in reader.conns)
+            # When nsqd restarts on its port: the connection is lost, and refused while it is down
+            nsqd.stop()
+            await _until(lambda: nsqd.tcp not in reader.conns)
+            await asyncio.sleep(1.5)  # at least one attempt refused
+            restarted = await asyncio.to_thread(nsq_factory.restart, nsqd, lookupd_tcp=lookupd_tcp)
+            back = asyncio.get_running_loop().time()
+            # Then the reader is subscribed again within seconds (pynsq: the next lookupd poll, or 15 s)
+            await _until(lambda: (c := reader.conns.get(restarted.tcp)) is not None and c.last_rdy > 0)
+            return asyncio.get_running_loop().time() - back
+        finally:
+            reader.close()
+
+    assert run(main(), timeout=60) < 3.0
+
+
+async def _until(condition, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)

@@ -75,7 +75,7 @@ def chaos_run(scenario_name: str, seed: int | None, records: int | None, duratio
 @chaos.command("suite")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of every run's fault schedule.")
 @click.option("--soak-records", type=click.IntRange(min=1), default=1_000_000, show_default=True,
-              help="Records of the soak (scenario 1 combined with 5-7).")
+              help="Records of the soak (scenarios 1, 5-7 and an nsqd SIGKILL a minute, on 3 nsqd).")
 @click.option("--soak-duration", type=click.FloatRange(min=0.1), default=None,
               help="Seconds of faults in the soak (default: the scenario's).")
 @click.option("--only-soak", is_flag=True, help="Run the soak alone.")

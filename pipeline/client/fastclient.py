@@ -2,8 +2,11 @@
 
 :class:`FastReader` hands a batch handler the messages of each read as one
 list; :class:`FastWriter` builds an MPUB frame in one join and can pick its
-connection. Both keep pynsq's behaviour otherwise (RDY, backoff, discovery,
-reconnection); see :mod:`pipeline.client.fastconn` for what the connection changes.
+connection. Both keep pynsq's behaviour otherwise (RDY, backoff, discovery);
+see :mod:`pipeline.client.fastconn` for what the connection changes. A
+:class:`FastReader` also reconnects to the nsqd it was given every
+``RECONNECT_S`` while the connection is lost, as the writer does, rather than
+wait for a lookupd poll that may not come for 10 s or more.
 """
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ from pipeline.client.fastconn import FastConn, FastMessage, frame_scanner
 from pipeline.client.nsqclient import encode_mpub
 
 log = logging.getLogger(__name__)
+
+#: Seconds between a reader's attempts to connect to one nsqd (pynsq: 10, and 15 to reconnect without lookupd).
+RECONNECT_S = 1.0
 
 
 class FastReader(nsq.Reader):
@@ -38,6 +44,8 @@ class FastReader(nsq.Reader):
             kwargs["message_handler"] = lambda message: batch_handler([message])
             frame_scanner()  # compile (or load) the frame scanner now rather than on the first read
         self.batch_handler = batch_handler
+        self._connecting: set[str] = set()  # attempts not yet ready or closed: never two to one node at once
+        self._closing = False
         super().__init__(*args, **kwargs)
 
     def _on_messages(self, conn: FastConn, messages: list[FastMessage]) -> None:
@@ -52,17 +60,39 @@ class FastReader(nsq.Reader):
                      **{"continue": functools.partial(self._on_backoff_resume, success=None)})
         if self.batch_handler is not None:
             conn.on_messages = self._on_messages
-        if conn.id in self.conns:
+        if conn.id in self.conns or conn.id in self._connecting:
             return None
-        # like pynsq: at most one connection attempt per destination every 10 s
+        # like pynsq: at most one connection attempt per destination every RECONNECT_S
         now = time.time()
         last = self.connection_attempts.get(conn.id)
-        if last and last > now - 10:
+        if last and last > now - RECONNECT_S:
             return None
         self.connection_attempts[conn.id] = now
+        self._connecting.add(conn.id)
         log.info("[%s:%s] connecting to nsqd", conn.id, self.name)
         conn.connect()
         return conn
+
+    def _on_connection_ready(self, conn, **kwargs) -> None:
+        self._connecting.discard(conn.id)
+        super()._on_connection_ready(conn, **kwargs)
+
+    def _on_connection_close(self, conn, **kwargs) -> None:
+        self._connecting.discard(conn.id)
+        super()._on_connection_close(conn, **kwargs)
+        # A node we were given is tried again until it answers: a connection reset, or a node restarting,
+        # costs about a second of reading it, not the next lookupd poll after pynsq's 10-s attempt throttle.
+        if not self._closing and conn.id in self.nsqd_tcp_addresses:
+            self.io_loop.call_later(RECONNECT_S, self._reconnect, conn.host, conn.port)
+
+    def _reconnect(self, host: str, port: int) -> None:
+        if not self._closing:
+            self.connect_to_nsqd(host, port)
+
+    def close(self) -> None:
+        """Close every connection and stop reconnecting (pynsq's ``Reader.close``)."""
+        self._closing = True
+        super().close()
 
 
 class FastWriter(nsq.Writer):

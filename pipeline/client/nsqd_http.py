@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any
 
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
+#: Seconds the other nodes get to answer once one node created a consumer's channel.
+PATIENCE = 0.5
 
 
 class NsqdHTTPError(PipelineError):
@@ -74,23 +78,47 @@ def channel_backlog(http: str, topic: str, channel: str) -> int:
     return 0
 
 
-def create_channel_on_nodes(https: list[str], topic: str, channel: str) -> list[str]:
-    """Create ``topic`` and ``channel`` on every reachable nsqd; return the nodes that could not be reached.
+def create_channel_on_nodes(https: list[str], topic: str, channel: str, *,
+                            patience: float | None = PATIENCE) -> list[str]:
+    """Create ``topic`` and ``channel`` on every nsqd that answers; return the nodes that did not.
 
-    A node that is down does not stop a consumer from starting: its channel
-    was persisted with its metadata if it existed, and a consumer's SUB
-    creates it otherwise.
+    The nodes are asked at once, so a node that does not answer (SIGSTOPped,
+    or its machine gone: the request waits for its timeout) does not hold
+    back a consumer that can read the others: once one node has the channel,
+    the rest get ``patience`` seconds more (None: until each answers or times
+    out), and a node still silent then is left to its request, which ends in
+    the background. A node left out loses nothing: its channel was persisted
+    with its metadata if it existed, and a consumer's SUB creates it otherwise.
 
     Raises:
         NsqdHTTPError: no node could be reached (the last node's error).
     """
-    missed: list[str] = []
-    for http in https:
-        try:
-            create_channel(http, topic, channel)
-        except NsqdHTTPError as e:
-            if len(missed) == len(https) - 1:
-                raise
-            log.warning("cannot create %s/%s on nsqd %s (down?): %s", topic, channel, http, e)
-            missed.append(http)
-    return missed
+    pool = ThreadPoolExecutor(max_workers=max(1, len(https)), thread_name_prefix="nsqd-create")
+    pending = {pool.submit(create_channel, http, topic, channel): http for http in https}
+    pool.shutdown(wait=False)
+    created, errors = 0, {}
+    deadline: float | None = None
+    while pending:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, _ = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+        if not done:
+            break  # patience over: the nodes still silent are left to their requests
+        for future in done:
+            http = pending.pop(future)
+            error = future.exception()
+            if error is None:
+                created += 1
+                if deadline is None and patience is not None:
+                    deadline = time.monotonic() + patience
+            elif isinstance(error, NsqdHTTPError):
+                errors[http] = error
+            else:
+                raise error
+    if errors and not created:
+        raise list(errors.values())[-1]
+    for http, error in errors.items():
+        log.warning("cannot create %s/%s on nsqd %s (down?): %s", topic, channel, http, error)
+    for http in pending.values():
+        log.warning("cannot create %s/%s on nsqd %s: no answer within %gs of the others' (stopped?); going on "
+                    "without it", topic, channel, http, patience)
+    return [http for http in https if http in errors or http in pending.values()]

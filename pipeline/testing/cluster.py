@@ -225,7 +225,7 @@ class RunningTopology:
         topics = [t for name in topology.topics for t in topology.physical_topics(name)]
         topics += [topology.dead_letter_topic(name) for name in topology.stages]
         for topic in topics:
-            nsqd_http.create_channel_on_nodes(topology.nsqd_http_addresses(), topic, CHANNEL)
+            nsqd_http.create_channel_on_nodes(topology.nsqd_http_addresses(), topic, CHANNEL, patience=None)
         return self
 
     def _running_pids(self) -> set[int]:

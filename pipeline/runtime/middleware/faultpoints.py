@@ -11,10 +11,11 @@ point with the chance per event that the worker SIGKILLs itself there:
 
 No file (or no key) means disarmed; the file is re-read at most every 0.2 s,
 so the harness arms and heals the points without restarting anything. The
-middleware also appends ``{"event": "subscribed" | "consuming", "pid", "t"}``
-to ``$NSQ_PIPELINE_FAULTPOINTS.events`` when a process is subscribed with RDY
-above 0 and when it receives its first message; the checker measures recovery
-(kill → consuming again) up to the first of the two.
+middleware also appends ``{"event": "subscribed", "pid", "t", "node"}`` to
+``$NSQ_PIPELINE_FAULTPOINTS.events`` the first time the process is subscribed
+to each nsqd (``node``: the address it reads it at) with RDY above 0; the
+checker measures recovery (kill → consuming again) up to the moment its
+successor is subscribed to every nsqd that is up.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from pipeline.middleware import Middleware, WorkerView
 ENV = "NSQ_PIPELINE_FAULTPOINTS"
 POINTS = ("after_receive", "after_publish", "publish_callback")
 RELOAD_S = 0.2
+#: Seconds a process keeps looking for subscriptions to the nodes it has not reached yet.
+WATCH_S = 120.0
 
 
 def from_environment() -> list[Middleware]:
@@ -48,7 +51,6 @@ class FaultPoints(Middleware):
         self.armed: dict[str, float] = {}
         self.grace = 2.5
         self._read_at = 0.0
-        self._consuming = False
         self._watched: set[int] = set()
         self._random = random.Random()
 
@@ -80,15 +82,19 @@ class FaultPoints(Middleware):
         asyncio.ensure_future(self._report_subscribed(worker))
 
     async def _report_subscribed(self, worker: WorkerView) -> None:
-        # Recovery ends when the new process is subscribed with RDY > 0, whether or not work is waiting.
-        while not any(conn.connected() and conn.last_rdy > 0 for conn in list(worker.reader.conns.values())):
+        # Recovery ends when the new process is subscribed with RDY > 0 to every nsqd that is up, whether or
+        # not work is waiting: note each node's first subscription (a stopped one's may come much later).
+        nodes = set(worker.topology.nsqd_tcp_addresses())
+        reported: set[str] = set()
+        until = time.monotonic() + WATCH_S
+        while not nodes <= reported and time.monotonic() < until:
+            for conn in list(worker.reader.conns.values()):
+                if conn.id not in reported and conn.connected() and conn.last_rdy > 0:
+                    reported.add(conn.id)
+                    self._event("subscribed", node=conn.id)
             await asyncio.sleep(0.01)
-        self._event("subscribed")
 
     def after_receive(self, worker: WorkerView, message: Any) -> None:
-        if not self._consuming:
-            self._consuming = True
-            self._event("consuming")
         self._maybe_die("after_receive")
 
     def before_publish(self, worker: WorkerView, outputs: Any) -> None:
