@@ -89,13 +89,21 @@ def pipeline(topology: Path, *args: str, timeout: float = 60) -> subprocess.Comp
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def _interruptible() -> None:
+    """Give the command Ctrl-C as a terminal's foreground command gets it: run in the background
+    (`make test &`, nohup, some CI runners) the test's processes inherit SIGINT ignored, and Python
+    then installs no KeyboardInterrupt handler (as tests/test_chaos_interrupt.py explains)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Background:
     """A command running with its output in files, so a test can poll what it printed so far."""
 
     def __init__(self, argv: list[str], folder: Path):
         self.out, self.err = folder / "out.txt", folder / "err.txt"
         with self.out.open("w") as out, self.err.open("w") as err:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                         preexec_fn=_interruptible)
 
     def stderr(self) -> str:
         return self.err.read_text()
