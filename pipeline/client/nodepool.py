@@ -22,6 +22,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 BACKOFF = 0.5
+WARN_EVERY = 10.0  # seconds between two warnings of publishing with fewer copies than a topic asks
 MAX_BACKOFF = 30.0
 
 

@@ -26,14 +26,13 @@ import nsq
 from tornado.concurrent import Future
 
 from pipeline.client.fastclient import FastWriter
-from pipeline.client.nodepool import NodeHealth, NodePool
+from pipeline.client.nodepool import WARN_EVERY, NodeHealth, NodePool
 from pipeline.client.nsqclient import chunked
 from pipeline.errors import PublishError
 
 log = logging.getLogger(__name__)
 
 MPUB_MAX_COUNT = 2000
-WARN_EVERY = 10.0  # seconds between two warnings of under-replicated publishing
 
 #: A topic's placement: its copies, and the key that keeps it on one node (None: round-robin).
 Placement = tuple[int, "str | None"]

@@ -31,7 +31,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
-from pipeline.client.nodepool import NodeHealth, NodePool
+from pipeline.client.nodepool import WARN_EVERY, NodeHealth, NodePool
 from pipeline.client.nsqclient import NsqPublisher
 from pipeline.errors import PublishError, PublishRefused
 
@@ -194,7 +194,7 @@ class SpreadPublisher:
         """No node but its siblings' can take this copy: publish on with fewer copies, counted and logged."""
         self.under_replicated += len(batch.bodies)
         now = time.monotonic()
-        if now - self._warned > 10.0:
+        if now - self._warned > WARN_EVERY:
             self._warned = now
             reasons = "; ".join(f"{a}: {r}" for a, r in batch.refused_by.items()) or "no other nsqd is up"
             log.warning("MPUB %s: %d messages kept fewer copies than the topic's %d (%s); publishing goes on "
